@@ -2,6 +2,7 @@
 References: the formulas in docs/multilora.md (an explicit loop over n modules), PEFT's LoRA on
 transformers' LlamaForCausalLM, and transformers alone for the merged Hugging Face export."""
 
+import json
 import math
 import os
 import sys
@@ -137,3 +138,255 @@ def test_layer_refuses_bad_settings():
         MultiLoRALinear(base, n_loras=2, lora_rank=2, init="lora")
     with pytest.raises(multilora.UserError, match="scaling"):
         MultiLoRALinear(base, n_loras=2, lora_rank=2, scaling="row")
+
+# -----------------------------------------------------------------------------
+# on a model: a small random transformers LlamaForCausalLM saved to disk, loaded with llama.load_model
+
+import llama  # noqa: E402
+import export  # noqa: E402
+
+ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+HF_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def save_random_hf_llama(out_dir, hidden=64, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_random_hf_llama(tmp_path_factory.mktemp("base"))
+
+
+def hf_model(path):
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def tokens(seed=1, B=2, T=12):
+    return torch.randint(0, 101, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def perturb(model, seed=0):
+    """Stand-in for training: every adapter tensor random (s ≠ 0, B ≠ 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if multilora.is_lora_key(name):
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1))
+
+
+def train_steps(model, steps=3):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for i in range(steps):
+        x = tokens(seed=10 + i, B=2, T=16)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_adapt_model_init_equals_base_and_counts(base_dir):
+    model = llama.load_model(base_dir)
+    x = tokens()
+    with torch.no_grad():
+        ref = model(x)
+    n, r = 4, 4
+    settings = multilora.adapt_model(model, targets="q,k,v,o,gate,up,down", n_loras=n, lora_rank=r, lora_alpha=8)
+    assert settings["targets"] == list(ALL_TARGETS) and settings["n_loras"] == n
+    assert torch.equal(model(x), ref)
+    # base keys unchanged: the base checkpoint's state dict loads into the adapted model
+    assert "layers.0.self_attn.q_proj.weight" in model.state_dict()
+    assert set(multilora.adapter_state_dict(model)) >= {"layers.1.mlp.down_proj.lora_A",
+                                                        "layers.1.mlp.down_proj.lora_B", "layers.1.mlp.down_proj.lora_s"}
+    # trainable = per layer Σ over the 7 projections of n·r·(d_in + d_out) + n·d_out
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96)]  # (d_out, d_in)
+    expected = 2 * sum(n * r * (d_in + d_out) + n * d_out for d_out, d_in in shapes)
+    trainable, base_total = multilora.count_trainable(model)
+    assert trainable == expected and base_total == model.num_params() - expected
+    # at step 0 only s receives a gradient
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        if name.endswith("lora_s"):
+            assert p.grad.abs().sum() > 0
+        elif multilora.is_lora_key(name):
+            assert torch.all(p.grad == 0), name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+    with pytest.raises(llama.UserError, match="already adapted"):
+        multilora.adapt_model(model)
+
+
+def test_adapt_model_refuses():
+    model = llama.Llama(llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50))
+    with pytest.raises(llama.UserError, match="targets"):
+        multilora.adapt_model(model, targets=("q", "qkv"))
+    with pytest.raises(llama.UserError, match="n_loras\\*lora_rank"):
+        multilora.adapt_model(model, n_loras=8, lora_rank=8)
+
+
+def test_lora_n1_equals_peft(base_dir):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    model = llama.load_model(base_dir)
+    multilora.adapt_model(model, finetune="lora", targets=ALL_TARGETS, lora_rank=4, lora_alpha=8)
+    perturb(model)  # B ≠ 0, else both sides are trivially the base
+    ref = get_peft_model(hf_model(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=HF_NAMES, lora_dropout=0.0))
+    ref_modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, m in multilora.adapter_modules(model):
+            peft_layer = ref_modules[f"base_model.model.model.{name}"]
+            peft_layer.lora_A["default"].weight.copy_(m.lora_A)
+            peft_layer.lora_B["default"].weight.copy_(m.lora_B)
+    x = tokens()
+    g = torch.randn(2, 12, 101, generator=torch.Generator().manual_seed(3))
+    ours, theirs = model(x), ref(input_ids=x).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    (ours * g).sum().backward()
+    (theirs * g).sum().backward()
+    for name, m in multilora.adapter_modules(model):
+        peft_layer = ref_modules[f"base_model.model.model.{name}"]
+        torch.testing.assert_close(m.lora_A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.lora_B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_unmerge_model(base_dir):
+    model = llama.load_model(base_dir)
+    W0 = {k: v.clone() for k, v in model.state_dict().items()}
+    multilora.adapt_model(model, targets=ALL_TARGETS, n_loras=4, lora_rank=4, lora_alpha=8)
+    perturb(model)
+    x = tokens()
+    with torch.no_grad():
+        unmerged = model(x)
+        multilora.merge_adapters(model)
+        multilora.merge_adapters(model)  # guarded: no double merge
+        merged = model(x)
+        torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
+        assert not torch.allclose(model.layers[0].self_attn.q_proj.weight, W0["layers.0.self_attn.q_proj.weight"])
+        multilora.unmerge_adapters(model)
+        for k, v in W0.items():
+            torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-6)
+
+
+def test_merge_bf16_tolerance(base_dir):
+    """bf16 base, fp32 adapter: merged logits differ from unmerged ones by the bf16 rounding of W0 + ΔW.
+    Measured here (logits up to ~0.55): merged vs unmerged max |diff| 8.3e-3, while bf16 itself is
+    6.9e-3 (unmerged) and 6.6e-3 (merged) away from the fp32 model: merging costs no extra accuracy."""
+    x = tokens()
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = llama.load_model(base_dir, dtype=dtype)
+        multilora.adapt_model(model, targets=ALL_TARGETS, n_loras=4, lora_rank=4, lora_alpha=8)
+        perturb(model)
+        with torch.no_grad():
+            unmerged = model(x).float()
+            multilora.merge_adapters(model)
+            logits[dtype] = unmerged, model(x).float()
+    fp32 = logits[torch.float32][0]
+    unmerged, merged = logits[torch.bfloat16]
+    diff = (merged - unmerged).abs().max().item()
+    print(f"bf16: merged vs unmerged {diff:.2e}, unmerged vs fp32 {(unmerged - fp32).abs().max().item():.2e}, "
+          f"merged vs fp32 {(merged - fp32).abs().max().item():.2e}, max |logit| {fp32.abs().max().item():.2f}")
+    assert diff < 2e-2
+    assert (merged - fp32).abs().max() <= 1.5 * (unmerged - fp32).abs().max()
+
+
+def test_save_load_roundtrip_exact(base_dir, tmp_path):
+    model = llama.load_model(base_dir)
+    settings = multilora.adapt_model(model, targets="q,v,down", n_loras=2, lora_rank=4, lora_alpha=16,
+                                     scaling="scalar")
+    perturb(model)
+    path = str(tmp_path / "adapter.safetensors")
+    multilora.save_adapter(model, path, settings)
+    fresh = llama.load_model(base_dir)
+    assert multilora.apply_adapter(fresh, path) == settings
+    for (k, a), (k2, b) in zip(multilora.adapter_state_dict(model).items(),
+                                multilora.adapter_state_dict(fresh).items()):
+        assert k == k2 and torch.equal(a, b)
+    x = tokens()
+    assert torch.equal(model(x), fresh(x))
+    state, loaded = multilora.load_adapter(path)
+    assert loaded == settings and set(state) == set(multilora.adapter_state_dict(model))
+    # apply with merge: same logits as the unmerged source to round-off
+    merged = llama.load_model(base_dir)
+    multilora.apply_adapter(merged, path, merge=True)
+    torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_refuses_wrong_base_or_settings(base_dir, tmp_path):
+    model = llama.load_model(base_dir)
+    multilora.adapt_model(model, n_loras=4, lora_rank=4)
+    path = str(tmp_path / "adapter.safetensors")
+    multilora.save_adapter(model, path)
+    other_base = save_random_hf_llama(tmp_path / "other", hidden=32)
+    with pytest.raises(llama.UserError) as e:
+        multilora.apply_adapter(llama.load_model(other_base), path)
+    assert "base_fingerprint" in str(e.value) and "dim=64" in str(e.value) and "\n" not in str(e.value)
+    other = llama.load_model(base_dir)
+    multilora.adapt_model(other, n_loras=2, lora_rank=4)
+    with pytest.raises(llama.UserError, match="settings.n_loras") as e:
+        multilora.apply_adapter(other, path)
+    assert "\n" not in str(e.value)
+    other = llama.load_model(base_dir)
+    multilora.adapt_model(other, n_loras=4, lora_rank=4, scaling="scalar")
+    with pytest.raises(llama.UserError, match="settings.scaling"):
+        multilora.apply_adapter(other, path)
+    with open(tmp_path / "junk.safetensors", "wb") as f:
+        f.write(b"not a safetensors file")
+    with pytest.raises(llama.UserError, match="junk.safetensors"):
+        multilora.load_adapter(str(tmp_path / "junk.safetensors"))
+
+
+@pytest.mark.parametrize("finetune,scaling", [("multilora", "channel"), ("multilora", "scalar"), ("lora", "channel")])
+def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
+    from peft import PeftModel
+    torch.manual_seed(0)
+    model = llama.load_model(base_dir)
+    multilora.adapt_model(model, finetune=finetune, targets=ALL_TARGETS, n_loras=4, lora_rank=4,
+                          lora_alpha=8, scaling=scaling)
+    train_steps(model)  # a trained adapter: A, B and s all moved away from their init
+    adapter = str(tmp_path / "adapter.safetensors")
+    multilora.save_adapter(model, adapter)
+    out = str(tmp_path / "peft")
+    export.export_peft(base_dir, adapter, out)
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    n_r = 16 if finetune == "multilora" else 4
+    assert cfg["r"] == n_r and cfg["lora_alpha"] == (n_r if finetune == "multilora" else 8)
+    ref = PeftModel.from_pretrained(hf_model(base_dir), out).eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(input_ids=x).logits, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_export_equals_ours(base_dir, tmp_path):
+    torch.manual_seed(0)
+    model = llama.load_model(base_dir)
+    multilora.adapt_model(model, targets=ALL_TARGETS, n_loras=4, lora_rank=4, lora_alpha=8)
+    train_steps(model)
+    adapter = str(tmp_path / "adapter.safetensors")
+    multilora.save_adapter(model, adapter)
+    out = str(tmp_path / "hf")
+    export.export_hf(base_dir, adapter, out)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(out)(input_ids=x).logits, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
+    import subprocess
+    model = llama.load_model(save_random_hf_llama(tmp_path / "other", hidden=32))
+    multilora.adapt_model(model, n_loras=2, lora_rank=4)
+    adapter = str(tmp_path / "adapter.safetensors")
+    multilora.save_adapter(model, adapter)
+    root = os.path.join(os.path.dirname(__file__), "..")
+    p = subprocess.run([sys.executable, os.path.join(root, "export.py"), f"--ckpt_dir={base_dir}",
+                        f"--adapter={adapter}", f"--out_dir={tmp_path / 'out'}", "--format=peft"],
+                       capture_output=True, text=True, cwd=root)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "base_fingerprint" in p.stderr, p.stderr
