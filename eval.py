@@ -1,0 +1,522 @@
+"""
+Evaluate a base model, or a base model plus an adapter, on the tasks the MultiLoRA paper reports.
+
+    python eval.py --ckpt_dir=DIR [--adapter=FILE] --task=NAME [--data=PATH] [--out=FILE.json]
+
+tasks (--data is):
+  exact_match  a prepared dataset directory (default data/tasks), its {split}.jsonl: greedy
+               generation from the training prompt, exact match per task (dataset.exact_match)
+  loss         a prepared dataset directory: mean loss on the response tokens and perplexity, per task
+  mmlu         the MMLU directory with dev/ and {split}/ CSVs: multiple choice by log-likelihood,
+               per subject; --shots=5 takes the shots from dev/ (Hendrycks et al. 2021)
+  mc           a JSONL file of {"question", "choices", "answer"} (answer: index into choices)
+  gsm8k        GSM8K test.jsonl: greedy generation, the number after "####" (else the last number);
+               --shots=K takes the first K examples of train.jsonl next to it
+
+Multiple choice: each choice is scored as a continuation of the question by the sum of its tokens'
+log-probabilities (accuracy) and by that sum over its number of tokens (accuracy_norm, the
+per-token normalization of the GPT-3 paper). --mc_format chooses the prompt:
+  letter       "{question}\\nA. ...\\nB. ...\\nAnswer:" scoring " A", " B", ... (MMLU's own format, the default for mmlu)
+  cloze        "Question: {question}\\nAnswer:" scoring " {choice}" (the default for mc)
+  instruction  dataset.py's prompt template as data/mmlu/prepare.py writes the training examples,
+               scoring the letter: use it for adapters fine-tuned on data/mmlu
+Everything is greedy or exact, so two runs print the same numbers. Prints a table; --out writes JSON
+with "accuracy" for scored tasks ("loss" and "perplexity" for loss) and per-item details.
+
+train.py imports score_exact_match from here: importing this file has no side effects.
+"""
+
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import configurator
+import dataset
+import llama
+from llama import UserError
+
+# -----------------------------------------------------------------------------
+# settings (overridden by config files and --key=value, configurator.py)
+defaults = dict(
+    ckpt_dir="",         # base model directory (HF or Meta layout, with tokenizer.model)
+    adapter="",          # adapter file from train.py (merged into the weights for evaluation)
+    task="exact_match",  # exact_match | loss | mmlu | mc | gsm8k
+    data="",             # see the table above; exact_match and loss default to data/tasks
+    split="",            # prepared dataset split (default test for exact_match, val for loss) or MMLU split (test)
+    shots=0,             # few-shot examples (mmlu: from dev/, gsm8k: from train.jsonl)
+    mc_format="",        # letter | cloze | instruction; empty = letter for mmlu, cloze for mc
+    subjects="",         # mmlu: comma-separated subjects (default all in the split)
+    limit=0,             # evaluate only the first N items (per subject for mmlu); 0 = all
+    max_new_tokens=0,    # generation budget; 0 = 64 for exact_match, 256 for gsm8k
+    batch_size=8,
+    device="cpu",
+    dtype="float32",     # float32 | bfloat16 | float16
+    out="",              # JSON result file
+)
+TASKS = ("exact_match", "loss", "mmlu", "mc", "gsm8k")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Progress:
+    """One stderr line every `every` seconds on long runs (nothing for runs shorter than that)."""
+
+    def __init__(self, label, total, every=10.0):
+        self.label, self.total, self.every = label, total, every
+        self.start = self.last = time.time()
+
+    def update(self, done):
+        now = time.time()
+        if now - self.last >= self.every:
+            rate = done / (now - self.start)
+            eta = (self.total - done) / rate if rate > 0 else float("inf")
+            print(f"{self.label}: {done}/{self.total} ({now - self.start:.0f}s, ~{eta:.0f}s left)",
+                  file=sys.stderr, flush=True)
+            self.last = now
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode and no autograd; the model's previous mode is restored after (train.py scores its
+    model in the middle of training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+# -----------------------------------------------------------------------------
+# log-likelihood of continuations (multiple choice)
+
+def encode_pair(tokenizer, context, continuation):
+    """(context ids with BOS, continuation ids) for raw text: the whole text is encoded once and split
+    where its tokens stop agreeing with the context's (lm-evaluation-harness does the same), because
+    SentencePiece encodes " A" alone differently from " A" after text."""
+    ctx = tokenizer.encode(context, bos=True)
+    whole = tokenizer.encode(context + continuation, bos=True)
+    n = 0
+    while n < min(len(ctx), len(whole)) and ctx[n] == whole[n]:
+        n += 1
+    if n == len(whole):
+        raise UserError(f"continuation {continuation!r}: encodes to no tokens after its context")
+    return whole[:n], whole[n:]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs, batch_size=8, progress=None):
+    """pairs: [(context ids, continuation ids)] -> [(sum of log p(continuation token | everything
+    before it), number of continuation tokens)]. Batches are right-padded, so with the causal mask
+    padding never influences a real token. Sequences longer than the model's context lose tokens
+    from the left of the context."""
+    max_len = model.config.max_seq_len
+    device = model.embed_tokens.weight.device
+    seqs = []
+    for ctx, cont in pairs:
+        if not cont:
+            raise UserError("empty continuation")
+        if len(cont) >= max_len:
+            raise UserError(f"continuation of {len(cont)} tokens does not fit the model's context of {max_len}")
+        seq = (list(ctx) + list(cont))[-max_len:]  # keep the newest tokens when too long
+        seqs.append((seq, len(cont)))
+    # longest first: batches of similar lengths pad little; results go back to input order
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    results = [None] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        batch = [seqs[i] for i in order[start:start + batch_size]]
+        T = max(len(s) for s, _ in batch)
+        tokens = torch.zeros((len(batch), T), dtype=torch.long)
+        for row, (s, _) in enumerate(batch):
+            tokens[row, :len(s)] = torch.tensor(s)
+        logits = model(tokens.to(device))  # (B, T, V)
+        for row, (s, n_cont) in enumerate(batch):
+            # logits at position t predict token t+1: the continuation's n tokens at [len-n, len)
+            # are predicted by positions [len-n-1, len-1)
+            L = len(s)
+            logp = F.log_softmax(logits[row, L - n_cont - 1:L - 1].float(), dim=-1)
+            target = tokens[row, L - n_cont:L].to(device)
+            total = logp.gather(-1, target[:, None]).sum().item()
+            results[order[start + row]] = (total, n_cont)
+        if progress:
+            progress.update(min(start + batch_size, len(order)))
+    return results
+
+
+def score_multiple_choice(model, items, batch_size=8, label="mc"):
+    """items: [{"pairs": [(context ids, continuation ids) per choice], "answer": index, ...}]. Adds to
+    each item "logprobs", "n_tokens", "pred" (argmax of the sum) and "pred_norm" (argmax of the mean
+    per token); ties go to the first choice. Returns the items."""
+    pairs = [pair for item in items for pair in item["pairs"]]
+    scores = continuation_logprobs(model, pairs, batch_size, Progress(label, len(pairs)))
+    k = 0
+    for item in items:
+        n = len(item["pairs"])
+        item["logprobs"] = [s for s, _ in scores[k:k + n]]
+        item["n_tokens"] = [t for _, t in scores[k:k + n]]
+        k += n
+        norm = [s / t for s, t in zip(item["logprobs"], item["n_tokens"])]
+        item["pred"] = max(range(n), key=lambda c: (item["logprobs"][c], -c))
+        item["pred_norm"] = max(range(n), key=lambda c: (norm[c], -c))
+    return items
+
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def mc_item(tokenizer, question, choices, answer, mc_format, subject="", shots=()):
+    """One multiple-choice item in one of the three prompt formats (see the file's docstring).
+    shots: [(question, choices, answer)] solved examples put before the question."""
+    if len(choices) > len(LETTERS) and mc_format != "cloze":
+        raise UserError(f"{question[:40]!r}: {len(choices)} choices: at most {len(LETTERS)} can be lettered")
+
+    def lettered(q, cs):
+        return q + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(cs))
+
+    about = f" about {subject.replace('_', ' ')}" if subject else ""
+    if mc_format == "instruction":
+        # exactly data/mmlu/prepare.py's training examples, encoded like dataset.encode_example:
+        # prompt and response separately, each shot followed by its answer and a blank line
+        instruction = (f"The following is a multiple choice question{about}. "
+                       f"Answer with the letter of the correct choice.")
+        text = "".join(dataset.format_prompt(instruction, lettered(q, cs)) + LETTERS[a] + "\n\n" for q, cs, a in shots)
+        ctx = tokenizer.encode(text + dataset.format_prompt(instruction, lettered(question, choices)), bos=True)
+        return dict(pairs=[(ctx, tokenizer.encode(LETTERS[i])) for i in range(len(choices))], answer=answer)
+    if mc_format == "letter":
+        header = f"The following are multiple choice questions (with answers){about}.\n\n" if subject else ""
+        text = header + "".join(lettered(q, cs) + f"\nAnswer: {LETTERS[a]}\n\n" for q, cs, a in shots)
+        context = text + lettered(question, choices) + "\nAnswer:"
+        continuations = [f" {LETTERS[i]}" for i in range(len(choices))]
+    elif mc_format == "cloze":
+        text = "".join(f"Question: {q}\nAnswer: {cs[a]}\n\n" for q, cs, a in shots)
+        context = text + f"Question: {question}\nAnswer:"
+        continuations = [f" {c}" for c in choices]
+    else:
+        raise UserError(f"--mc_format: expected letter, cloze or instruction, got {mc_format!r}")
+    # (the context's ids can differ between choices when a choice merges with its last token)
+    return dict(pairs=[encode_pair(tokenizer, context, c) for c in continuations], answer=answer)
+
+# -----------------------------------------------------------------------------
+# generation tasks (exact match, GSM8K)
+
+def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=8, label="generate"):
+    """Greedy continuations (decoded text, EOS excluded) of BOS + encode(prompt) for each prompt, in
+    batches of similar lengths through llama.generate (left-padded, one KV cache per batch)."""
+    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out, progress = [None] * len(ids), Progress(label, len(ids))
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        longest = max(len(ids[i]) for i in index)
+        room = model.config.max_seq_len - longest
+        if room < 1:
+            raise UserError(f"prompt {index[0]} has {longest} tokens: no room to generate in the model's "
+                            f"context of {model.config.max_seq_len}")
+        new = llama.generate(model, tokenizer, [ids[i] for i in index], min(max_new_tokens, room))
+        for i, tokens in zip(index, new):
+            out[i] = tokenizer.decode(tokens)
+        progress.update(min(start + batch_size, len(order)))
+    return out
+
+
+def exact_match_details(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
+    """examples: [{"task", "instruction", "input", "response"}] -> [{"task", "prediction", "correct"}]."""
+    prompts = [dataset.format_prompt(e["instruction"], e["input"]) for e in examples]
+    with evaluating(model):
+        predictions = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, "exact_match")
+    return [dict(task=e["task"], prediction=p, correct=dataset.exact_match(p, e["response"]))
+            for e, p in zip(examples, predictions)]
+
+
+def score_exact_match(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
+    """{task: accuracy in [0, 1]} of greedy generation from the training prompt (dataset.format_prompt)
+    against the reference response, whitespace at the ends ignored (dataset.exact_match)."""
+    return accuracy_by(exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size), "task")
+
+
+def accuracy_by(details, key, correct="correct"):
+    """{value of key: share of details with details[correct] true}, in first-seen order."""
+    counts = {}
+    for d in details:
+        n, k = counts.get(d[key], (0, 0))
+        counts[d[key]] = (n + 1, k + bool(d[correct]))
+    return {name: k / n for name, (n, k) in counts.items()}
+
+
+# a number: 1,234,567.89 with thousands separators, or plain 1234.5 / .5; a minus sign only when it
+# does not join two words or numbers ("3-4" is 3 and 4, "= -4" is -4)
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+
+
+def normalize_number(text):
+    """'1,234' -> '1234', '18.00' -> '18', '.5' -> '0.5', '-0' -> '0', '007' -> '7'."""
+    text = text.replace(",", "")
+    negative = text.startswith("-")
+    text = text.lstrip("-")
+    if "." in text:
+        whole, frac = text.split(".")
+        frac = frac.rstrip("0")
+        text = str(int(whole or "0")) + ("." + frac if frac else "")
+    else:
+        text = str(int(text))
+    return "-" + text if negative and text.strip("0.") else text
+
+
+def extract_gsm8k_answer(text):
+    """The final answer of GSM8K-style text as a normalized number string, or None: the first number
+    after the last "####" when there is one (the dataset's answer format), else the last number."""
+    if "####" in text:
+        found = _NUMBER.search(text.rsplit("####", 1)[1])
+        return normalize_number(found.group()) if found else None
+    found = _NUMBER.findall(text)
+    return normalize_number(found[-1]) if found else None
+
+
+def gsm8k_details(model, tokenizer, records, shots=(), max_new_tokens=256, batch_size=8):
+    """records: [{"question", "answer"}]; shots: solved records put before each question, in the
+    training template (dataset.format_prompt + answer + blank line). A prediction is cut at the next
+    "### Instruction:" (a model that does not stop goes on with a made-up next example)."""
+    prefix = "".join(dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in shots)
+    prompts = [prefix + dataset.format_prompt(r["question"]) for r in records]
+    with evaluating(model):
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, "gsm8k")
+    details = []
+    for r, text in zip(records, texts):
+        text = text.split("### Instruction:", 1)[0]
+        pred, ref = extract_gsm8k_answer(text), extract_gsm8k_answer(r["answer"])
+        details.append(dict(task="gsm8k", prediction=text, pred=pred, ref=ref, correct=pred is not None and pred == ref))
+    return details
+
+# -----------------------------------------------------------------------------
+# validation loss on a prepared dataset
+
+@torch.no_grad()
+def validation_loss(model, split, batch_size=8, limit=0):
+    """Mean cross-entropy on the response tokens (mask = 1: response + EOS) of every example of a
+    dataset.PreparedSplit, exactly (no sampling). -> {task: (summed loss, target tokens)}, "all" too."""
+    n = min(len(split), limit) if limit else len(split)
+    max_len = model.config.max_seq_len
+    device = model.embed_tokens.weight.device
+    order = sorted(range(n), key=lambda i: -int(split.lengths[i]))
+    sums, progress = {}, Progress("loss", n)
+    with evaluating(model):
+        for start in range(0, n, batch_size):
+            batch = [split.example(i) for i in order[start:start + batch_size]]
+            for ids, _, _ in batch:
+                if len(ids) - 1 > max_len:
+                    raise UserError(f"{split.dir}: an example of {len(ids)} tokens is longer than the "
+                                    f"model's context of {max_len}")
+            T = max(len(ids) for ids, _, _ in batch) - 1
+            inputs = torch.zeros((len(batch), T), dtype=torch.long)
+            targets = torch.zeros((len(batch), T), dtype=torch.long)
+            weights = torch.zeros((len(batch), T))
+            for row, (ids, mask, _) in enumerate(batch):
+                L = len(ids) - 1
+                inputs[row, :L] = torch.from_numpy(ids[:-1])
+                targets[row, :L] = torch.from_numpy(ids[1:])
+                weights[row, :L] = torch.from_numpy(mask[1:].astype("float32"))  # token t+1 is a target
+            logits = model(inputs.to(device)).float()  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
+            loss = (loss.view(len(batch), T).cpu() * weights).sum(1)  # (B,)
+            for row, (_, _, task) in enumerate(batch):
+                for name in (split.tasks[task], "all"):
+                    s, k = sums.get(name, (0.0, 0))
+                    sums[name] = (s + loss[row].item(), k + int(weights[row].sum()))
+            progress.update(min(start + batch_size, n))
+    return sums
+
+# -----------------------------------------------------------------------------
+# reading the benchmark files
+
+MMLU_HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
+
+
+def read_mmlu(path, limit=0):
+    """One MMLU CSV (question, 4 choices, answer 0-3 or A-D; a header row is skipped) ->
+    [(question, choices, answer index)]."""
+    rows = []
+    for line, (question, *choices, answer) in dataset.read_csv(path, MMLU_HEADER, len(MMLU_HEADER)):
+        answer = answer.strip()
+        if answer not in ("0", "1", "2", "3", "A", "B", "C", "D"):
+            raise UserError(f"{path}:{line}: answer: expected 0-3 or A-D, got {answer!r}")
+        rows.append((question, choices, int(answer) if answer.isdigit() else LETTERS.index(answer)))
+    return rows[:limit] if limit else rows
+
+
+def mmlu_items(tokenizer, data_dir, split="test", shots=0, mc_format="letter", subjects="", limit=0):
+    """MMLU as mc items with a "subject"; shots come from dev/{subject}_dev.csv (the first `shots`)."""
+    folder = os.path.join(data_dir, split)
+    if not os.path.isdir(folder) and os.path.isdir(os.path.join(data_dir, "data", split)):
+        data_dir, folder = os.path.join(data_dir, "data"), os.path.join(data_dir, "data", split)  # the release's data/
+    if not os.path.isdir(folder):
+        raise UserError(f"--data={data_dir}: expected a folder {split}/ of {{subject}}_{split}.csv files")
+    have = sorted(f[:-len(f"_{split}.csv")] for f in os.listdir(folder) if f.endswith(f"_{split}.csv"))
+    wanted = [s.strip() for s in subjects.split(",") if s.strip()] or have
+    unknown = [s for s in wanted if s not in have]
+    if unknown or not wanted:
+        raise UserError(f"--subjects: {', '.join(unknown) or 'none'} not in {folder} (has: {', '.join(have) or 'none'})")
+    if not 0 <= shots <= 5:
+        raise UserError(f"--shots: MMLU's dev split has 5 examples per subject, got {shots}")
+    items = []
+    for subject in wanted:
+        shot_rows = read_mmlu(os.path.join(data_dir, "dev", f"{subject}_dev.csv"))[:shots] if shots else []
+        if len(shot_rows) < shots:
+            raise UserError(f"{data_dir}/dev/{subject}_dev.csv: {len(shot_rows)} examples, --shots={shots}")
+        for index, (question, choices, answer) in enumerate(read_mmlu(os.path.join(folder, f"{subject}_{split}.csv"), limit)):
+            item = mc_item(tokenizer, question, choices, answer, mc_format, subject, shot_rows)
+            item.update(subject=subject, index=index)
+            items.append(item)
+    return items
+
+
+def mc_items(tokenizer, path, mc_format="cloze", limit=0):
+    """A JSONL file of {"question", "choices": [text], "answer": index} as mc items."""
+    items = []
+    for line, r in dataset.read_jsonl(path, ()):  # () : the fields are not all strings, checked here
+        missing = [k for k in ("question", "choices", "answer") if k not in r]
+        if missing or not isinstance(r["question"], str):
+            raise UserError(f"{path}:{line}: expected {{\"question\": text, \"choices\": [text], \"answer\": index}}"
+                            + (f", missing {', '.join(missing)}" if missing else ""))
+        if not isinstance(r["choices"], list) or len(r["choices"]) < 2 or not all(isinstance(c, str) for c in r["choices"]):
+            raise UserError(f"{path}:{line}: choices: expected a list of at least 2 strings")
+        if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
+            raise UserError(f"{path}:{line}: answer: expected an index 0..{len(r['choices']) - 1}, got {r['answer']!r}")
+        item = mc_item(tokenizer, r["question"], r["choices"], r["answer"], mc_format)
+        item.update(subject=str(r.get("subject", "all")), index=len(items))
+        items.append(item)
+    return items[:limit] if limit else items
+
+
+def gsm8k_records(path, limit=0):
+    if os.path.isdir(path):
+        path = os.path.join(path, "test.jsonl")
+    return [r for _, r in dataset.read_jsonl(path, ("question", "answer"))][:limit or None]
+
+# -----------------------------------------------------------------------------
+# the command line
+
+def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
+    """Base model (+ adapter merged into its weights) and tokenizer, in eval mode."""
+    import multilora  # only when evaluating from the command line
+    if not ckpt_dir:
+        raise UserError("--ckpt_dir: required (a model directory with tokenizer.model)")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    model = llama.load_model(ckpt_dir, dtype=DTYPES[dtype], device=device)
+    tokenizer = llama.load_tokenizer(ckpt_dir)
+    llama.check_tokenizer(tokenizer, model.config, ckpt_dir)
+    if adapter:
+        multilora.apply_adapter(model, adapter, merge=True)
+    return model.eval(), tokenizer
+
+
+def print_table(title, rows, columns):
+    """rows: {name: {column: value}}; floats in [0, 1] printed as percentages when the column is one."""
+    width = max([len(title)] + [len(str(r)) for r in rows])
+    print(f"{title:<{width}}  " + "  ".join(f"{c:>13}" for c in columns))
+    for name, row in rows.items():
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append(f"{'':>13}" if v is None else f"{100 * v:12.2f}%" if c.startswith("accuracy")
+                         else f"{v:13.4f}" if isinstance(v, float) else f"{v:>13}")
+        print(f"{name:<{width}}  " + "  ".join(cells))
+
+
+def run(config):
+    """Evaluate as the settings say; returns the result dict that --out writes."""
+    task = config["task"]
+    if task not in TASKS:
+        raise UserError(f"--task: expected one of {', '.join(TASKS)}, got {task!r}")
+    if config["shots"] and task not in ("mmlu", "gsm8k"):
+        raise UserError(f"--shots: only for mmlu and gsm8k, not {task}")
+    if config["batch_size"] < 1 or config["limit"] < 0 or config["max_new_tokens"] < 0 or config["shots"] < 0:
+        raise UserError("--batch_size must be >= 1; --limit, --max_new_tokens, --shots >= 0")
+    data = config["data"] or ("data/tasks" if task in ("exact_match", "loss") else "")
+    if not data:
+        raise UserError(f"--data: required for --task={task}")
+    if not os.path.exists(data):
+        raise UserError(f"--data={data}: no such file or directory")
+    model, tokenizer = load(config["ckpt_dir"], config["adapter"], config["device"], config["dtype"])
+    result = dict(task=task, ckpt_dir=config["ckpt_dir"], adapter=config["adapter"], data=data, settings=config)
+    limit, batch_size = config["limit"], config["batch_size"]
+    if task in ("mmlu", "mc"):
+        mc_format = config["mc_format"] or ("letter" if task == "mmlu" else "cloze")
+        if task == "mmlu":
+            items = mmlu_items(tokenizer, data, config["split"] or "test", config["shots"], mc_format,
+                               config["subjects"], limit)
+        else:
+            items = mc_items(tokenizer, data, mc_format, limit)
+        truncated = sum(len(c) + len(x) > model.config.max_seq_len for i in items for c, x in i["pairs"])
+        if truncated:
+            print(f"note: {truncated} of {sum(len(i['pairs']) for i in items)} prompts are longer than the model's "
+                  f"context of {model.config.max_seq_len} tokens and lose their oldest tokens", file=sys.stderr)
+        with evaluating(model):
+            score_multiple_choice(model, items, batch_size, task)
+        for item in items:
+            item["correct"], item["correct_norm"] = item["pred"] == item["answer"], item["pred_norm"] == item["answer"]
+        acc, acc_norm = accuracy_by(items, "subject"), accuracy_by(items, "subject", "correct_norm")
+        per = {s: dict(n=sum(i["subject"] == s for i in items), accuracy=acc[s], accuracy_norm=acc_norm[s]) for s in acc}
+        overall = dict(n=len(items), accuracy=sum(i["correct"] for i in items) / len(items),
+                       accuracy_norm=sum(i["correct_norm"] for i in items) / len(items))
+        result.update(overall, mc_format=mc_format, shots=config["shots"], truncated=truncated, per_subject=per, details=[
+            {k: i[k] for k in ("subject", "index", "answer", "pred", "pred_norm", "logprobs", "n_tokens")} for i in items])
+        rows = dict(per, **({"all (questions)": overall} if len(per) > 1 else {}))
+        if len(per) > 1:
+            result["accuracy_macro"] = sum(p["accuracy"] for p in per.values()) / len(per)
+        print_table(f"{task} {mc_format} {config['shots']}-shot", rows, ("n", "accuracy", "accuracy_norm"))
+    elif task in ("exact_match", "gsm8k"):
+        if task == "exact_match":
+            examples = dataset.read_examples(data, config["split"] or "test")[:limit or None]
+            details = exact_match_details(model, tokenizer, examples, config["max_new_tokens"] or 64, batch_size)
+        else:
+            records = gsm8k_records(data, limit)
+            shots = []
+            if config["shots"]:
+                train = os.path.join(os.path.dirname(data) if os.path.isfile(data) else data, "train.jsonl")
+                shots = gsm8k_records(train)[:config["shots"]]
+            details = gsm8k_details(model, tokenizer, records, shots, config["max_new_tokens"] or 256, batch_size)
+        if not details:
+            raise UserError(f"--data={data}: no examples")
+        acc = accuracy_by(details, "task")
+        per = {t: dict(n=sum(d["task"] == t for d in details), accuracy=a) for t, a in acc.items()}
+        overall = dict(n=len(details), accuracy=sum(d["correct"] for d in details) / len(details))
+        result.update(overall, per_task=per, details=details)
+        print_table(task, dict(per, **({"all (examples)": overall} if len(per) > 1 else {})), ("n", "accuracy"))
+    else:  # loss
+        split = dataset.load_dataset(data, config["split"] or "val")
+        sums = validation_loss(model, split, batch_size, limit)
+        per = {name: dict(tokens=k, loss=s / k, perplexity=math.exp(s / k)) for name, (s, k) in sums.items() if k}
+        if "all" not in per:
+            raise UserError(f"{data}: {split.split}: no response tokens to score")
+        result.update(per.pop("all"), per_task=per)
+        print_table(f"loss {split.split}", dict(per, **{"all": {k: result[k] for k in ("tokens", "loss", "perplexity")}}),
+                    ("tokens", "loss", "perplexity"))
+    return result
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    config = configurator.configure(dict(defaults), sys.argv[1:] if argv is None else argv)
+    result = run(config)
+    if config["out"]:
+        write_json(config["out"], result)
+        print(f"wrote {config['out']}")
+    return result
+
+
+if __name__ == "__main__":
+    llama.run_cli(main)
