@@ -37,6 +37,7 @@ defaults = dict(
     top_k=64,         # singular values per matrix kept in the JSON and drawn in the plots
     phi_dim=32,       # φ(i, j) is computed for i, j <= phi_dim
 )
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # -----------------------------------------------------------------------------
 # the math (pure functions on tensors; tested on synthetic ΔW with a known spectrum)
@@ -120,6 +121,8 @@ def summarize_method(spectra, top_k, full_vectors=None, phi_dim=32):
         matrices[name] = entry
         for group in (layer_type(name), "all"):
             groups.setdefault(group, []).append(entry)
+    order = {t: i for i, t in enumerate(PROJECTIONS + ("all",))}
+    groups = dict(sorted(groups.items(), key=lambda kv: order.get(kv[0], -1)))
 
     def mean_curve(curves):  # element-wise mean over the common length
         n = min(len(c) for c in curves)
@@ -143,3 +146,184 @@ def summarize_method(spectra, top_k, full_vectors=None, phi_dim=32):
             g["phi"] = torch.stack([p[:I, :J] for p in phis]).mean(0).tolist()
         by_type[group] = g
     return dict(matrices=matrices, by_layer_type=by_type)
+
+# -----------------------------------------------------------------------------
+# ΔW from files
+
+
+def adapter_spectra(ckpt_dir, path):
+    """An adapter file on its base -> (settings, {module name: (σ, U, (d_out, d_in))}). ΔW = folded_B·lora_A
+    as multilora.py computes it, decomposed from its factors (svd_factored): exact, and cheap for large
+    matrices. The base weights do not enter ΔW; they are loaded (in bf16, to halve the memory) only so
+    that apply_adapter can check that the file belongs to this base."""
+    import multilora
+    model = llama.load_model(ckpt_dir, dtype=torch.bfloat16)
+    settings = multilora.apply_adapter(model, path)
+    spectra = {}
+    with torch.no_grad():
+        for name, layer in multilora.adapter_modules(model):
+            S, U = svd_factored(layer.folded_B(), layer.lora_A)
+            spectra[name] = (S, U, (layer.out_features, layer.in_features))
+    return settings, spectra
+
+
+def checkpoint_dir(path):
+    """train.py with finetune=full writes its weights to out_dir/hf: accept out_dir too."""
+    if os.path.isdir(os.path.join(path, "hf")) and not os.path.exists(os.path.join(path, "config.json")):
+        return os.path.join(path, "hf")
+    return path
+
+
+def full_spectra(ckpt_dir, full_dir, names, keep=64):
+    """ΔW = W_full - W_base (fp32) for the named projections (all of them when names is empty) ->
+    {name: (σ, U[:, :keep], shape)}."""
+    base = llama.load_model(ckpt_dir).state_dict()
+    full = llama.load_model(checkpoint_dir(full_dir)).state_dict()
+    if not names:
+        names = [k[:-len(".weight")] for k in base if k.endswith(".weight") and layer_type(k[:-len(".weight")]) in PROJECTIONS]
+    spectra = {}
+    for name in names:
+        key = name + ".weight"
+        if key not in full or full[key].shape != base[key].shape:
+            raise UserError(f"--full={full_dir}: {key}: expected shape {list(base[key].shape)} as in --ckpt_dir={ckpt_dir}, "
+                            f"got {list(full[key].shape) if key in full else 'no such tensor'}")
+        delta = full[key].float() - base[key].float()
+        S, U = svd_dense(delta)
+        spectra[name] = (S, U[:, :keep], tuple(delta.shape))
+    return spectra
+
+# -----------------------------------------------------------------------------
+# the run
+
+def method_label(settings, path, taken):
+    """'lora', 'multilora' (from the file's settings), or the file name when that is already taken."""
+    label = settings.get("finetune") or os.path.basename(path)
+    if label in taken:
+        label = f"{label} ({os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)})"
+    return label
+
+
+def analyze(config):
+    """-> the summary dict written to summary.json."""
+    if not config["ckpt_dir"]:
+        raise UserError("--ckpt_dir: required (the base model the adapters and --full start from)")
+    adapters = [p for p in config["adapters"].split(",") if p.strip()]
+    if not adapters and not config["full"]:
+        raise UserError("--adapters, --full: give at least one adapter file or a full fine-tuning checkpoint")
+    if config["top_k"] < 1 or config["phi_dim"] < 1:
+        raise UserError("--top_k, --phi_dim: expected >= 1")
+    methods = {}
+    for path in adapters:
+        settings, spectra = adapter_spectra(config["ckpt_dir"], path.strip())
+        methods[method_label(settings, path, methods)] = dict(file=path.strip(), settings=settings, spectra=spectra)
+    full_vectors = None
+    if config["full"]:
+        names = sorted({name for m in methods.values() for name in m["spectra"]})
+        spectra = full_spectra(config["ckpt_dir"], config["full"], names, keep=config["phi_dim"])
+        full_vectors = {name: U for name, (_, U, _) in spectra.items()}
+        methods["full"] = dict(file=checkpoint_dir(config["full"]), settings=dict(finetune="full"), spectra=spectra)
+    summary = dict(base=config["ckpt_dir"], settings=config, methods={})
+    for label, m in methods.items():
+        reference = full_vectors if label != "full" else None
+        summary["methods"][label] = dict(file=m["file"], settings=m["settings"],
+                                         **summarize_method(m["spectra"], config["top_k"], reference, config["phi_dim"]))
+    return summary
+
+
+def print_summary(summary):
+    print(f"{'method':<12} {'layer':<10} {'matrices':>8} {'rank':>7} {'eff. rank':>9} {'top-1':>7} {'φ(k,k)':>7}")
+    for label, m in summary["methods"].items():
+        for group, g in m["by_layer_type"].items():
+            k = len(g.get("phi", []))  # rows of φ: i <= min(rank, phi_dim) <= columns
+            phi = f"{g['phi'][k - 1][k - 1]:7.3f}" if k else f"{'':>7}"
+            er, top1 = g["effective_rank"], g["top1_share"]
+            print(f"{label:<12} {group:<10} {g['n_matrices']:>8} {g['rank']:>7.1f} "
+                  f"{er if er is None else f'{er:9.2f}':>9} {top1 if top1 is None else f'{top1:7.3f}':>7} {phi}")
+    print("eff. rank = exp(entropy of σ/Σσ); top-1 = σ_1/Σσ; φ(k,k) = subspace similarity of the top k = "
+          "min(rank, phi_dim) directions to full fine-tuning's; means over the layers")
+
+
+def plot(summary, out_dir):
+    """spectra.png (normalized spectrum and cumulative energy per layer type, one line per method) and
+    similarity.png (φ(i, j) to full fine-tuning per method and layer type). Returns the files written,
+    [] without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        print("note: matplotlib is not installed: no plots (pip install matplotlib); summary.json has the numbers")
+        return []
+    written = []
+    methods = summary["methods"]
+    groups = [g for g in next(iter(methods.values()))["by_layer_type"] if g != "all"]
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.2 * len(groups), 6), squeeze=False, layout="constrained")
+    for col, group in enumerate(groups):
+        for label, m in methods.items():
+            g = m["by_layer_type"].get(group)
+            if g is None:
+                continue
+            k = range(1, len(g["normalized"]) + 1)
+            nz = [(i, p) for i, p in zip(k, g["normalized"]) if p > 0]
+            axes[0, col].plot([i for i, _ in nz], [p for _, p in nz], marker=".", label=label)
+            axes[1, col].plot(k, g["cumulative_energy"], marker=".", label=label)
+        axes[0, col].set_yscale("log")
+        axes[0, col].set_title(group)
+        axes[1, col].set_xlabel("k")
+        axes[1, col].set_ylim(0, 1.02)
+    axes[0, 0].set_ylabel("σ_k / Σσ")
+    axes[1, 0].set_ylabel("cumulative energy: share of ‖ΔW‖²_F")
+    axes[0, 0].legend(fontsize=8)
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("Spectrum of ΔW, mean over layers")
+    path = os.path.join(out_dir, "spectra.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    with_phi = [(label, m) for label, m in methods.items() if any("phi" in g for g in m["by_layer_type"].values())]
+    if with_phi:
+        fig, axes = plt.subplots(len(with_phi), len(groups), figsize=(3.2 * len(groups) + 1, 3 * len(with_phi)),
+                                 squeeze=False, layout="constrained")
+        for row, (label, m) in enumerate(with_phi):
+            for col, group in enumerate(groups):
+                ax = axes[row, col]
+                g = m["by_layer_type"].get(group, {})
+                if "phi" not in g:
+                    ax.axis("off")
+                    continue
+                phi = g["phi"]
+                im = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto",
+                               extent=(0.5, len(phi[0]) + 0.5, 0.5, len(phi) + 0.5))
+                ax.set_title(f"{label}: {group}", fontsize=9)
+                ax.set_xlabel("j (full fine-tuning)")
+                ax.set_ylabel(f"i ({label})")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
+        fig.suptitle("Subspace similarity to full fine-tuning, φ(i, j) = ||U_iᵀ V_j||² / min(i, j)")
+        path = os.path.join(out_dir, "similarity.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None):
+    import configurator
+    config = configurator.configure(dict(defaults), sys.argv[1:] if argv is None else argv)
+    summary = analyze(config)
+    os.makedirs(config["out_dir"], exist_ok=True)
+    path = os.path.join(config["out_dir"], "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print_summary(summary)
+    for written in [path] + plot(summary, config["out_dir"]):
+        print(f"wrote {written}")
+    return summary
+
+
+if __name__ == "__main__":
+    llama.run_cli(main)

@@ -1,5 +1,6 @@
 """analyze.py on synthetic ΔW with a known spectrum: ΔW = U·diag(σ)·Vᵀ from orthonormal factors."""
 
+import json
 import math
 import os
 import sys
@@ -118,3 +119,77 @@ def test_summarize_method_with_full_reference():
     phi = torch.tensor(g["phi"])
     assert phi.shape == (4, 4) and phi[3, 3].item() == pytest.approx(1.0, abs=1e-6)
     assert out["by_layer_type"]["all"]["n_matrices"] == 2
+
+
+# -----------------------------------------------------------------------------
+# from files: a base checkpoint, adapter files and a "full fine-tune" whose ΔW is known
+
+def make_run(tmp_path):
+    """Base checkpoint; a MultiLoRA adapter with random (trained-looking) A, B, s; a LoRA adapter; and
+    a full checkpoint = base + the MultiLoRA ΔW on its matrices, so full fine-tuning's top subspace is
+    exactly MultiLoRA's."""
+    import llama
+    import multilora
+    torch.manual_seed(0)
+    config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=40, max_seq_len=32)
+    model = llama.Llama(config)
+    model.init_weights()
+    base_dir = tmp_path / "base"
+    llama.save_hf_checkpoint(model, str(base_dir))
+    files = {}
+    for finetune, n_loras in (("multilora", 2), ("lora", 1)):
+        adapted = llama.load_model(str(base_dir))
+        multilora.adapt_model(adapted, finetune=finetune, targets=("q", "v"), n_loras=n_loras, lora_rank=3)
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if multilora.is_lora_key(name):
+                    p.copy_(torch.randn_like(p))
+        files[finetune] = str(tmp_path / f"{finetune}.safetensors")
+        multilora.save_adapter(adapted, files[finetune])
+        if finetune == "multilora":
+            deltas = multilora.delta_weights(adapted)
+    full = llama.load_model(str(base_dir))
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            full.get_submodule(name).weight += delta
+    llama.save_hf_checkpoint(full, str(tmp_path / "full" / "hf"))
+    return str(base_dir), files, str(tmp_path / "full"), deltas
+
+
+def test_analyze_files_end_to_end(tmp_path):
+    base_dir, files, full_dir, deltas = make_run(tmp_path)
+    out = tmp_path / "analysis"
+    summary = analyze.main([f"--ckpt_dir={base_dir}", f"--adapters={files['multilora']},{files['lora']}",
+                            f"--full={full_dir}", f"--out_dir={out}", "--top_k=10", "--phi_dim=8"])
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert set(saved["methods"]) == {"multilora", "lora", "full"}
+    ml, lora, full = (saved["methods"][k] for k in ("multilora", "lora", "full"))
+    assert set(ml["matrices"]) == set(deltas) == {f"layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}
+    assert set(ml["by_layer_type"]) == {"q_proj", "v_proj", "all"}
+    for name, delta in deltas.items():
+        expected = torch.linalg.svdvals(delta.double())
+        m = ml["matrices"][name]
+        assert m["rank"] == 6 and lora["matrices"][name]["rank"] == 3  # n·r = 2·3 and r = 3
+        torch.testing.assert_close(torch.tensor(m["singular_values"][:6], dtype=torch.float64), expected[:6],
+                                   rtol=1e-5, atol=1e-6)
+        # full fine-tuning's ΔW is MultiLoRA's (up to fp32 round-off of W_base + ΔW - W_base)
+        torch.testing.assert_close(torch.tensor(full["matrices"][name]["singular_values"][:6], dtype=torch.float64),
+                                   expected[:6], rtol=1e-3, atol=1e-4)
+        assert full["matrices"][name]["rank"] >= 6
+        phi = torch.tensor(m["phi"])
+        assert phi.shape == (6, 8) and phi[5, 5].item() == pytest.approx(1.0, abs=1e-4)
+        assert len(lora["matrices"][name]["phi"]) == 3
+    assert "phi" not in full["matrices"][name]
+    assert (out / "spectra.png").stat().st_size > 0 and (out / "similarity.png").stat().st_size > 0
+
+
+def test_analyze_user_errors(tmp_path):
+    import llama
+    with pytest.raises(llama.UserError, match="--ckpt_dir: required"):
+        analyze.main(["--adapters=a.safetensors"])
+    with pytest.raises(llama.UserError, match="--adapters, --full"):
+        analyze.main(["--ckpt_dir=x"])
+    base_dir, files, _, _ = make_run(tmp_path)
+    with pytest.raises(llama.UserError, match="adapter file not found"):
+        analyze.main([f"--ckpt_dir={base_dir}", f"--adapters={tmp_path}/nope.safetensors", f"--out_dir={tmp_path}/o"])
