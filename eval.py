@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import configurator
 import dataset
 import llama
+import multilora
 from llama import UserError
 
 # -----------------------------------------------------------------------------
@@ -403,7 +404,6 @@ def gsm8k_records(path, limit=0):
 
 def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
     """Base model (+ adapter merged into its weights) and tokenizer, in eval mode."""
-    import multilora  # only when evaluating from the command line
     if not ckpt_dir:
         raise UserError("--ckpt_dir: required (a model directory with tokenizer.model)")
     if dtype not in DTYPES:
@@ -491,6 +491,10 @@ def run(config):
         print_table(task, dict(per, **({"all (examples)": overall} if len(per) > 1 else {})), ("n", "accuracy"))
     else:  # loss
         split = dataset.load_dataset(data, config["split"] or "val")
+        if split.meta["vocab_size"] != model.config.vocab_size:
+            raise UserError(f"{os.path.join(data, 'meta.json')}: vocab_size: prepared with {split.meta['tokenizer']} "
+                            f"({split.meta['vocab_size']} tokens), the model has {model.config.vocab_size}: "
+                            f"prepare it again with the model's tokenizer")
         sums = validation_loss(model, split, batch_size, limit)
         per = {name: dict(tokens=k, loss=s / k, perplexity=math.exp(s / k)) for name, (s, k) in sums.items() if k}
         if "all" not in per:

@@ -325,6 +325,10 @@ def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
     loss = evaluate.main([f"--ckpt_dir={ckpt}", "--task=loss", f"--data={tmp_path}", "--split=test"])
     assert set(loss["per_task"]) == {"sort", "reverse"}
     assert loss["perplexity"] == pytest.approx(math.exp(loss["loss"])) and loss["tokens"] == sum(sum(m) for _, _, m in splits["test"])
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps(dict(meta, vocab_size=32000)))
+    with pytest.raises(llama.UserError, match="vocab_size: prepared with t"):
+        evaluate.main([f"--ckpt_dir={ckpt}", "--task=loss", f"--data={tmp_path}", "--split=test"])
 
 
 @pytest.mark.parametrize("args, message", [
