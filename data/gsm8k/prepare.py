@@ -1,0 +1,39 @@
+"""
+GSM8K grade-school math (openai/grade-school-math, MIT) -> data/gsm8k/{train,val,test}_*.npy.
+
+    python data/gsm8k/prepare.py --tokenizer=path/to/tokenizer.model [--source=DIR_OR_FILE]
+
+The source has one JSON object per line: {"question", "answer"}. The question is the instruction
+(no input); the response is the whole answer text, calculator annotations <<48/2=24>> included as
+published, ending in "#### N" (dataset.exact_match compares N). train.jsonl -> train and val
+(val_fraction), test.jsonl -> test. --source may be a directory with train.jsonl (and test.jsonl)
+or a single file, used as train. Rules: see dataset.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import dataset  # noqa: E402
+import llama  # noqa: E402
+
+BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+URLS = {"train.jsonl": BASE_URL + "train.jsonl", "test.jsonl": BASE_URL + "test.jsonl"}
+FIELDS = {"instruction": "question", "response": "answer"}  # ours: the source's
+
+
+def read_source(source):
+    if not os.path.isdir(source):
+        return {"train": dataset.read_records(source, "gsm8k", FIELDS)}
+    splits = {"train": dataset.read_records(os.path.join(source, "train.jsonl"), "gsm8k", FIELDS)}
+    if os.path.exists(os.path.join(source, "test.jsonl")):
+        splits["test"] = dataset.read_records(os.path.join(source, "test.jsonl"), "gsm8k", FIELDS)
+    return splits
+
+
+def main(argv=None):
+    return dataset.prepare_main("gsm8k", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv)
+
+
+if __name__ == "__main__":
+    llama.run_cli(main)

@@ -1,0 +1,76 @@
+"""
+MMLU (Hendrycks et al., MIT) -> data/mmlu/{train,val,test}_*.npy.
+
+    python data/mmlu/prepare.py --tokenizer=path/to/tokenizer.model [--source=DIR_OR_TAR]
+
+The source is the original release, data.tar with data/{auxiliary_train,dev,val,test}/*.csv, or a
+directory with some of those folders (at least dev/ or auxiliary_train/). Each CSV row is
+question, four choices, answer; the answer is A-D (original release) or 0-3 (the copies in
+../shared, which also start with a header row question,choice0..choice3,answer, skipped).
+Splits: auxiliary_train + dev -> train (world knowledge for training, as in the MultiLoRA mixture),
+val -> val (or val_fraction of train when there is no val/), test -> test (evaluation only).
+One example: instruction naming the subject, input = question + lettered choices, response = the letter.
+Rules (over-long dropped and counted, malformed input stops): see dataset.py.
+"""
+
+import os
+import sys
+import tarfile
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import dataset  # noqa: E402
+import llama  # noqa: E402
+
+URLS = {"data.tar": "https://people.eecs.berkeley.edu/~hendrycks/data.tar"}
+HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
+LETTERS = "ABCD"
+
+
+def read_folder(folder, split):
+    """All {subject}_{split}.csv files of one folder (auxiliary_train files have no subject)."""
+    records = []
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".csv")):
+        path = os.path.join(folder, name)
+        subject = name[:-len(f"_{split}.csv")].replace("_", " ") if name.endswith(f"_{split}.csv") else ""
+        about = f" about {subject}" if subject else ""
+        for line, (question, *choices, answer) in dataset.read_csv(path, HEADER, len(HEADER)):
+            answer = answer.strip()
+            if answer not in ("0", "1", "2", "3", "A", "B", "C", "D"):
+                raise llama.UserError(f"{path}:{line}: answer: expected 0-3 or A-D, got {answer!r}")
+            records.append(dict(
+                task="mmlu",
+                instruction=f"The following is a multiple choice question{about}. Answer with the letter of the correct choice.",
+                input=question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices)),
+                response=LETTERS[int(answer)] if answer.isdigit() else answer))
+    return records
+
+
+def read_source(source):
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "data.tar")):
+        source = os.path.join(source, "data.tar")
+    if os.path.isfile(source):  # the release tarball: read it from a temporary extraction
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                with tarfile.open(source) as tar:
+                    tar.extractall(tmp, filter="data")
+            except tarfile.TarError as e:
+                raise llama.UserError(f"{source}: not a readable tar file ({e})") from None
+            return read_source(tmp)
+    if not os.path.isdir(os.path.join(source, "dev")) and os.path.isdir(os.path.join(source, "data")):
+        source = os.path.join(source, "data")
+    folders = {split: os.path.join(source, split) for split in ("auxiliary_train", "dev", "val", "test")}
+    if not any(os.path.isdir(folders[split]) for split in ("auxiliary_train", "dev")):
+        raise llama.UserError(f"--source={source}: expected a dev/ or auxiliary_train/ folder of CSV files")
+    read = {split: read_folder(folder, split) for split, folder in folders.items() if os.path.isdir(folder)}
+    splits = {"train": read.get("auxiliary_train", []) + read.get("dev", [])}
+    splits.update({split: read[split] for split in ("val", "test") if split in read})
+    return splits
+
+
+def main(argv=None):
+    return dataset.prepare_main("mmlu", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv)
+
+
+if __name__ == "__main__":
+    llama.run_cli(main)

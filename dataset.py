@@ -1,0 +1,369 @@
+"""
+Instruction data: one prompt template and one on-disk format that train.py memory-maps.
+
+Template (Alpaca-style, without Alpaca's "Below is an instruction..." preamble):
+    ### Instruction:
+    {instruction}
+
+    ### Input:
+    {input}
+
+    ### Response:
+    {response}</s>
+The "### Input:" block is left out when the input is empty. Tokens are
+    BOS + encode(prompt) + encode(response) + EOS
+with prompt and response encoded separately, so that generation from BOS + encode(prompt) sees exactly
+what training saw. The loss mask is 1 on the response tokens and the EOS, 0 on BOS and the prompt.
+
+A prepared dataset is a directory (format "multilora-v1"):
+    meta.json            {"format", "tasks", "vocab_size", "bos_id", "eos_id", "tokenizer",
+                          "template", "max_len", "counts"}
+    {split}_tokens.npy   uint16 (uint32 when vocab_size > 65535), all examples concatenated
+    {split}_mask.npy     uint8, same length, 1 = loss target
+    {split}_offsets.npy  int64 (n + 1,), example i = tokens[offsets[i]:offsets[i + 1]]
+    {split}_task.npy     uint16 (n,), index into meta["tasks"]
+    {split}.jsonl        the raw examples {"task", "instruction", "input", "response"}, line i = example i
+Examples longer than max_len tokens (BOS and EOS included) are dropped, never truncated (a truncated
+example would teach a cut-off answer or hide it entirely), and counted in meta["counts"].
+
+The data/<name>/prepare.py scripts and data/tasks/generate.py all go through prepare() below.
+"""
+
+import csv
+import io
+import json
+import os
+import random
+import sys
+import urllib.request
+
+import numpy as np
+
+import configurator
+import llama
+
+FORMAT = "multilora-v1"
+PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+FIELDS = ("task", "instruction", "input", "response")  # one raw example
+
+
+def format_prompt(instruction, input=""):
+    if input:
+        return PROMPT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def encode_example(tok, instruction, input, response, max_len):
+    """-> (ids, mask) as lists of ints, or None when longer than max_len tokens (the caller counts it)."""
+    prompt = [tok.bos_id] + tok.encode(format_prompt(instruction, input))
+    answer = tok.encode(response) + [tok.eos_id]
+    if len(prompt) + len(answer) > max_len:
+        return None
+    return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+
+
+def encode_document(tok, text, max_len):
+    """Plain text for pretraining: BOS + encode(text) + EOS, every token after BOS a target.
+    -> (ids, mask), or None when longer than max_len tokens."""
+    ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+    return None if len(ids) > max_len else (ids, [0] + [1] * (len(ids) - 1))
+
+
+def exact_match(prediction, response):
+    """Does a generated answer equal the reference? Whitespace at the ends is ignored. References in
+    the GSM8K style ("...reasoning...\\n#### 72") are compared on the final answer after the last "####"."""
+    if "####" in response:
+        prediction, response = prediction.rsplit("####", 1)[-1], response.rsplit("####", 1)[-1]
+    return prediction.strip() == response.strip()
+
+
+# -----------------------------------------------------------------------------
+# writing and reading the prepared format
+
+def _atomic_write(path, write_fn, mode="wb"):
+    tmp = path + ".tmp"
+    with open(tmp, mode) as f:
+        write_fn(f)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, records):
+    _atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "w")
+
+
+def write_dataset(out_dir, splits, meta):
+    """splits: {split: [(task_name, ids, mask)]}; meta: vocab_size, bos_id, eos_id, tokenizer, max_len
+    and optionally "tasks" (the order of task indices) and "counts" (e.g. dropped examples per split),
+    to which the example and token counts are added. meta.json is written last, so a directory with a
+    meta.json is complete."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = dict(meta)
+    tasks = list(meta.get("tasks") or sorted({task for examples in splits.values() for task, _, _ in examples}))
+    token_dtype = np.uint16 if meta["vocab_size"] <= 65535 else np.uint32
+    counts = {split: dict(c) for split, c in meta.get("counts", {}).items()}
+    for split, examples in splits.items():
+        lengths = [len(ids) for _, ids, _ in examples]
+        arrays = {
+            "tokens": np.array([t for _, ids, _ in examples for t in ids], dtype=token_dtype),
+            "mask": np.array([m for _, _, mask in examples for m in mask], dtype=np.uint8),
+            "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
+            "task": np.array([tasks.index(task) for task, _, _ in examples], dtype=np.uint16),
+        }
+        for name, array in arrays.items():
+            _atomic_write(os.path.join(out_dir, f"{split}_{name}.npy"), lambda f: np.save(f, array))
+        per_task = {t: 0 for t in tasks}
+        for task, _, _ in examples:
+            per_task[task] += 1
+        counts.setdefault(split, {}).update(examples=len(examples), tokens=int(sum(lengths)),
+                                            target_tokens=int(arrays["mask"].sum()), per_task=per_task)
+    meta.update(format=FORMAT, tasks=tasks, template="alpaca", counts=counts)
+    _atomic_write(os.path.join(out_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), "w")
+    return meta
+
+
+class PreparedSplit:
+    """One split of a prepared dataset, memory-mapped: .tokens, .mask, .offsets, .task arrays,
+    .tasks (names), .meta. len() = number of examples."""
+
+    def __init__(self, data_dir, split):
+        self.meta = read_meta(data_dir)
+        self.tasks, self.split, self.dir = self.meta["tasks"], split, data_dir
+        for name in ("tokens", "mask", "offsets", "task"):
+            path = os.path.join(data_dir, f"{split}_{name}.npy")
+            if not os.path.exists(path):
+                have = sorted(f[:-len("_tokens.npy")] for f in os.listdir(data_dir) if f.endswith("_tokens.npy"))
+                raise llama.UserError(f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})")
+            setattr(self, name, np.load(path, mmap_mode="r"))
+        n = len(self.task)
+        if len(self.offsets) != n + 1 or len(self.mask) != len(self.tokens) or self.offsets[-1] != len(self.tokens):
+            raise llama.UserError(f"{data_dir}: {split}: arrays disagree (tokens {len(self.tokens)}, mask "
+                                  f"{len(self.mask)}, offsets {len(self.offsets)}, task {n}); prepare it again")
+        self.lengths = np.diff(self.offsets)  # (n,) tokens per example
+
+    def __len__(self):
+        return len(self.task)
+
+    def example(self, i):
+        """-> (ids int64 array, mask uint8 array, task index)"""
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return np.asarray(self.tokens[start:end], dtype=np.int64), np.asarray(self.mask[start:end]), int(self.task[i])
+
+
+def read_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        raise llama.UserError(f"{path}: no such file (a prepared dataset needs meta.json; run the prepare script)")
+    with open(path) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise llama.UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    if meta.get("format") != FORMAT:
+        raise llama.UserError(f"{path}: format: expected {FORMAT!r}, got {meta.get('format')!r}")
+    return meta
+
+
+def load_dataset(data_dir, split):
+    return PreparedSplit(data_dir, split)
+
+
+def read_examples(data_dir, split):
+    """The raw examples of a prepared split ({split}.jsonl): list of dicts, item i = load_dataset(...).example(i)."""
+    return [r for _, r in read_jsonl(os.path.join(data_dir, f"{split}.jsonl"), FIELDS)]
+
+
+# -----------------------------------------------------------------------------
+# reading sources: every problem stops with one line naming the file and line (nothing is skipped,
+# so a prepared dataset is always the whole source or nothing)
+
+def _check_fields(where, record, fields):
+    if not isinstance(record, dict):
+        raise llama.UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for field in fields:
+        if field not in record:
+            raise llama.UserError(f"{where}: missing field {field!r} (expected fields: {', '.join(fields)})")
+        if not isinstance(record[field], str):
+            raise llama.UserError(f"{where}: field {field!r}: expected a string, got {type(record[field]).__name__}")
+
+
+def _open_text(path):
+    if not os.path.isfile(path):
+        raise llama.UserError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            text = f.read()
+        except UnicodeDecodeError as e:
+            raise llama.UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise llama.UserError(f"{path}: empty file (no examples)")
+    return text
+
+
+def read_jsonl(path, fields):
+    """-> [(line_number, record)] for a file with one JSON object per line (blank lines allowed)."""
+    records = []
+    for number, line in enumerate(_open_text(path).split("\n"), 1):  # not splitlines(): U+2028 is no line end here
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise llama.UserError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
+        _check_fields(f"{path}:{number}", record, fields)
+        records.append((number, record))
+    return records
+
+
+def read_json_records(path, fields):
+    """-> [(line_number, record)] for a JSON array of objects (alpaca_data.json) or, when the file does
+    not start with "[", JSON lines. Decoded one element at a time so that errors name their line."""
+    text = _open_text(path)
+    start = len(text) - len(text.lstrip())
+    if text[start] != "[":
+        return read_jsonl(path, fields)
+    decoder, records, pos = json.JSONDecoder(), [], start + 1
+
+    def skip_space(pos):
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    def line_of(pos):
+        return text.count("\n", 0, pos) + 1
+
+    pos = skip_space(pos)
+    while pos < len(text) and text[pos] != "]":
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise llama.UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+        _check_fields(f"{path}:{line_of(pos)}", record, fields)
+        records.append((line_of(pos), record))
+        pos = skip_space(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_space(pos + 1)
+        elif pos >= len(text) or text[pos] != "]":
+            raise llama.UserError(f"{path}:{line_of(pos)}: not valid JSON: expected ',' or ']' after record {len(records)}")
+    if pos >= len(text):
+        raise llama.UserError(f"{path}:{line_of(pos)}: not valid JSON: the array is not closed with ']'")
+    if not records:
+        raise llama.UserError(f"{path}: empty file (no examples)")
+    return records
+
+
+def read_records(path, task, fields):
+    """Instruction records from a JSON array or JSON-lines file. fields: {our field: the source's
+    field} for "instruction" and "response", and "input" unless the source has none (then "")."""
+    return [dict(task=task, instruction=r[fields["instruction"]], input=r[fields["input"]] if "input" in fields else "",
+                 response=r[fields["response"]]) for _, r in read_json_records(path, tuple(fields.values()))]
+
+
+def read_csv(path, header, n_columns):
+    """-> [(line_number, row)] for a CSV file with n_columns per row; a first row equal to header is
+    skipped (the files in ../shared have one, the original MMLU release has none)."""
+    rows, reader = [], csv.reader(io.StringIO(_open_text(path), newline=""))
+    line = 1
+    for row in reader:
+        if not (line == 1 and row == list(header)) and row:
+            if len(row) != n_columns:
+                raise llama.UserError(f"{path}:{line}: expected {n_columns} columns ({', '.join(header)}), got {len(row)}")
+            rows.append((line, row))
+        line = reader.line_num + 1  # a quoted field may span lines: the next row starts after this one
+    if not rows:
+        raise llama.UserError(f"{path}: empty file (no examples)")
+    return rows
+
+
+def source_file(source, name, ext):
+    """--source may name the file itself or a directory holding it: name, else its only *ext file."""
+    if not os.path.isdir(source):
+        return source
+    if os.path.exists(os.path.join(source, name)):
+        return os.path.join(source, name)
+    found = sorted(f for f in os.listdir(source) if f.endswith(ext))
+    if len(found) != 1:
+        raise llama.UserError(f"--source={source}: expected {name} or a single *{ext} file, found {found or 'none'}")
+    return os.path.join(source, found[0])
+
+
+def download(url, path):
+    """Fetch url to path once (an existing file is reused), atomically, with the standard library."""
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    print(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            _atomic_write(path, lambda f: f.write(response.read()))
+    except OSError as e:  # URLError, HTTPError, timeouts
+        raise llama.UserError(f"{url}: download failed ({e}); pass --source=PATH to use a local copy") from None
+    return path
+
+
+# -----------------------------------------------------------------------------
+# the pipeline shared by the prepare scripts
+
+PREPARE_DEFAULTS = dict(
+    source="",       # local file or directory in the source's own format; empty = download it
+    tokenizer="",    # the base model's tokenizer.model, or its checkpoint directory
+    out_dir="",      # where the prepared files go (each script defaults to its own directory)
+    max_len=512,     # examples longer than this many tokens (BOS + prompt + response + EOS) are dropped
+    val_fraction=0.05,  # share of the training examples held out as the val split (when the source has none)
+    seed=1337,       # for choosing the val examples
+)
+
+
+def prepare(name, splits, config, tok):
+    """Tokenize, drop over-long, write. splits: {split: [record dict with FIELDS]}; when there is no "val"
+    split, config["val_fraction"] of "train" (chosen with config["seed"]) becomes "val". config: the
+    PREPARE_DEFAULTS keys (and optionally "tasks", the order of task indices)."""
+    if not 0 <= config["val_fraction"] < 1:
+        raise llama.UserError(f"--val_fraction: expected a number in [0, 1), got {config['val_fraction']}")
+    splits = dict(splits)
+    if "val" not in splits and config["val_fraction"] > 0:
+        train = splits["train"]
+        n_val = max(1, round(len(train) * config["val_fraction"]))
+        val_index = set(random.Random(config["seed"]).sample(range(len(train)), n_val))
+        splits["train"] = [r for i, r in enumerate(train) if i not in val_index]
+        splits["val"] = [r for i, r in enumerate(train) if i in val_index]
+    encoded, kept, counts = {}, {}, {}
+    for split, records in sorted(splits.items(), key=lambda kv: ["train", "val", "test"].index(kv[0])):
+        encoded[split], kept[split] = [], []
+        for r in records:
+            example = encode_example(tok, r["instruction"], r["input"], r["response"], config["max_len"])
+            if example is not None:
+                encoded[split].append((r["task"], *example))
+                kept[split].append({k: r[k] for k in FIELDS})
+        counts[split] = {"dropped_over_long": len(records) - len(kept[split])}
+        if records and not kept[split]:
+            raise llama.UserError(f"--max_len={config['max_len']}: every {split} example is longer; raise it")
+    out_dir = config["out_dir"]
+    meta = write_dataset(out_dir, encoded, dict(
+        name=name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+        tokenizer=config["tokenizer"], max_len=config["max_len"], tasks=config.get("tasks"), counts=counts))
+    for split in kept:
+        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), kept[split])
+    for split, c in meta["counts"].items():
+        print(f"{name} {split}: {c['examples']} examples, {c['tokens']} tokens ({c['target_tokens']} targets), "
+              f"{c['dropped_over_long']} dropped as longer than max_len={config['max_len']}")
+    print(f"wrote {out_dir}")
+    return meta
+
+
+def prepare_main(name, read_source, urls, out_dir, argv=None, **defaults):
+    """The whole of a data/<name>/prepare.py run: configurator.py's --key=value (defaults: PREPARE_DEFAULTS, then
+    **defaults), download urls ({file name: url}) into out_dir when no --source is given,
+    read_source(path) -> {split: [records]}, prepare()."""
+    config = configurator.configure({**PREPARE_DEFAULTS, "out_dir": out_dir, **defaults}, sys.argv[1:] if argv is None else argv)
+    if not config["tokenizer"]:
+        raise llama.UserError("--tokenizer: required (the base model's tokenizer.model or checkpoint directory)")
+    tok = llama.load_tokenizer(config["tokenizer"])
+    source = config["source"]
+    if not source:
+        for file_name, url in urls.items():
+            download(url, os.path.join(config["out_dir"], file_name))
+        source = config["out_dir"]
+    elif not os.path.exists(source):
+        raise llama.UserError(f"--source={source}: no such file or directory")
+    return prepare(name, read_source(source), config, tok)
