@@ -12,7 +12,7 @@ What it writes to out_dir:
     ckpt.pt              everything a resume needs (settings, adapter or all weights, optimizer, RNG
                          states, step, data position), written atomically at every eval and at the end
     adapter.safetensors  the adapter (LoRA/MultiLoRA), multilora.py's file format, at every checkpoint
-    hf/                  finetune=full: a Hugging Face-layout checkpoint usable as ckpt_dir
+    hf/                  finetune=full: a Hugging Face-layout checkpoint usable as ckpt_dir (or hf_dir)
     metrics.jsonl        one JSON object per log line and per eval
 """
 
@@ -39,6 +39,7 @@ from configurator import configure
 # settings: the defaults are the embedded default run; override with a config/*.py file and --key=value
 # I/O
 out_dir = "out/tasks-multilora"
+hf_dir = ""                       # finetune=full: where the HF-layout weights go (default out_dir/hf)
 ckpt_dir = "data/tiny_base"       # base model, Hugging Face (config.json) or Meta (params.json) layout
 init_from = "pretrained"          # 'pretrained' (ckpt_dir) | 'scratch' (random, shape from the settings below)
 resume = False                    # continue the run saved in out_dir/ckpt.pt (all other settings the same)
@@ -93,7 +94,7 @@ compile = False                   # torch.compile the model
 seed = 1337
 peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # per process, for MFU (989e12: H100 bf16 dense)
 # -----------------------------------------------------------------------------
-SETTINGS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))]
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))}
 
 CHECKPOINT = "ckpt.pt"
 ADAPTER = "adapter.safetensors"
@@ -206,13 +207,16 @@ def read_base_config(ckpt_dir):
     return config
 
 
-def check_adapter_fits(config, finetune, lora_settings):
+def check_adapter_fits(config, finetune, lora_settings, where):
     """Raise the adapter's UserError (n·r larger than a layer, unknown target) before any weight is
     loaded, by adapting a weightless copy of the model on the meta device."""
     if finetune == "full":
         return
     with torch.device("meta"):
-        multilora.adapt_model(llama.Llama(config), finetune, **lora_settings)
+        try:
+            multilora.adapt_model(llama.Llama(config), finetune, **lora_settings)
+        except llama.UserError as e:
+            raise llama.UserError(f"{where}: {e}") from None
 
 
 def adapt(model, finetune, lora_settings):
@@ -420,8 +424,8 @@ def score(model, tokenizer, examples, max_new_tokens, autocast_ctx, batch_size):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    config = configure({k: globals()[k] for k in SETTINGS}, sys.argv[1:] if argv is None else argv)
-    globals().update(config)
+    config = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv)
+    globals().update(config)  # nanoGPT style: below, the settings are read as plain names
 
     # distributed: torchrun sets RANK; gloo on CPU, NCCL on GPUs
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -460,6 +464,7 @@ def main(argv=None):
     if mixture == "temperature" and mixture_temperature <= 0:
         raise llama.UserError(f"mixture_temperature: expected > 0, got {mixture_temperature}")
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
+    hf_path = hf_dir or os.path.join(out_dir, "hf")
     if resume and not os.path.exists(ckpt_path):
         raise llama.UserError(f"{ckpt_path}: resume=True but there is no checkpoint to resume from")
     train_splits = load_splits(datasets, "train")
@@ -490,7 +495,7 @@ def main(argv=None):
     if longest - 1 > model_config.max_seq_len:
         raise llama.UserError(f"{datasets[0]}: examples of up to {longest} tokens exceed the model's context of "
                               f"{model_config.max_seq_len}")
-    check_adapter_fits(model_config, finetune, lora_settings)
+    check_adapter_fits(model_config, finetune, lora_settings, ckpt_dir if init_from == "pretrained" else "init_from=scratch")
     log("settings: " + json.dumps(config))
 
     # the model: frozen base in the autocast dtype on GPU (bf16 halves its memory), trainable weights in fp32
@@ -623,7 +628,7 @@ def main(argv=None):
             rngs = [rng]
         if master:
             if finetune == "full":
-                llama.save_hf_checkpoint(state, os.path.join(out_dir, "hf"), config=model_config,
+                llama.save_hf_checkpoint(state, hf_path, config=model_config,
                                          tokenizer_path=tokenizer_path if tok is not None else None)
             else:
                 multilora.save_adapter(raw_model, os.path.join(out_dir, ADAPTER), adapter_settings, state=state)
@@ -696,7 +701,7 @@ def main(argv=None):
         if finetune != "full":
             print(f"adapter: {os.path.join(out_dir, ADAPTER)}")
         else:
-            print(f"weights: {os.path.join(out_dir, 'hf')}")
+            print(f"weights: {hf_path}")
         mean = lambda s: 100 * sum(s.values()) / max(len(s), 1)
         print(f"exact match: base {mean(base_scores):.1f}% -> tuned {mean(tuned_scores):.1f}%", flush=True)
     elif exact_match_examples > 0 and fsdp:

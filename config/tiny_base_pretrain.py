@@ -1,0 +1,31 @@
+# Pretrain the embedded default's tiny base model from scratch on the generated corpus, which states
+# the tasks' content in prose but never uses the instruction format (data/tasks/generate.py).
+#   python data/tasks/generate.py                  # tokenizer, data/tasks, data/tasks_corpus
+#   python train.py config/tiny_base_pretrain.py   # writes data/tiny_base/{config.json,model.safetensors}
+init_from = "scratch"
+finetune = "full"
+datasets = ["data/tasks_corpus"]
+tokenizer = "data/tiny_base/tokenizer.model"
+out_dir = "out/tiny_base"
+hf_dir = "data/tiny_base"
+exact_match_examples = 0
+# about 2.6M parameters: GQA (8 query heads, 2 key/value heads), tied embeddings
+dim = 256
+n_layers = 4
+n_heads = 8
+n_kv_heads = 2
+hidden_dim = 688
+max_seq_len = 256
+tie_embeddings = True
+# the corpus holds about 600k tokens; 16 documents x 2000 steps is about 5 passes
+batch_size = 16
+gradient_accumulation_steps = 1
+max_iters = 2000
+eval_interval = 250
+eval_examples = 64
+log_interval = 50
+learning_rate = 3e-3
+warmup_iters = 100
+min_lr = 3e-4
+weight_decay = 0.1
+beta2 = 0.95

@@ -1,0 +1,356 @@
+"""train.py and configurator.py: distributed equivalence (DDP, FSDP2 over gloo), exact resume after
+SIGKILL, torn checkpoint writes, loss masking and token normalization, early errors.
+
+Everything runs on a tiny random LLaMA (saved with llama.save_hf_checkpoint) and a tiny prepared
+dataset (dataset.write_dataset) made in a temporary directory; the runs that are compared with each
+other are all subprocesses with OMP_NUM_THREADS=1, so they do the same floating-point work."""
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import configurator
+import dataset
+import llama
+import multilora
+import train
+from conftest import ROOT
+
+TIMING_KEYS = ("tokens_per_s", "mfu", "peak_mem_bytes")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_tokenizer_path):
+    """A random 2-layer GQA LLaMA with the test tokenizer, and a 3-task instruction dataset."""
+    root = tmp_path_factory.mktemp("train")
+    tok = llama.load_tokenizer(tiny_tokenizer_path)
+    config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                               vocab_size=tok.vocab_size, max_seq_len=128, tie_embeddings=True,
+                               bos_id=tok.bos_id, eos_id=[tok.eos_id])
+    torch.manual_seed(0)
+    model = llama.Llama(config)
+    model.init_weights()
+    llama.save_hf_checkpoint(model, str(root / "base"), tokenizer_path=tiny_tokenizer_path)
+
+    rng = random.Random(0)
+
+    def example(task):
+        word = "".join(rng.choice("abcdehlowrt") for _ in range(rng.randint(2, 6)))
+        if task == "reverse":
+            return "Reverse the word.", word, word[::-1]
+        if task == "upper":
+            return "Upper case it.", word, word.upper()
+        a, b = rng.randint(0, 30), rng.randint(0, 30)
+        return "Add the numbers.", f"{a} {b}", str(a + b)
+
+    splits = {}
+    for split, n in (("train", 48), ("val", 9), ("test", 6)):
+        records, encoded = [], []
+        for i in range(n):
+            # reverse is twice as frequent in train: proportional and equal mixtures differ
+            task = ["reverse", "upper", "add", "reverse"][i % 4] if split == "train" else ["reverse", "upper", "add"][i % 3]
+            instruction, inp, response = example(task)
+            ids, mask = dataset.encode_example(tok, instruction, inp, response, 64)
+            encoded.append((task, ids, mask))
+            records.append(dict(task=task, instruction=instruction, input=inp, response=response))
+        splits[split] = encoded
+        os.makedirs(root / "data", exist_ok=True)
+        dataset.write_jsonl(str(root / "data" / f"{split}.jsonl"), records)
+    meta = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, tokenizer=tiny_tokenizer_path,
+                max_len=64)
+    dataset.write_dataset(str(root / "data"), splits, meta)
+    return {"root": root, "base": str(root / "base"), "data": str(root / "data"), "tokenizer": tiny_tokenizer_path}
+
+
+def base_args(tiny, out_dir, **overrides):
+    settings = dict(ckpt_dir=tiny["base"], datasets=tiny["data"], out_dir=str(out_dir), exact_match_examples=0,
+                    n_loras=2, lora_rank=2, batch_size=2, gradient_accumulation_steps=2, log_interval=1,
+                    eval_interval=3, max_iters=6, learning_rate=1e-2, warmup_iters=1, eval_examples=0)
+    settings.update(overrides)
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+def run(args, nproc=0, env=None, check=True):
+    """train.py in a subprocess (under torchrun with nproc processes when nproc > 0)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc else [sys.executable]
+    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    p = subprocess.run(launcher + ["train.py"] + args, cwd=ROOT, env=full_env, capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+
+
+def adapter(out_dir):
+    return multilora.load_adapter(os.path.join(out_dir, "adapter.safetensors"))[0]
+
+
+# -----------------------------------------------------------------------------
+# distributed: the same global batch on 1 or 2 processes gives the same run
+
+@pytest.fixture(scope="module")
+def single_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run(base_args(tiny, out, gradient_accumulation_steps=4))
+    return str(out)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tiny, single_run, tmp_path, mode):
+    # 4 micro-steps of the job: 4 on one process, 2 on each of two (gradient sync on the last only)
+    run(base_args(tiny, tmp_path, gradient_accumulation_steps=4, fsdp=mode == "fsdp"), nproc=2)
+    ref, got = metrics(single_run), metrics(tmp_path)
+    assert [r["iter"] for r in ref] == [r["iter"] for r in got]
+    assert sum("train_loss" in r for r in ref) == 6 and sum("val_loss" in r for r in ref) == 3
+    for a, b in zip(ref, got):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["iter"], k)
+    ref_adapter, got_adapter = adapter(single_run), adapter(tmp_path)
+    assert ref_adapter.keys() == got_adapter.keys()
+    for k in ref_adapter:
+        torch.testing.assert_close(got_adapter[k], ref_adapter[k], atol=1e-5, rtol=0)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: SIGKILL between checkpoints and inside a checkpoint write, then resume
+
+def test_kill_and_resume_is_exact(tiny, tmp_path):
+    # dropout on, so the RNG state must come back too; checkpoints at 3, 6 and 7
+    args = dict(max_iters=7, lora_dropout=0.1)
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run(base_args(tiny, whole, **args))
+
+    p = run(base_args(tiny, broken, **args), env={"MULTILORA_TEST_KILL_AFTER_ITER": "5"}, check=False)
+    assert p.returncode == -9, p.stderr[-2000:]  # SIGKILL after step 4: the last checkpoint is step 3
+    # resume, and die half-way through writing the step-6 checkpoint
+    p = run(base_args(tiny, broken, resume=True, **args), env={"MULTILORA_TEST_KILL_IN_CHECKPOINT": "6"}, check=False)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert os.path.exists(broken / "ckpt.pt.tmp")  # the torn write...
+    with pytest.raises(Exception):
+        torch.load(broken / "ckpt.pt.tmp", weights_only=False)
+    checkpoint = torch.load(broken / "ckpt.pt", weights_only=False)  # ...left the previous checkpoint whole
+    assert checkpoint["iter_num"] == 3
+    multilora.load_adapter(str(broken / "adapter.safetensors"))
+
+    p = run(base_args(tiny, broken, resume=True, **args))
+    assert "resumed from" in p.stdout
+    assert (whole / "adapter.safetensors").read_bytes() == (broken / "adapter.safetensors").read_bytes()
+    assert metrics(whole) == metrics(broken)
+
+
+# -----------------------------------------------------------------------------
+# the loss: response tokens only, normalized by the target tokens of the whole step
+
+def load_tiny_model(tiny, finetune="multilora"):
+    model = llama.load_model(tiny["base"])
+    torch.manual_seed(0)
+    train.adapt(model, finetune, dict(targets=["q", "v"], n_loras=2, lora_rank=2, lora_alpha=4.0,
+                                      lora_dropout=0.0, scaling="channel"))
+    if finetune == "multilora":
+        with torch.no_grad():  # move off the zero init so every adapter weight gets a gradient
+            for name, p in model.named_parameters():
+                if name.endswith("lora_s"):
+                    p.normal_(0, 0.5)
+    return model
+
+
+def test_collate_masks_prompt_and_padding(tiny):
+    split = dataset.load_dataset(tiny["data"], "train")
+    examples = [split.example(i)[:2] for i in range(3)]
+    x, y = train.collate(examples, pad_id=2, device="cpu")
+    assert x.shape == y.shape == (3, max(len(ids) for ids, _ in examples) - 1)
+    for b, (ids, mask) in enumerate(examples):
+        n = len(ids) - 1
+        assert x[b, :n].tolist() == ids[:-1].tolist()
+        target = (y[b] != train.IGNORE).nonzero().flatten().tolist()
+        assert target == [j - 1 for j in range(1, len(ids)) if mask[j]]  # response + EOS only
+        assert y[b, target].tolist() == [int(ids[j + 1]) for j in target]
+        assert (y[b, n:] == train.IGNORE).all()
+
+
+def test_loss_counts_only_response_tokens(tiny):
+    """train_step's loss equals an independent computation over the mask=1 tokens read from the
+    prepared arrays; changing the targets of prompt positions changes nothing."""
+    model = load_tiny_model(tiny)
+    split = dataset.load_dataset(tiny["data"], "train")
+    examples = [split.example(i)[:2] for i in range(4)]
+    x, y = train.collate(examples, pad_id=0, device="cpu")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(x).double(), dim=-1)
+    total, count = 0.0, 0
+    for b, (ids, mask) in enumerate(examples):
+        for j in range(1, len(ids)):
+            if mask[j]:
+                total -= logp[b, j - 1, ids[j]].item()
+                count += 1
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loss_sum = train.train_step(model, optimizer, [(x, y)], n_targets=count)
+    assert loss_sum.item() / count == pytest.approx(total / count, rel=1e-5)
+    # what a prompt position would have to predict cannot matter: it is not a target
+    prompt_positions = (y == train.IGNORE) & (x != 0)
+    assert prompt_positions.sum() > 0
+    assert int((y != train.IGNORE).sum()) == count
+
+
+def grads_of_split(tiny, examples, batch_size):
+    model = load_tiny_model(tiny)
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    batches = [train.collate(examples[i:i + batch_size], 0, "cpu") for i in range(0, len(examples), batch_size)]
+    n_targets = sum(int((y != train.IGNORE).sum()) for _, y in batches)
+    loss = train.train_step(model, torch.optim.SGD(params, lr=1.0), batches, n_targets).item() / n_targets
+    return loss, [b - p.detach() for b, p in zip(before, params)]  # SGD with lr 1: the gradient
+
+
+def test_token_normalized_loss_is_independent_of_micro_steps(tiny):
+    split = dataset.load_dataset(tiny["data"], "train")
+    examples = [split.example(i)[:2] for i in range(8)]
+    loss_1, grads_1 = grads_of_split(tiny, examples, 8)
+    for batch_size in (4, 1):
+        loss_n, grads_n = grads_of_split(tiny, examples, batch_size)
+        assert loss_n == pytest.approx(loss_1, rel=1e-6)
+        for a, b in zip(grads_1, grads_n):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    # a mean of per-micro-batch means (what this avoids) is a different number on this data
+    model = load_tiny_model(tiny)
+    means = []
+    for ids, mask in examples:
+        x, y = train.collate([(ids, mask)], 0, "cpu")
+        with torch.no_grad():
+            means.append(torch.nn.functional.cross_entropy(model(x)[0], y[0], ignore_index=train.IGNORE).item())
+    assert abs(np.mean(means) - loss_1) > 1e-3
+
+
+def test_mixture_weights_and_sampler():
+    w = train.mixture_weights([100, 25, 25], "proportional", 2.0)
+    assert w.tolist() == pytest.approx([2 / 3, 1 / 6, 1 / 6])
+    assert train.mixture_weights([100, 25, 25], "equal", 2.0).tolist() == pytest.approx([1 / 3] * 3)
+    t = train.mixture_weights([100, 25, 25], "temperature", 2.0)  # p ∝ n^(1/2): 10, 5, 5
+    assert t.tolist() == pytest.approx([0.5, 0.25, 0.25])
+    pools = [np.array([[0, i] for i in range(5)]), np.array([[0, 5 + i] for i in range(3)])]
+    position = [0, 0]
+    rows = [tuple(r) for it in range(6) for r in train.sample_examples(pools, [0.5, 0.5], position, 4, 7, it)]
+    assert sum(position) == 24
+    # without replacement within an epoch: each example of a task once before any twice
+    task0 = [r for r in rows if r[1] < 5]
+    assert sorted(task0[:5]) == [(0, i) for i in range(5)]
+    again = [0, 0]
+    assert rows == [tuple(r) for it in range(6) for r in train.sample_examples(pools, [0.5, 0.5], again, 4, 7, it)]
+
+
+# -----------------------------------------------------------------------------
+# in-process runs: full fine-tuning from scratch writes a usable base; the embedded default's output
+
+def test_scratch_full_finetune_writes_a_base(tiny, tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    args = base_args(tiny, tmp_path, init_from="scratch", finetune="full", dim=32, n_layers=1, n_heads=2,
+                     n_kv_heads=1, hidden_dim=48, max_seq_len=64, max_iters=2, eval_interval=2)
+    train.main(args)
+    model = llama.load_model(str(tmp_path / "hf"))
+    assert model.config.n_layers == 1 and model.config.n_kv_heads == 1
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.model")
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert checkpoint["settings"]["finetune"] == "full" and checkpoint["iter_num"] == 2
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, checkpoint["model"][k], atol=0, rtol=0)
+    assert not os.path.exists(tmp_path / "adapter.safetensors")
+
+
+def test_run_ends_with_exact_match_line(tiny, tmp_path, monkeypatch, capsys):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    train.main(base_args(tiny, tmp_path, max_iters=2, exact_match_examples=1, exact_match_max_new_tokens=4))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"exact match: base \d+\.\d% -> tuned \d+\.\d%", lines[-1])
+    assert lines[-2] == f"adapter: {tmp_path / 'adapter.safetensors'}"
+    assert sum(line.startswith("  ") and "base" in line for line in lines) == 3  # one line per task
+    records = metrics(tmp_path)
+    assert {"iter", "train_loss", "lr"} <= records[1].keys()
+    assert {"val_loss", "val_loss/add", "val_loss/reverse", "val_loss/upper"} <= records[0].keys()
+
+
+# -----------------------------------------------------------------------------
+# bad settings and bad data: one clear line, before any training
+
+def bad_inputs(tiny, root):
+    os.makedirs(root / "no_weights", exist_ok=True)
+    (root / "no_weights" / "config.json").write_text(open(os.path.join(tiny["base"], "config.json")).read())
+    dataset.write_dataset(str(root / "empty"), {"train": [], "val": []},
+                          dict(vocab_size=64, bos_id=1, eos_id=2, tokenizer="", max_len=64))
+    return [
+        (["--no_such_setting=1"], r"no_such_setting: unknown setting; known settings: .*batch_size"),
+        (["--batch_size=two"], r"batch_size: expected type int"),
+        (["--learning_rate=[1]"], r"learning_rate: expected type float"),
+        (["--datasets=" + str(root / "missing")], r"missing: dataset directory not found"),
+        (["--datasets=" + str(root / "empty")], r"empty: train split is empty"),
+        (["--ckpt_dir=" + str(root / "no_weights")], r"no_weights: config.json but no model.safetensors"),
+        (["--resume=True", "--out_dir=" + str(root / "never_ran")], r"ckpt.pt: resume=True but there is no checkpoint"),
+        (["--n_loras=8", "--lora_rank=8"], r"base: MultiLoRALinear: n_loras\*lora_rank: expected <= min\(d_in, d_out\) = \d+, got 8\*8 = 64"),
+        (["--finetune=qlora"], r"finetune: expected one of multilora, lora, full"),
+        (["--gradient_accumulation_steps=0"], r"gradient_accumulation_steps: expected a positive number"),
+    ]
+
+
+def test_bad_settings_fail_early(tiny, tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for extra, message in bad_inputs(tiny, tmp_path):
+        args = base_args(tiny, tmp_path / "out") + extra
+        with pytest.raises(llama.UserError, match=message):
+            train.main(args)
+        assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")  # nothing ran
+
+
+def test_cli_error_is_one_line(tiny, tmp_path):
+    p = run(base_args(tiny, tmp_path) + ["--lora_rnak=4"], check=False)
+    assert p.returncode == 2
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --lora_rnak=4: lora_rnak: unknown setting; known settings:")
+
+
+# -----------------------------------------------------------------------------
+# configurator
+
+def test_configurator_types_files_and_lists(tmp_path):
+    defaults = dict(n=1, x=0.5, name="a", flag=False, items=["q", "k"], numbers=[1, 2])
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\n_helper = 3\nn = 4\nx = 2\nitems = ['v']\n")
+    final = configurator.configure(dict(defaults), [str(cfg), "--name=7", "--flag=true", "--numbers=3,4",
+                                                     "--items=q,k,v,o", "--x=1e-3"])
+    assert final == dict(n=4, x=1e-3, name="7", flag=True, items=["q", "k", "v", "o"], numbers=[3, 4])
+    assert isinstance(configurator.configure(dict(defaults), [str(cfg)])["x"], float)
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layer = 3\n")
+    with pytest.raises(llama.UserError, match=r"bad.py: n_layer: unknown setting; known settings: flag, items"):
+        configurator.configure(dict(defaults), [str(bad)])
+    for arg in ("--flag=1", "--n=1.5", "--numbers=a", "--n"):
+        with pytest.raises(llama.UserError):
+            configurator.configure(dict(defaults), [arg])
+    with pytest.raises(llama.UserError, match="no such config file"):
+        configurator.configure(dict(defaults), [str(tmp_path / "none.py")])
+
+
+def test_config_files_are_valid():
+    """Every shipped config file sets only known settings, with the right types."""
+    files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py"))
+    assert files
+    for f in files:
+        final = configurator.configure(dict(train.DEFAULTS), [os.path.join(ROOT, "config", f)])
+        assert final["finetune"] in ("multilora", "lora", "full"), f
