@@ -232,15 +232,32 @@ def adapter_state_dict(model):
     return {name: p.detach() for name, p in model.named_parameters() if is_lora_key(name)}
 
 
-def save_adapter(model, path, settings=None):
+def save_adapter(model, path, settings=None, state=None):
+    """state: the adapter tensors when they are not the model's own (train.py under FSDP passes the
+    all-gathered ones); default adapter_state_dict(model)."""
     settings = settings or model.adapter_settings
-    tensors = {k: v.float().contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model) if state is None else state
+    tensors = {k: v.float().contiguous().cpu() for k, v in state.items()}
     metadata = {"format": ADAPTER_FORMAT, "settings": json.dumps(settings, sort_keys=True),
                 "base_fingerprint": base_fingerprint(model), "base_summary": base_summary(model)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata=metadata)
+    sort_safetensors_header(tmp)
     os.replace(tmp, path)
+
+
+def sort_safetensors_header(path):
+    """safetensors keeps the metadata in a hash map whose order changes from process to process: rewrite
+    the JSON header with sorted keys (same length, padded with spaces as the format allows), so the
+    same adapter always gives the same bytes (train.py's resume test compares them)."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:
+            f.seek(8)
+            f.write(text.ljust(n))
 
 
 SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
