@@ -36,6 +36,7 @@ defaults = dict(
     out_dir="analysis",
     top_k=64,         # singular values per matrix kept in the JSON and drawn in the plots
     phi_dim=32,       # φ(i, j) is computed for i, j <= phi_dim
+    device="cpu",     # where the dense SVDs of the full fine-tuning ΔW run (fp64; "cuda" for 4096-wide matrices)
 )
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -174,9 +175,9 @@ def checkpoint_dir(path):
     return path
 
 
-def full_spectra(ckpt_dir, full_dir, names, keep=64):
+def full_spectra(ckpt_dir, full_dir, names, keep=64, device="cpu"):
     """ΔW = W_full - W_base (fp32) for the named projections (all of them when names is empty) ->
-    {name: (σ, U[:, :keep], shape)}."""
+    {name: (σ, U[:, :keep], shape)}. Both models are held in fp32 memory at once."""
     base = llama.load_model(ckpt_dir).state_dict()
     full = llama.load_model(checkpoint_dir(full_dir)).state_dict()
     if not names:
@@ -188,8 +189,8 @@ def full_spectra(ckpt_dir, full_dir, names, keep=64):
             raise UserError(f"--full={full_dir}: {key}: expected shape {list(base[key].shape)} as in --ckpt_dir={ckpt_dir}, "
                             f"got {list(full[key].shape) if key in full else 'no such tensor'}")
         delta = full[key].float() - base[key].float()
-        S, U = svd_dense(delta)
-        spectra[name] = (S, U[:, :keep], tuple(delta.shape))
+        S, U = svd_dense(delta.to(device))
+        spectra[name] = (S.cpu(), U[:, :keep].cpu(), tuple(delta.shape))
     return spectra
 
 # -----------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def analyze(config):
     full_vectors = None
     if config["full"]:
         names = sorted({name for m in methods.values() for name in m["spectra"]})
-        spectra = full_spectra(config["ckpt_dir"], config["full"], names, keep=config["phi_dim"])
+        spectra = full_spectra(config["ckpt_dir"], config["full"], names, config["phi_dim"], config["device"])
         full_vectors = {name: U for name, (_, U, _) in spectra.items()}
         methods["full"] = dict(file=checkpoint_dir(config["full"]), settings=dict(finetune="full"), spectra=spectra)
     summary = dict(base=config["ckpt_dir"], settings=config, methods={})
