@@ -109,7 +109,10 @@ class MultiLoRALinear(nn.Module):
         out = F.linear(x, self.weight)  # (..., d_out) in the base dtype
         if self.merged:
             return out
-        x = x.to(self.lora_A.dtype)  # bf16 activations into the fp32 adapter (PEFT does the same)
+        if not torch.is_autocast_enabled(x.device.type):
+            # bf16 activations into the fp32 adapter, as PEFT does. Under autocast F.linear picks the
+            # dtype itself, and this would only add a (..., d_in) copy per adapted layer.
+            x = x.to(self.lora_A.dtype)
         if self.lora_dropout > 0:
             x = F.dropout(x, self.lora_dropout, self.training)
         # (..., d_in) -> (..., n·r) -> (..., d_out): one down- and one up-projection for all n modules

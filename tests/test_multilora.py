@@ -130,6 +130,23 @@ def test_bf16_base_fp32_adapter():
     assert rel < 2e-2
 
 
+def test_autocast_bf16():
+    """Under autocast (how train.py runs bf16 on GPUs) the adapter's matmuls run in bf16 too, its
+    parameters and gradients stay fp32, and the result is the fp32 one to bf16 round-off."""
+    torch.manual_seed(0)
+    _, layer = make_layer(64, 48, n_loras=2, lora_rank=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_s.normal_()
+    x = torch.randn(4, 64)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    y.float().square().sum().backward()
+    assert layer.lora_s.grad.dtype == torch.float32 and layer.lora_A.grad.abs().sum() > 0
+
+
 def test_layer_refuses_bad_settings():
     base = nn.Linear(16, 8, bias=False)
     with pytest.raises(multilora.UserError, match="n_loras\\*lora_rank"):

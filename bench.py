@@ -1,0 +1,375 @@
+"""
+Benchmarks (figures for the README, not tests). Random weights: speed and memory do not depend on them.
+
+    python bench.py                          # --mode=multilora: both parts below
+    python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
+    python bench.py --mode=memory
+    python bench.py --mode=train [--json]    # train.py's step per finetune arm vs transformers + PEFT
+
+multilora  = throughput + memory.
+throughput: training steps (forward + backward + AdamW) per second of MultiLoRA (n=4, r=8), LoRA r=32
+            (the same rank n·r) and LoRA r=8 on the same model, measured side by side in one run:
+            the arms take turns step by step, and the ratios are medians of same-round pairs, so a
+            machine that slows down mid-run slows all arms alike.
+memory:     peak bytes allocated during training steps of MultiLoRA with n = 1, 2, 4, 8 (r fixed),
+            next to what the adapter can add: its fp32 parameters and AdamW's two moments (12 bytes
+            per parameter), gradients (4), and what each adapted layer saves for backward: the folded
+            B (d_out, n·r) and the rank-(n·r) activation x·Aᵀ (B, T, n·r). Which parts count depends on
+            where the peak falls (with a large vocabulary: the loss's backward, before any adapter
+            gradient exists). On CUDA: torch.cuda.max_memory_allocated; on CPU: the allocator's running
+            total recorded by torch.profiler(profile_memory=True).
+"""
+
+import copy
+import json as jsonlib  # plain `json` is the --json setting
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import llama
+import multilora
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+mode = "multilora"      # multilora | throughput | memory
+device = "auto"         # auto = cuda if available, else cpu
+dtype = "auto"          # base weights: auto = bfloat16 on cuda, float32 on cpu; adapters are float32
+dim = 512               # the benchmark model (a LLaMA shape, random weights)
+n_layers = 4
+n_heads = 8
+hidden_dim = 1376
+vocab_size = 4096
+batch_size = 4
+seq_len = 128
+targets = "q,k,v,o"
+lora_alpha = 16
+steps = 1               # timed steps per arm per turn (the arms take turns)
+warmup = 2              # untimed steps per arm before the first round
+rounds = 10
+memory_ns = [1, 2, 4, 8]
+memory_rank = 8
+threads = 0             # CPU threads for torch (0 = torch's default; 1 is steadier on a busy machine)
+seed = 0
+out_file = ""           # also write the results as JSON here
+# mode=train: train.py's training step for each finetune arm, next to transformers + PEFT on the same config
+train_arms = "multilora,lora,full"
+n_loras = 4             # the MultiLoRA arm: n modules of rank lora_rank; the LoRA arm: rank n_loras·lora_rank
+lora_rank = 8
+compare_peft = True     # also transformers + PEFT LoRA (and plain transformers for full), when installed
+peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # stated peak FLOP/s for MFU (train.py's default)
+json = False            # mode=train: print one JSON object per measured configuration
+# -----------------------------------------------------------------------------
+
+
+def make_base():
+    config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden_dim,
+                               vocab_size=vocab_size, max_seq_len=seq_len)
+    torch.manual_seed(seed)
+    model = llama.Llama(config)
+    model.init_weights()
+    return model
+
+
+def make_arm(base, finetune, n_loras, lora_rank, device, dtype):
+    """A copy of the base, adapted, with its AdamW. (model, optimizer, settings)."""
+    model = copy.deepcopy(base).to(device=device, dtype=dtype)
+    torch.manual_seed(seed)
+    settings = multilora.adapt_model(model, finetune=finetune, targets=targets, n_loras=n_loras,
+                                     lora_rank=lora_rank, lora_alpha=lora_alpha)
+    model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer, settings
+
+
+def train_step(model, optimizer, batch):
+    logits = model(batch[:, :-1])  # (B, T-1, V)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_throughput(base, device, dtype):
+    arms = {"multilora n=4 r=8": ("multilora", 4, 8), "lora r=32": ("lora", 1, 32), "lora r=8": ("lora", 1, 8)}
+    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    batch = batch.to(device)
+    built = {name: make_arm(base, *arm, device, dtype) for name, arm in arms.items()}
+    for model, optimizer, _ in built.values():
+        for _ in range(warmup):
+            train_step(model, optimizer, batch)
+    wall = {name: [] for name in arms}  # seconds per step, one entry per round
+    cpu = {name: [] for name in arms}   # process CPU seconds per step (all threads): less sensitive
+    for _ in range(rounds):             # to other processes on a shared CPU machine than wall time
+        for name, (model, optimizer, _) in built.items():
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                train_step(model, optimizer, batch)
+            sync(device)
+            wall[name].append((time.perf_counter() - t0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
+    result = {}
+    for name, (model, _, _) in built.items():
+        trainable, base_total = multilora.count_trainable(model)
+        result[name] = {"steps_per_s": 1 / statistics.median(wall[name]), "wall_s_per_step": wall[name],
+                        "cpu_s_per_step": cpu[name], "trainable": trainable,
+                        "trainable_pct": 100 * trainable / base_total}
+    # throughput ratio of MultiLoRA to each LoRA: median over rounds of the paired ratios (same round,
+    # same machine conditions) of that LoRA's time per step to MultiLoRA's
+    ours = "multilora n=4 r=8"
+    for other in ("lora r=32", "lora r=8"):
+        result[f"ratio vs {other}"] = statistics.median(b / a for a, b in zip(wall[ours], wall[other]))
+        result[f"cpu ratio vs {other}"] = statistics.median(b / a for a, b in zip(cpu[ours], cpu[other]))
+    return result
+
+
+def peak_bytes(fn, device):
+    """Peak bytes allocated while fn() runs, counting only what fn allocates."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # each allocation (+bytes) and free (-bytes) is a "[memory]" event: the peak of the running sum
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    total = peak = 0
+    for e in events:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+def bench_memory(base, device, dtype):
+    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), device=device)
+    result = {}
+    for n in memory_ns:
+        def run():
+            model, optimizer, _ = make_arm(base, "multilora", n, memory_rank, device, dtype)
+            for _ in range(2):  # the second step has AdamW's state allocated: the steady-state peak
+                train_step(model, optimizer, batch)
+            run.modules = [m for _, m in multilora.adapter_modules(model)]
+        peak = peak_bytes(run, device)
+        params = sum(p.numel() for m in run.modules for name, p in m.named_parameters() if name.startswith("lora_"))
+        result[f"n={n}"] = {
+            "peak_bytes": peak, "adapter_params": params,
+            # what the adapter can add, all fp32: parameters + AdamW's two moments, gradients,
+            # and what each adapted layer saves for backward: the folded B (d_out, n·r) with its s·α/r
+            # factor (n, d_out), and x·Aᵀ (B, T, n·r)
+            "param_and_adamw_bytes": 12 * params, "grad_bytes": 4 * params,
+            "folded_B_bytes": sum(4 * (m.lora_B.numel() + m.lora_s.numel()) for m in run.modules),
+            "rank_activation_bytes": sum(4 * batch_size * seq_len * m.lora_A.shape[0] for m in run.modules),
+        }
+    first = result[f"n={memory_ns[0]}"]
+    for r in result.values():  # growth over the smallest n, measured and per part
+        for k in ("peak", "param_and_adamw", "grad", "folded_B", "rank_activation"):
+            r[f"{k}_growth_bytes"] = r[f"{k}_bytes"] - first[f"{k}_bytes"]
+    return result
+
+
+# -----------------------------------------------------------------------------
+# mode=train: train.py's own training step (train.adapt, make_optimizer, autocast, train_step) for each
+# finetune arm, next to transformers + PEFT LoRA on the identical model, batch and optimizer
+
+def train_arm_batch(device):
+    """batch_size synthetic examples of seq_len + 1 tokens, the second half the response (the loss
+    targets), collated by train.collate exactly as train.py collates its micro-batches."""
+    import numpy as np
+    import train
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab_size, (batch_size, seq_len + 1), generator=g).numpy()
+    mask = np.zeros(ids.shape, dtype=np.uint8)
+    mask[:, (seq_len + 1) // 2:] = 1
+    x, y = train.collate(list(zip(ids, mask)), 0, device)
+    return [(x, y)], int((y != train.IGNORE).sum())
+
+
+def make_train_arm(impl, finetune, device, dt):
+    """-> (step function returning the loss, model). impl 'ours': train.py's path; 'peft': transformers'
+    LlamaForCausalLM with the same weights + peft LoRA of rank n_loras·lora_rank, the same AdamW,
+    autocast, token-normalized loss and gradient clipping."""
+    import train
+    batches, n_targets = train_arm_batch(device)
+    autocast_ctx = train.autocast_context(device.type, str(dt).removeprefix("torch."))
+    base_dtype = dt if finetune != "full" else torch.float32  # train.py: frozen base in the autocast dtype
+    rank = lora_rank if finetune == "multilora" else n_loras * lora_rank
+    model = make_base()
+    if impl == "ours":
+        model.to(device=device, dtype=base_dtype)
+        torch.manual_seed(seed)
+        train.adapt(model, finetune, dict(targets=targets.split(","), n_loras=n_loras if finetune == "multilora" else 1,
+                                          lora_rank=rank, lora_alpha=lora_alpha, lora_dropout=0.0, scaling="channel"))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        optimizer = train.make_optimizer(model, 1e-4, 0.0, (0.9, 0.999), device.type)
+
+        def step():
+            return train.train_step(model, optimizer, batches, n_targets, 1, autocast_ctx, None, grad_clip=1.0) / n_targets
+        return step, model
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(HFLlamaConfig(**model.config.to_hf(), attn_implementation="sdpa"))
+    hf.load_state_dict({("model." + k if k != "lm_head.weight" else k): v for k, v in model.state_dict().items()})
+    hf.to(device=device, dtype=base_dtype)
+    if finetune != "full":
+        torch.manual_seed(seed)
+        hf = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                           target_modules=[multilora.TARGET_MODULES[t].split(".")[-1] for t in targets.split(",")]))
+    optimizer = train.make_optimizer(hf, 1e-4, 0.0, (0.9, 0.999), device.type)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    (x, y), = batches
+
+    def step():
+        with autocast_ctx:
+            logits = hf(input_ids=x).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=train.IGNORE,
+                               reduction="sum") / n_targets
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step, hf
+
+
+def bench_train(device, dt):
+    """One result per configuration: tokens/s (median over rounds, the configurations taking turns
+    so a machine that slows down slows all alike), MFU, and peak memory of building the model and
+    running two steps (a separate untimed pass: peak_bytes above)."""
+    import train
+    configs = [("ours", f) for f in train_arms.split(",")]
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        have_peft = compare_peft
+    except ImportError:
+        have_peft = False
+        if compare_peft:
+            print("transformers/peft not installed: measuring ours only", file=sys.stderr)
+    if have_peft and "lora" in train_arms.split(","):
+        configs.append(("peft", "lora"))
+    if have_peft and "full" in train_arms.split(","):
+        configs.append(("transformers", "full"))  # plain transformers, no adapter
+    for impl, finetune in configs:
+        if finetune not in ("multilora", "lora", "full"):
+            raise llama.UserError(f"--train_arms: expected names from multilora,lora,full, got {finetune!r}")
+    tokens_per_step = batch_size * seq_len
+    built, first_loss = {}, {}
+    for c in configs:
+        step, model = built[c] = make_train_arm(*c, device, dt)
+        first_loss[c] = float(step())  # the same weights and batch: every arm starts at the same loss
+        for _ in range(warmup - 1):
+            step()
+    seconds = {c: [] for c in configs}
+    for _ in range(rounds):
+        for c in configs:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                built[c][0]()
+            sync(device)
+            seconds[c].append((time.perf_counter() - t0) / steps)
+    config = make_base().config
+    results = []
+    for impl, finetune in configs:
+        step, model = built[(impl, finetune)]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        tokens_per_s = tokens_per_step / statistics.median(seconds[(impl, finetune)])
+        mfu = train.flops_per_token(config, trainable, finetune, seq_len) * tokens_per_s / peak_flops
+        results.append(dict(impl=impl, finetune=finetune, n_loras=n_loras if finetune == "multilora" else 1 if finetune == "lora" else 0,
+                            lora_rank=0 if finetune == "full" else lora_rank if finetune == "multilora" else n_loras * lora_rank,
+                            tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune)],
+                            device=str(device), dtype=str(dt).removeprefix("torch."), threads=torch.get_num_threads(),
+                            dim=dim, n_layers=n_layers, batch_size=batch_size, seq_len=seq_len))
+    built.clear()
+    for r in results:
+        def build_and_two_steps(r=r):  # the second step has AdamW's state allocated: the steady-state peak
+            step, _ = make_train_arm(r["impl"], r["finetune"], device, dt)
+            step()
+            step()
+        r["peak_mem_bytes"] = peak_bytes(build_and_two_steps, device)
+    return results
+
+
+def print_train_results(results):
+    if json:
+        for r in results:
+            print(jsonlib.dumps(r), flush=True)
+        return
+    r0 = results[0]
+    print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
+          f"vocab={vocab_size}, batch {batch_size}x{seq_len}, targets {targets}; MFU against {peak_flops:.3g} FLOP/s")
+    print(f"  {'impl':12s} {'finetune':9s} {'n':>2s} {'r':>4s} {'trainable':>10s} {'tokens/s':>10s} {'MFU':>7s} "
+          f"{'peak MiB':>9s}  first loss")
+    for r in results:
+        print(f"  {r['impl']:12s} {r['finetune']:9s} {r['n_loras']:2d} {r['lora_rank']:4d} {r['trainable']:10,d} "
+              f"{r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% {r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
+    by = {(r["impl"], r["finetune"]): r["tokens_per_s"] for r in results}
+    if ("peft", "lora") in by and ("ours", "lora") in by:
+        print(f"  ours / peft, LoRA r={n_loras * lora_rank}: {by[('ours', 'lora')] / by[('peft', 'lora')]:.2f}x tokens/s")
+    if ("transformers", "full") in by and ("ours", "full") in by:
+        print(f"  ours / transformers, full fine-tuning: {by[('ours', 'full')] / by[('transformers', 'full')]:.2f}x tokens/s")
+    if ("ours", "multilora") in by and ("ours", "lora") in by:
+        print(f"  MultiLoRA n={n_loras} r={lora_rank} / LoRA r={n_loras * lora_rank}: "
+              f"{by[('ours', 'multilora')] / by[('ours', 'lora')]:.3f} tokens/s")
+
+
+def main():
+    settings = {k: v for k, v in globals().items() if not k.startswith("_")
+                and isinstance(v, (bool, int, float, str, list, tuple))}
+    globals().update(configure(settings, sys.argv[1:]))
+    if mode not in ("multilora", "throughput", "memory", "train"):
+        raise llama.UserError(f"--mode: expected multilora, throughput, memory or train, got {mode!r}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    dt = getattr(torch, dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32"))
+    if threads:
+        torch.set_num_threads(threads)
+    if mode == "train":
+        return print_train_results(bench_train(dev, dt))
+    base = make_base()
+    print(f"device {dev}, base dtype {dt}, model dim={dim} n_layers={n_layers} hidden_dim={hidden_dim} "
+          f"vocab={vocab_size} ({base.num_params() / 1e6:.1f}M params), batch {batch_size}x{seq_len}, "
+          f"targets {targets}, torch threads {torch.get_num_threads()}")
+    results = {"settings": dict(settings, device=str(dev), dtype=str(dt))}
+    if mode in ("multilora", "throughput"):
+        r = results["throughput"] = bench_throughput(base, dev, dt)
+        for name in ("multilora n=4 r=8", "lora r=32", "lora r=8"):
+            print(f"{name:18s} {r[name]['steps_per_s']:8.3f} steps/s  "
+                  f"({r[name]['trainable']} trainable, {r[name]['trainable_pct']:.2f}% of base)")
+        print(f"throughput multilora / lora r=32: {r['ratio vs lora r=32']:.3f}   "
+              f"multilora / lora r=8: {r['ratio vs lora r=8']:.3f}   (median of paired rounds; by process "
+              f"CPU time: {r['cpu ratio vs lora r=32']:.3f}, {r['cpu ratio vs lora r=8']:.3f})")
+    if mode in ("multilora", "memory"):
+        r = results["memory"] = bench_memory(base, dev, dt)
+        print(f"memory: peak bytes allocated in training steps of MultiLoRA r={memory_rank}; growth over "
+              f"n={memory_ns[0]} next to the adapter's parts (param+AdamW 12 B/param, grad 4 B/param, folded B "
+              f"and x·Aᵀ saved for backward)")
+        for name, m in r.items():
+            print(f"  {name:4s} peak {m['peak_bytes']:>13,d} B  growth {m['peak_growth_bytes']:>11,d} B | "
+                  f"param+AdamW {m['param_and_adamw_growth_bytes']:>11,d}  grad {m['grad_growth_bytes']:>10,d}  "
+                  f"folded B {m['folded_B_growth_bytes']:>9,d}  x·Aᵀ {m['rank_activation_growth_bytes']:>9,d}")
+    if out_file:
+        with open(out_file + ".tmp", "w") as f:
+            jsonlib.dump(results, f, indent=2)
+        os.replace(out_file + ".tmp", out_file)
+
+
+if __name__ == "__main__":
+    llama.run_cli(main)
