@@ -407,3 +407,17 @@ def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
                         f"--adapter={adapter}", f"--out_dir={tmp_path / 'out'}", "--format=peft"],
                        capture_output=True, text=True, cwd=root)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "base_fingerprint" in p.stderr, p.stderr
+
+
+def test_bench_smoke(monkeypatch):
+    """bench.py's MultiLoRA part runs end to end on a tiny model (figures are not checked: no timing asserts)."""
+    import bench
+    for k, v in dict(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=64, batch_size=2, seq_len=8,
+                     steps=1, warmup=1, rounds=2, memory_ns=[1, 2]).items():
+        monkeypatch.setattr(bench, k, v)
+    base, cpu = bench.make_base(), torch.device("cpu")
+    r = bench.bench_throughput(base, cpu, torch.float32)
+    assert r["ratio vs lora r=32"] > 0 and r["multilora n=4 r=8"]["trainable"] == 4 * (4 * 8 * 64 + 4 * 32)
+    m = bench.bench_memory(base, cpu, torch.float32)
+    assert m["n=2"]["peak_bytes"] > m["n=1"]["peak_bytes"] > 0
+    assert m["n=2"]["param_and_adamw_growth_bytes"] == 12 * (m["n=2"]["adapter_params"] - m["n=1"]["adapter_params"])
