@@ -253,8 +253,10 @@ class Llama(nn.Module):
         self.inv_freq = rope_inv_freq(config)  # a plain tensor: not in the state dict, never on meta
         self.checkpoint_blocks = False         # activation checkpointing per block (train.py sets it)
 
-    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False):
-        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only.
+    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None):
+        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, or (N, V) at the N True
+        positions of logits_at (B, T) bool (train.py: the loss targets only, so lm_head and the
+        softmax skip prompt and padding positions).
 
         start_pos: where these tokens go in the KV cache (when one is set up).
         positions: (B, T) RoPE positions; default start_pos + 0..T-1 for every row.
@@ -287,6 +289,8 @@ class Llama(nn.Module):
                 h = layer(h, cos, sin, start_pos, mask)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[logits_at]  # (N, D)
         return self.lm_head(self.norm(h))
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
