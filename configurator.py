@@ -1,7 +1,7 @@
 """
 Settings overrides for train.py and bench.py, in nanoGPT's style:
 
-    python train.py config/tasks_lora.py --batch_size=8 --datasets=data/tasks,data/alpaca
+    python train.py config/tasks_lora.py --batch_size=8 --datasets=data/tasks,data/alpaca --resume
 
 A script keeps its settings as plain globals with defaults and calls `configure(globals(), argv)`:
 config files (Python files whose top-level names are settings) and `--key=value` arguments are
@@ -72,10 +72,12 @@ def configure(settings, argv):
     for arg in argv:
         if arg.startswith("--"):
             key, has_value, text = arg[2:].partition("=")
-            if not has_value:
-                raise UserError(f"{arg}: expected --key=value")
             if key not in defaults:
                 raise unknown(arg, key, defaults)
+            if not has_value:
+                if not isinstance(defaults[key], bool):
+                    raise UserError(f"{arg}: expected --key=value (a bare --{key} only for true/false settings)")
+                text = "True"  # --resume is --resume=True
             final[key] = parse_value(arg, key, text, defaults[key])
         else:
             if not os.path.isfile(arg):

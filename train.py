@@ -292,10 +292,10 @@ def train_step(model, optimizer, batches, n_targets, world_size=1, autocast_ctx=
         if fsdp:
             model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not last else nullcontext():
+            is_target = y != IGNORE  # (B, T)
             with autocast_ctx:
-                logits = model(x)  # (B, T, V)
-            token_loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                         reduction="sum")
+                logits = model(x, logits_at=is_target)  # (N, V): lm_head only where there is a loss
+            token_loss = F.cross_entropy(logits.float(), y[is_target], reduction="sum")
             loss = token_loss * (world_size / max(n_targets, 1))
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += token_loss.detach()
@@ -337,12 +337,12 @@ def evaluate(model, splits, pools, eval_examples, batch_size, pad_id, device, au
     model.eval()
     for t, rows in work[rank::world_size]:
         x, y = collate([splits[d].example(i)[:2] for d, i in rows], pad_id, device)
+        is_target = y != IGNORE
         with autocast_ctx:
-            logits = model(x)
+            logits = model(x, logits_at=is_target)  # (N, V)
         if t >= 0:
-            sums[t, 0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
-                                          reduction="sum").double()
-            sums[t, 1] += (y != IGNORE).sum()
+            sums[t, 0] += F.cross_entropy(logits.float(), y[is_target], reduction="sum").double()
+            sums[t, 1] += is_target.sum()
     model.train()
     if world_size > 1:
         dist.all_reduce(sums)

@@ -335,6 +335,7 @@ def test_configurator_types_files_and_lists(tmp_path):
     final = configurator.configure(dict(defaults), [str(cfg), "--name=7", "--flag=true", "--numbers=3,4",
                                                      "--items=q,k,v,o", "--x=1e-3"])
     assert final == dict(n=4, x=1e-3, name="7", flag=True, items=["q", "k", "v", "o"], numbers=[3, 4])
+    assert configurator.configure(dict(defaults), ["--flag"])["flag"] is True  # a bare --flag is true
     assert isinstance(configurator.configure(dict(defaults), [str(cfg)])["x"], float)
     bad = tmp_path / "bad.py"
     bad.write_text("n_layer = 3\n")
