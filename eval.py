@@ -134,17 +134,19 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
         batch = [seqs[i] for i in order[start:start + batch_size]]
         T = max(len(s) for s, _ in batch)
         tokens = torch.zeros((len(batch), T), dtype=torch.long)
-        for row, (s, _) in enumerate(batch):
-            tokens[row, :len(s)] = torch.tensor(s)
-        logits = model(tokens.to(device))  # (B, T, V)
+        targets = torch.zeros((len(batch), T), dtype=torch.long)  # targets[:, t] = tokens[:, t + 1]
+        at = torch.zeros((len(batch), T), dtype=torch.bool)
         for row, (s, n_cont) in enumerate(batch):
-            # logits at position t predict token t+1: the continuation's n tokens at [len-n, len)
-            # are predicted by positions [len-n-1, len-1)
             L = len(s)
-            logp = F.log_softmax(logits[row, L - n_cont - 1:L - 1].float(), dim=-1)
-            target = tokens[row, L - n_cont:L].to(device)
-            total = logp.gather(-1, target[:, None]).sum().item()
-            results[order[start + row]] = (total, n_cont)
+            tokens[row, :L] = torch.tensor(s)
+            targets[row, :L - 1] = tokens[row, 1:L]
+            # the continuation's tokens [L-n, L) are predicted at positions [L-n-1, L-1)
+            at[row, L - n_cont - 1:L - 1] = True
+        # logits only where a continuation token is predicted: (N, V), rows in (batch row, position) order
+        logits = model(tokens.to(device), logits_at=at.to(device))
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[at].to(device)[:, None])[:, 0]  # (N,)
+        for row, part in enumerate(logp.split([n_cont for _, n_cont in batch])):
+            results[order[start + row]] = (part.sum().item(), len(part))
         if progress:
             progress.update(min(start + batch_size, len(order)))
     return results
@@ -322,9 +324,11 @@ def validation_loss(model, split, batch_size=8, limit=0):
                 inputs[row, :L] = torch.from_numpy(ids[:-1])
                 targets[row, :L] = torch.from_numpy(ids[1:])
                 weights[row, :L] = torch.from_numpy(mask[1:].astype("float32"))  # token t+1 is a target
-            logits = model(inputs.to(device)).float()  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none")
-            loss = (loss.view(len(batch), T).cpu() * weights).sum(1)  # (B,)
+            at = weights > 0
+            logits = model(inputs.to(device), logits_at=at.to(device))  # (N, V) at the N targets only
+            loss = F.cross_entropy(logits.float(), targets[at].to(device), reduction="none").cpu()  # (N,)
+            row_of = torch.arange(len(batch))[:, None].expand(-1, T)[at]
+            loss = torch.zeros(len(batch), dtype=loss.dtype).index_add_(0, row_of, loss)  # (B,) summed per example
             for row, (_, _, task) in enumerate(batch):
                 for name in (split.tasks[task], "all"):
                     s, k = sums.get(name, (0.0, 0))

@@ -43,9 +43,9 @@ class Bigram(nn.Module):
         self.config = llama.LlamaConfig(dim=8, n_layers=1, n_heads=1, hidden_dim=8, vocab_size=V, max_seq_len=max_seq_len)
         self.embed_tokens = nn.Embedding(1, 1)  # where eval.py looks for the device
 
-    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False):
+    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None):
         logits = self.table[tokens]  # (B, T, V)
-        return logits[:, -1:] if last_only else logits
+        return logits[:, -1:] if last_only else logits[logits_at] if logits_at is not None else logits
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):  # llama.generate's calls; a
         pass                                                             # bigram needs no cache
@@ -364,7 +364,7 @@ def test_stories260k_mmlu_choice_logprobs_match_transformers(mc_format, shots):
     items = evaluate.mmlu_items(tok, MMLU, "test", shots=shots, mc_format=mc_format,
                                 subjects="high_school_geography,marketing", limit=2)
     evaluate.score_multiple_choice(model, items, batch_size=4)
-    ref = transformers.LlamaForCausalLM.from_pretrained(STORIES, torch_dtype=torch.float32).eval()
+    ref = transformers.LlamaForCausalLM.from_pretrained(STORIES).float().eval()
     worst = 0.0
     with torch.no_grad():
         for item in items:
