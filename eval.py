@@ -54,7 +54,7 @@ defaults = dict(
     shots=0,             # few-shot examples (mmlu: from dev/, gsm8k: from train.jsonl)
     mc_format="",        # letter | cloze | instruction; empty = letter for mmlu, cloze for mc
     subjects="",         # mmlu: comma-separated subjects (default all in the split)
-    limit=0,             # evaluate only the first N items (per subject for mmlu); 0 = all
+    limit=0,             # evaluate only the first N items (per task for exact_match, per subject for mmlu); 0 = all
     max_new_tokens=0,    # generation budget; 0 = 64 for exact_match, 256 for gsm8k
     batch_size=8,
     device="cpu",
@@ -302,11 +302,17 @@ def gsm8k_details(model, tokenizer, records, shots=(), max_new_tokens=256, batch
 @torch.no_grad()
 def validation_loss(model, split, batch_size=8, limit=0):
     """Mean cross-entropy on the response tokens (mask = 1: response + EOS) of every example of a
-    dataset.PreparedSplit, exactly (no sampling). -> {task: (summed loss, target tokens)}, "all" too."""
-    n = min(len(split), limit) if limit else len(split)
+    dataset.PreparedSplit (the first `limit` of each task), exactly: no sampling.
+    -> {task: (summed loss, target tokens)} in the split's task order, then "all"."""
+    chosen, seen = [], {}
+    for i in range(len(split)):  # the first `limit` examples of each task (all with limit=0)
+        seen[int(split.task[i])] = seen.get(int(split.task[i]), 0) + 1
+        if not limit or seen[int(split.task[i])] <= limit:
+            chosen.append(i)
+    n = len(chosen)
     max_len = model.config.max_seq_len
     device = model.embed_tokens.weight.device
-    order = sorted(range(n), key=lambda i: -int(split.lengths[i]))
+    order = sorted(chosen, key=lambda i: -int(split.lengths[i]))
     sums, progress = {}, Progress("loss", n)
     with evaluating(model):
         for start in range(0, n, batch_size):
@@ -334,7 +340,7 @@ def validation_loss(model, split, batch_size=8, limit=0):
                     s, k = sums.get(name, (0.0, 0))
                     sums[name] = (s + loss[row].item(), k + int(weights[row].sum()))
             progress.update(min(start + batch_size, n))
-    return sums
+    return {name: sums[name] for name in list(split.tasks) + ["all"] if name in sums}
 
 # -----------------------------------------------------------------------------
 # reading the benchmark files
@@ -477,7 +483,11 @@ def run(config):
         print_table(f"{task} {mc_format} {config['shots']}-shot", rows, ("n", "accuracy", "accuracy_norm"))
     elif task in ("exact_match", "gsm8k"):
         if task == "exact_match":
-            examples = dataset.read_examples(data, config["split"] or "test")[:limit or None]
+            examples, seen = [], {}
+            for e in dataset.read_examples(data, config["split"] or "test"):  # the first `limit` of each task
+                seen[e["task"]] = seen.get(e["task"], 0) + 1
+                if not limit or seen[e["task"]] <= limit:
+                    examples.append(e)
             details = exact_match_details(model, tokenizer, examples, config["max_new_tokens"] or 64, batch_size)
         else:
             records = gsm8k_records(data, limit)

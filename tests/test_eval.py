@@ -186,9 +186,12 @@ def test_validation_loss_equals_the_closed_form(tmp_path):
         for name in (task, "all"):
             s, k = expected.get(name, (0.0, 0))
             expected[name] = (s + loss, k + sum(mask))
-    assert set(sums) == {"a", "b", "all"}
+    assert list(sums) == ["a", "b", "all"]
     for name, (s, k) in expected.items():
         assert sums[name][1] == k and sums[name][0] == pytest.approx(s, rel=1e-5)
+    # limit: the first example of each task
+    first = evaluate.validation_loss(Bigram(table), dataset.load_dataset(str(tmp_path), "val"), limit=1)
+    assert first["a"][1] == sum(splits["val"][0][2]) and first["b"][1] == sum(splits["val"][1][2])
 
 
 # -----------------------------------------------------------------------------
@@ -316,12 +319,15 @@ def test_cli_mc_and_mmlu_write_json(ckpt, tmp_path):
 def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
     tok = llama.load_tokenizer(tiny_tokenizer_path)
     raw = [dict(task="sort", instruction="Sort the list", input="3 1 2", response="1 2 3"),
+           dict(task="sort", instruction="Sort the list", input="2 1", response="1 2"),
            dict(task="reverse", instruction="Reverse the word", input="abc", response="cba")]
     splits = {"test": [(r["task"], *dataset.encode_example(tok, r["instruction"], r["input"], r["response"], 200)) for r in raw]}
     dataset.write_dataset(str(tmp_path), splits, dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2, tokenizer="t", max_len=200))
     dataset.write_jsonl(str(tmp_path / "test.jsonl"), raw)
     em = evaluate.main([f"--ckpt_dir={ckpt}", "--task=exact_match", f"--data={tmp_path}", "--max_new_tokens=4"])
-    assert set(em["per_task"]) == {"sort", "reverse"} and em["accuracy"] == 0.0  # a random model
+    assert em["per_task"]["sort"]["n"] == 2 and em["per_task"]["reverse"]["n"] == 1
+    assert em["accuracy"] == 0.0  # a random model
+    assert evaluate.main([f"--ckpt_dir={ckpt}", f"--data={tmp_path}", "--limit=1", "--max_new_tokens=1"])["n"] == 2
     loss = evaluate.main([f"--ckpt_dir={ckpt}", "--task=loss", f"--data={tmp_path}", "--split=test"])
     assert set(loss["per_task"]) == {"sort", "reverse"}
     assert loss["perplexity"] == pytest.approx(math.exp(loss["loss"])) and loss["tokens"] == sum(sum(m) for _, _, m in splits["test"])
