@@ -43,11 +43,11 @@ hf_dir = ""                       # finetune=full: where the HF-layout weights g
 ckpt_dir = "data/tiny_base"       # base model, Hugging Face (config.json) or Meta (params.json) layout
 init_from = "pretrained"          # 'pretrained' (ckpt_dir) | 'scratch' (random, shape from the settings below)
 resume = False                    # continue the run saved in out_dir/ckpt.pt (all other settings the same)
-eval_interval = 100               # evaluate, then checkpoint, every this many steps and at the end
+eval_interval = 200               # evaluate, then checkpoint, every this many steps and at the end
 log_interval = 10
-eval_examples = 64                # validation examples per task at each eval (0 = all of them)
+eval_examples = 50                # validation examples per task at each eval (0 = all of them)
 exact_match_examples = 50         # test examples per task scored by exact match before and after (0 = skip)
-exact_match_max_new_tokens = 32
+exact_match_max_new_tokens = 24
 wandb_log = False                 # needs `pip install wandb`
 wandb_project = "multilora"
 wandb_run_name = ""
@@ -55,7 +55,7 @@ wandb_run_name = ""
 datasets = ["data/tasks"]         # prepared dataset directories (dataset.py's format)
 mixture = "proportional"          # task sampling weights: 'proportional' | 'equal' | 'temperature'
 mixture_temperature = 2.0         # 'temperature': p_t ∝ n_t^(1/T) (T5, Raffel et al. 2020, §3.5.2)
-batch_size = 16                   # examples per micro-step per process
+batch_size = 32                   # examples per micro-step per process
 gradient_accumulation_steps = 1   # micro-steps per optimizer step for the WHOLE job, split over processes
 # fine-tuning
 finetune = "multilora"            # 'multilora' | 'lora' | 'full'
@@ -67,24 +67,24 @@ lora_dropout = 0.0
 lora_scaling = "channel"          # MultiLoRA's s_i: 'channel' (one per output) | 'scalar' (one per module)
 # model shape for init_from='scratch' (vocabulary and special ids come from the tokenizer)
 tokenizer = ""                    # tokenizer.model for init_from='scratch' (default: the dataset's)
-dim = 256
+dim = 128
 n_layers = 4
 n_heads = 4
 n_kv_heads = 2
-hidden_dim = 688
-max_seq_len = 512
+hidden_dim = 352
+max_seq_len = 256
 rope_theta = 10000.0
 tie_embeddings = True
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 1e-3
-max_iters = 300
+learning_rate = 3e-3
+max_iters = 600
 weight_decay = 0.0                # applied to 2-D weights only (nanoGPT's rule)
 beta1 = 0.9
 beta2 = 0.999
 grad_clip = 1.0                   # 0 = off
 warmup_iters = 20
 lr_decay_iters = 0                # 0 = max_iters
-min_lr = 1e-4
+min_lr = 3e-4
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: 'bfloat16' | 'float16' (GradScaler) | 'float32'
@@ -92,6 +92,7 @@ fsdp = False                      # shard base and adapters with FSDP2 (needs to
 activation_checkpointing = False  # recompute each block's activations in the backward pass
 compile = False                   # torch.compile the model
 seed = 1337
+threads = 1                       # CPU threads for torch (0 = torch's default); the tiny default is fastest on 1
 peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # per process, for MFU (989e12: H100 bf16 dense)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))}
@@ -426,6 +427,8 @@ def score(model, tokenizer, examples, max_new_tokens, autocast_ctx, batch_size):
 def main(argv=None):
     config = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv)
     globals().update(config)  # nanoGPT style: below, the settings are read as plain names
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     # distributed: torchrun sets RANK; gloo on CPU, NCCL on GPUs
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -646,6 +649,7 @@ def main(argv=None):
     just_resumed = checkpoint is not None
     while True:
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and not just_resumed:
+            t_eval = time.time()
             val_loss, per_task = evaluate(model, val_splits, val_pools, eval_examples, batch_size, pad_id, run_device,
                                           autocast_ctx, rank, world_size)
             log(f"step {iter_num}: val loss {val_loss:.4f} (" +
@@ -654,6 +658,7 @@ def main(argv=None):
                            **{f"val_loss/{n}": v for n, v in zip(val_names, per_task)}})
             if iter_num > 0:
                 save()
+            t_last += time.time() - t_eval  # tokens/s counts training time only
         just_resumed = False
         if iter_num >= max_iters:
             break
