@@ -127,8 +127,13 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
             raise UserError(f"continuation of {len(cont)} tokens does not fit the model's context of {max_len}")
         seq = (list(ctx) + list(cont))[-max_len:]  # keep the newest tokens when too long
         seqs.append((seq, len(cont)))
-    # longest first: batches of similar lengths pad little; results go back to input order
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    # each distinct sequence is scored once, so equal choices (e.g. two that encode to the same
+    # tokens) get bit-equal scores and tie whatever the batching; longest first: batches of similar
+    # lengths pad little; results go back to input order
+    first = {}
+    for i, (seq, n_cont) in enumerate(seqs):
+        first.setdefault((tuple(seq), n_cont), i)
+    order = sorted(set(first.values()), key=lambda i: -len(seqs[i][0]))
     results = [None] * len(seqs)
     for start in range(0, len(order), batch_size):
         batch = [seqs[i] for i in order[start:start + batch_size]]
@@ -149,7 +154,7 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
             results[order[start + row]] = (part.sum().item(), len(part))
         if progress:
             progress.update(min(start + batch_size, len(order)))
-    return results
+    return [results[first[(tuple(seq), n_cont)]] for seq, n_cont in seqs]
 
 
 def score_multiple_choice(model, items, batch_size=8, label="mc"):
