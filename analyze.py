@@ -25,6 +25,7 @@ import sys
 import torch
 
 import llama
+import multilora
 from llama import UserError
 
 # -----------------------------------------------------------------------------
@@ -157,7 +158,6 @@ def adapter_spectra(ckpt_dir, path):
     as multilora.py computes it, decomposed from its factors (svd_factored): exact, and cheap for large
     matrices. The base weights do not enter ΔW; they are loaded (in bf16, to halve the memory) only so
     that apply_adapter can check that the file belongs to this base."""
-    import multilora
     model = llama.load_model(ckpt_dir, dtype=torch.bfloat16)
     settings = multilora.apply_adapter(model, path)
     spectra = {}
