@@ -24,6 +24,7 @@ import sys
 
 import torch
 
+import configurator
 import llama
 import multilora
 from llama import UserError
@@ -312,7 +313,6 @@ def plot(summary, out_dir):
 
 
 def main(argv=None):
-    import configurator
     config = configurator.configure(dict(defaults), sys.argv[1:] if argv is None else argv)
     summary = analyze(config)
     os.makedirs(config["out_dir"], exist_ok=True)
