@@ -61,6 +61,7 @@ n_loras = 4             # the MultiLoRA arm: n modules of rank lora_rank; the Lo
 lora_rank = 8
 compare_peft = True     # also transformers + PEFT LoRA (and plain transformers for full), when installed
 peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # stated peak FLOP/s for MFU (train.py's default)
+response_fraction = 0.5  # mode=train: share of each sequence that is response (loss targets); Alpaca: 0.66
 json = False            # mode=train: print one JSON object per measured configuration
 # -----------------------------------------------------------------------------
 
@@ -187,14 +188,14 @@ def bench_memory(base, device, dtype):
 # finetune arm, next to transformers + PEFT LoRA on the identical model, batch and optimizer
 
 def train_arm_batch(device):
-    """batch_size synthetic examples of seq_len + 1 tokens, the second half the response (the loss
-    targets), collated by train.collate exactly as train.py collates its micro-batches."""
+    """batch_size synthetic examples of seq_len + 1 tokens, the last response_fraction of each the
+    response (the loss targets), collated by train.collate exactly as train.py collates its micro-batches."""
     import numpy as np
     import train
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab_size, (batch_size, seq_len + 1), generator=g).numpy()
     mask = np.zeros(ids.shape, dtype=np.uint8)
-    mask[:, (seq_len + 1) // 2:] = 1
+    mask[:, round((seq_len + 1) * (1 - response_fraction)):] = 1
     x, y = train.collate(list(zip(ids, mask)), 0, device)
     return [(x, y)], int((y != train.IGNORE).sum())
 

@@ -413,13 +413,10 @@ def exact_match_examples_of(dataset_dirs, per_task):
 
 
 def score(model, tokenizer, examples, max_new_tokens, autocast_ctx, batch_size):
-    """{task: exact-match accuracy in [0, 1]} (eval.py's scoring), in eval mode."""
+    """{task: exact-match accuracy in [0, 1]}: eval.py's scoring (greedy, in eval mode, mode restored after)."""
     from eval import score_exact_match
-    model.eval()
     with autocast_ctx:
-        result = score_exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    model.train()
-    return result
+        return score_exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -710,7 +707,7 @@ def main(argv=None):
         mean = lambda s: 100 * sum(s.values()) / max(len(s), 1)
         print(f"exact match: base {mean(base_scores):.1f}% -> tuned {mean(tuned_scores):.1f}%", flush=True)
     elif exact_match_examples > 0 and fsdp:
-        log("exact match: skipped under FSDP (score the adapter with eval.py)")
+        log("exact match: skipped under FSDP (score the result with eval.py --task=exact_match)")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
