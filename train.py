@@ -435,7 +435,10 @@ def main(argv=None):
         run_device = f"cuda:{local_rank}" if device_type == "cuda" else "cpu"
         if device_type == "cuda":
             torch.cuda.set_device(run_device)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        if device_type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=torch.device(run_device))
+        else:
+            dist.init_process_group(backend="gloo")
     else:
         rank, world_size, run_device = 0, 1, device
     master = rank == 0
@@ -461,6 +464,11 @@ def main(argv=None):
         raise llama.UserError("fsdp: FSDP shards over processes; launch with torchrun (RANK is not set)")
     if dtype == "float16" and device_type != "cuda":
         raise llama.UserError("dtype: float16 with a gradient scaler needs device=cuda; use bfloat16 or float32 on CPU")
+    if wandb_log:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise llama.UserError("wandb_log: True but wandb is not installed (pip install wandb)") from None
     if mixture == "temperature" and mixture_temperature <= 0:
         raise llama.UserError(f"mixture_temperature: expected > 0, got {mixture_temperature}")
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
@@ -530,7 +538,10 @@ def main(argv=None):
                                   f"{checkpoint['world_size']} processes; resume it the same way")
         if changed:
             log(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
-        missing, unexpected = raw_model.load_state_dict(checkpoint["model"], strict=False)
+        try:
+            missing, unexpected = raw_model.load_state_dict(checkpoint["model"], strict=False)
+        except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
+            raise llama.UserError(f"{ckpt_path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
         if unexpected or (finetune == "full" and missing):
             raise llama.UserError(f"{ckpt_path}: model state does not fit this model (unexpected "
                                   f"{unexpected[:3]}, missing {missing[:3]})")

@@ -272,6 +272,19 @@ def test_scratch_full_finetune_writes_a_base(tiny, tmp_path, monkeypatch):
     assert not os.path.exists(tmp_path / "adapter.safetensors")
 
 
+def test_bf16_autocast_run(tiny, tmp_path, monkeypatch):
+    """dtype=bfloat16 (the GPU default) on CPU: the frozen base is stored in bf16, the adapter trains in fp32."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    train.main(base_args(tiny, tmp_path, dtype="bfloat16", max_iters=2, eval_interval=2))
+    records = metrics(tmp_path)
+    assert all(np.isfinite(r.get("train_loss", 0.0)) for r in records)
+    state = adapter(tmp_path)
+    assert state and all(v.dtype == torch.float32 for v in state.values())
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert checkpoint["settings"]["dtype"] == "bfloat16"
+
+
 def test_run_ends_with_exact_match_line(tiny, tmp_path, monkeypatch, capsys):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
