@@ -72,7 +72,8 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
 def base_args(tiny, out_dir, **overrides):
     settings = dict(ckpt_dir=tiny["base"], datasets=tiny["data"], out_dir=str(out_dir), exact_match_examples=0,
                     n_loras=2, lora_rank=2, batch_size=2, gradient_accumulation_steps=2, log_interval=1,
-                    eval_interval=3, max_iters=6, learning_rate=1e-2, warmup_iters=1, eval_examples=0)
+                    eval_interval=3, max_iters=6, learning_rate=1e-2, warmup_iters=1, eval_examples=0,
+                    threads=0)  # 0: leave torch's thread count alone (in-process runs share pytest's)
     settings.update(overrides)
     return [f"--{k}={v}" for k, v in settings.items()]
 
@@ -234,6 +235,16 @@ def test_token_normalized_loss_is_independent_of_micro_steps(tiny):
         with torch.no_grad():
             means.append(torch.nn.functional.cross_entropy(model(x)[0], y[0], ignore_index=train.IGNORE).item())
     assert abs(np.mean(means) - loss_1) > 1e-3
+
+
+def test_tasks_are_grouped_by_name_across_datasets(tiny):
+    one = dataset.load_dataset(tiny["data"], "train")
+    names, pools = train.task_pools([one, one])
+    assert sorted(names) == ["add", "reverse", "upper"]
+    for name, pool in zip(names, pools):
+        assert len(pool) == 2 * int((np.asarray(one.task) == one.tasks.index(name)).sum())
+        assert set(pool[:, 0].tolist()) == {0, 1}  # from both datasets
+        assert all(one.tasks[one.example(i)[2]] == name for _, i in pool)
 
 
 def test_mixture_weights_and_sampler():
