@@ -5,6 +5,8 @@ Benchmarks (figures for the README, not tests). Random weights: speed and memory
     python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
     python bench.py --mode=memory
     python bench.py --mode=train [--json]    # train.py's step per finetune arm vs transformers + PEFT
+    python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
+    python bench.py --mode=load              # peak memory and time of loading a ~1 GB checkpoint
 
 multilora  = throughput + memory.
 throughput: training steps (forward + backward + AdamW) per second of MultiLoRA (n=4, r=8), LoRA r=32
@@ -21,6 +23,7 @@ memory:     peak bytes allocated during training steps of MultiLoRA with n = 1, 
 """
 
 import copy
+import math
 import json as jsonlib  # plain `json` is the --json setting
 import os
 import statistics
@@ -35,7 +38,7 @@ import multilora
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-mode = "multilora"      # multilora | throughput | memory
+mode = "multilora"      # multilora | throughput | memory | train | generate | load
 device = "auto"         # auto = cuda if available, else cpu
 dtype = "auto"          # base weights: auto = bfloat16 on cuda, float32 on cpu; adapters are float32
 dim = 512               # the benchmark model (a LLaMA shape, random weights)
@@ -63,6 +66,13 @@ compare_peft = True     # also transformers + PEFT LoRA (and plain transformers 
 peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # stated peak FLOP/s for MFU (train.py's default)
 response_fraction = 0.5  # mode=train: share of each sequence that is response (loss targets); Alpaca: 0.66
 json = False            # mode=train: print one JSON object per measured configuration
+# mode=generate (the model shape above, with n_kv_heads) and mode=load
+n_kv_heads = 4
+gen_batch = 1
+gen_prompt_len = 16
+gen_tokens = 64
+load_gb = 1.0           # size of the random fp32 checkpoint that mode=load writes and reads back
+load_dim = 2048
 # -----------------------------------------------------------------------------
 
 
@@ -331,12 +341,97 @@ def print_train_results(results):
               f"{by[('ours', 'multilora')] / by[('ours', 'lora')]:.3f} tokens/s")
 
 
+
+# -----------------------------------------------------------------------------
+# mode=generate: llama.generate (KV cache) next to transformers' generate on the same weights and prompts
+# mode=load: peak resident memory and time of llama.load_model on a ~load_gb GB checkpoint, in a fresh
+# process, and the time to the first generated token
+
+def save_random_checkpoint(out_dir, config):
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = llama.Llama(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    llama.save_hf_checkpoint(model, out_dir)
+    return model
+
+
+class _IdsOnly:  # generate() needs these ids only: prompts are given as token ids
+    bos_id, eos_id, pad_id, stop_ids = 1, 2, 0, {2}
+
+
+def bench_generate(workdir):
+    from transformers import LlamaForCausalLM
+    config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                               hidden_dim=hidden_dim, vocab_size=vocab_size, max_seq_len=gen_prompt_len + gen_tokens)
+    save_random_checkpoint(workdir, config)
+    ours = llama.load_model(workdir).eval()
+    hf = LlamaForCausalLM.from_pretrained(workdir, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, vocab_size, (gen_batch, gen_prompt_len), generator=g)
+    times = {"ours": [], "transformers": []}
+    same = True
+    for _ in range(rounds):  # taking turns: a machine that slows down slows both alike
+        t0 = time.perf_counter()
+        a = llama.generate(ours, _IdsOnly(), prompts.tolist(), gen_tokens, stop_at_eos=False)
+        times["ours"].append(time.perf_counter() - t0)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            b = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=gen_tokens,
+                            min_new_tokens=gen_tokens, do_sample=False, pad_token_id=0)
+            times["transformers"].append(time.perf_counter() - t0)
+        same &= a == b[:, gen_prompt_len:].tolist()
+    n = gen_batch * gen_tokens
+    result = {k: n / statistics.median(v) for k, v in times.items()}
+    print(f"generate: {ours.num_params() / 1e6:.1f}M params, batch {gen_batch}, prompt {gen_prompt_len}, "
+          f"{gen_tokens} new tokens, greedy, {torch.get_num_threads()} threads, median of {rounds} rounds")
+    print(f"  ours (llama.generate)  {result['ours']:9.1f} tokens/s")
+    print(f"  transformers generate  {result['transformers']:9.1f} tokens/s")
+    print(f"  ratio ours / transformers: {result['ours'] / result['transformers']:.2f}x   same tokens: {same}")
+    return dict(result, same_tokens=same)
+
+
+def bench_load(workdir):
+    import subprocess
+    # a LLaMA shape of about load_gb GB in fp32: width load_dim (2048: a 1B-class layer), layers added
+    # until the size is reached
+    d, hidden, vocab = load_dim, 256 * math.ceil(8 * load_dim / 3 / 256), 32000
+    per_layer = 4 * (2 * d * d + 2 * d * (d // 4) + 3 * d * hidden)
+    layers = max(1, round((load_gb * 1e9 - 4 * 2 * vocab * d) / per_layer))
+    config = llama.LlamaConfig(dim=d, n_layers=layers, n_heads=16, n_kv_heads=4, hidden_dim=hidden,
+                               vocab_size=vocab, max_seq_len=256)
+    save_random_checkpoint(workdir, config)
+    size = os.path.getsize(os.path.join(workdir, "model.safetensors"))
+    child = ("import json, resource, time, torch, llama\n"
+             "rss = lambda: int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024\n"
+             "before = rss(); t0 = time.perf_counter()\n"
+             f"model = llama.load_model({workdir!r})\n"
+             "loaded = time.perf_counter() - t0\n"
+             "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
+             "class T: bos_id, eos_id, pad_id, stop_ids = 1, 2, 0, {2}\n"
+             "llama.generate(model, T(), [[1, 5, 6, 7]], 1, stop_at_eos=False)\n"
+             "first = time.perf_counter() - t0\n"
+             "print(json.dumps(dict(before=before, peak=peak, load_s=loaded, first_token_s=first)))\n")
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    r = jsonlib.loads(out.stdout.strip().splitlines()[-1])
+    r.update(checkpoint_bytes=size, peak_over_size=(r["peak"] - r["before"]) / size)
+    print(f"load: {size / 1e9:.2f} GB checkpoint (fp32 safetensors, {layers} layers of width 2048), fresh process")
+    print(f"  resident memory: {r['before'] / 1e9:.2f} GB before loading (python + torch), peak {r['peak'] / 1e9:.2f} GB;"
+          f" loading added {(r['peak'] - r['before']) / 1e9:.2f} GB = {r['peak_over_size']:.2f}x the checkpoint")
+    print(f"  load {r['load_s']:.1f} s, first generated token {r['first_token_s']:.1f} s after the load began")
+    return r
+
+
 def main():
     settings = {k: v for k, v in globals().items() if not k.startswith("_")
                 and isinstance(v, (bool, int, float, str, list, tuple))}
     globals().update(configure(settings, sys.argv[1:]))
-    if mode not in ("multilora", "throughput", "memory", "train"):
-        raise llama.UserError(f"--mode: expected multilora, throughput, memory or train, got {mode!r}")
+    if mode not in ("multilora", "throughput", "memory", "train", "generate", "load"):
+        raise llama.UserError(f"--mode: expected multilora, throughput, memory, train, generate or load, got {mode!r}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     dt = getattr(torch, dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32"))
@@ -344,6 +439,10 @@ def main():
         torch.set_num_threads(threads)
     if mode == "train":
         return print_train_results(bench_train(dev, dt))
+    if mode in ("generate", "load"):
+        import tempfile
+        with tempfile.TemporaryDirectory() as workdir:
+            return (bench_generate if mode == "generate" else bench_load)(workdir)
     base = make_base()
     print(f"device {dev}, base dtype {dt}, model dim={dim} n_layers={n_layers} hidden_dim={hidden_dim} "
           f"vocab={vocab_size} ({base.num_params() / 1e6:.1f}M params), batch {batch_size}x{seq_len}, "
