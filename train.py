@@ -190,12 +190,14 @@ def collate(examples, pad_id, device):
 def micro_batches(splits, rows, batch_size, rank, world_size, pad_id, device):
     """Cut one step's examples into micro-batches of batch_size; this process takes its contiguous
     share (micro-step g of the job is on rank g // (steps / world_size)), so 1 or N processes see the
-    same global batch in the same micro-batches. -> ([(x, y)], number of input tokens, padding excluded)"""
+    same global batch in the same micro-batches. -> ([(x, y)], target tokens, input tokens without padding),
+    the counts taken on the host so that they cost no device synchronization."""
     groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     per_rank = len(groups) // world_size
-    mine = groups[rank * per_rank:(rank + 1) * per_rank]
-    n_tokens = sum(int(splits[d].lengths[i]) - 1 for g in mine for d, i in g)
-    return [collate([splits[d].example(i)[:2] for d, i in g], pad_id, device) for g in mine], n_tokens
+    examples = [[splits[d].example(i)[:2] for d, i in g] for g in groups[rank * per_rank:(rank + 1) * per_rank]]
+    n_targets = sum(int(mask[1:].sum()) for g in examples for _, mask in g)
+    n_tokens = sum(len(ids) - 1 for g in examples for ids, _ in g)
+    return [collate(g, pad_id, device) for g in examples], n_targets, n_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -675,8 +677,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows = sample_examples(pools, weights, position, n_rows, seed, iter_num)
-        batches, n_tokens = micro_batches(train_splits, rows, batch_size, rank, world_size, pad_id, run_device)
-        counts = torch.tensor([sum(int((y != IGNORE).sum()) for _, y in batches), n_tokens], device=run_device)
+        batches, n_targets, n_tokens = micro_batches(train_splits, rows, batch_size, rank, world_size, pad_id, run_device)
+        counts = torch.tensor([n_targets, n_tokens], device=run_device)
         if ddp:
             dist.all_reduce(counts)  # target tokens of the whole step: the loss's denominator
         loss_sum = train_step(model, optimizer, batches, int(counts[0]), world_size, autocast_ctx, scaler, grad_clip,
