@@ -43,7 +43,7 @@ hf_dir = ""                       # finetune=full: where the HF-layout weights g
 ckpt_dir = "data/tiny_base"       # base model, Hugging Face (config.json) or Meta (params.json) layout
 init_from = "pretrained"          # 'pretrained' (ckpt_dir) | 'scratch' (random, shape from the settings below)
 resume = False                    # continue the run saved in out_dir/ckpt.pt (all other settings the same)
-eval_interval = 200               # evaluate, then checkpoint, every this many steps and at the end
+eval_interval = 250               # evaluate, then checkpoint, every this many steps and at the end
 log_interval = 10
 eval_examples = 50                # validation examples per task at each eval (0 = all of them)
 exact_match_examples = 50         # test examples per task scored by exact match before and after (0 = skip)
@@ -77,7 +77,7 @@ rope_theta = 10000.0
 tie_embeddings = True
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = 3e-3
-max_iters = 600
+max_iters = 1000
 weight_decay = 0.0                # applied to 2-D weights only (nanoGPT's rule)
 beta1 = 0.9
 beta2 = 0.999
