@@ -254,7 +254,8 @@ def autocast_context(device_type, dtype_name):
 def flops_per_token(config, trainable, finetune, seq_len):
     """Training FLOPs per token (PaLM appendix B / nanoGPT's estimate_mfu): the forward pass costs 2
     per weight and the backward pass 2 for the input gradients, +2 for the weight gradients only where
-    weights train (all for 'full', the adapters otherwise); attention scores add 12·L·H·hd·T."""
+    weights train (all for 'full', the adapters otherwise); attention scores add 12·L·H·hd·T. lm_head
+    is counted at every position, as model FLOPs are, though train_step runs it at the targets only."""
     c = config
     per_layer = (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)) + 3 * c.dim * c.hidden_dim
     base = c.n_layers * per_layer + c.dim * c.vocab_size  # matmul weights (lm_head included)
