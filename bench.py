@@ -1,10 +1,10 @@
 """
 Benchmarks (figures for the README, not tests). Random weights: speed and memory do not depend on them.
 
-    python bench.py                          # --mode=multilora: both parts below
+    python bench.py [--json]                 # --mode=train: train.py's step per finetune arm vs transformers + PEFT
+    python bench.py --mode=multilora         # MultiLoRA vs LoRA throughput + memory per n (both parts below)
     python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
     python bench.py --mode=memory
-    python bench.py --mode=train [--json]    # train.py's step per finetune arm vs transformers + PEFT
     python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
     python bench.py --mode=load              # peak memory and time of loading a ~1 GB checkpoint
 
@@ -38,7 +38,7 @@ import multilora
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-mode = "multilora"      # multilora | throughput | memory | train | generate | load
+mode = "train"          # train | multilora | throughput | memory | generate | load
 device = "auto"         # auto = cuda if available, else cpu
 dtype = "auto"          # base weights: auto = bfloat16 on cuda, float32 on cpu; adapters are float32
 dim = 512               # the benchmark model (a LLaMA shape, random weights)
