@@ -92,12 +92,14 @@ def write_jsonl(path, records):
     _atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "w")
 
 
-def write_dataset(out_dir, splits, meta):
+def write_dataset(out_dir, splits, meta, raw=None):
     """splits: {split: [(task_name, ids, mask)]}; meta: vocab_size, bos_id, eos_id, tokenizer, max_len
     and optionally "tasks" (the order of task indices) and "counts" (e.g. dropped examples per split),
-    to which the example and token counts are added. meta.json is written last, so a directory with a
-    meta.json is complete."""
+    to which the example and token counts are added; raw: {split: [record]} for {split}.jsonl.
+    An old meta.json goes first and the new one is written last: a directory with a meta.json is complete."""
     os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(os.path.join(out_dir, "meta.json")):
+        os.remove(os.path.join(out_dir, "meta.json"))
     meta = dict(meta)
     tasks = list(meta.get("tasks") or sorted({task for examples in splits.values() for task, _, _ in examples}))
     token_dtype = np.uint16 if meta["vocab_size"] <= 65535 else np.uint32
@@ -117,6 +119,8 @@ def write_dataset(out_dir, splits, meta):
             per_task[task] += 1
         counts.setdefault(split, {}).update(examples=len(examples), tokens=int(sum(lengths)),
                                             target_tokens=int(arrays["mask"].sum()), per_task=per_task)
+    for split, records in (raw or {}).items():
+        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), records)
     meta.update(format=FORMAT, tasks=tasks, template="alpaca", counts=counts)
     _atomic_write(os.path.join(out_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), "w")
     return meta
@@ -320,6 +324,8 @@ def prepare(name, splits, config, tok):
     PREPARE_DEFAULTS keys (and optionally "tasks", the order of task indices)."""
     if not 0 <= config["val_fraction"] < 1:
         raise llama.UserError(f"--val_fraction: expected a number in [0, 1), got {config['val_fraction']}")
+    if not splits.get("train"):
+        raise llama.UserError(f"--source: no {name} training examples found there")
     splits = dict(splits)
     if "val" not in splits and config["val_fraction"] > 0:
         train = splits["train"]
@@ -341,9 +347,7 @@ def prepare(name, splits, config, tok):
     out_dir = config["out_dir"]
     meta = write_dataset(out_dir, encoded, dict(
         name=name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-        tokenizer=config["tokenizer"], max_len=config["max_len"], tasks=config.get("tasks"), counts=counts))
-    for split in kept:
-        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), kept[split])
+        tokenizer=config["tokenizer"], max_len=config["max_len"], tasks=config.get("tasks"), counts=counts), kept)
     for split, c in meta["counts"].items():
         print(f"{name} {split}: {c['examples']} examples, {c['tokens']} tokens ({c['target_tokens']} targets), "
               f"{c['dropped_over_long']} dropped as longer than max_len={config['max_len']}")
