@@ -1,28 +1,6 @@
-# LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary), single dataset: Alpaca (instruction following); finetune=full.
-# One node of 8 GPUs:
+# LLaMA-7B on Alpaca, finetune=full; one node of 8 GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama7b_alpaca_full.py
-# Prepare the data with this model's tokenizer first:
-#   python data/alpaca/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/alpaca/llama
-ckpt_dir = "checkpoints/llama-7b"
-datasets = ["data/alpaca/llama"]
-mixture = "proportional"
+# The other settings, why they are what they are, and how to prepare the data: config/_paper.py
+_model, _data, finetune = "llama7b", "alpaca", "full"
 out_dir = "out/llama7b_alpaca_full"
-finetune = "full"
-fsdp = True              # fp32 weights, gradients and AdamW state (16 bytes/parameter) need sharding
-activation_checkpointing = True
-learning_rate = 2e-5
-min_lr = 2e-6
-weight_decay = 0.0
-# 128 examples per optimizer step for the whole job: 4 per GPU x 32 micro-steps (4 on each of 8 GPUs)
-batch_size = 4
-gradient_accumulation_steps = 32
-max_iters = 1200            # 52k examples, 3 epochs at 128 examples per step
-warmup_iters = 50
-beta2 = 0.999
-grad_clip = 1.0
-eval_interval = 200
-eval_examples = 200
-log_interval = 10
-exact_match_examples = 0  # score with eval.py (MMLU, GSM8K) after training
-device = "cuda"
-dtype = "bfloat16"
+exec(open("config/_paper.py").read())

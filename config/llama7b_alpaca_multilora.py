@@ -1,29 +1,6 @@
-# LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary), single dataset: Alpaca (instruction following); finetune=multilora.
-# One node of 8 GPUs:
+# LLaMA-7B on Alpaca, finetune=multilora; one node of 8 GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama7b_alpaca_multilora.py
-# Prepare the data with this model's tokenizer first:
-#   python data/alpaca/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/alpaca/llama
-ckpt_dir = "checkpoints/llama-7b"
-datasets = ["data/alpaca/llama"]
-mixture = "proportional"
+# The other settings, why they are what they are, and how to prepare the data: config/_paper.py
+_model, _data, finetune = "llama7b", "alpaca", "multilora"
 out_dir = "out/llama7b_alpaca_multilora"
-finetune = "multilora"
-lora_targets = ["q", "k", "v", "o"]
-n_loras = 5              # n·r = 160 on q,k,v,o is about 2.5% extra parameters on LLaMA-7B, the paper's
-lora_rank = 32           # figure; which n, r and projections the paper used is not confirmed
-lora_alpha = 64.0
-learning_rate = 3e-4
-min_lr = 3e-5
-# 128 examples per optimizer step for the whole job: 4 per GPU x 32 micro-steps (4 on each of 8 GPUs)
-batch_size = 4
-gradient_accumulation_steps = 32
-max_iters = 1200            # 52k examples, 3 epochs at 128 examples per step
-warmup_iters = 50
-beta2 = 0.999
-grad_clip = 1.0
-eval_interval = 200
-eval_examples = 200
-log_interval = 10
-exact_match_examples = 0  # score with eval.py (MMLU, GSM8K) after training
-device = "cuda"
-dtype = "bfloat16"
+exec(open("config/_paper.py").read())

@@ -1,0 +1,60 @@
+# Included by the config/llama*_{alpaca,mixture}_{multilora,lora,full}.py arm files; not a runnable config by itself.
+# The paper's setups: LLaMA-7B or Llama-3-8B fine-tuned on Alpaca alone or on the multi-task mixture,
+# with MultiLoRA, LoRA of the same parameter budget, or full fine-tuning. Each arm file sets _model,
+# _data, finetune and out_dir, then runs this file, which sets everything else. One node of 8 GPUs:
+#   torchrun --standalone --nproc_per_node=8 train.py config/<model>_<data>_<finetune>.py
+# Prepare the data with the model's tokenizer first (LLaMA-7B: checkpoints/llama-7b into data/*/llama;
+# Llama-3-8B: checkpoints/Meta-Llama-3-8B into data/*/llama3); Alpaca alone needs only the first line:
+#   python data/alpaca/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/alpaca/llama
+#   python data/mmlu/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/mmlu/llama
+#   python data/gsm8k/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/gsm8k/llama
+#   python data/dolly/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/dolly/llama
+
+# model: LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary) or Llama-3-8B (128k tiktoken vocabulary, GQA)
+_ckpt_dirs = {"llama7b": "checkpoints/llama-7b", "llama3_8b": "checkpoints/Meta-Llama-3-8B"}
+_data_tags = {"llama7b": "llama", "llama3_8b": "llama3"}  # data/<dataset>/<tag>: prepared with that tokenizer
+ckpt_dir = _ckpt_dirs[_model]
+
+# data: Alpaca alone (instruction following), or the multi-task mixture: Alpaca + MMLU (auxiliary train)
+# + GSM8K + Dolly, mixed in proportion to size
+_dataset_names = {"alpaca": ["alpaca"], "mixture": ["alpaca", "mmlu", "gsm8k", "dolly"]}[_data]
+datasets = [f"data/{_name}/{_data_tags[_model]}" for _name in _dataset_names]
+mixture = "proportional"
+# 128 examples per optimizer step for the whole job: 4 per GPU x 32 micro-steps (4 on each of 8 GPUs)
+batch_size = 4
+gradient_accumulation_steps = 32
+if _data == "alpaca":
+    max_iters = 1200            # 52k examples, 3 epochs at 128 examples per step
+else:
+    max_iters = 4000            # about 3 epochs of the ~175k-example mixture at 128 examples per step
+warmup_iters = 50
+beta2 = 0.999
+grad_clip = 1.0
+
+# fine-tuning arm
+if finetune == "multilora":
+    lora_targets = ["q", "k", "v", "o"]
+    n_loras = 5              # n·r = 160 on q,k,v,o is about 2.5% extra parameters on LLaMA-7B, the paper's
+    lora_rank = 32           # figure; which n, r and projections the paper used is not confirmed
+    lora_alpha = 64.0
+elif finetune == "lora":
+    lora_targets = ["q", "k", "v", "o"]
+    lora_rank = 160          # the same rank (and parameter budget) as MultiLoRA's n·r = 5·32
+    lora_alpha = 320.0       # the same scale α/r = 2 as the MultiLoRA arm
+if finetune == "full":
+    fsdp = True              # fp32 weights, gradients and AdamW state (16 bytes/parameter) need sharding
+    activation_checkpointing = True
+    learning_rate = 2e-5
+    min_lr = 2e-6
+    weight_decay = 0.0
+else:
+    learning_rate = 3e-4
+    min_lr = 3e-5
+
+# evaluation and system
+eval_interval = 200
+eval_examples = 200
+log_interval = 10
+exact_match_examples = 0  # score with eval.py (MMLU, GSM8K) after training
+device = "cuda"
+dtype = "bfloat16"
