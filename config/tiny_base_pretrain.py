@@ -17,11 +17,11 @@ n_kv_heads = 2
 hidden_dim = 352
 max_seq_len = 256
 tie_embeddings = True
-# the corpus holds about 600k tokens in 5690 documents; 16 documents x 1500 steps is about 4 passes
+# 16 documents x 3000 steps: about 5 passes over the corpus (9500 documents)
 batch_size = 16
 gradient_accumulation_steps = 1
-max_iters = 1500
-eval_interval = 250
+max_iters = 3000
+eval_interval = 500
 eval_examples = 64
 log_interval = 50
 learning_rate = 3e-3
