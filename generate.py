@@ -3,7 +3,7 @@ Generate text from a LLaMA checkpoint (either layout), optionally with a MultiLo
 
     python generate.py --ckpt_dir=DIR --prompt="Once upon a time" --max_new_tokens=60 --temperature=0
     python generate.py --ckpt_dir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9 --seed=1
-    python generate.py --adapter=out/adapter.safetensors     # the embedded default's result
+    python generate.py --adapter=out/tasks-multilora/adapter.safetensors   # the embedded default's result
 
 The prompt gets BOS prepended, as LLaMA was trained; generation stops at EOS. Several prompts
 (--prompt_file, one per line, or prompts separated by "|" with --prompt) run as one left-padded batch.
@@ -22,7 +22,9 @@ ckpt_dir = "data/tiny_base"  # base model: HF (config.json) or Meta (params.json
 tokenizer = ""               # tokenizer.model path; default: the one in ckpt_dir
 adapter = ""                 # an adapter.safetensors written by train.py / multilora.py
 merge = True                 # merge the adapter into the weights (no inference overhead)
-prompt = "### Instruction:\nReverse the word.\n\n### Input:\nmango\n\n### Response:\n"
+prompt = ("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3\n\n### Response:\n|"
+          "### Instruction:\nIs the number even or odd?\n\n### Input:\n41\n\n### Response:\n|"
+          "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6\n\n### Response:\n")
 prompt_file = ""             # one prompt per line (\n inside a prompt written as \\n)
 max_new_tokens = 60
 temperature = 0.0            # 0 = greedy
