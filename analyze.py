@@ -317,9 +317,7 @@ def main(argv=None):
     summary = analyze(config)
     os.makedirs(config["out_dir"], exist_ok=True)
     path = os.path.join(config["out_dir"], "summary.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(path + ".tmp", path)
+    llama.write_text_atomic(path, json.dumps(summary, indent=1))
     print_summary(summary)
     for written in [path] + plot(summary, config["out_dir"]):
         print(f"wrote {written}")

@@ -466,9 +466,7 @@ def main():
                   f"param+AdamW {m['param_and_adamw_growth_bytes']:>11,d}  grad {m['grad_growth_bytes']:>10,d}  "
                   f"folded B {m['folded_B_growth_bytes']:>9,d}  x·Aᵀ {m['rank_activation_growth_bytes']:>9,d}")
     if out_file:
-        with open(out_file + ".tmp", "w") as f:
-            jsonlib.dump(results, f, indent=2)
-        os.replace(out_file + ".tmp", out_file)
+        llama.write_text_atomic(out_file, jsonlib.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

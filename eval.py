@@ -526,10 +526,7 @@ def run(config):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    llama.write_text_atomic(path, json.dumps(obj, indent=1))
 
 
 def main(argv=None):

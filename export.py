@@ -26,7 +26,6 @@ from safetensors.torch import save_file
 
 import llama
 import multilora
-from llama import UserError
 
 # tokenizer/generation files of a HF checkpoint that a merged export should carry along
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -93,9 +92,7 @@ def export_peft(ckpt_dir, adapter, out_dir):
     tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
-    with open(os.path.join(out_dir, "adapter_config.json.tmp"), "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(os.path.join(out_dir, "adapter_config.json.tmp"), os.path.join(out_dir, "adapter_config.json"))
+    llama.write_text_atomic(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
 
 
 def main():

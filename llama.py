@@ -18,7 +18,7 @@ import re
 import shutil
 import struct
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -279,8 +279,6 @@ class Llama(nn.Module):
             mask = (k_idx <= q_idx)[None, None]
             if key_valid is not None:
                 mask = (mask & key_valid[:, None, None, :S]) | (k_idx == q_idx)
-        elif start_pos > 0:
-            mask = None  # one new token attends to everything cached: no mask needed
         h = self.embed_tokens(tokens)  # (B, T, D)
         for layer in self.layers:
             if self.checkpoint_blocks and self.training:
@@ -576,7 +574,7 @@ def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=N
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    _write_text_atomic(os.path.join(out_dir, "config.json"), json.dumps(config.to_hf(dtype_name), indent=2))
+    write_text_atomic(os.path.join(out_dir, "config.json"), json.dumps(config.to_hf(dtype_name), indent=2))
     if tokenizer_path:
         src = tokenizer_path if os.path.isfile(tokenizer_path) else os.path.join(tokenizer_path, "tokenizer.model")
         if os.path.abspath(src) != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
@@ -584,7 +582,8 @@ def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=N
             os.replace(os.path.join(out_dir, "tokenizer.model.tmp"), os.path.join(out_dir, "tokenizer.model"))
 
 
-def _write_text_atomic(path, text):
+def write_text_atomic(path, text):
+    """Write to a temporary name, then rename: a crash leaves the old file or the new one, never half."""
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)

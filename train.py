@@ -394,9 +394,7 @@ def count_lines(path):
 def keep_lines(path, n):
     """Truncate a JSON-lines file to its first n lines (atomically)."""
     lines = open(path).readlines()[:n] if os.path.exists(path) else []
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+    llama.write_text_atomic(path, "".join(lines))
 
 
 # -----------------------------------------------------------------------------
