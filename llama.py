@@ -253,7 +253,8 @@ class Llama(nn.Module):
         self.inv_freq = rope_inv_freq(config)  # a plain tensor: not in the state dict, never on meta
         self.checkpoint_blocks = False         # activation checkpointing per block (train.py sets it)
 
-    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None):
+    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None,
+                segments=None):
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, or (N, V) at the N True
         positions of logits_at (B, T) bool (train.py: the loss targets only, so lm_head and the
         softmax skip prompt and padding positions).
@@ -261,6 +262,9 @@ class Llama(nn.Module):
         start_pos: where these tokens go in the KV cache (when one is set up).
         positions: (B, T) RoPE positions; default start_pos + 0..T-1 for every row.
         key_valid: (B, start_pos + T) bool, False at padding, which no token may attend to.
+        segments: (B, T) ints for rows that hold several sequences packed end to end (train.py's
+            packing): a token attends only to earlier tokens of its own segment. Give the positions
+            too, restarting at 0 in each segment; then every sequence gets the logits it would alone.
         """
         B, T = tokens.shape
         device = tokens.device
@@ -279,6 +283,9 @@ class Llama(nn.Module):
             mask = (k_idx <= q_idx)[None, None]
             if key_valid is not None:
                 mask = (mask & key_valid[:, None, None, :S]) | (k_idx == q_idx)
+        if segments is not None:  # block-diagonal causal mask (B, 1, T, T)
+            causal = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+            mask = causal & (segments[:, None, :, None] == segments[:, None, None, :])
         h = self.embed_tokens(tokens)  # (B, T, D)
         for layer in self.layers:
             if self.checkpoint_blocks and self.training:

@@ -197,6 +197,32 @@ def test_kv_cache_decoding_equals_full_forward():
     torch.testing.assert_close(torch.cat([chunk, *steps, tail], dim=1), full, atol=1e-5, rtol=0)
 
 
+def test_packed_rows_give_each_sequence_its_own_logits():
+    """Sequences packed end to end in a row (segments + restarted positions, as train.py packs)
+    get the logits each gets alone, with transformers' logits of that sequence as the reference."""
+    ref = hf_model("llama3_rope_head_dim", seed=2)
+    model = random_model("llama3_rope_head_dim", seed=2)
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 96, (n,), generator=g) for n in (9, 5, 12, 3)]
+    rows = [[0, 1], [2, 3]]  # 9 + 5 and 12 + 3, padded to 15
+    T = 15
+    x = torch.zeros(2, T, dtype=torch.long)
+    positions = torch.zeros(2, T, dtype=torch.long)
+    segments = torch.full((2, T), -1)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, i in enumerate(row):
+            n = len(seqs[i])
+            x[r, start:start + n], positions[r, start:start + n], segments[r, start:start + n] = seqs[i], torch.arange(n), k
+            start += n
+    with torch.no_grad():
+        packed = model(x, positions=positions, segments=segments)
+        for r, row in enumerate(rows):
+            for k, i in enumerate(row):
+                alone = reference_logits(ref, seqs[i][None])[0]
+                torch.testing.assert_close(packed[r, segments[r] == k], alone, atol=1e-5, rtol=0)
+
+
 class FakeTokenizer:
     bos_id, eos_id, pad_id = 1, 2, 0
 

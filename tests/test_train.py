@@ -173,7 +173,8 @@ def load_tiny_model(tiny, finetune="multilora"):
 def test_collate_masks_prompt_and_padding(tiny):
     split = dataset.load_dataset(tiny["data"], "train")
     examples = [split.example(i)[:2] for i in range(3)]
-    x, y = train.collate(examples, pad_id=2, device="cpu")
+    x, y, positions, segments = train.collate(examples, pad_id=2, device="cpu")
+    assert positions is None and segments is None
     assert x.shape == y.shape == (3, max(len(ids) for ids, _ in examples) - 1)
     for b, (ids, mask) in enumerate(examples):
         n = len(ids) - 1
@@ -190,7 +191,7 @@ def test_loss_counts_only_response_tokens(tiny):
     model = load_tiny_model(tiny)
     split = dataset.load_dataset(tiny["data"], "train")
     examples = [split.example(i)[:2] for i in range(4)]
-    x, y = train.collate(examples, pad_id=0, device="cpu")
+    x, y, _, _ = train.collate(examples, pad_id=0, device="cpu")
     with torch.no_grad():
         logp = torch.log_softmax(model(x).double(), dim=-1)
     total, count = 0.0, 0
@@ -200,7 +201,7 @@ def test_loss_counts_only_response_tokens(tiny):
                 total -= logp[b, j - 1, ids[j]].item()
                 count += 1
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    loss_sum = train.train_step(model, optimizer, [(x, y)], n_targets=count)
+    loss_sum = train.train_step(model, optimizer, [(x, y, None, None)], n_targets=count)
     assert loss_sum.item() / count == pytest.approx(total / count, rel=1e-5)
     # what a prompt position would have to predict cannot matter: it is not a target
     prompt_positions = (y == train.IGNORE) & (x != 0)
@@ -208,12 +209,12 @@ def test_loss_counts_only_response_tokens(tiny):
     assert int((y != train.IGNORE).sum()) == count
 
 
-def grads_of_split(tiny, examples, batch_size):
+def grads_of_split(tiny, examples, batch_size, pack=False):
     model = load_tiny_model(tiny)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    batches = [train.collate(examples[i:i + batch_size], 0, "cpu") for i in range(0, len(examples), batch_size)]
-    n_targets = sum(int((y != train.IGNORE).sum()) for _, y in batches)
+    batches = [train.collate(examples[i:i + batch_size], 0, "cpu", pack) for i in range(0, len(examples), batch_size)]
+    n_targets = sum(int((y != train.IGNORE).sum()) for _, y, _, _ in batches)
     loss = train.train_step(model, torch.optim.SGD(params, lr=1.0), batches, n_targets).item() / n_targets
     return loss, [b - p.detach() for b, p in zip(before, params)]  # SGD with lr 1: the gradient
 
@@ -231,10 +232,56 @@ def test_token_normalized_loss_is_independent_of_micro_steps(tiny):
     model = load_tiny_model(tiny)
     means = []
     for ids, mask in examples:
-        x, y = train.collate([(ids, mask)], 0, "cpu")
+        x, y, _, _ = train.collate([(ids, mask)], 0, "cpu")
         with torch.no_grad():
             means.append(torch.nn.functional.cross_entropy(model(x)[0], y[0], ignore_index=train.IGNORE).item())
     assert abs(np.mean(means) - loss_1) > 1e-3
+
+
+def varied_lengths(tiny, n):
+    """n training examples, most with their prompt cut short (BOS, the prompt's last few tokens,
+    the whole response), so that their lengths vary and several fit in one row."""
+    split = dataset.load_dataset(tiny["data"], "train")
+    out = []
+    for i in range(n):
+        ids, mask = split.example(i)[:2]
+        first = int(np.argmax(mask))  # the first response token
+        keep = np.r_[0, max(1, first - 2 - 3 * (i % 4)):len(ids)] if i % 3 else np.arange(len(ids))
+        out.append((ids[keep], mask[keep]))
+    return out
+
+
+def test_packed_collate_places_every_example_whole(tiny):
+    examples = varied_lengths(tiny, 9)
+    x, y, positions, segments = train.collate(examples, pad_id=0, device="cpu", pack=True)
+    T = max(len(ids) for ids, _ in examples) - 1
+    assert x.shape[1] == T and x.shape[0] < len(examples)  # the same row length, fewer rows
+    _, y_pad, _, _ = train.collate(examples, pad_id=0, device="cpu")
+    found = []
+    for r in range(x.shape[0]):
+        for s in segments[r].unique().tolist():
+            if s < 0:
+                assert (y[r, segments[r] == s] == train.IGNORE).all()  # padding is no target
+                continue
+            at = (segments[r] == s).nonzero().flatten()
+            assert at.tolist() == list(range(int(at[0]), int(at[-1]) + 1))  # contiguous
+            assert positions[r, at].tolist() == list(range(len(at)))       # RoPE restarts
+            found.append((x[r, at].tolist(), y[r, at].tolist()))
+    expected = [(ids[:-1].tolist(), y_pad[b, :len(ids) - 1].tolist()) for b, (ids, _) in enumerate(examples)]
+    assert sorted(found) == sorted(expected)  # each example exactly once, with its own targets
+
+
+def test_packing_gives_the_same_loss_and_gradients(tiny):
+    """A packed micro-batch (block-diagonal attention, restarted positions) trains exactly as the
+    padded one: loss and every adapter gradient, in one micro-step and split in two."""
+    examples = varied_lengths(tiny, 8)
+    assert train.collate(examples, 0, "cpu", pack=True)[0].shape[0] < 8  # it does pack
+    loss_pad, grads_pad = grads_of_split(tiny, examples, 8)
+    for batch_size in (8, 4):
+        loss_pack, grads_pack = grads_of_split(tiny, examples, batch_size, pack=True)
+        assert loss_pack == pytest.approx(loss_pad, rel=1e-6)
+        for a, b in zip(grads_pad, grads_pack):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
 def test_tasks_are_grouped_by_name_across_datasets(tiny):
@@ -382,3 +429,9 @@ def test_config_files_are_valid(monkeypatch):
         final = configurator.configure(dict(train.DEFAULTS), [os.path.join("config", f)])
         assert final["finetune"] in ("multilora", "lora", "full"), f
 
+
+
+def test_first_fit_against_hand_computed_rows():
+    # longest first: 7 opens row 0, 5 row 1, 4 row 2; 3 fits row 1 (5+3 = 8), 1 fits row 0 (7+1)
+    assert train.first_fit([3, 7, 5, 1, 4], 8) == [[1, 3], [2, 0], [4]]
+    assert train.first_fit([2, 2, 2], 2) == [[0], [1], [2]]  # nothing shares: one per row
