@@ -2,6 +2,7 @@
 Benchmarks (figures for the README, not tests). Random weights: speed and memory do not depend on them.
 
     python bench.py [--json]                 # --mode=train: train.py's step per finetune arm vs transformers + PEFT
+    python bench.py --lengths=fixed --train_batch=4 --train_max_len=128   # equal lengths: nothing to pack
     python bench.py --mode=multilora         # MultiLoRA vs LoRA throughput + memory per n (both parts below)
     python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
     python bench.py --mode=memory
@@ -64,7 +65,14 @@ n_loras = 4             # the MultiLoRA arm: n modules of rank lora_rank; the Lo
 lora_rank = 8
 compare_peft = True     # also transformers + PEFT LoRA (and plain transformers for full), when installed
 peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # stated peak FLOP/s for MFU (train.py's default)
-response_fraction = 0.5  # mode=train: share of each sequence that is response (loss targets); Alpaca: 0.66
+response_fraction = 0.66  # mode=train: share of each example that is response (loss targets); Alpaca: 0.66
+lengths = "alpaca"      # mode=train: example lengths: 'alpaca' (drawn from a log-normal fitted to Alpaca's
+                        # 2,000-record sample tokenized with a 32k LLaMA vocabulary: median 81 tokens,
+                        # std of log-length 0.57, 5%-95% = 35-205 tokens) or 'fixed' (all train_max_len)
+train_batch = 16        # mode=train: examples per step
+train_max_len = 512     # mode=train: tokens per example at most (Alpaca's prepare.py max_len)
+layouts = "packed,padded"  # mode=train: packed = train.py's default (pack=True); padded = one example per
+                        # row, as transformers' DataCollatorForSeq2Seq lays out a batch
 json = False            # mode=train: print one JSON object per measured configuration
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
 n_kv_heads = 4
@@ -78,7 +86,7 @@ load_dim = 2048
 
 def make_base():
     config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden_dim,
-                               vocab_size=vocab_size, max_seq_len=seq_len)
+                               vocab_size=vocab_size, max_seq_len=max(seq_len, train_max_len + 1))
     torch.manual_seed(seed)
     model = llama.Llama(config)
     model.init_weights()
@@ -197,25 +205,36 @@ def bench_memory(base, device, dtype):
 # mode=train: train.py's own training step (train.adapt, make_optimizer, autocast, train_step) for each
 # finetune arm, next to transformers + PEFT LoRA on the identical model, batch and optimizer
 
-def train_arm_batch(device):
-    """batch_size synthetic examples of seq_len + 1 tokens, the last response_fraction of each the
-    response (the loss targets), collated by train.collate exactly as train.py collates its micro-batches."""
+def train_examples():
+    """train_batch synthetic examples [(ids, mask)], the last response_fraction of each the response."""
     import numpy as np
-    import train
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (batch_size, seq_len + 1), generator=g).numpy()
-    mask = np.zeros(ids.shape, dtype=np.uint8)
-    mask[:, round((seq_len + 1) * (1 - response_fraction)):] = 1
-    x, y = train.collate(list(zip(ids, mask)), 0, device)
-    return [(x, y)], int((y != train.IGNORE).sum())
+    rng = np.random.default_rng(seed)
+    if lengths == "fixed":
+        sizes = np.full(train_batch, train_max_len + 1)
+    elif lengths == "alpaca":
+        sizes = np.clip(np.round(np.exp(rng.normal(math.log(81), 0.57, train_batch))), 8, train_max_len + 1)
+    else:
+        raise llama.UserError(f"--lengths: expected 'alpaca' or 'fixed', got {lengths!r}")
+    examples = []
+    for n in sizes.astype(int):
+        ids = rng.integers(3, vocab_size, n)
+        mask = np.zeros(n, dtype=np.uint8)
+        mask[round(n * (1 - response_fraction)):] = 1
+        examples.append((ids, mask))
+    return examples
 
 
-def make_train_arm(impl, finetune, device, dt):
-    """-> (step function returning the loss, model). impl 'ours': train.py's path; 'peft': transformers'
-    LlamaForCausalLM with the same weights + peft LoRA of rank n_loras·lora_rank, the same AdamW,
-    autocast, token-normalized loss and gradient clipping."""
+def make_train_arm(impl, finetune, layout, device, dt):
+    """-> (step function returning the loss, model, positions computed per step). impl 'ours':
+    train.py's path on the examples collated as train.py does (layout 'packed': pack=True);
+    'peft'/'transformers': transformers' LlamaForCausalLM with the same weights (+ peft LoRA of rank
+    n_loras·lora_rank), the same AdamW, autocast, token-normalized loss and gradient clipping, fed
+    the same rows: padded ones with their attention_mask, packed ones with position_ids restarting
+    at each example (transformers then builds the same block-diagonal mask)."""
     import train
-    batches, n_targets = train_arm_batch(device)
+    examples = train_examples()
+    batches = [train.collate(examples, 0, device, pack=layout == "packed")]
+    n_targets = sum(int(m[1:].sum()) for _, m in examples)
     autocast_ctx = train.autocast_context(device.type, str(dt).removeprefix("torch."))
     base_dtype = dt if finetune != "full" else torch.float32  # train.py: frozen base in the autocast dtype
     rank = lora_rank if finetune == "multilora" else n_loras * lora_rank
@@ -232,7 +251,7 @@ def make_train_arm(impl, finetune, device, dt):
 
         def step():
             return train.train_step(model, optimizer, batches, n_targets, 1, autocast_ctx, None, grad_clip=1.0) / n_targets
-        return step, model
+        return step, model, batches[0][0].numel()
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
     hf = LlamaForCausalLM(HFLlamaConfig(**model.config.to_hf(), attn_implementation="sdpa"))
@@ -244,11 +263,17 @@ def make_train_arm(impl, finetune, device, dt):
                                            target_modules=[multilora.TARGET_MODULES[t].split(".")[-1] for t in targets.split(",")]))
     optimizer = train.make_optimizer(hf, 1e-4, 0.0, (0.9, 0.999), device.type)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    (x, y), = batches
+    (x, y, positions, _), = batches
+    if positions is not None:
+        inputs = dict(input_ids=x, position_ids=positions, use_cache=False)  # with a cache it ignores the packing
+    else:
+        n = torch.tensor([len(ids) - 1 for ids, _ in examples], device=device)
+        inputs = dict(input_ids=x, attention_mask=(torch.arange(x.shape[1], device=device)[None] < n[:, None]).long(),
+                      use_cache=False)
 
     def step():
         with autocast_ctx:
-            logits = hf(input_ids=x).logits
+            logits = hf(**inputs).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=train.IGNORE,
                                reduction="sum") / n_targets
         loss.backward()
@@ -256,15 +281,27 @@ def make_train_arm(impl, finetune, device, dt):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
-    return step, hf
+    return step, hf, x.numel()
 
 
 def bench_train(device, dt):
-    """One result per configuration: tokens/s (median over rounds, the configurations taking turns
-    so a machine that slows down slows all alike), MFU, and peak memory of building the model and
-    running two steps (a separate untimed pass: peak_bytes above)."""
+    """One result per configuration (impl, finetune, layout): tokens/s of real (non-padding) tokens,
+    median over rounds, the configurations taking turns so a machine that slows down slows all alike;
+    MFU; and peak memory of building the model and running two steps (a separate untimed pass)."""
     import train
-    configs = [("ours", f) for f in train_arms.split(",")]
+    examples = train_examples()
+    n_tokens = sum(len(ids) - 1 for ids, _ in examples)
+    packs = train.collate(examples, 0, "cpu", pack=True)[2] is not None
+    wanted = [lay for lay in layouts.split(",") if lay]
+    if any(lay not in ("packed", "padded") for lay in wanted):
+        raise llama.UserError(f"--layouts: expected names from packed,padded, got {layouts!r}")
+    if not packs:  # every example fills a row (lengths='fixed'): packed and padded are the same rows
+        wanted = ["padded"]
+    arms = train_arms.split(",")
+    for f in arms:
+        if f not in ("multilora", "lora", "full"):
+            raise llama.UserError(f"--train_arms: expected names from multilora,lora,full, got {f!r}")
+    configs = [("ours", f, wanted[0]) for f in arms] + [("ours", "lora", lay) for lay in wanted[1:] if "lora" in arms]
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
@@ -273,20 +310,15 @@ def bench_train(device, dt):
         have_peft = False
         if compare_peft:
             print("transformers/peft not installed: measuring ours only", file=sys.stderr)
-    if have_peft and "lora" in train_arms.split(","):
-        configs.append(("peft", "lora"))
-    if have_peft and "full" in train_arms.split(","):
-        configs.append(("transformers", "full"))  # plain transformers, no adapter
-    for impl, finetune in configs:
-        if finetune not in ("multilora", "lora", "full"):
-            raise llama.UserError(f"--train_arms: expected names from multilora,lora,full, got {finetune!r}")
-    tokens_per_step = batch_size * seq_len
+    if have_peft:
+        configs += [("peft", "lora", lay) for lay in wanted if "lora" in arms]
+        configs += [("transformers", "full", lay) for lay in wanted if "full" in arms]  # no adapter
     built, first_loss = {}, {}
     for c in configs:
-        step, model = built[c] = make_train_arm(*c, device, dt)
-        first_loss[c] = float(step())  # the same weights and batch: every arm starts at the same loss
+        built[c] = make_train_arm(*c, device, dt)
+        first_loss[c] = float(built[c][0]())  # the same weights and examples: every arm starts at the same loss
         for _ in range(warmup - 1):
-            step()
+            built[c][0]()
     seconds = {c: [] for c in configs}
     for _ in range(rounds):
         for c in configs:
@@ -297,21 +329,24 @@ def bench_train(device, dt):
             sync(device)
             seconds[c].append((time.perf_counter() - t0) / steps)
     config = make_base().config
+    mean_len = n_tokens / len(examples)
     results = []
-    for impl, finetune in configs:
-        step, model = built[(impl, finetune)]
+    for impl, finetune, layout in configs:
+        step, model, positions = built[(impl, finetune, layout)]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        tokens_per_s = tokens_per_step / statistics.median(seconds[(impl, finetune)])
-        mfu = train.flops_per_token(config, trainable, finetune, seq_len) * tokens_per_s / peak_flops
-        results.append(dict(impl=impl, finetune=finetune, n_loras=n_loras if finetune == "multilora" else 1 if finetune == "lora" else 0,
+        tokens_per_s = n_tokens / statistics.median(seconds[(impl, finetune, layout)])
+        mfu = train.flops_per_token(config, trainable, finetune, mean_len) * tokens_per_s / peak_flops
+        results.append(dict(impl=impl, finetune=finetune, layout=layout,
+                            n_loras=n_loras if finetune == "multilora" else 1 if finetune == "lora" else 0,
                             lora_rank=0 if finetune == "full" else lora_rank if finetune == "multilora" else n_loras * lora_rank,
-                            tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune)],
-                            device=str(device), dtype=str(dt).removeprefix("torch."), threads=torch.get_num_threads(),
-                            dim=dim, n_layers=n_layers, batch_size=batch_size, seq_len=seq_len))
+                            tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune, layout)],
+                            tokens=n_tokens, positions=positions, device=str(device), dtype=str(dt).removeprefix("torch."),
+                            threads=torch.get_num_threads(), dim=dim, n_layers=n_layers, vocab_size=vocab_size,
+                            examples=len(examples), lengths=lengths, max_len=train_max_len))
     built.clear()
     for r in results:
         def build_and_two_steps(r=r):  # the second step has AdamW's state allocated: the steady-state peak
-            step, _ = make_train_arm(r["impl"], r["finetune"], device, dt)
+            step = make_train_arm(r["impl"], r["finetune"], r["layout"], device, dt)[0]
             step()
             step()
         r["peak_mem_bytes"] = peak_bytes(build_and_two_steps, device)
@@ -325,21 +360,27 @@ def print_train_results(results):
         return
     r0 = results[0]
     print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
-          f"vocab={vocab_size}, batch {batch_size}x{seq_len}, targets {targets}; MFU against {peak_flops:.3g} FLOP/s")
-    print(f"  {'impl':12s} {'finetune':9s} {'n':>2s} {'r':>4s} {'trainable':>10s} {'tokens/s':>10s} {'MFU':>7s} "
-          f"{'peak MiB':>9s}  first loss")
+          f"vocab={vocab_size}, targets {targets}; {r0['examples']} examples of {lengths} lengths "
+          f"({r0['tokens']} tokens, response {response_fraction:.0%}); tokens/s counts real tokens; "
+          f"MFU against {peak_flops:.3g} FLOP/s")
+    print(f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>10s} {'positions':>9s} "
+          f"{'tokens/s':>10s} {'MFU':>7s} {'peak MiB':>9s}  first loss")
     for r in results:
-        print(f"  {r['impl']:12s} {r['finetune']:9s} {r['n_loras']:2d} {r['lora_rank']:4d} {r['trainable']:10,d} "
-              f"{r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% {r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
-    by = {(r["impl"], r["finetune"]): r["tokens_per_s"] for r in results}
-    if ("peft", "lora") in by and ("ours", "lora") in by:
-        print(f"  ours / peft, LoRA r={n_loras * lora_rank}: {by[('ours', 'lora')] / by[('peft', 'lora')]:.2f}x tokens/s")
-    if ("transformers", "full") in by and ("ours", "full") in by:
-        print(f"  ours / transformers, full fine-tuning: {by[('ours', 'full')] / by[('transformers', 'full')]:.2f}x tokens/s")
-    if ("ours", "multilora") in by and ("ours", "lora") in by:
-        print(f"  MultiLoRA n={n_loras} r={lora_rank} / LoRA r={n_loras * lora_rank}: "
-              f"{by[('ours', 'multilora')] / by[('ours', 'lora')]:.3f} tokens/s")
-
+        print(f"  {r['impl']:12s} {r['finetune']:9s} {r['layout']:7s} {r['n_loras']:2d} {r['lora_rank']:4d} "
+              f"{r['trainable']:10,d} {r['positions']:9,d} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% "
+              f"{r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
+    by = {(r["impl"], r["finetune"], r["layout"]): r["tokens_per_s"] for r in results}
+    ours_lora = [k for k in by if k[:2] == ("ours", "lora")]
+    pairs = [(ours, (ref_impl, f, lay)) for ref_impl, f in (("peft", "lora"), ("transformers", "full"))
+             for ours in by if ours[:2] == ("ours", f) for lay in ("packed", "padded")
+             if (ref_impl, f, lay) in by and (ours[2] == lay or (ours[2], lay) == ("packed", "padded"))]
+    for ours, ref in pairs:  # the same layout, and train.py's packing against the padded batch
+        what = f"LoRA r={n_loras * lora_rank}" if ref[1] == "lora" else "full fine-tuning"
+        print(f"  ours ({ours[2]}) / {ref[0]} ({ref[2]}), {what}: {by[ours] / by[ref]:.2f}x tokens/s")
+    ml = [k for k in by if k[:2] == ("ours", "multilora")]
+    if ml and ours_lora:
+        print(f"  MultiLoRA n={n_loras} r={lora_rank} / LoRA r={n_loras * lora_rank} ({ml[0][2]}): "
+              f"{by[ml[0]] / by[('ours', 'lora', ml[0][2])]:.3f} tokens/s")
 
 
 # -----------------------------------------------------------------------------
