@@ -211,8 +211,16 @@ class Attention(nn.Module):
             k = self.cache_k[:B, :, :start_pos + T]  # (B, Hkv, S, hd), S = start_pos + T
             v = self.cache_v[:B, :, :start_pos + T]
         # grouped-query attention: each group of H/Hkv query heads shares one key/value head
+        gqa = self.n_heads != self.n_kv_heads
+        if gqa and mask is not None and T > 1:
+            # with a mask, CUDA's fused kernels do not take enable_gqa (PyTorch's sdpa documentation:
+            # GQA runs on the flash kernel, which takes no mask, or on the math one, which materializes
+            # every score): give the memory-efficient kernel full-width keys and values instead
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            gqa = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+                                           enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -265,7 +273,10 @@ class Llama(nn.Module):
         segments: (B, T) ints for rows that hold several sequences packed end to end (train.py's
             packing): a token attends only to earlier tokens of its own segment. Give the positions
             too, restarting at 0 in each segment; then every sequence gets the logits it would alone.
+            The mask costs B·T² elements, once for all layers.
         """
+        if segments is not None and positions is None:
+            raise ValueError("segments: give the positions too (restarting at 0 in each segment)")
         B, T = tokens.shape
         device = tokens.device
         if positions is None:
@@ -283,10 +294,17 @@ class Llama(nn.Module):
             mask = (k_idx <= q_idx)[None, None]
             if key_valid is not None:
                 mask = (mask & key_valid[:, None, None, :S]) | (k_idx == q_idx)
-        if segments is not None:  # block-diagonal causal mask (B, 1, T, T)
-            causal = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
-            mask = causal & (segments[:, None, :, None] == segments[:, None, None, :])
         h = self.embed_tokens(tokens)  # (B, T, D)
+        if segments is not None:
+            if start_pos > 0 or mask is not None:
+                raise ValueError("segments: packed rows are whole sequences (no KV cache, no key_valid)")
+            # block-diagonal causal mask (B, 1, T, T), made additive (0 / -inf) once here in the
+            # dtype attention runs in: a bool mask would be converted, and saved for the backward
+            # pass, by every layer's scaled_dot_product_attention
+            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() & \
+                (segments[:, None, :, None] == segments[:, None, None, :])
+            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         for layer in self.layers:
             if self.checkpoint_blocks and self.training:
                 h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)

@@ -172,7 +172,8 @@ def sample_examples(pools, weights, position, n, seed, iter_num):
 
 def first_fit(lengths, capacity):
     """Bin packing, first-fit decreasing: -> rows, each a list of indices into lengths whose sum
-    is at most capacity (every length is). Deterministic: ties keep their order."""
+    is at most capacity (no single length may exceed it). Few rows, not always the fewest (that is
+    NP-hard); deterministic: ties keep their order."""
     rows, room = [], []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), len(rows))
@@ -191,17 +192,17 @@ def collate(examples, pad_id, device, pack=False):
 
     Unpacked (positions, segments None): one example per row, right-padded to the longest; right
     padding needs no attention mask, as a causal model never looks at later positions.
-    Packed: the examples go end to end into as few rows of that same length T as they fit
-    (first_fit; no example is split), each with RoPE positions 0..n-1 and its own segment id, so
+    Packed: the examples go end to end into fewer rows of that same length T (first_fit; no
+    example is split), each with RoPE positions 0..n-1 and its own segment id, so
     that the model's block-diagonal mask gives every example exactly the logits it gets alone.
     Same loss, same gradients, far fewer padded positions when lengths vary (Alpaca: 63% of a
     padded batch of 32 is padding). When nothing shares a row, the plain padded batch is returned."""
     lengths = [len(ids) - 1 for ids, _ in examples]
     T = max(lengths)
-    rows = first_fit(lengths, T) if pack else []
-    packed = 0 < len(rows) < len(examples)
-    if not packed:
-        rows = [[i] for i in range(len(examples))]
+    rows = [[i] for i in range(len(examples))]  # one example per row
+    if pack:
+        rows = first_fit(lengths, T)
+    packed = len(rows) < len(examples)
     x = np.full((len(rows), T), pad_id, dtype=np.int64)
     y = np.full((len(rows), T), IGNORE, dtype=np.int64)
     positions = np.zeros((len(rows), T), dtype=np.int64)

@@ -223,6 +223,27 @@ def test_packed_rows_give_each_sequence_its_own_logits():
                 torch.testing.assert_close(packed[r, segments[r] == k], alone, atol=1e-5, rtol=0)
 
 
+def test_packed_mask_is_built_once_and_saved_once():
+    """The block-diagonal mask is additive, in the activation dtype, made once per forward: autograd
+    keeps one copy for all layers (a bool mask is converted, and kept, by every layer's sdpa)."""
+    model = random_model("gqa_tied").train()
+    B, T = 2, 64
+    x = torch.randint(3, 96, (B, T))
+    positions = torch.cat([torch.arange(40), torch.arange(24)]).repeat(B, 1)
+    segments = (torch.arange(T) >= 40).long().repeat(B, 1)
+    storages = set()
+
+    def keep(t):
+        if t.dim() == 4 and t.shape[-2:] == (T, T):  # a (B|1, 1|H, T, T) mask
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(x, positions=positions, segments=segments).sum()
+    assert model.config.n_layers > 1 and len(storages) == 1
+    with pytest.raises(ValueError, match="positions"):
+        model(x, segments=segments)
+
+
 class FakeTokenizer:
     bos_id, eos_id, pad_id = 1, 2, 0
 
