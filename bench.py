@@ -225,7 +225,7 @@ def train_examples():
 
 
 def make_train_arm(impl, finetune, layout, device, dt):
-    """-> (step function returning the loss, model, positions computed per step). impl 'ours':
+    """-> (step function returning the loss, model, positions computed per step (rows × length)). impl 'ours':
     train.py's path on the examples collated as train.py does (layout 'packed': pack=True);
     'peft'/'transformers': transformers' LlamaForCausalLM with the same weights (+ peft LoRA of rank
     n_loras·lora_rank), the same AdamW, autocast, token-normalized loss and gradient clipping, fed
@@ -251,7 +251,7 @@ def make_train_arm(impl, finetune, layout, device, dt):
 
         def step():
             return train.train_step(model, optimizer, batches, n_targets, 1, autocast_ctx, None, grad_clip=1.0) / n_targets
-        return step, model, batches[0][0].numel()
+        return step, model, batches[0][0].numel()  # x's rows × length
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
     hf = LlamaForCausalLM(HFLlamaConfig(**model.config.to_hf(), attn_implementation="sdpa"))
@@ -293,9 +293,10 @@ def bench_train(device, dt):
     n_tokens = sum(len(ids) - 1 for ids, _ in examples)
     packs = train.collate(examples, 0, "cpu", pack=True)[2] is not None
     wanted = [lay for lay in layouts.split(",") if lay]
-    if any(lay not in ("packed", "padded") for lay in wanted):
+    if not wanted or any(lay not in ("packed", "padded") for lay in wanted):
         raise llama.UserError(f"--layouts: expected names from packed,padded, got {layouts!r}")
     if not packs:  # every example fills a row (lengths='fixed'): packed and padded are the same rows
+        print("note: no two examples fit one row, so packed = padded: measuring 'padded' only", file=sys.stderr)
         wanted = ["padded"]
     arms = train_arms.split(",")
     for f in arms:
@@ -329,18 +330,18 @@ def bench_train(device, dt):
             sync(device)
             seconds[c].append((time.perf_counter() - t0) / steps)
     config = make_base().config
-    mean_len = n_tokens / len(examples)
+    row_len = max(len(ids) for ids, _ in examples) - 1  # the attention span, as train.py counts it
     results = []
     for impl, finetune, layout in configs:
-        step, model, positions = built[(impl, finetune, layout)]
+        step, model, n_positions = built[(impl, finetune, layout)]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tokens_per_s = n_tokens / statistics.median(seconds[(impl, finetune, layout)])
-        mfu = train.flops_per_token(config, trainable, finetune, mean_len) * tokens_per_s / peak_flops
+        mfu = train.flops_per_token(config, trainable, finetune, row_len) * tokens_per_s / peak_flops
         results.append(dict(impl=impl, finetune=finetune, layout=layout,
                             n_loras=n_loras if finetune == "multilora" else 1 if finetune == "lora" else 0,
                             lora_rank=0 if finetune == "full" else lora_rank if finetune == "multilora" else n_loras * lora_rank,
                             tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune, layout)],
-                            tokens=n_tokens, positions=positions, device=str(device), dtype=str(dt).removeprefix("torch."),
+                            tokens=n_tokens, positions=n_positions, device=str(device), dtype=str(dt).removeprefix("torch."),
                             threads=torch.get_num_threads(), dim=dim, n_layers=n_layers, vocab_size=vocab_size,
                             examples=len(examples), lengths=lengths, max_len=train_max_len))
     built.clear()
@@ -479,7 +480,10 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     if mode == "train":
-        return print_train_results(bench_train(dev, dt))
+        results = bench_train(dev, dt)
+        if out_file:
+            llama.write_text_atomic(out_file, jsonlib.dumps(results, indent=2))
+        return print_train_results(results)
     if mode in ("generate", "load"):
         import tempfile
         with tempfile.TemporaryDirectory() as workdir:
