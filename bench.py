@@ -127,8 +127,10 @@ def bench_throughput(base, device, dtype):
             train_step(model, optimizer, batch)
     wall = {name: [] for name in arms}  # seconds per step, one entry per round
     cpu = {name: [] for name in arms}   # process CPU seconds per step (all threads): less sensitive
-    for _ in range(rounds):             # to other processes on a shared CPU machine than wall time
-        for name, (model, optimizer, _) in built.items():
+    names = list(built)
+    for r in range(rounds):             # to other processes on a shared CPU machine than wall time
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each arm in turn goes first
+            model, optimizer, _ = built[name]
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
@@ -321,8 +323,8 @@ def bench_train(device, dt):
         for _ in range(warmup - 1):
             built[c][0]()
     seconds = {c: [] for c in configs}
-    for _ in range(rounds):
-        for c in configs:
+    for r in range(rounds):
+        for c in configs[r % len(configs):] + configs[:r % len(configs)]:  # no configuration always first
             sync(device)
             t0 = time.perf_counter()
             for _ in range(steps):
