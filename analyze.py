@@ -27,7 +27,9 @@ import torch
 import configurator
 import llama
 import multilora
-from llama import UserError
+from util import UserError
+import util
+import checkpoint
 
 # -----------------------------------------------------------------------------
 # settings (overridden by --key=value)
@@ -159,7 +161,7 @@ def adapter_spectra(ckpt_dir, path):
     as multilora.py computes it, decomposed from its factors (svd_factored): exact, and cheap for large
     matrices. The base weights do not enter ΔW; they are loaded (in bf16, to halve the memory) only so
     that apply_adapter can check that the file belongs to this base."""
-    model = llama.load_model(ckpt_dir, dtype=torch.bfloat16)
+    model = checkpoint.load_model(ckpt_dir, dtype=torch.bfloat16)
     settings = multilora.apply_adapter(model, path)
     spectra = {}
     with torch.no_grad():
@@ -179,8 +181,8 @@ def checkpoint_dir(path):
 def full_spectra(ckpt_dir, full_dir, names, keep=64, device="cpu"):
     """ΔW = W_full - W_base (fp32) for the named projections (all of them when names is empty) ->
     {name: (σ, U[:, :keep], shape)}. Both models are held in fp32 memory at once."""
-    base = llama.load_model(ckpt_dir).state_dict()
-    full = llama.load_model(checkpoint_dir(full_dir)).state_dict()
+    base = checkpoint.load_model(ckpt_dir).state_dict()
+    full = checkpoint.load_model(checkpoint_dir(full_dir)).state_dict()
     if not names:
         names = [k[:-len(".weight")] for k in base if k.endswith(".weight") and layer_type(k[:-len(".weight")]) in PROJECTIONS]
     spectra = {}
@@ -317,7 +319,7 @@ def main(argv=None):
     summary = analyze(config)
     os.makedirs(config["out_dir"], exist_ok=True)
     path = os.path.join(config["out_dir"], "summary.json")
-    llama.write_text_atomic(path, json.dumps(summary, indent=1))
+    util.write_text(path, json.dumps(summary, indent=1))
     print_summary(summary)
     for written in [path] + plot(summary, config["out_dir"]):
         print(f"wrote {written}")
@@ -325,4 +327,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

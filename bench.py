@@ -37,6 +37,9 @@ import torch.nn.functional as F
 import llama
 import multilora
 from configurator import configure
+from util import UserError
+import util
+import checkpoint
 
 # -----------------------------------------------------------------------------
 mode = "train"          # train | multilora | throughput | memory | generate | load
@@ -216,7 +219,7 @@ def train_examples():
     elif lengths == "alpaca":
         sizes = np.clip(np.round(np.exp(rng.normal(math.log(81), 0.57, train_batch))), 8, train_max_len + 1)
     else:
-        raise llama.UserError(f"--lengths: expected 'alpaca' or 'fixed', got {lengths!r}")
+        raise UserError(f"--lengths: expected 'alpaca' or 'fixed', got {lengths!r}")
     examples = []
     for n in sizes.astype(int):
         ids = rng.integers(3, vocab_size, n)
@@ -256,7 +259,7 @@ def make_train_arm(impl, finetune, layout, device, dt):
         return step, model, batches[0][0].numel()  # x's rows × length
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
-    hf = LlamaForCausalLM(HFLlamaConfig(**model.config.to_hf(), attn_implementation="sdpa"))
+    hf = LlamaForCausalLM(HFLlamaConfig(**checkpoint.config_to_hf(model.config), attn_implementation="sdpa"))
     hf.load_state_dict({("model." + k if k != "lm_head.weight" else k): v for k, v in model.state_dict().items()})
     hf.to(device=device, dtype=base_dtype)
     if finetune != "full":
@@ -296,14 +299,14 @@ def bench_train(device, dt):
     packs = train.collate(examples, 0, "cpu", pack=True)[2] is not None
     wanted = [lay for lay in layouts.split(",") if lay]
     if not wanted or any(lay not in ("packed", "padded") for lay in wanted):
-        raise llama.UserError(f"--layouts: expected names from packed,padded, got {layouts!r}")
+        raise UserError(f"--layouts: expected names from packed,padded, got {layouts!r}")
     if not packs:  # every example fills a row (lengths='fixed'): packed and padded are the same rows
         print("note: no two examples fit one row, so packed = padded: measuring 'padded' only", file=sys.stderr)
         wanted = ["padded"]
     arms = train_arms.split(",")
     for f in arms:
         if f not in ("multilora", "lora", "full"):
-            raise llama.UserError(f"--train_arms: expected names from multilora,lora,full, got {f!r}")
+            raise UserError(f"--train_arms: expected names from multilora,lora,full, got {f!r}")
     configs = [("ours", f, wanted[0]) for f in arms] + [("ours", "lora", lay) for lay in wanted[1:] if "lora" in arms]
     try:
         import peft  # noqa: F401
@@ -388,7 +391,7 @@ def print_train_results(results):
 
 # -----------------------------------------------------------------------------
 # mode=generate: llama.generate (KV cache) next to transformers' generate on the same weights and prompts
-# mode=load: peak resident memory and time of llama.load_model on a ~load_gb GB checkpoint, in a fresh
+# mode=load: peak resident memory and time of checkpoint.load_model on a ~load_gb GB checkpoint, in a fresh
 # process, and the time to the first generated token
 
 def save_random_checkpoint(out_dir, config):
@@ -399,7 +402,7 @@ def save_random_checkpoint(out_dir, config):
     model.init_weights()
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    llama.save_hf_checkpoint(model, out_dir)
+    checkpoint.save_hf_checkpoint(model, out_dir)
     return model
 
 
@@ -412,7 +415,7 @@ def bench_generate(workdir):
     config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                hidden_dim=hidden_dim, vocab_size=vocab_size, max_seq_len=gen_prompt_len + gen_tokens)
     save_random_checkpoint(workdir, config)
-    ours = llama.load_model(workdir).eval()
+    ours = checkpoint.load_model(workdir).eval()
     hf = LlamaForCausalLM.from_pretrained(workdir, attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, vocab_size, (gen_batch, gen_prompt_len), generator=g)
@@ -449,10 +452,10 @@ def bench_load(workdir):
                                vocab_size=vocab, max_seq_len=256)
     save_random_checkpoint(workdir, config)
     size = os.path.getsize(os.path.join(workdir, "model.safetensors"))
-    child = ("import json, resource, time, torch, llama\n"
+    child = ("import json, resource, time, torch, llama, checkpoint\n"
              "rss = lambda: int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024\n"
              "before = rss(); t0 = time.perf_counter()\n"
-             f"model = llama.load_model({workdir!r})\n"
+             f"model = checkpoint.load_model({workdir!r})\n"
              "loaded = time.perf_counter() - t0\n"
              "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
              "class T: bos_id, eos_id, pad_id, stop_ids = 1, 2, 0, {2}\n"
@@ -470,12 +473,12 @@ def bench_load(workdir):
     return r
 
 
-def main():
+def main(argv=None):
     settings = {k: v for k, v in globals().items() if not k.startswith("_")
                 and isinstance(v, (bool, int, float, str, list, tuple))}
-    globals().update(configure(settings, sys.argv[1:]))
+    globals().update(configure(settings, sys.argv[1:] if argv is None else argv))
     if mode not in ("multilora", "throughput", "memory", "train", "generate", "load"):
-        raise llama.UserError(f"--mode: expected multilora, throughput, memory, train, generate or load, got {mode!r}")
+        raise UserError(f"--mode: expected multilora, throughput, memory, train, generate or load, got {mode!r}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     dt = getattr(torch, dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32"))
@@ -484,7 +487,7 @@ def main():
     if mode == "train":
         results = bench_train(dev, dt)
         if out_file:
-            llama.write_text_atomic(out_file, jsonlib.dumps(results, indent=2))
+            util.write_text(out_file, jsonlib.dumps(results, indent=2))
         return print_train_results(results)
     if mode in ("generate", "load"):
         import tempfile
@@ -513,8 +516,8 @@ def main():
                   f"param+AdamW {m['param_and_adamw_growth_bytes']:>11,d}  grad {m['grad_growth_bytes']:>10,d}  "
                   f"folded B {m['folded_B_growth_bytes']:>9,d}  x·Aᵀ {m['rank_activation_growth_bytes']:>9,d}")
     if out_file:
-        llama.write_text_atomic(out_file, jsonlib.dumps(results, indent=2))
+        util.write_text(out_file, jsonlib.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

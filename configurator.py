@@ -1,100 +1,155 @@
 """
-Settings overrides for train.py and bench.py, in nanoGPT's style:
+Settings for every script, in nanoGPT's style: plain globals with a default, overridden by config
+files and --key=value arguments, applied left to right:
 
     python train.py config/tasks_lora.py --batch_size=8 --datasets=data/tasks,data/alpaca --resume
+    python train.py --help          # each setting with its default, allowed values and comment
 
-A script keeps its settings as plain globals with defaults and calls `configure(globals(), argv)`:
-config files (Python files whose top-level names are settings) and `--key=value` arguments are
-applied left to right, the dict is updated in place, and the final settings are returned as a dict
-(what train.py prints and saves in its checkpoints). Settings are the names that do not start with
-"_" and hold a bool, int, float, str, list or tuple. Every value must have the type of the default
-(an int is accepted where the default is a float); unknown names are refused with the known ones.
+A script declares each setting next to its default, with what it allows and a comment:
+
+    learning_rate = S(3e-3, "(0, inf)", "peak learning rate")
+    warmup_iters = S(20, "[0, max_iters]", "linear warmup steps")        # a bound may name a setting
+    finetune = S("multilora", ("multilora", "lora", "full"), "the arm")  # choices
+    device = S("cpu", device_ok, "where to run")                         # a function -> error or None
+
+then `SETTINGS = declared(globals())` (the globals become plain defaults) and, in main,
+`globals().update(configure(SETTINGS, argv))`. The value's type is the default's (an int is accepted
+for a float; list items have the first item's type). Every setting is checked, ranges between settings
+included, before the script reads or writes anything; a bad one is one line naming the argument or
+config file, the key and what was expected. Config files are Python (they are code you run, as a
+script is); their top-level names that don't start with "_" and hold a setting's type are settings.
 """
 import ast
+import math
 import os
+import re
+import sys
 
-from llama import UserError
+from util import UserError
+
+TYPES = (bool, int, float, str, list, tuple)
+
+
+class Setting:
+    def __init__(self, default, allowed=None, help=""):
+        self.default, self.allowed, self.help = default, allowed, help
+
+
+S = Setting
+
+
+def declared(namespace):
+    """{name: Setting} of a module's globals; those globals become the plain defaults."""
+    settings = {k: v for k, v in namespace.items() if isinstance(v, Setting)}
+    namespace.update({k: s.default for k, s in settings.items()})
+    return settings
+
+
+def check_type(where, key, value, default):
+    """value converted to the default's type where nothing is lost (int -> float, tuple <-> list)."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (list, tuple) and isinstance(value, (list, tuple)):
+        kind = type(default[0]) if default else None
+        if kind is None or all(type(v) is kind or (kind is float and type(v) is int) for v in value):
+            return expected(kind(v) if kind is float else v for v in value)
+    elif type(value) is expected:
+        return value
+    raise UserError(f"{where}: {key}: expected {expected.__name__} like {default!r}, got {value!r}")
 
 
 def parse_value(where, key, text, default):
-    """Text of a --key=value argument -> a value of the default's type."""
+    """The text of --key=value -> a value of the default's type."""
     if isinstance(default, str):
-        return text  # strings are taken verbatim: --out_dir=123 is the directory "123"
+        return text  # verbatim: --out_dir=123 is the folder "123"
     if isinstance(default, bool) and text.lower() in ("true", "false"):
         return text.lower() == "true"
     if isinstance(default, (list, tuple)) and not text.startswith(("[", "(")):
-        # --datasets=data/a,data/b; an empty value is the empty list
-        items = [item for item in text.split(",") if item != ""]
-        kind = type(default[0]) if default else str
-        if kind is not str:
+        items = [item for item in text.split(",") if item]  # --datasets=data/a,data/b; '' is []
+        if default and not isinstance(default[0], str):
             items = [parse_value(where, key, item, default[0]) for item in items]
         return check_type(where, key, type(default)(items), default)
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise UserError(f"{where}: {key}: expected type {type(default).__name__} "
-                        f"like {default!r}, got {text!r}") from None
+        raise UserError(f"{where}: {key}: expected {type(default).__name__} like {default!r}, got {text!r}") from None
     return check_type(where, key, value, default)
 
 
-def check_type(where, key, value, default):
-    """value, converted to the default's type where that loses nothing (int -> float,
-    tuple <-> list); anything else is a UserError."""
-    expected = type(default)
-    if isinstance(value, bool) != (expected is bool):
-        ok = False
-    elif expected is float and isinstance(value, int):
-        value, ok = float(value), True
-    elif expected in (list, tuple) and isinstance(value, (list, tuple)):
-        kind = type(default[0]) if default else None
-        ok = kind is None or all(isinstance(item, kind) and not (kind is not bool and isinstance(item, bool))
-                                 for item in value)
-        value = expected(value)
-    else:
-        ok = isinstance(value, expected)
-    if not ok:
-        raise UserError(f"{where}: {key}: expected type {expected.__name__} like {default!r}, got {value!r}")
-    return value
+INTERVAL = re.compile(r"\s*([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])\s*")
 
 
-def unknown(where, key, defaults):
-    return UserError(f"{where}: {key}: unknown setting; known settings: {', '.join(sorted(defaults))}")
+def check_allowed(key, value, allowed, final):
+    """None if value is allowed, else what was expected. allowed: None, a tuple of choices, an
+    interval "[lo, hi)" whose bounds are numbers, inf or other settings' names, or a function."""
+    if allowed is None:
+        return None
+    if callable(allowed):
+        return allowed(value)
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if isinstance(allowed, tuple):
+        bad = [v for v in values if v not in allowed]
+        return bad and f"one of {', '.join(map(str, allowed))}"
+    left, lo, hi, right = INTERVAL.fullmatch(allowed).groups()
+    bound = lambda b: final[b] if b in final else float(b)  # noqa: E731
+    lo_v, hi_v = bound(lo), bound(hi)
+    for v in values:
+        if math.isnan(v) or v < lo_v or v > hi_v or (left == "(" and v == lo_v) or (right == ")" and v == hi_v):
+            names = f" ({lo} = {lo_v})" * (lo in final) + f" ({hi} = {hi_v})" * (hi in final)
+            return f"a value in {allowed}{names}"
+    return None
 
 
-SETTING_TYPES = (bool, int, float, str, list, tuple)
+def help_text(settings, script):
+    lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]", "", "settings:"]
+    for k, s in settings.items():
+        allowed = "" if s.allowed is None or callable(s.allowed) else \
+            f" {{{'|'.join(map(str, s.allowed))}}}" if isinstance(s.allowed, tuple) else f" {s.allowed}"
+        lines.append(f"  --{k}={s.default!r}{allowed}" + (f"  # {s.help}" if s.help else ""))
+    return "\n".join(lines)
 
 
-def configure(settings, argv):
-    """settings: {name: default}, e.g. a script's globals(); argv: config file paths and --key=value,
-    applied in order. Updates settings in place; returns {name: final value} for the settings alone."""
-    defaults = {k: v for k, v in settings.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
-    final = dict(defaults)
+def configure(settings, argv, script=None):
+    """settings: {name: Setting, or a plain default}; argv: config files and --key=value, applied in
+    order. Returns {name: final value}. --help (or -h) prints the settings and exits."""
+    settings = {k: v if isinstance(v, Setting) else Setting(v) for k, v in settings.items()
+                if isinstance(v, Setting) or (not k.startswith("_") and isinstance(v, TYPES))}
+    final, source = {k: s.default for k, s in settings.items()}, {}
     for arg in argv:
+        if arg in ("-h", "--help"):
+            print(help_text(settings, script or os.path.basename(sys.argv[0])))
+            sys.exit(0)
         if arg.startswith("--"):
             key, has_value, text = arg[2:].partition("=")
-            if key not in defaults:
-                raise unknown(arg, key, defaults)
-            if not has_value:
-                if not isinstance(defaults[key], bool):
-                    raise UserError(f"{arg}: expected --key=value (a bare --{key} only for true/false settings)")
-                text = "True"  # --resume is --resume=True
-            final[key] = parse_value(arg, key, text, defaults[key])
+            if key not in settings:
+                raise unknown(arg, key, settings)
+            if not has_value and not isinstance(final[key], bool):
+                raise UserError(f"{arg}: expected --{key}=value (a bare --{key} only for true/false settings)")
+            final[key] = parse_value(arg, key, text if has_value else "True", settings[key].default)
+            source[key] = arg
         else:
             if not os.path.isfile(arg):
                 raise UserError(f"{arg}: no such config file (arguments are config files or --key=value)")
-            with open(arg) as f:
-                source = f.read()
             namespace = {}
             try:
-                exec(compile(source, arg, "exec"), namespace)
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), namespace)
             except Exception as e:
                 raise UserError(f"{arg}: could not run the config file: {type(e).__name__}: {e}") from None
             for key, value in namespace.items():
-                # imports, helpers and _private names in a config file are not settings
-                if key.startswith("_") or not isinstance(value, SETTING_TYPES):
-                    continue
-                if key not in defaults:
-                    raise unknown(arg, key, defaults)
-                final[key] = check_type(arg, key, value, defaults[key])
-    settings.update(final)
+                if key.startswith("_") or not isinstance(value, TYPES):
+                    continue  # imports, helpers and _private names are not settings
+                if key not in settings:
+                    raise unknown(arg, key, settings)
+                final[key] = check_type(arg, key, value, settings[key].default)
+                source[key] = arg
+    for key, s in settings.items():  # ranges and choices, once all values are known
+        expected = check_allowed(key, final[key], s.allowed, final)
+        if expected:
+            raise UserError(f"{source.get(key, 'default')}: {key}: expected {expected}, got {final[key]!r}")
     return final
+
+
+def unknown(where, key, settings):
+    return UserError(f"{where}: {key}: unknown setting; known settings: {', '.join(sorted(settings))}")

@@ -41,6 +41,8 @@ import numpy as np
 
 import configurator
 import llama
+from util import UserError
+from tokenizer import load_tokenizer
 
 FORMAT = "multilora-v1"
 PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -137,11 +139,11 @@ class PreparedSplit:
             path = os.path.join(data_dir, f"{split}_{name}.npy")
             if not os.path.exists(path):
                 have = sorted(f[:-len("_tokens.npy")] for f in os.listdir(data_dir) if f.endswith("_tokens.npy"))
-                raise llama.UserError(f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})")
+                raise UserError(f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})")
             setattr(self, name, np.load(path, mmap_mode="r"))
         n = len(self.task)
         if len(self.offsets) != n + 1 or len(self.mask) != len(self.tokens) or self.offsets[-1] != len(self.tokens):
-            raise llama.UserError(f"{data_dir}: {split}: arrays disagree (tokens {len(self.tokens)}, mask "
+            raise UserError(f"{data_dir}: {split}: arrays disagree (tokens {len(self.tokens)}, mask "
                                   f"{len(self.mask)}, offsets {len(self.offsets)}, task {n}); prepare it again")
         self.lengths = np.diff(self.offsets)  # (n,) tokens per example
 
@@ -157,14 +159,14 @@ class PreparedSplit:
 def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise llama.UserError(f"{path}: no such file (a prepared dataset needs meta.json; run the prepare script)")
+        raise UserError(f"{path}: no such file (a prepared dataset needs meta.json; run the prepare script)")
     with open(path) as f:
         try:
             meta = json.load(f)
         except json.JSONDecodeError as e:
-            raise llama.UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+            raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if meta.get("format") != FORMAT:
-        raise llama.UserError(f"{path}: format: expected {FORMAT!r}, got {meta.get('format')!r}")
+        raise UserError(f"{path}: format: expected {FORMAT!r}, got {meta.get('format')!r}")
     return meta
 
 
@@ -183,24 +185,24 @@ def read_examples(data_dir, split):
 
 def _check_fields(where, record, fields):
     if not isinstance(record, dict):
-        raise llama.UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in fields:
         if field not in record:
-            raise llama.UserError(f"{where}: missing field {field!r} (expected fields: {', '.join(fields)})")
+            raise UserError(f"{where}: missing field {field!r} (expected fields: {', '.join(fields)})")
         if not isinstance(record[field], str):
-            raise llama.UserError(f"{where}: field {field!r}: expected a string, got {type(record[field]).__name__}")
+            raise UserError(f"{where}: field {field!r}: expected a string, got {type(record[field]).__name__}")
 
 
 def _open_text(path):
     if not os.path.isfile(path):
-        raise llama.UserError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         try:
             text = f.read()
         except UnicodeDecodeError as e:
-            raise llama.UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
-        raise llama.UserError(f"{path}: empty file (no examples)")
+        raise UserError(f"{path}: empty file (no examples)")
     return text
 
 
@@ -213,7 +215,7 @@ def read_jsonl(path, fields):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise llama.UserError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
+            raise UserError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
         _check_fields(f"{path}:{number}", record, fields)
         records.append((number, record))
     return records
@@ -241,18 +243,18 @@ def read_json_records(path, fields):
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise llama.UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+            raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
         _check_fields(f"{path}:{line_of(pos)}", record, fields)
         records.append((line_of(pos), record))
         pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":
             pos = skip_space(pos + 1)
         elif pos >= len(text) or text[pos] != "]":
-            raise llama.UserError(f"{path}:{line_of(pos)}: not valid JSON: expected ',' or ']' after record {len(records)}")
+            raise UserError(f"{path}:{line_of(pos)}: not valid JSON: expected ',' or ']' after record {len(records)}")
     if pos >= len(text):
-        raise llama.UserError(f"{path}:{line_of(pos)}: not valid JSON: the array is not closed with ']'")
+        raise UserError(f"{path}:{line_of(pos)}: not valid JSON: the array is not closed with ']'")
     if not records:
-        raise llama.UserError(f"{path}: empty file (no examples)")
+        raise UserError(f"{path}: empty file (no examples)")
     return records
 
 
@@ -271,11 +273,11 @@ def read_csv(path, header, n_columns):
     for row in reader:
         if not (line == 1 and row == list(header)) and row:
             if len(row) != n_columns:
-                raise llama.UserError(f"{path}:{line}: expected {n_columns} columns ({', '.join(header)}), got {len(row)}")
+                raise UserError(f"{path}:{line}: expected {n_columns} columns ({', '.join(header)}), got {len(row)}")
             rows.append((line, row))
         line = reader.line_num + 1  # a quoted field may span lines: the next row starts after this one
     if not rows:
-        raise llama.UserError(f"{path}: empty file (no examples)")
+        raise UserError(f"{path}: empty file (no examples)")
     return rows
 
 
@@ -287,7 +289,7 @@ def source_file(source, name, ext):
         return os.path.join(source, name)
     found = sorted(f for f in os.listdir(source) if f.endswith(ext))
     if len(found) != 1:
-        raise llama.UserError(f"--source={source}: expected {name} or a single *{ext} file, found {found or 'none'}")
+        raise UserError(f"--source={source}: expected {name} or a single *{ext} file, found {found or 'none'}")
     return os.path.join(source, found[0])
 
 
@@ -301,7 +303,7 @@ def download(url, path):
         with urllib.request.urlopen(url, timeout=60) as response:
             _atomic_write(path, lambda f: f.write(response.read()))
     except OSError as e:  # URLError, HTTPError, timeouts
-        raise llama.UserError(f"{url}: download failed ({e}); pass --source=PATH to use a local copy") from None
+        raise UserError(f"{url}: download failed ({e}); pass --source=PATH to use a local copy") from None
     return path
 
 
@@ -323,9 +325,9 @@ def prepare(name, splits, config, tok):
     split, config["val_fraction"] of "train" (chosen with config["seed"]) becomes "val". config: the
     PREPARE_DEFAULTS keys (and optionally "tasks", the order of task indices)."""
     if not 0 <= config["val_fraction"] < 1:
-        raise llama.UserError(f"--val_fraction: expected a number in [0, 1), got {config['val_fraction']}")
+        raise UserError(f"--val_fraction: expected a number in [0, 1), got {config['val_fraction']}")
     if not splits.get("train"):
-        raise llama.UserError(f"--source: no {name} training examples found there")
+        raise UserError(f"--source: no {name} training examples found there")
     splits = dict(splits)
     if "val" not in splits and config["val_fraction"] > 0:
         train = splits["train"]
@@ -343,7 +345,7 @@ def prepare(name, splits, config, tok):
                 kept[split].append({k: r[k] for k in FIELDS})
         counts[split] = {"dropped_over_long": len(records) - len(kept[split])}
         if records and not kept[split]:
-            raise llama.UserError(f"--max_len={config['max_len']}: every {split} example is longer; raise it")
+            raise UserError(f"--max_len={config['max_len']}: every {split} example is longer; raise it")
     out_dir = config["out_dir"]
     meta = write_dataset(out_dir, encoded, dict(
         name=name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -361,13 +363,13 @@ def prepare_main(name, read_source, urls, out_dir, argv=None, **defaults):
     read_source(path) -> {split: [records]}, prepare()."""
     config = configurator.configure({**PREPARE_DEFAULTS, "out_dir": out_dir, **defaults}, sys.argv[1:] if argv is None else argv)
     if not config["tokenizer"]:
-        raise llama.UserError("--tokenizer: required (the base model's tokenizer.model or checkpoint directory)")
-    tok = llama.load_tokenizer(config["tokenizer"])
+        raise UserError("--tokenizer: required (the base model's tokenizer.model or checkpoint directory)")
+    tok = load_tokenizer(config["tokenizer"])
     source = config["source"]
     if not source:
         for file_name, url in urls.items():
             download(url, os.path.join(config["out_dir"], file_name))
         source = config["out_dir"]
     elif not os.path.exists(source):
-        raise llama.UserError(f"--source={source}: no such file or directory")
+        raise UserError(f"--source={source}: no such file or directory")
     return prepare(name, read_source(source), config, tok)

@@ -41,7 +41,10 @@ import configurator
 import dataset
 import llama
 import multilora
-from llama import UserError
+from util import UserError
+import util
+import checkpoint
+from tokenizer import load_tokenizer, check_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings (overridden by config files and --key=value, configurator.py)
@@ -423,9 +426,9 @@ def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
         raise UserError("--ckpt_dir: required (a model directory with tokenizer.model)")
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    model = llama.load_model(ckpt_dir, dtype=DTYPES[dtype], device=device)
-    tokenizer = llama.load_tokenizer(ckpt_dir)
-    llama.check_tokenizer(tokenizer, model.config, ckpt_dir)
+    model = checkpoint.load_model(ckpt_dir, dtype=DTYPES[dtype], device=device)
+    tokenizer = load_tokenizer(ckpt_dir)
+    check_tokenizer(tokenizer, model.config, ckpt_dir)
     if adapter:
         multilora.apply_adapter(model, adapter, merge=True)
     return model.eval(), tokenizer
@@ -526,7 +529,7 @@ def run(config):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    llama.write_text_atomic(path, json.dumps(obj, indent=1))
+    util.write_text(path, json.dumps(obj, indent=1))
 
 
 def main(argv=None):
@@ -539,4 +542,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

@@ -26,6 +26,8 @@ from safetensors.torch import save_file
 
 import llama
 import multilora
+import util
+import checkpoint
 
 # tokenizer/generation files of a HF checkpoint that a merged export should carry along
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -60,7 +62,7 @@ def peft_adapter(model, base_model_name_or_path=""):
 
 def base_dtype(ckpt_dir):
     """The dtype the base checkpoint is stored in (config.json's torch_dtype / dtype), else float32."""
-    if llama.checkpoint_layout(ckpt_dir) == "meta":
+    if checkpoint.checkpoint_layout(ckpt_dir) == "meta":
         return torch.bfloat16  # Meta ships bf16 consolidated.*.pth
     with open(os.path.join(ckpt_dir, "config.json")) as f:
         cfg = json.load(f)
@@ -71,11 +73,11 @@ def export_hf(ckpt_dir, adapter, out_dir, dtype=None):
     """Merged checkpoint. The merge adds ΔW in fp32 and casts once to `dtype`, which is what
     merging a fp32 copy of the base would give, without holding one."""
     dtype = dtype or base_dtype(ckpt_dir)
-    model = llama.load_model(ckpt_dir, dtype=dtype)
+    model = checkpoint.load_model(ckpt_dir, dtype=dtype)
     multilora.apply_adapter(model, adapter, merge=True)
     state = {k: v for k, v in model.state_dict().items() if not multilora.is_lora_key(k)}
     tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
-    llama.save_hf_checkpoint(state, out_dir, tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None,
+    checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None,
                              config=model.config)
     for name in HF_SIDE_FILES:
         if os.path.isfile(os.path.join(ckpt_dir, name)):
@@ -85,17 +87,17 @@ def export_hf(ckpt_dir, adapter, out_dir, dtype=None):
 
 def export_peft(ckpt_dir, adapter, out_dir):
     # the base itself is loaded (not just its config) so apply_adapter can check the file against it
-    model = llama.load_model(ckpt_dir, dtype=base_dtype(ckpt_dir))
+    model = checkpoint.load_model(ckpt_dir, dtype=base_dtype(ckpt_dir))
     multilora.apply_adapter(model, adapter)
     tensors, config = peft_adapter(model, os.path.abspath(ckpt_dir))
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
-    llama.write_text_atomic(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
+    util.write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--ckpt_dir", required=True, help="base checkpoint (HF or Meta layout)")
     p.add_argument("--adapter", required=True, help="adapter .safetensors written by train.py")
@@ -103,7 +105,7 @@ def main():
     p.add_argument("--format", choices=("hf", "peft"), default="hf")
     p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
                    help="hf format: weights dtype (auto = the base checkpoint's)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.format == "hf":
         export_hf(args.ckpt_dir, args.adapter, args.out_dir, None if args.dtype == "auto" else DTYPES[args.dtype])
     else:
@@ -112,4 +114,4 @@ def main():
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

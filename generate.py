@@ -16,6 +16,10 @@ import torch
 
 import llama
 from configurator import configure
+from util import UserError
+import util
+import checkpoint
+from tokenizer import load_tokenizer, check_tokenizer
 
 # -----------------------------------------------------------------------------
 ckpt_dir = "data/tiny_base"  # base model: HF (config.json) or Meta (params.json) layout
@@ -36,16 +40,16 @@ device = "cpu"
 # -----------------------------------------------------------------------------
 
 
-def main():
+def main(argv=None):
     defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-    globals().update(configure(defaults, sys.argv[1:]))
+    globals().update(configure(defaults, sys.argv[1:] if argv is None else argv))
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise llama.UserError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+        raise UserError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     t0 = time.perf_counter()
-    model = llama.load_model(ckpt_dir, dtype=getattr(torch, dtype), device=device)
+    model = checkpoint.load_model(ckpt_dir, dtype=getattr(torch, dtype), device=device)
     model.eval()
-    tok = llama.load_tokenizer(tokenizer or ckpt_dir)
-    llama.check_tokenizer(tok, model.config, ckpt_dir)
+    tok = load_tokenizer(tokenizer or ckpt_dir)
+    check_tokenizer(tok, model.config, ckpt_dir)
     if adapter:
         import multilora
         multilora.apply_adapter(model, adapter, merge=merge)
@@ -54,9 +58,9 @@ def main():
             with open(prompt_file) as f:
                 prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
         except OSError as e:
-            raise llama.UserError(f"{prompt_file}: cannot read prompt file ({e.strerror})") from None
+            raise UserError(f"{prompt_file}: cannot read prompt file ({e.strerror})") from None
         if not prompts:
-            raise llama.UserError(f"{prompt_file}: no prompts in file")
+            raise UserError(f"{prompt_file}: no prompts in file")
     else:
         prompts = prompt.split("|")
     t_load = time.perf_counter() - t0
@@ -75,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama import UserError
+from util import UserError
 
 # short target names -> module paths inside one llama.py layer (HF names without "model.")
 TARGET_MODULES = {

@@ -34,6 +34,10 @@ import dataset
 import llama
 import multilora
 from configurator import configure
+from util import UserError
+import util
+import checkpoint
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings: the defaults are the embedded default run; override with a config/*.py file and --key=value
@@ -110,14 +114,14 @@ IGNORE = -100  # target id of positions without loss (prompt, padding): F.cross_
 def load_splits(dataset_dirs, split):
     """One dataset.PreparedSplit per directory; a missing or empty one is a UserError."""
     if not dataset_dirs:
-        raise llama.UserError("datasets: expected at least one prepared dataset directory")
+        raise UserError("datasets: expected at least one prepared dataset directory")
     splits = []
     for d in dataset_dirs:
         if not os.path.isdir(d):
-            raise llama.UserError(f"{d}: dataset directory not found (datasets setting)")
+            raise UserError(f"{d}: dataset directory not found (datasets setting)")
         s = dataset.load_dataset(d, split)
         if len(s) == 0:
-            raise llama.UserError(f"{d}: {split} split is empty")
+            raise UserError(f"{d}: {split} split is empty")
         splits.append(s)
     return splits
 
@@ -243,9 +247,7 @@ def micro_batches(splits, rows, batch_size, rank, world_size, pad_id, device, pa
 
 def read_base_config(ckpt_dir):
     """The LlamaConfig of a checkpoint directory, and whether its weights are there, without loading them."""
-    layout = llama.checkpoint_layout(ckpt_dir)
-    config, _ = (llama._hf_source if layout == "hf" else llama._meta_source)(ckpt_dir)
-    return config
+    return checkpoint.read_config(ckpt_dir)
 
 
 def check_adapter_fits(config, finetune, lora_settings, where):
@@ -256,8 +258,8 @@ def check_adapter_fits(config, finetune, lora_settings, where):
     with torch.device("meta"):
         try:
             multilora.adapt_model(llama.Llama(config), finetune, **lora_settings)
-        except llama.UserError as e:
-            raise llama.UserError(f"{where}: {e}") from None
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
 
 
 def adapt(model, finetune, lora_settings):
@@ -434,7 +436,7 @@ def count_lines(path):
 def keep_lines(path, n):
     """Truncate a JSON-lines file to its first n lines (atomically)."""
     lines = open(path).readlines()[:n] if os.path.exists(path) else []
-    llama.write_text_atomic(path, "".join(lines))
+    util.write_text(path, "".join(lines))
 
 
 # -----------------------------------------------------------------------------
@@ -494,41 +496,41 @@ def main(argv=None):
                "lora_scaling": ("channel", "scalar")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
-            raise llama.UserError(f"{key}: expected one of {', '.join(allowed)}, got {config[key]!r}")
+            raise UserError(f"{key}: expected one of {', '.join(allowed)}, got {config[key]!r}")
     for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "log_interval"):
         if config[key] < (0 if key == "max_iters" else 1):
-            raise llama.UserError(f"{key}: expected a positive number, got {config[key]}")
+            raise UserError(f"{key}: expected a positive number, got {config[key]}")
     if gradient_accumulation_steps % world_size:
-        raise llama.UserError(f"gradient_accumulation_steps: {gradient_accumulation_steps} micro-steps cannot be "
+        raise UserError(f"gradient_accumulation_steps: {gradient_accumulation_steps} micro-steps cannot be "
                               f"split evenly over {world_size} processes")
     if fsdp and not ddp:
-        raise llama.UserError("fsdp: FSDP shards over processes; launch with torchrun (RANK is not set)")
+        raise UserError("fsdp: FSDP shards over processes; launch with torchrun (RANK is not set)")
     if dtype == "float16" and device_type != "cuda":
-        raise llama.UserError("dtype: float16 with a gradient scaler needs device=cuda; use bfloat16 or float32 on CPU")
+        raise UserError("dtype: float16 with a gradient scaler needs device=cuda; use bfloat16 or float32 on CPU")
     if wandb_log:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise llama.UserError("wandb_log: True but wandb is not installed (pip install wandb)") from None
+            raise UserError("wandb_log: True but wandb is not installed (pip install wandb)") from None
     if mixture == "temperature" and mixture_temperature <= 0:
-        raise llama.UserError(f"mixture_temperature: expected > 0, got {mixture_temperature}")
+        raise UserError(f"mixture_temperature: expected > 0, got {mixture_temperature}")
     ckpt_path = os.path.join(out_dir, CHECKPOINT)
     hf_path = hf_dir or os.path.join(out_dir, "hf")
     if resume and not os.path.exists(ckpt_path):
-        raise llama.UserError(f"{ckpt_path}: resume=True but there is no checkpoint to resume from")
+        raise UserError(f"{ckpt_path}: resume=True but there is no checkpoint to resume from")
     train_splits = load_splits(datasets, "train")
     val_splits = load_splits(datasets, "val")
     meta = train_splits[0].meta
     for s in train_splits[1:]:
         for key in ("vocab_size", "bos_id", "eos_id"):
             if s.meta.get(key) != meta.get(key):
-                raise llama.UserError(f"{s.dir}: meta.json: {key} is {s.meta.get(key)!r} but {datasets[0]} has "
+                raise UserError(f"{s.dir}: meta.json: {key} is {s.meta.get(key)!r} but {datasets[0]} has "
                                       f"{meta.get(key)!r}; all datasets must be made with one tokenizer")
     lora_settings = dict(targets=lora_targets, n_loras=n_loras, lora_rank=lora_rank, lora_alpha=lora_alpha,
                          lora_dropout=lora_dropout, scaling=lora_scaling)
     if init_from == "scratch":
         tokenizer_path = tokenizer or meta.get("tokenizer", "")
-        tok = llama.load_tokenizer(tokenizer_path)
+        tok = load_tokenizer(tokenizer_path)
         model_config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                          hidden_dim=hidden_dim, vocab_size=tok.vocab_size, rope_theta=rope_theta,
                                          max_seq_len=max_seq_len, tie_embeddings=tie_embeddings,
@@ -536,13 +538,13 @@ def main(argv=None):
     else:
         tokenizer_path = tokenizer or os.path.join(ckpt_dir, "tokenizer.model")
         model_config = read_base_config(ckpt_dir)
-        tok = llama.load_tokenizer(tokenizer_path) if os.path.exists(tokenizer_path) else None
+        tok = load_tokenizer(tokenizer_path) if os.path.exists(tokenizer_path) else None
     if meta.get("vocab_size") not in (None, model_config.vocab_size):
-        raise llama.UserError(f"{datasets[0]}: meta.json: vocab_size {meta['vocab_size']} does not match the "
+        raise UserError(f"{datasets[0]}: meta.json: vocab_size {meta['vocab_size']} does not match the "
                               f"model's {model_config.vocab_size}; prepare the data with the model's tokenizer")
     longest = max(int(s.lengths.max()) for s in train_splits + val_splits)
     if longest - 1 > model_config.max_seq_len:
-        raise llama.UserError(f"{datasets[0]}: examples of up to {longest} tokens exceed the model's context of "
+        raise UserError(f"{datasets[0]}: examples of up to {longest} tokens exceed the model's context of "
                               f"{model_config.max_seq_len}")
     check_adapter_fits(model_config, finetune, lora_settings, ckpt_dir if init_from == "pretrained" else "init_from=scratch")
     log("settings: " + json.dumps(config))
@@ -557,7 +559,7 @@ def main(argv=None):
         raw_model.init_weights()
         raw_model.to(base_dtype)
     else:
-        raw_model = llama.load_model(ckpt_dir, dtype=base_dtype, device=run_device)
+        raw_model = checkpoint.load_model(ckpt_dir, dtype=base_dtype, device=run_device)
     adapter_settings = adapt(raw_model, finetune, lora_settings)
     for p in raw_model.parameters():
         if p.requires_grad:
@@ -567,24 +569,24 @@ def main(argv=None):
     log(f"model: {base_total / 1e6:.2f}M parameters, {finetune}: {trainable / 1e6:.3f}M trainable "
         f"({100 * trainable / base_total:.2f}%)")
 
-    checkpoint = None
+    resumed = None
     if resume:
         try:
-            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            resumed = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         except Exception as e:
-            raise llama.UserError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
-        changed = sorted(k for k in config if k != "resume" and checkpoint["settings"].get(k) != config[k])
-        if "fsdp" in changed or checkpoint["world_size"] != world_size and fsdp:
-            raise llama.UserError(f"{ckpt_path}: saved with fsdp={checkpoint['settings']['fsdp']} on "
-                                  f"{checkpoint['world_size']} processes; resume it the same way")
+            raise UserError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
+        changed = sorted(k for k in config if k != "resume" and resumed["settings"].get(k) != config[k])
+        if "fsdp" in changed or resumed["world_size"] != world_size and fsdp:
+            raise UserError(f"{ckpt_path}: saved with fsdp={resumed['settings']['fsdp']} on "
+                                  f"{resumed['world_size']} processes; resume it the same way")
         if changed:
             log(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
         try:
-            missing, unexpected = raw_model.load_state_dict(checkpoint["model"], strict=False)
+            missing, unexpected = raw_model.load_state_dict(resumed["model"], strict=False)
         except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
-            raise llama.UserError(f"{ckpt_path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
+            raise UserError(f"{ckpt_path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
         if unexpected or (finetune == "full" and missing):
-            raise llama.UserError(f"{ckpt_path}: model state does not fit this model (unexpected "
+            raise UserError(f"{ckpt_path}: model state does not fit this model (unexpected "
                                   f"{unexpected[:3]}, missing {missing[:3]})")
 
     # wrap: FSDP2 shards each block and the rest; DDP replicates; torch.compile last
@@ -622,20 +624,20 @@ def main(argv=None):
     metrics_path = os.path.join(out_dir, METRICS)
     examples_em = exact_match_examples_of(datasets, exact_match_examples) if exact_match_examples > 0 else []
     can_score = bool(examples_em) and not fsdp and tok is not None
-    if checkpoint is not None:
-        iter_num = checkpoint["iter_num"]
-        position = list(checkpoint["data_position"])
+    if resumed is not None:
+        iter_num = resumed["iter_num"]
+        position = list(resumed["data_position"])
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, optim_state_dict=checkpoint["optimizer"],
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=resumed["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        base_scores = checkpoint.get("exact_match_base")
+            optimizer.load_state_dict(resumed["optimizer"])
+        if scaler is not None and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
+        base_scores = resumed.get("exact_match_base")
         if master:
-            keep_lines(metrics_path, checkpoint["metrics_lines"])
+            keep_lines(metrics_path, resumed["metrics_lines"])
         log(f"resumed from {ckpt_path} at step {iter_num}")
     else:
         iter_num, position = 0, [0] * len(pools)
@@ -648,10 +650,10 @@ def main(argv=None):
             dist.barrier()
     # dropout differs per rank; after a resume every rank continues its own RNG stream
     torch.manual_seed(seed + rank)
-    if checkpoint is not None and len(checkpoint["rng"]) == world_size:
-        torch.set_rng_state(checkpoint["rng"][rank]["cpu"])
-        if device_type == "cuda" and checkpoint["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"][rank]["cuda"])
+    if resumed is not None and len(resumed["rng"]) == world_size:
+        torch.set_rng_state(resumed["rng"][rank]["cpu"])
+        if device_type == "cuda" and resumed["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(resumed["rng"][rank]["cuda"])
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, resume="allow")
@@ -680,12 +682,12 @@ def main(argv=None):
             rngs = [rng]
         if master:
             if finetune == "full":
-                llama.save_hf_checkpoint(state, hf_path, config=model_config,
+                checkpoint.save_hf_checkpoint(state, hf_path, config=model_config,
                                          tokenizer_path=tokenizer_path if tok is not None else None)
             else:
                 multilora.save_adapter(raw_model, os.path.join(out_dir, ADAPTER), adapter_settings, state=state)
             write_checkpoint(ckpt_path, {
-                "settings": config, "model_config": model_config.to_hf(), "adapter_settings": adapter_settings,
+                "settings": config, "model_config": checkpoint.config_to_hf(model_config), "adapter_settings": adapter_settings,
                 "model": state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
                 "iter_num": iter_num, "data_position": list(position), "rng": rngs, "world_size": world_size,
                 "metrics_lines": count_lines(metrics_path), "exact_match_base": base_scores})
@@ -695,7 +697,7 @@ def main(argv=None):
     # the loop (as nanoGPT's): evaluate and checkpoint at step 0, every eval_interval and at the end
     n_rows = gradient_accumulation_steps * batch_size
     t_last, tokens_since, steps_since, t_start = time.time(), 0, 0, time.time()
-    just_resumed = checkpoint is not None
+    just_resumed = resumed is not None
     while True:
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and not just_resumed:
             t_eval = time.time()
@@ -766,4 +768,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

@@ -10,6 +10,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import analyze
+from util import UserError
+import checkpoint
 
 
 def orthonormal(n, k, seed):
@@ -135,10 +137,10 @@ def make_run(tmp_path):
     model = llama.Llama(config)
     model.init_weights()
     base_dir = tmp_path / "base"
-    llama.save_hf_checkpoint(model, str(base_dir))
+    checkpoint.save_hf_checkpoint(model, str(base_dir))
     files = {}
     for finetune, n_loras in (("multilora", 2), ("lora", 1)):
-        adapted = llama.load_model(str(base_dir))
+        adapted = checkpoint.load_model(str(base_dir))
         multilora.adapt_model(adapted, finetune=finetune, targets=("q", "v"), n_loras=n_loras, lora_rank=3)
         with torch.no_grad():
             for name, p in adapted.named_parameters():
@@ -148,11 +150,11 @@ def make_run(tmp_path):
         multilora.save_adapter(adapted, files[finetune])
         if finetune == "multilora":
             deltas = multilora.delta_weights(adapted)
-    full = llama.load_model(str(base_dir))
+    full = checkpoint.load_model(str(base_dir))
     with torch.no_grad():
         for name, delta in deltas.items():
             full.get_submodule(name).weight += delta
-    llama.save_hf_checkpoint(full, str(tmp_path / "full" / "hf"))
+    checkpoint.save_hf_checkpoint(full, str(tmp_path / "full" / "hf"))
     return str(base_dir), files, str(tmp_path / "full"), deltas
 
 
@@ -186,10 +188,10 @@ def test_analyze_files_end_to_end(tmp_path):
 
 def test_analyze_user_errors(tmp_path):
     import llama
-    with pytest.raises(llama.UserError, match="--ckpt_dir: required"):
+    with pytest.raises(UserError, match="--ckpt_dir: required"):
         analyze.main(["--adapters=a.safetensors"])
-    with pytest.raises(llama.UserError, match="--adapters, --full"):
+    with pytest.raises(UserError, match="--adapters, --full"):
         analyze.main(["--ckpt_dir=x"])
     base_dir, files, _, _ = make_run(tmp_path)
-    with pytest.raises(llama.UserError, match="adapter file not found"):
+    with pytest.raises(UserError, match="adapter file not found"):
         analyze.main([f"--ckpt_dir={base_dir}", f"--adapters={tmp_path}/nope.safetensors", f"--out_dir={tmp_path}/o"])

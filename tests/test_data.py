@@ -15,6 +15,9 @@ import pytest
 
 import dataset
 import llama
+from util import UserError
+import util
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "data", "tiny_base", "tokenizer.model")
@@ -30,7 +33,7 @@ def load_script(name):
 
 @pytest.fixture(scope="module")
 def tok():
-    return llama.load_tokenizer(TOKENIZER)
+    return load_tokenizer(TOKENIZER)
 
 
 def check_prepared(out_dir, tok, expected):
@@ -205,7 +208,7 @@ def test_malformed_input_stops(tmp_path, name, file_name, text, message):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     source = tmp_path / "src" if name == "mmlu" else path
-    with pytest.raises(llama.UserError, match="^" + str(path.parent if name == "mmlu" else tmp_path / "src").replace("\\", "\\\\")) as e:
+    with pytest.raises(UserError, match="^" + str(path.parent if name == "mmlu" else tmp_path / "src").replace("\\", "\\\\")) as e:
         run_prepare(name, tmp_path, source)
     assert message in str(e.value) and "\n" not in str(e.value)
 
@@ -222,10 +225,10 @@ def test_cli_error_is_one_line(tmp_path):
 
 
 def test_load_dataset_errors(tmp_path, tok):
-    with pytest.raises(llama.UserError, match="meta.json: no such file"):
+    with pytest.raises(UserError, match="meta.json: no such file"):
         dataset.load_dataset(str(tmp_path), "train")
     dataset.write_dataset(str(tmp_path), {"train": [("t", [1, 5, 2], [0, 1, 1])]}, dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2))
-    with pytest.raises(llama.UserError, match=r"val_tokens.npy: no such file \(splits in .*: train\)"):
+    with pytest.raises(UserError, match=r"val_tokens.npy: no such file \(splits in .*: train\)"):
         dataset.load_dataset(str(tmp_path), "val")
     data = dataset.load_dataset(str(tmp_path), "train")
     assert len(data) == 1 and data.example(0)[0].tolist() == [1, 5, 2] and data.tasks == ["t"]
@@ -256,7 +259,7 @@ def test_generator_is_deterministic_and_splits_do_not_overlap(tmp_path):
             assert seen.setdefault((r["task"], r["instruction"], r["input"]), split) == split  # no input in two splits
     assert len(dataset.read_meta(out)["tasks"]) >= 6
     corpus = dataset.load_dataset(str(tmp_path / "tasks_corpus"), "train")
-    text = llama.load_tokenizer(str(tmp_path / "tiny_base" / "tokenizer.model")).decode(corpus.tokens.tolist())
+    text = load_tokenizer(str(tmp_path / "tiny_base" / "tokenizer.model")).decode(corpus.tokens.tolist())
     assert "###" not in text and "Instruction" not in text and "Response" not in text
     assert corpus.mask.sum() == len(corpus.tokens) - len(corpus)  # every token but BOS is a target
 

@@ -17,6 +17,9 @@ import dataset
 import eval as evaluate  # the project's eval.py (as a name, "eval" would hide the builtin)
 import llama
 from conftest import ROOT, SHARED
+from util import UserError
+import checkpoint
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # a model whose next-token distribution depends only on the previous token (a bigram table), and a
@@ -157,7 +160,7 @@ def naive_greedy(model, ids, max_new_tokens, eos=2):
 
 
 def test_score_exact_match_against_naive_greedy(tiny_tokenizer_path):
-    tok = llama.load_tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     model = tiny_llama(vocab_size=tok.vocab_size)
     examples = []
     for i, (instruction, input) in enumerate([("Sort the list", "3 1 2"), ("Reverse the word", "abc"),
@@ -254,7 +257,7 @@ def test_instruction_format_is_what_training_saw(tmp_path, tiny_tokenizer_path):
     (tmp_path / "test" / "world_religions_test.csv").write_text(
         "question,choice0,choice1,choice2,choice3,answer\nWhat is 1 + 1?,1,2,3,4,1\n")
     record, = mmlu_prepare.read_folder(str(tmp_path / "test"), "test")
-    tok = llama.load_tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     ids, mask = dataset.encode_example(tok, record["instruction"], record["input"], record["response"], 1000)
     item = evaluate.mc_item(tok, "What is 1 + 1?", ["1", "2", "3", "4"], 1, "instruction", subject="world_religions")
     ctx, cont = item["pairs"][1]
@@ -280,14 +283,14 @@ def test_mmlu_letter_format_with_shots(tmp_path):
         "d2\nA. ad2\nB. bd2\nC. cd2\nD. dd2\nAnswer: C\n\n"
         "t1\nA. at1\nB. bt1\nC. ct1\nD. dt1\nAnswer:")
     assert CharTokenizer().decode(cont) == " C"
-    with pytest.raises(llama.UserError, match="--subjects: nope"):
+    with pytest.raises(UserError, match="--subjects: nope"):
         evaluate.mmlu_items(CharTokenizer(), str(tmp_path), "test", subjects="nope")
-    with pytest.raises(llama.UserError, match="--shots"):
+    with pytest.raises(UserError, match="--shots"):
         evaluate.mmlu_items(CharTokenizer(), str(tmp_path), "test", shots=6)
 
 
 def test_encode_pair_splits_where_the_context_tokens_end(tiny_tokenizer_path):
-    tok = llama.load_tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     ctx, cont = evaluate.encode_pair(tok, "Answer:", " A")
     assert ctx[0] == tok.bos_id and ctx + cont == tok.encode("Answer: A", bos=True)
     assert tok.decode(cont).strip() == "A"
@@ -299,8 +302,8 @@ def test_encode_pair_splits_where_the_context_tokens_end(tiny_tokenizer_path):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tiny_tokenizer_path):
     out = tmp_path_factory.mktemp("ckpt")
-    model = tiny_llama(vocab_size=llama.load_tokenizer(tiny_tokenizer_path).vocab_size, max_seq_len=256)
-    llama.save_hf_checkpoint(model, str(out), tokenizer_path=tiny_tokenizer_path)
+    model = tiny_llama(vocab_size=load_tokenizer(tiny_tokenizer_path).vocab_size, max_seq_len=256)
+    checkpoint.save_hf_checkpoint(model, str(out), tokenizer_path=tiny_tokenizer_path)
     return str(out)
 
 
@@ -324,7 +327,7 @@ def test_cli_mc_and_mmlu_write_json(ckpt, tmp_path):
 
 
 def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
-    tok = llama.load_tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     raw = [dict(task="sort", instruction="Sort the list", input="3 1 2", response="1 2 3"),
            dict(task="sort", instruction="Sort the list", input="2 1", response="1 2"),
            dict(task="reverse", instruction="Reverse the word", input="abc", response="cba")]
@@ -340,7 +343,7 @@ def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
     assert loss["perplexity"] == pytest.approx(math.exp(loss["loss"])) and loss["tokens"] == sum(sum(m) for _, _, m in splits["test"])
     meta = json.loads((tmp_path / "meta.json").read_text())
     (tmp_path / "meta.json").write_text(json.dumps(dict(meta, vocab_size=32000)))
-    with pytest.raises(llama.UserError, match="vocab_size: prepared with t"):
+    with pytest.raises(UserError, match="vocab_size: prepared with t"):
         evaluate.main([f"--ckpt_dir={ckpt}", "--task=loss", f"--data={tmp_path}", "--split=test"])
 
 
@@ -352,7 +355,7 @@ def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
     (["--task=mmlu"], "--data: required"),
 ])
 def test_cli_user_errors(args, message):
-    with pytest.raises(llama.UserError, match=message):
+    with pytest.raises(UserError, match=message):
         evaluate.main(["--ckpt_dir=x", *args])
 
 

@@ -11,6 +11,10 @@ import torch
 
 import llama
 from conftest import ROOT, SHARED
+from util import UserError
+import util
+import checkpoint
+from tokenizer import load_tokenizer, check_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,7 +47,7 @@ def reference_logits(model, tokens):
 
 
 def our_logits(ckpt_dir, tokens):
-    model = llama.load_model(ckpt_dir).eval()
+    model = checkpoint.load_model(ckpt_dir).eval()
     with torch.no_grad():
         return model(tokens)
 
@@ -167,7 +171,7 @@ def test_meta_scaled_rope_matches_hf_llama3_scaling(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_in_requested_dtype(tmp_path, dtype):
     hf_model("gqa_tied").save_pretrained(tmp_path)
-    model = llama.load_model(str(tmp_path), dtype=dtype)
+    model = checkpoint.load_model(str(tmp_path), dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied after loading
     assert not any(p.is_meta for p in model.parameters())
@@ -177,7 +181,7 @@ def test_load_in_requested_dtype(tmp_path, dtype):
 
 def random_model(name="gqa_tied", seed=0):
     ref = hf_model(name, seed)
-    cfg = llama.LlamaConfig.from_hf(ref.config.to_dict())
+    cfg = checkpoint.config_from_hf(ref.config.to_dict())
     model = llama.Llama(cfg).eval()
     state = {k.removeprefix("model."): v for k, v in ref.state_dict().items()}
     model.load_state_dict(state, strict=False)
@@ -292,7 +296,7 @@ def test_top_p_keeps_smallest_nucleus():
 # --- tokenizers
 
 def test_sentencepiece_tokenizer(tiny_tokenizer_path):
-    tok = llama.load_tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     import sentencepiece
     sp = sentencepiece.SentencePieceProcessor(model_file=tiny_tokenizer_path)
     text = "hello world, 123"
@@ -311,7 +315,7 @@ def write_tiktoken_file(path):
 def test_tiktoken_tokenizer(tmp_path):
     pytest.importorskip("tiktoken")
     write_tiktoken_file(tmp_path / "tokenizer.model")
-    tok = llama.load_tokenizer(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
     assert tok.kind == "tiktoken" and tok.vocab_size == 256 + 256
     assert tok.bos_id == 256 and tok.eos_id == 257  # Llama 3 numbering: specials after the ranks
     ids = tok.encode("héllo", bos=True)
@@ -321,8 +325,8 @@ def test_tiktoken_tokenizer(tmp_path):
 def test_tiktoken_missing_names_the_package(tmp_path, monkeypatch):
     write_tiktoken_file(tmp_path / "tokenizer.model")
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # as if not installed
-    with pytest.raises(llama.UserError, match="pip install tiktoken"):
-        llama.load_tokenizer(str(tmp_path))
+    with pytest.raises(UserError, match="pip install tiktoken"):
+        load_tokenizer(str(tmp_path))
 
 
 # --- bad input: one line naming the file and the problem, exit status 2, no traceback
@@ -392,9 +396,9 @@ BAD_CASES = ["missing_dir", "no_layout", "missing_shard", "truncated", "corrupt_
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_checkpoint_gives_one_clear_line(case, good_ckpt, tmp_path):
     ckpt_dir, expected = corrupt(case, good_ckpt, tmp_path)
-    with pytest.raises(llama.UserError, match=None) as e:
-        model = llama.load_model(str(ckpt_dir))
-        llama.check_tokenizer(llama.load_tokenizer(str(ckpt_dir)), model.config, str(ckpt_dir))
+    with pytest.raises(UserError, match=None) as e:
+        model = checkpoint.load_model(str(ckpt_dir))
+        check_tokenizer(load_tokenizer(str(ckpt_dir)), model.config, str(ckpt_dir))
     assert expected in str(e.value)
 
 
@@ -428,8 +432,8 @@ STORIES = os.path.join(SHARED, "models", "stories260K")
 def test_stories260k_known_greedy_tokens(layout):
     """The real pretrained checkpoint reproduces its published greedy token ids (README there)."""
     known = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337]
-    model = llama.load_model(os.path.join(STORIES, layout))
-    tok = llama.load_tokenizer(os.path.join(STORIES, layout))
+    model = checkpoint.load_model(os.path.join(STORIES, layout))
+    tok = load_tokenizer(os.path.join(STORIES, layout))
     prompt = tok.encode("Once upon a time", bos=True)
     out = llama.generate(model, tok, [prompt], 16)[0]
     assert (prompt + out)[1:21] == known

@@ -157,10 +157,12 @@ def test_layer_refuses_bad_settings():
         MultiLoRALinear(base, n_loras=2, lora_rank=2, scaling="row")
 
 # -----------------------------------------------------------------------------
-# on a model: a small random transformers LlamaForCausalLM saved to disk, loaded with llama.load_model
+# on a model: a small random transformers LlamaForCausalLM saved to disk, loaded with checkpoint.load_model
 
 import llama  # noqa: E402
 import export  # noqa: E402
+from util import UserError
+import checkpoint
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -210,7 +212,7 @@ def train_steps(model, steps=3):
 
 
 def test_adapt_model_init_equals_base_and_counts(base_dir):
-    model = llama.load_model(base_dir)
+    model = checkpoint.load_model(base_dir)
     x = tokens()
     with torch.no_grad():
         ref = model(x)
@@ -236,22 +238,22 @@ def test_adapt_model_init_equals_base_and_counts(base_dir):
             assert torch.all(p.grad == 0), name
         else:
             assert p.grad is None and not p.requires_grad, name
-    with pytest.raises(llama.UserError, match="already adapted"):
+    with pytest.raises(UserError, match="already adapted"):
         multilora.adapt_model(model)
 
 
 def test_adapt_model_refuses():
     model = llama.Llama(llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50))
-    with pytest.raises(llama.UserError, match="targets"):
+    with pytest.raises(UserError, match="targets"):
         multilora.adapt_model(model, targets=("q", "qkv"))
-    with pytest.raises(llama.UserError, match="n_loras\\*lora_rank"):
+    with pytest.raises(UserError, match="n_loras\\*lora_rank"):
         multilora.adapt_model(model, n_loras=8, lora_rank=8)
 
 
 def test_lora_n1_equals_peft(base_dir):
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
-    model = llama.load_model(base_dir)
+    model = checkpoint.load_model(base_dir)
     multilora.adapt_model(model, finetune="lora", targets=ALL_TARGETS, lora_rank=4, lora_alpha=8)
     perturb(model)  # B ≠ 0, else both sides are trivially the base
     ref = get_peft_model(hf_model(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=HF_NAMES, lora_dropout=0.0))
@@ -274,7 +276,7 @@ def test_lora_n1_equals_peft(base_dir):
 
 
 def test_merge_unmerge_model(base_dir):
-    model = llama.load_model(base_dir)
+    model = checkpoint.load_model(base_dir)
     W0 = {k: v.clone() for k, v in model.state_dict().items()}
     multilora.adapt_model(model, targets=ALL_TARGETS, n_loras=4, lora_rank=4, lora_alpha=8)
     perturb(model)
@@ -299,7 +301,7 @@ def test_merge_bf16_tolerance(base_dir):
     x = tokens()
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model = llama.load_model(base_dir, dtype=dtype)
+        model = checkpoint.load_model(base_dir, dtype=dtype)
         multilora.adapt_model(model, targets=ALL_TARGETS, n_loras=4, lora_rank=4, lora_alpha=8)
         perturb(model)
         with torch.no_grad():
@@ -316,13 +318,13 @@ def test_merge_bf16_tolerance(base_dir):
 
 
 def test_save_load_roundtrip_exact(base_dir, tmp_path):
-    model = llama.load_model(base_dir)
+    model = checkpoint.load_model(base_dir)
     settings = multilora.adapt_model(model, targets="q,v,down", n_loras=2, lora_rank=4, lora_alpha=16,
                                      scaling="scalar")
     perturb(model)
     path = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, path, settings)
-    fresh = llama.load_model(base_dir)
+    fresh = checkpoint.load_model(base_dir)
     assert multilora.apply_adapter(fresh, path) == settings
     for (k, a), (k2, b) in zip(multilora.adapter_state_dict(model).items(),
                                 multilora.adapter_state_dict(fresh).items()):
@@ -332,32 +334,32 @@ def test_save_load_roundtrip_exact(base_dir, tmp_path):
     state, loaded = multilora.load_adapter(path)
     assert loaded == settings and set(state) == set(multilora.adapter_state_dict(model))
     # apply with merge: same logits as the unmerged source to round-off
-    merged = llama.load_model(base_dir)
+    merged = checkpoint.load_model(base_dir)
     multilora.apply_adapter(merged, path, merge=True)
     torch.testing.assert_close(merged(x), model(x), rtol=0, atol=1e-5)
 
 
 def test_refuses_wrong_base_or_settings(base_dir, tmp_path):
-    model = llama.load_model(base_dir)
+    model = checkpoint.load_model(base_dir)
     multilora.adapt_model(model, n_loras=4, lora_rank=4)
     path = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, path)
     other_base = save_random_hf_llama(tmp_path / "other", hidden=32)
-    with pytest.raises(llama.UserError) as e:
-        multilora.apply_adapter(llama.load_model(other_base), path)
+    with pytest.raises(UserError) as e:
+        multilora.apply_adapter(checkpoint.load_model(other_base), path)
     assert "base_fingerprint" in str(e.value) and "dim=64" in str(e.value) and "\n" not in str(e.value)
-    other = llama.load_model(base_dir)
+    other = checkpoint.load_model(base_dir)
     multilora.adapt_model(other, n_loras=2, lora_rank=4)
-    with pytest.raises(llama.UserError, match="settings.n_loras") as e:
+    with pytest.raises(UserError, match="settings.n_loras") as e:
         multilora.apply_adapter(other, path)
     assert "\n" not in str(e.value)
-    other = llama.load_model(base_dir)
+    other = checkpoint.load_model(base_dir)
     multilora.adapt_model(other, n_loras=4, lora_rank=4, scaling="scalar")
-    with pytest.raises(llama.UserError, match="settings.scaling"):
+    with pytest.raises(UserError, match="settings.scaling"):
         multilora.apply_adapter(other, path)
     with open(tmp_path / "junk.safetensors", "wb") as f:
         f.write(b"not a safetensors file")
-    with pytest.raises(llama.UserError, match="junk.safetensors"):
+    with pytest.raises(UserError, match="junk.safetensors"):
         multilora.load_adapter(str(tmp_path / "junk.safetensors"))
 
 
@@ -365,7 +367,7 @@ def test_refuses_wrong_base_or_settings(base_dir, tmp_path):
 def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
     from peft import PeftModel
     torch.manual_seed(0)
-    model = llama.load_model(base_dir)
+    model = checkpoint.load_model(base_dir)
     multilora.adapt_model(model, finetune=finetune, targets=ALL_TARGETS, n_loras=4, lora_rank=4,
                           lora_alpha=8, scaling=scaling)
     train_steps(model)  # a trained adapter: A, B and s all moved away from their init
@@ -384,7 +386,7 @@ def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
 
 def test_hf_export_equals_ours(base_dir, tmp_path):
     torch.manual_seed(0)
-    model = llama.load_model(base_dir)
+    model = checkpoint.load_model(base_dir)
     multilora.adapt_model(model, targets=ALL_TARGETS, n_loras=4, lora_rank=4, lora_alpha=8)
     train_steps(model)
     adapter = str(tmp_path / "adapter.safetensors")
@@ -398,7 +400,7 @@ def test_hf_export_equals_ours(base_dir, tmp_path):
 
 def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
     import subprocess
-    model = llama.load_model(save_random_hf_llama(tmp_path / "other", hidden=32))
+    model = checkpoint.load_model(save_random_hf_llama(tmp_path / "other", hidden=32))
     multilora.adapt_model(model, n_loras=2, lora_rank=4)
     adapter = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, adapter)

@@ -1,7 +1,7 @@
 """train.py and configurator.py: distributed equivalence (DDP, FSDP2 over gloo), exact resume after
 SIGKILL, torn checkpoint writes, loss masking and token normalization, early errors.
 
-Everything runs on a tiny random LLaMA (saved with llama.save_hf_checkpoint) and a tiny prepared
+Everything runs on a tiny random LLaMA (saved with checkpoint.save_hf_checkpoint) and a tiny prepared
 dataset (dataset.write_dataset) made in a temporary directory; the runs that are compared with each
 other are all subprocesses with OMP_NUM_THREADS=1, so they do the same floating-point work."""
 
@@ -22,6 +22,9 @@ import llama
 import multilora
 import train
 from conftest import ROOT
+from util import UserError
+import checkpoint
+from tokenizer import load_tokenizer
 
 TIMING_KEYS = ("tokens_per_s", "mfu", "peak_mem_bytes")
 
@@ -30,14 +33,14 @@ TIMING_KEYS = ("tokens_per_s", "mfu", "peak_mem_bytes")
 def tiny(tmp_path_factory, tiny_tokenizer_path):
     """A random 2-layer GQA LLaMA with the test tokenizer, and a 3-task instruction dataset."""
     root = tmp_path_factory.mktemp("train")
-    tok = llama.load_tokenizer(tiny_tokenizer_path)
+    tok = load_tokenizer(tiny_tokenizer_path)
     config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
                                vocab_size=tok.vocab_size, max_seq_len=128, tie_embeddings=True,
                                bos_id=tok.bos_id, eos_id=[tok.eos_id])
     torch.manual_seed(0)
     model = llama.Llama(config)
     model.init_weights()
-    llama.save_hf_checkpoint(model, str(root / "base"), tokenizer_path=tiny_tokenizer_path)
+    checkpoint.save_hf_checkpoint(model, str(root / "base"), tokenizer_path=tiny_tokenizer_path)
 
     rng = random.Random(0)
 
@@ -158,7 +161,7 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
 # the loss: response tokens only, normalized by the target tokens of the whole step
 
 def load_tiny_model(tiny, finetune="multilora"):
-    model = llama.load_model(tiny["base"])
+    model = checkpoint.load_model(tiny["base"])
     torch.manual_seed(0)
     train.adapt(model, finetune, dict(targets=["q", "v"], n_loras=2, lora_rank=2, lora_alpha=4.0,
                                       lora_dropout=0.0, scaling="channel"))
@@ -320,7 +323,7 @@ def test_scratch_full_finetune_writes_a_base(tiny, tmp_path, monkeypatch):
     args = base_args(tiny, tmp_path, init_from="scratch", finetune="full", dim=32, n_layers=1, n_heads=2,
                      n_kv_heads=1, hidden_dim=48, max_seq_len=64, max_iters=2, eval_interval=2)
     train.main(args)
-    model = llama.load_model(str(tmp_path / "hf"))
+    model = checkpoint.load_model(str(tmp_path / "hf"))
     assert model.config.n_layers == 1 and model.config.n_kv_heads == 1
     assert os.path.exists(tmp_path / "hf" / "tokenizer.model")
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
@@ -383,7 +386,7 @@ def test_bad_settings_fail_early(tiny, tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     for extra, message in bad_inputs(tiny, tmp_path):
         args = base_args(tiny, tmp_path / "out") + extra
-        with pytest.raises(llama.UserError, match=message):
+        with pytest.raises(UserError, match=message):
             train.main(args)
         assert not os.path.exists(tmp_path / "out" / "metrics.jsonl")  # nothing ran
 
@@ -410,12 +413,12 @@ def test_configurator_types_files_and_lists(tmp_path):
     assert isinstance(configurator.configure(dict(defaults), [str(cfg)])["x"], float)
     bad = tmp_path / "bad.py"
     bad.write_text("n_layer = 3\n")
-    with pytest.raises(llama.UserError, match=r"bad.py: n_layer: unknown setting; known settings: flag, items"):
+    with pytest.raises(UserError, match=r"bad.py: n_layer: unknown setting; known settings: flag, items"):
         configurator.configure(dict(defaults), [str(bad)])
     for arg in ("--flag=1", "--n=1.5", "--numbers=a", "--n"):
-        with pytest.raises(llama.UserError):
+        with pytest.raises(UserError):
             configurator.configure(dict(defaults), [arg])
-    with pytest.raises(llama.UserError, match="no such config file"):
+    with pytest.raises(UserError, match="no such config file"):
         configurator.configure(dict(defaults), [str(tmp_path / "none.py")])
 
 

@@ -14,6 +14,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dataset  # noqa: E402
 import llama  # noqa: E402
+import util
 
 URLS = {"databricks-dolly-15k.jsonl":
         "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"}
@@ -29,4 +30,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dataset  # noqa: E402
 import llama  # noqa: E402
+import util
 
 BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
 URLS = {"train.jsonl": BASE_URL + "train.jsonl", "test.jsonl": BASE_URL + "test.jsonl"}
@@ -36,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

@@ -21,6 +21,8 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dataset  # noqa: E402
 import llama  # noqa: E402
+from util import UserError
+import util
 
 URLS = {"data.tar": "https://people.eecs.berkeley.edu/~hendrycks/data.tar"}
 HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
@@ -37,7 +39,7 @@ def read_folder(folder, split):
         for line, (question, *choices, answer) in dataset.read_csv(path, HEADER, len(HEADER)):
             answer = answer.strip()
             if answer not in ("0", "1", "2", "3", "A", "B", "C", "D"):
-                raise llama.UserError(f"{path}:{line}: answer: expected 0-3 or A-D, got {answer!r}")
+                raise UserError(f"{path}:{line}: answer: expected 0-3 or A-D, got {answer!r}")
             records.append(dict(
                 task="mmlu",
                 instruction=f"The following is a multiple choice question{about}. Answer with the letter of the correct choice.",
@@ -55,13 +57,13 @@ def read_source(source):
                 with tarfile.open(source) as tar:
                     tar.extractall(tmp, filter="data")
             except tarfile.TarError as e:
-                raise llama.UserError(f"{source}: not a readable tar file ({e})") from None
+                raise UserError(f"{source}: not a readable tar file ({e})") from None
             return read_source(tmp)
     if not os.path.isdir(os.path.join(source, "dev")) and os.path.isdir(os.path.join(source, "data")):
         source = os.path.join(source, "data")
     folders = {split: os.path.join(source, split) for split in ("auxiliary_train", "dev", "val", "test")}
     if not any(os.path.isdir(folders[split]) for split in ("auxiliary_train", "dev")):
-        raise llama.UserError(f"--source={source}: expected a dev/ or auxiliary_train/ folder of CSV files")
+        raise UserError(f"--source={source}: expected a dev/ or auxiliary_train/ folder of CSV files")
     read = {split: read_folder(folder, split) for split, folder in folders.items() if os.path.isdir(folder)}
     splits = {"train": read.get("auxiliary_train", []) + read.get("dev", [])}
     splits.update({split: read[split] for split in ("val", "test") if split in read})
@@ -73,4 +75,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

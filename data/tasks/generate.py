@@ -41,6 +41,8 @@ sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
 import dataset  # noqa: E402
 import llama  # noqa: E402
+import util
+from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
@@ -208,7 +210,7 @@ def main(argv=None):
                   for line in (dataset.format_prompt(r["instruction"], r["input"]) + r["response"]).split("\n") if line]
     train_tokenizer(documents + task_lines, config["vocab_size"], tokenizer_path)
     print(f"wrote {tokenizer_path}")
-    tok = llama.load_tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
 
     prepare_config = dict(dataset.PREPARE_DEFAULTS, seed=config["seed"], tokenizer=os.path.relpath(tokenizer_path, ROOT))
     dataset.prepare("tasks", splits, dict(prepare_config, out_dir=os.path.join(config["out_dir"], "tasks"),
@@ -229,4 +231,4 @@ def write_corpus(documents, out_dir, tok, max_len):
         print(f"tasks_corpus {split}: {c['examples']} documents, {c['tokens']} tokens, {c['dropped_over_long']} dropped as longer than max_len={max_len}")
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

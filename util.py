@@ -1,0 +1,67 @@
+"""
+What every script shares: the error a user can fix, the command-line wrapper that prints it as one
+line, the one way files are written (atomically), and the lock that keeps two runs out of one folder.
+"""
+import fcntl
+import os
+import sys
+from contextlib import contextmanager
+
+
+class UserError(ValueError):
+    """A problem the user can fix (a path, a setting, a file). Scripts print it as one line."""
+
+
+def run_cli(main, argv=None):
+    """Run a script's main(argv); a UserError or an OS error (disk full, permission, a file where a
+    folder should be) becomes one line on stderr, 'error: ...', and a non-zero exit status."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
+
+
+@contextmanager
+def atomic_write(path):
+    """with atomic_write(path) as tmp: write the file at tmp. On success it replaces path in one
+    rename, with the permissions an ordinary new file gets (the umask's); on any error the temporary
+    file is removed and path is untouched. A crash leaves the old file or the new one, never half."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; a serving account must read them
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def remove_stale_tmp(folder):
+    """Remove temporary files (*.<pid>.tmp) left behind by a process that was killed mid-write."""
+    for name in os.listdir(folder):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+
+
+def lock_folder(folder):
+    """An exclusive lock on folder/.lock, held until this process ends (the OS releases it when the
+    holder dies, so a crash never leaves a stale lock). A second live process gets a UserError."""
+    f = open(os.path.join(folder, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{folder}: another process is using this folder (it holds {folder}/.lock)") from None
+    return f  # keep a reference: closing the file releases the lock
