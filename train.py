@@ -23,7 +23,6 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -105,143 +104,6 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 CHECKPOINT = "ckpt.pt"
 ADAPTER = "adapter.safetensors"
 METRICS = "metrics.jsonl"
-IGNORE = -100  # target id of positions without loss (prompt, padding): F.cross_entropy's ignore_index
-
-
-# -----------------------------------------------------------------------------
-# data: prepared splits, a task mixture, micro-batches
-
-def load_splits(dataset_dirs, split):
-    """One dataset.PreparedSplit per directory; a missing or empty one is a UserError."""
-    if not dataset_dirs:
-        raise UserError("datasets: expected at least one prepared dataset directory")
-    splits = []
-    for d in dataset_dirs:
-        if not os.path.isdir(d):
-            raise UserError(f"{d}: dataset directory not found (datasets setting)")
-        s = dataset.load_dataset(d, split)
-        if len(s) == 0:
-            raise UserError(f"{d}: {split} split is empty")
-        splits.append(s)
-    return splits
-
-
-def task_pools(splits):
-    """Group the examples of all splits by task name -> (names, pools); pools[t] is an (n_t, 2) int64
-    array of (dataset index, example index). A task present in two datasets is one task."""
-    names, parts = [], []
-    for d, s in enumerate(splits):
-        task_of = np.asarray(s.task)
-        for j, name in enumerate(s.tasks):
-            idx = np.flatnonzero(task_of == j)
-            if len(idx) == 0:
-                continue
-            if name not in names:
-                names.append(name)
-                parts.append([])
-            parts[names.index(name)].append(np.stack([np.full(len(idx), d), idx], axis=1))
-    return names, [np.concatenate(p).astype(np.int64) for p in parts]
-
-
-def mixture_weights(sizes, mixture, temperature):
-    """Sampling probability of each task from its number of training examples."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    if mixture == "proportional":
-        w = sizes
-    elif mixture == "equal":
-        w = np.ones_like(sizes)
-    else:  # 'temperature': T = 1 is proportional, T -> infinity is equal
-        w = sizes ** (1.0 / temperature)
-    return w / w.sum()
-
-
-@lru_cache(maxsize=64)
-def epoch_order(seed, task, epoch, n):
-    return np.random.default_rng([seed, 1, task, epoch]).permutation(n)
-
-
-def sample_examples(pools, weights, position, n, seed, iter_num):
-    """The n examples of one optimizer step of the whole job, as (dataset index, example index) rows.
-    Each slot's task is drawn with the mixture weights from an RNG seeded by (seed, iter_num); within
-    a task, examples come in the order of a per-epoch permutation, so the data position is just the
-    number taken from each task so far: `position` (updated in place) goes into the checkpoint."""
-    tasks = np.random.default_rng([seed, 0, iter_num]).choice(len(pools), size=n, p=weights)
-    rows = []
-    for t in tasks:
-        epoch, k = divmod(position[t], len(pools[t]))
-        rows.append(pools[t][epoch_order(seed, int(t), epoch, len(pools[t]))[k]])
-        position[t] += 1
-    return rows
-
-
-def first_fit(lengths, capacity):
-    """Bin packing, first-fit decreasing: -> rows, each a list of indices into lengths whose sum
-    is at most capacity (no single length may exceed it). Few rows, not always the fewest (that is
-    NP-hard); deterministic: ties keep their order."""
-    rows, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = next((r for r in range(len(rows)) if room[r] >= lengths[i]), len(rows))
-        if r == len(rows):
-            rows.append([])
-            room.append(capacity)
-        rows[r].append(i)
-        room[r] -= lengths[i]
-    return rows
-
-
-def collate(examples, pad_id, device, pack=False):
-    """[(ids, mask)] -> (x, y, positions, segments): x (R, T) inputs, y (R, T) targets.
-    Token j is predicted from tokens < j: x = ids[:-1], y = ids[1:] where mask[1:] = 1 (response
-    and EOS), IGNORE elsewhere (prompt, padding), so prompt tokens contribute nothing to the loss.
-
-    Unpacked (positions, segments None): one example per row, right-padded to the longest; right
-    padding needs no attention mask, as a causal model never looks at later positions.
-    Packed: the examples go end to end into fewer rows of that same length T (first_fit; no
-    example is split), each with RoPE positions 0..n-1 and its own segment id, so
-    that the model's block-diagonal mask gives every example exactly the logits it gets alone.
-    Same loss, same gradients, far fewer padded positions when lengths vary (Alpaca: 63% of a
-    padded batch of 32 is padding). When nothing shares a row, the plain padded batch is returned."""
-    lengths = [len(ids) - 1 for ids, _ in examples]
-    T = max(lengths)
-    rows = [[i] for i in range(len(examples))]  # one example per row
-    if pack:
-        rows = first_fit(lengths, T)
-    packed = len(rows) < len(examples)
-    x = np.full((len(rows), T), pad_id, dtype=np.int64)
-    y = np.full((len(rows), T), IGNORE, dtype=np.int64)
-    positions = np.zeros((len(rows), T), dtype=np.int64)
-    segments = np.full((len(rows), T), -1, dtype=np.int64)  # padding: a segment of its own
-    for r, row in enumerate(rows):
-        start = 0
-        for k, i in enumerate(row):
-            (ids, mask), end = examples[i], start + lengths[i]
-            x[r, start:end] = ids[:-1]
-            y[r, start:end] = np.where(mask[1:] == 1, ids[1:], IGNORE)
-            positions[r, start:end] = np.arange(lengths[i])
-            segments[r, start:end] = k
-            start = end
-    arrays = (x, y, positions, segments) if packed else (x, y)
-    if str(device).startswith("cuda"):
-        tensors = [torch.from_numpy(a).pin_memory().to(device, non_blocking=True) for a in arrays]
-    else:
-        tensors = [torch.from_numpy(a).to(device) for a in arrays]
-    return tuple(tensors) if packed else (*tensors, None, None)
-
-
-def micro_batches(splits, rows, batch_size, rank, world_size, pad_id, device, pack=False):
-    """Cut one step's examples into micro-batches of batch_size; this process takes its contiguous
-    share (micro-step g of the job is on rank g // (steps / world_size)), so 1 or N processes see the
-    same global batch in the same micro-batches. -> ([collate's (x, y, positions, segments)], target
-    tokens, input tokens without padding), the counts taken on the host so that they cost no device
-    synchronization."""
-    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-    per_rank = len(groups) // world_size
-    examples = [[splits[d].example(i)[:2] for d, i in g] for g in groups[rank * per_rank:(rank + 1) * per_rank]]
-    n_targets = sum(int(mask[1:].sum()) for g in examples for _, mask in g)
-    n_tokens = sum(len(ids) - 1 for g in examples for ids, _ in g)
-    return [collate(g, pad_id, device, pack) for g in examples], n_targets, n_tokens
-
-
 # -----------------------------------------------------------------------------
 # model: base, adapters, precision
 
@@ -323,7 +185,7 @@ def peak_memory_bytes(device_type):
 
 def train_step(model, optimizer, batches, n_targets, world_size=1, autocast_ctx=nullcontext(), scaler=None,
                grad_clip=0.0, ddp=False, fsdp=False):
-    """One optimizer step over this process's micro-batches [(x, y, positions, segments)] (collate's).
+    """One optimizer step over this process's micro-batches [(x, y, positions, segments)] (dataset.collate's).
 
     loss = Σ (token losses of all micro-steps on all ranks) / n_targets, n_targets being the number of
     target tokens of the whole step (all-reduced before the step), so the result does not depend on
@@ -336,7 +198,7 @@ def train_step(model, optimizer, batches, n_targets, world_size=1, autocast_ctx=
         if fsdp:
             model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not last else nullcontext():
-            is_target = y != IGNORE  # (B, T)
+            is_target = y != dataset.IGNORE  # (B, T)
             with autocast_ctx:
                 # (N, V): lm_head only where there is a loss
                 logits = model(x, positions=positions, segments=segments, logits_at=is_target)
@@ -382,8 +244,8 @@ def evaluate(model, splits, pools, eval_examples, batch_size, pad_id, device, au
     sums = torch.zeros(len(pools), 2, dtype=torch.float64, device=device)  # (loss sum, target tokens)
     model.eval()
     for t, rows in work[rank::world_size]:
-        x, y, positions, segments = collate([splits[d].example(i)[:2] for d, i in rows], pad_id, device, pack)
-        is_target = y != IGNORE
+        x, y, positions, segments = dataset.collate([splits[d].example(i)[:2] for d, i in rows], pad_id, device, pack)
+        is_target = y != dataset.IGNORE
         with autocast_ctx:
             logits = model(x, positions=positions, segments=segments, logits_at=is_target)  # (N, V)
         if t >= 0:
@@ -518,8 +380,8 @@ def main(argv=None):
     hf_path = hf_dir or os.path.join(out_dir, "hf")
     if resume and not os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path}: resume=True but there is no checkpoint to resume from")
-    train_splits = load_splits(datasets, "train")
-    val_splits = load_splits(datasets, "val")
+    train_splits = dataset.load_splits(datasets, "train")
+    val_splits = dataset.load_splits(datasets, "val")
     meta = train_splits[0].meta
     for s in train_splits[1:]:
         for key in ("vocab_size", "bos_id", "eos_id"):
@@ -612,9 +474,9 @@ def main(argv=None):
     autocast_ctx = autocast_context(device_type, dtype)
 
     # data: the task mixture
-    task_names, pools = task_pools(train_splits)
-    weights = mixture_weights([len(p) for p in pools], mixture, mixture_temperature)
-    val_names, val_pools = task_pools(val_splits)
+    task_names, pools = dataset.task_pools(train_splits)
+    weights = dataset.mixture_weights([len(p) for p in pools], mixture, mixture_temperature)
+    val_names, val_pools = dataset.task_pools(val_splits)
     log("tasks: " + ", ".join(f"{n} ({len(p)} examples, p={w:.3f})" for n, p, w in zip(task_names, pools, weights)))
     pad_id = model_config.eos_id[0]  # any id: padding is never a target and never attended to
     lr_decay_end = lr_decay_iters or max_iters
@@ -717,8 +579,8 @@ def main(argv=None):
         lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_end, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = sample_examples(pools, weights, position, n_rows, seed, iter_num)
-        batches, n_targets, n_tokens = micro_batches(train_splits, rows, batch_size, rank, world_size, pad_id, run_device, pack)
+        rows = dataset.sample_examples(pools, weights, position, n_rows, seed, iter_num)
+        batches, n_targets, n_tokens = dataset.micro_batches(train_splits, rows, batch_size, rank, world_size, pad_id, run_device, pack)
         counts = torch.tensor([n_targets, n_tokens], device=run_device)
         if ddp:
             dist.all_reduce(counts)  # target tokens of the whole step: the loss's denominator

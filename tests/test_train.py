@@ -176,16 +176,16 @@ def load_tiny_model(tiny, finetune="multilora"):
 def test_collate_masks_prompt_and_padding(tiny):
     split = dataset.load_dataset(tiny["data"], "train")
     examples = [split.example(i)[:2] for i in range(3)]
-    x, y, positions, segments = train.collate(examples, pad_id=2, device="cpu")
+    x, y, positions, segments = dataset.collate(examples, pad_id=2, device="cpu")
     assert positions is None and segments is None
     assert x.shape == y.shape == (3, max(len(ids) for ids, _ in examples) - 1)
     for b, (ids, mask) in enumerate(examples):
         n = len(ids) - 1
         assert x[b, :n].tolist() == ids[:-1].tolist()
-        target = (y[b] != train.IGNORE).nonzero().flatten().tolist()
+        target = (y[b] != dataset.IGNORE).nonzero().flatten().tolist()
         assert target == [j - 1 for j in range(1, len(ids)) if mask[j]]  # response + EOS only
         assert y[b, target].tolist() == [int(ids[j + 1]) for j in target]
-        assert (y[b, n:] == train.IGNORE).all()
+        assert (y[b, n:] == dataset.IGNORE).all()
 
 
 def test_loss_counts_only_response_tokens(tiny):
@@ -194,7 +194,7 @@ def test_loss_counts_only_response_tokens(tiny):
     model = load_tiny_model(tiny)
     split = dataset.load_dataset(tiny["data"], "train")
     examples = [split.example(i)[:2] for i in range(4)]
-    x, y, _, _ = train.collate(examples, pad_id=0, device="cpu")
+    x, y, _, _ = dataset.collate(examples, pad_id=0, device="cpu")
     with torch.no_grad():
         logp = torch.log_softmax(model(x).double(), dim=-1)
     total, count = 0.0, 0
@@ -207,17 +207,17 @@ def test_loss_counts_only_response_tokens(tiny):
     loss_sum = train.train_step(model, optimizer, [(x, y, None, None)], n_targets=count)
     assert loss_sum.item() / count == pytest.approx(total / count, rel=1e-5)
     # what a prompt position would have to predict cannot matter: it is not a target
-    prompt_positions = (y == train.IGNORE) & (x != 0)
+    prompt_positions = (y == dataset.IGNORE) & (x != 0)
     assert prompt_positions.sum() > 0
-    assert int((y != train.IGNORE).sum()) == count
+    assert int((y != dataset.IGNORE).sum()) == count
 
 
 def grads_of_split(tiny, examples, batch_size, pack=False):
     model = load_tiny_model(tiny)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    batches = [train.collate(examples[i:i + batch_size], 0, "cpu", pack) for i in range(0, len(examples), batch_size)]
-    n_targets = sum(int((y != train.IGNORE).sum()) for _, y, _, _ in batches)
+    batches = [dataset.collate(examples[i:i + batch_size], 0, "cpu", pack) for i in range(0, len(examples), batch_size)]
+    n_targets = sum(int((y != dataset.IGNORE).sum()) for _, y, _, _ in batches)
     loss = train.train_step(model, torch.optim.SGD(params, lr=1.0), batches, n_targets).item() / n_targets
     return loss, [b - p.detach() for b, p in zip(before, params)]  # SGD with lr 1: the gradient
 
@@ -235,9 +235,9 @@ def test_token_normalized_loss_is_independent_of_micro_steps(tiny):
     model = load_tiny_model(tiny)
     means = []
     for ids, mask in examples:
-        x, y, _, _ = train.collate([(ids, mask)], 0, "cpu")
+        x, y, _, _ = dataset.collate([(ids, mask)], 0, "cpu")
         with torch.no_grad():
-            means.append(torch.nn.functional.cross_entropy(model(x)[0], y[0], ignore_index=train.IGNORE).item())
+            means.append(torch.nn.functional.cross_entropy(model(x)[0], y[0], ignore_index=dataset.IGNORE).item())
     assert abs(np.mean(means) - loss_1) > 1e-3
 
 
@@ -256,15 +256,15 @@ def varied_lengths(tiny, n):
 
 def test_packed_collate_places_every_example_whole(tiny):
     examples = varied_lengths(tiny, 9)
-    x, y, positions, segments = train.collate(examples, pad_id=0, device="cpu", pack=True)
+    x, y, positions, segments = dataset.collate(examples, pad_id=0, device="cpu", pack=True)
     T = max(len(ids) for ids, _ in examples) - 1
     assert x.shape[1] == T and x.shape[0] < len(examples)  # the same row length, fewer rows
-    _, y_pad, _, _ = train.collate(examples, pad_id=0, device="cpu")
+    _, y_pad, _, _ = dataset.collate(examples, pad_id=0, device="cpu")
     found = []
     for r in range(x.shape[0]):
         for s in segments[r].unique().tolist():
             if s < 0:
-                assert (y[r, segments[r] == s] == train.IGNORE).all()  # padding is no target
+                assert (y[r, segments[r] == s] == dataset.IGNORE).all()  # padding is no target
                 continue
             at = (segments[r] == s).nonzero().flatten()
             assert at.tolist() == list(range(int(at[0]), int(at[-1]) + 1))  # contiguous
@@ -278,7 +278,7 @@ def test_packing_gives_the_same_loss_and_gradients(tiny):
     """A packed micro-batch (block-diagonal attention, restarted positions) trains exactly as the
     padded one: loss and every adapter gradient, in one micro-step and split in two."""
     examples = varied_lengths(tiny, 8)
-    assert train.collate(examples, 0, "cpu", pack=True)[0].shape[0] < 8  # it does pack
+    assert dataset.collate(examples, 0, "cpu", pack=True)[0].shape[0] < 8  # it does pack
     loss_pad, grads_pad = grads_of_split(tiny, examples, 8)
     for batch_size in (8, 4):
         loss_pack, grads_pack = grads_of_split(tiny, examples, batch_size, pack=True)
@@ -289,7 +289,7 @@ def test_packing_gives_the_same_loss_and_gradients(tiny):
 
 def test_tasks_are_grouped_by_name_across_datasets(tiny):
     one = dataset.load_dataset(tiny["data"], "train")
-    names, pools = train.task_pools([one, one])
+    names, pools = dataset.task_pools([one, one])
     assert sorted(names) == ["add", "reverse", "upper"]
     for name, pool in zip(names, pools):
         assert len(pool) == 2 * int((np.asarray(one.task) == one.tasks.index(name)).sum())
@@ -298,20 +298,20 @@ def test_tasks_are_grouped_by_name_across_datasets(tiny):
 
 
 def test_mixture_weights_and_sampler():
-    w = train.mixture_weights([100, 25, 25], "proportional", 2.0)
+    w = dataset.mixture_weights([100, 25, 25], "proportional", 2.0)
     assert w.tolist() == pytest.approx([2 / 3, 1 / 6, 1 / 6])
-    assert train.mixture_weights([100, 25, 25], "equal", 2.0).tolist() == pytest.approx([1 / 3] * 3)
-    t = train.mixture_weights([100, 25, 25], "temperature", 2.0)  # p ∝ n^(1/2): 10, 5, 5
+    assert dataset.mixture_weights([100, 25, 25], "equal", 2.0).tolist() == pytest.approx([1 / 3] * 3)
+    t = dataset.mixture_weights([100, 25, 25], "temperature", 2.0)  # p ∝ n^(1/2): 10, 5, 5
     assert t.tolist() == pytest.approx([0.5, 0.25, 0.25])
     pools = [np.array([[0, i] for i in range(5)]), np.array([[0, 5 + i] for i in range(3)])]
     position = [0, 0]
-    rows = [tuple(r) for it in range(6) for r in train.sample_examples(pools, [0.5, 0.5], position, 4, 7, it)]
+    rows = [tuple(r) for it in range(6) for r in dataset.sample_examples(pools, [0.5, 0.5], position, 4, 7, it)]
     assert sum(position) == 24
     # without replacement within an epoch: each example of a task once before any twice
     task0 = [r for r in rows if r[1] < 5]
     assert sorted(task0[:5]) == [(0, i) for i in range(5)]
     again = [0, 0]
-    assert rows == [tuple(r) for it in range(6) for r in train.sample_examples(pools, [0.5, 0.5], again, 4, 7, it)]
+    assert rows == [tuple(r) for it in range(6) for r in dataset.sample_examples(pools, [0.5, 0.5], again, 4, 7, it)]
 
 
 # -----------------------------------------------------------------------------
@@ -436,5 +436,5 @@ def test_config_files_are_valid(monkeypatch):
 
 def test_first_fit_against_hand_computed_rows():
     # longest first: 7 opens row 0, 5 row 1, 4 row 2; 3 fits row 1 (5+3 = 8), 1 fits row 0 (7+1)
-    assert train.first_fit([3, 7, 5, 1, 4], 8) == [[1, 3], [2, 0], [4]]
-    assert train.first_fit([2, 2, 2], 2) == [[0], [1], [2]]  # nothing shares: one per row
+    assert dataset.first_fit([3, 7, 5, 1, 4], 8) == [[1, 3], [2, 0], [4]]
+    assert dataset.first_fit([2, 2, 2], 2) == [[0], [1], [2]]  # nothing shares: one per row
