@@ -65,3 +65,23 @@ def lock_folder(folder):
         f.close()
         raise UserError(f"{folder}: another process is using this folder (it holds {folder}/.lock)") from None
     return f  # keep a reference: closing the file releases the lock
+
+
+def default_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(name):
+    """A setting check (configurator): None if torch can run on this device here, else what is expected."""
+    import torch
+    kind = name.split(":")[0]
+    if kind == "cpu" and name == "cpu":
+        return None
+    if kind == "cuda" and torch.cuda.is_available():
+        index = name[5:]
+        return None if index == "" or (index.isdigit() and int(index) < torch.cuda.device_count()) else \
+            f"cuda or cuda:N with N < {torch.cuda.device_count()}"
+    if kind == "mps" and torch.backends.mps.is_available():
+        return None
+    return "cpu" + ", cuda" * torch.cuda.is_available() + " (no CUDA device here)" * (not torch.cuda.is_available())
