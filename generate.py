@@ -4,6 +4,7 @@ Generate text from a LLaMA checkpoint (either layout), optionally with a MultiLo
     python generate.py --ckpt_dir=DIR --prompt="Once upon a time" --max_new_tokens=60 --temperature=0
     python generate.py --ckpt_dir=DIR --prompt_file=prompts.txt --temperature=0.8 --top_p=0.9 --seed=1
     python generate.py --adapter=out/tasks-multilora/adapter.safetensors   # the embedded default's result
+    python generate.py --help                                              # every setting
 
 The prompt gets BOS prepended, as LLaMA was trained; generation stops at EOS. Several prompts
 (--prompt_file, one per line, or prompts separated by "|" with --prompt) run as one left-padded batch.
@@ -14,55 +15,49 @@ import time
 
 import torch
 
-import llama
-from configurator import configure
-from util import UserError
-import util
 import checkpoint
-from tokenizer import load_tokenizer, check_tokenizer
+import llama
+import util
+from configurator import S, configure, declared
+from tokenizer import check_tokenizer, load_tokenizer
+from util import UserError
 
 # -----------------------------------------------------------------------------
-ckpt_dir = "data/tiny_base"  # base model: HF (config.json) or Meta (params.json) layout
-tokenizer = ""               # tokenizer.model path; default: the one in ckpt_dir
-adapter = ""                 # an adapter.safetensors written by train.py / multilora.py
-merge = True                 # merge the adapter into the weights (no inference overhead)
-prompt = ("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3\n\n### Response:\n|"
-          "### Instruction:\nIs the number even or odd?\n\n### Input:\n41\n\n### Response:\n|"
-          "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6\n\n### Response:\n")
-prompt_file = ""             # one prompt per line (\n inside a prompt written as \\n)
-max_new_tokens = 60
-temperature = 0.0            # 0 = greedy
-top_k = 0                    # 0 = off
-top_p = 1.0                  # 1.0 = off
-seed = 1337
-dtype = "float32"            # float32 | bfloat16 | float16
-device = "cpu"
+ckpt_dir = S("data/tiny_base", None, "base model: HF (config.json) or Meta (params.json) layout")
+tokenizer = S("", None, "tokenizer.model path; empty = the one in ckpt_dir")
+adapter = S("", None, "an adapter.safetensors written by train.py / multilora.py")
+merge = S(True, None, "merge the adapter into the weights (no inference overhead)")
+prompt = S("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3\n\n### Response:\n|"
+           "### Instruction:\nIs the number even or odd?\n\n### Input:\n41\n\n### Response:\n|"
+           "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6\n\n### Response:\n",
+           None, "prompts separated by |")
+prompt_file = S("", None, "one prompt per line (\\n inside a prompt written as \\\\n); replaces --prompt")
+max_new_tokens = S(60, "[1, inf)", "tokens to generate per prompt at most")
+temperature = S(0.0, "[0, inf)", "0 = greedy")
+top_k = S(0, "[0, inf)", "sample from the k most likely tokens; 0 = off")
+top_p = S(1.0, "(0, 1]", "sample from the smallest set of tokens with this much probability; 1 = off")
+seed = S(1337, None, "sampling seed")
+dtype = S("float32", ("float32", "bfloat16", "float16"), "weights dtype")
+device = S(util.default_device(), util.check_device, "cpu, cuda, cuda:N or mps")
+SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
-    globals().update(configure(defaults, sys.argv[1:] if argv is None else argv))
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+def main(argv):
+    globals().update(configure(SETTINGS, argv))
+    prompts = prompt.split("|")
+    if prompt_file:  # read before the model: a wrong path costs no loading time
+        with open(prompt_file) as f:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        if not prompts:
+            raise UserError(f"{prompt_file}: no prompts in file")
     t0 = time.perf_counter()
-    model = checkpoint.load_model(ckpt_dir, dtype=getattr(torch, dtype), device=device)
-    model.eval()
+    model = checkpoint.load_model(ckpt_dir, dtype=getattr(torch, dtype), device=device).eval()
     tok = load_tokenizer(tokenizer or ckpt_dir)
     check_tokenizer(tok, model.config, ckpt_dir)
     if adapter:
         import multilora
         multilora.apply_adapter(model, adapter, merge=merge)
-    if prompt_file:
-        try:
-            with open(prompt_file) as f:
-                prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-        except OSError as e:
-            raise UserError(f"{prompt_file}: cannot read prompt file ({e.strerror})") from None
-        if not prompts:
-            raise UserError(f"{prompt_file}: no prompts in file")
-    else:
-        prompts = prompt.split("|")
     t_load = time.perf_counter() - t0
 
     t1 = time.perf_counter()
