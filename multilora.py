@@ -8,8 +8,9 @@ The second line is how it is computed: the n modules are ONE rank-(n·r) LoRA wh
 (a (d_out, n·r) elementwise product), so MultiLoRA costs what a LoRA of rank n·r costs.
 Plain LoRA is the same layer with init="lora": n = 1, B = 0, no s.
 
-Contents: MultiLoRALinear; adapt_model / count_trainable; adapter files (save/load/apply);
-merge_adapters / unmerge_adapters; delta_weights (for analyze.py); peft_adapter (for export.py).
+Contents: MultiLoRALinear; adapt_model / count_trainable; merge_adapters / unmerge_adapters;
+delta_weights (for analyze.py); adapter files (save_adapter / load_adapter / apply_adapter).
+export.py turns an adapter into a PEFT one; docs/method.md walks through the method and this file.
 """
 
 import hashlib
@@ -20,10 +21,10 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from util import UserError
+from checkpoint import iter_safetensors, read_safetensors_header
+from util import UserError, atomic_write
 
 # short target names -> module paths inside one llama.py layer (HF names without "model.")
 TARGET_MODULES = {
@@ -187,6 +188,7 @@ def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_lor
                                 scaling, init=finetune)
         setattr(parent, child_name, layer)
     model.adapter_settings = settings
+    model.base_sample = base_sample(model)  # the base as it is now, for the adapter file
     return settings
 
 
@@ -216,10 +218,24 @@ def delta_weights(model):
 # adapter files: safetensors with only the lora_ tensors, settings + base fingerprint in the metadata
 
 def base_fingerprint(model):
-    """Hash of the base model's parameter names and shapes (the adapter's lora_ keys excluded).
-    Shapes, not values: a base of the same architecture but other weights is not detected."""
+    """Hash of the base model's parameter names and shapes (the adapter's lora_ keys excluded)."""
     lines = [f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters() if not is_lora_key(name)]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def base_sample(model, n=8):
+    """A few of the base's weight values (n evenly spaced entries of the embedding, the first layer's
+    q_proj and the final norm): two bases of the same shapes but other weights differ here, while the
+    same base loaded in fp32 or bf16 agrees to bf16 precision. Taken before FSDP shards the model."""
+    params = dict(model.named_parameters())
+    sample = []
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "norm.weight"):
+        p = params.get(name)
+        if p is not None and p.device.type != "meta":
+            flat = p.detach().reshape(-1)
+            sample += flat[torch.linspace(0, flat.numel() - 1, n).long()].float().tolist()
+    return sample
 
 
 def base_summary(model):
@@ -242,63 +258,70 @@ def save_adapter(model, path, settings=None, state=None):
     state = adapter_state_dict(model) if state is None else state
     tensors = {k: v.float().contiguous().cpu() for k, v in state.items()}
     metadata = {"format": ADAPTER_FORMAT, "settings": json.dumps(settings, sort_keys=True),
-                "base_fingerprint": base_fingerprint(model), "base_summary": base_summary(model)}
+                "base_fingerprint": base_fingerprint(model), "base_summary": base_summary(model),
+                "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model))}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    sort_safetensors_header(tmp)
-    os.replace(tmp, path)
-
-
-def sort_safetensors_header(path):
-    """safetensors keeps the metadata in a hash map whose order changes from process to process: rewrite
-    the JSON header with sorted keys (same length, padded with spaces as the format allows), so the
-    same adapter always gives the same bytes (train.py's resume test compares them)."""
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) <= n:
-            f.seek(8)
-            f.write(text.ljust(n))
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
+ADAPTER_SETTINGS = {  # what an adapter file's metadata.settings must hold: key -> (expected, test)
+    "finetune": ("'multilora' or 'lora'", lambda v: v in ("multilora", "lora")),
+    "targets": ("a list of names from " + ",".join(TARGET_MODULES), lambda v: isinstance(v, list) and v != []
+                and all(t in TARGET_MODULES for t in v)),
+    "n_loras": ("an int >= 1", lambda v: type(v) is int and v >= 1),
+    "lora_rank": ("an int >= 1", lambda v: type(v) is int and v >= 1),
+    "lora_alpha": ("a number", lambda v: type(v) in (int, float) and math.isfinite(v)),
+    "lora_dropout": ("a number in [0, 1)", lambda v: type(v) in (int, float) and 0 <= v < 1),
+    "scaling": ("'channel' or 'scalar'", lambda v: v in ("channel", "scalar")),
+}
 
 
-def load_adapter(path, model=None):
-    """Read an adapter file -> (state {key: tensor}, settings). With a model, refuse (UserError, one
-    line) a file made for another base, or for other settings than the model is adapted with."""
+def load_adapter(path, model=None, any_base=False):
+    """Read an adapter file -> (state {key: tensor}, settings), checked: a safetensors file of finite
+    floating-point tensors, metadata of the right types. With a model, refuse (UserError, one line) a
+    file made for another base (names and shapes; and weights, unless any_base) or for other settings
+    than the model is adapted with."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: adapter file not found")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    _, metadata, _ = read_safetensors_header(path)
+    state = dict(iter_safetensors(path))
+    for k, v in state.items():
+        if not torch.isfinite(v).all():
+            raise UserError(f"{path}: {k}: not finite (NaN or inf): the run that wrote it diverged")
     if metadata.get("format") != ADAPTER_FORMAT:
         raise UserError(f"{path}: metadata.format: expected {ADAPTER_FORMAT!r}, got {metadata.get('format')!r}")
     try:
         settings = json.loads(metadata["settings"])
-        missing = [k for k in SETTINGS_THAT_MUST_MATCH + ("lora_dropout",) if k not in settings]
-    except Exception:
-        raise UserError(f"{path}: metadata.settings: expected a JSON dict of adapter settings") from None
-    if missing:
-        raise UserError(f"{path}: metadata.settings: missing {', '.join(missing)}")
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: metadata.settings: expected a JSON object of adapter settings") from None
+    for k, (expected, ok) in ADAPTER_SETTINGS.items():
+        value = settings.get(k) if isinstance(settings, dict) else None
+        if not ok(value):
+            raise UserError(f"{path}: metadata.settings.{k}: expected {expected}, got {value!r}")
     if model is not None:
-        check_adapter(path, state, settings, metadata, model)
+        check_adapter(path, state, settings, metadata, model, any_base)
     return state, settings
 
 
-def check_adapter(path, state, settings, metadata, model):
+def check_adapter(path, state, settings, metadata, model, any_base=False):
     want, have = metadata.get("base_fingerprint"), base_fingerprint(model)
     if want != have:
         raise UserError(f"{path}: base_fingerprint: adapter was made for a base with "
                         f"{metadata.get('base_summary', '?')} (fingerprint {want}), this model has "
                         f"{base_summary(model)} (fingerprint {have})")
+    try:
+        sample = json.loads(metadata.get("base_sample") or "null")
+    except ValueError:
+        sample = None
+    here = getattr(model, "base_sample", None) or base_sample(model)
+    if not any_base and sample is not None:  # files without a sample (older ones) are checked by shape only
+        same = isinstance(sample, list) and len(sample) == len(here) and all(
+            isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6 for a, b in zip(sample, here))
+        if not same:
+            raise UserError(f"{path}: base_sample: the adapter was trained on a base of the same shapes but other "
+                            f"weights; pass any_base=True (--adapter_any_base=True) if you mean to apply it anyway")
     current = getattr(model, "adapter_settings", None)
     if current is not None:
         for k in SETTINGS_THAT_MUST_MATCH:
@@ -312,11 +335,11 @@ def check_adapter(path, state, settings, metadata, model):
                 raise UserError(f"{path}: {k}: expected shape {expected.get(k)}, got {got.get(k)}")
 
 
-def apply_adapter(model, path, merge=False):
+def apply_adapter(model, path, merge=False, any_base=False):
     """Adapt a base model with the file's settings (unless already adapted with the same ones), load
     the adapter into it, and merge it into the frozen weights if merge (zero inference overhead).
     Returns the settings."""
-    state, settings = load_adapter(path, model)  # checks the base before the model is touched
+    state, settings = load_adapter(path, model, any_base)  # checks the base before the model is touched
     if getattr(model, "adapter_settings", None) is None:
         adapt_model(model, **{k: settings[k] for k in SETTINGS_THAT_MUST_MATCH + ("lora_dropout",)})
         check_adapter(path, state, settings, {"base_fingerprint": base_fingerprint(model)}, model)
