@@ -10,7 +10,7 @@ A script declares each setting next to its default, with what it allows and a co
     learning_rate = S(3e-3, "(0, inf)", "peak learning rate")
     warmup_iters = S(20, "[0, max_iters]", "linear warmup steps")        # a bound may name a setting
     finetune = S("multilora", ("multilora", "lora", "full"), "the arm")  # choices
-    device = S("cpu", device_ok, "where to run")                         # a function -> error or None
+    device = S("cpu", check_device, "where to run")  # a function (value, settings) -> what was expected, or None
 
 then `SETTINGS = declared(globals())` (the globals become plain defaults) and, in main,
 `globals().update(configure(SETTINGS, argv))`. The value's type is the default's (an int is accepted
@@ -86,7 +86,7 @@ def check_allowed(key, value, allowed, final):
     if allowed is None:
         return None
     if callable(allowed):
-        return allowed(value)
+        return allowed(value, final)
     values = value if isinstance(value, (list, tuple)) else [value]
     if isinstance(allowed, tuple):
         bad = [v for v in values if v not in allowed]

@@ -72,7 +72,7 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_device(name):
+def check_device(name, settings=None):
     """A setting check (configurator): None if torch can run on this device here, else what is expected."""
     import torch
     kind = name.split(":")[0]
