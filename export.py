@@ -7,6 +7,9 @@ Leave this project with a result: turn a base checkpoint + adapter file into
 
     python export.py --ckpt_dir=BASE --adapter=FILE --out_dir=DIR --format=hf|peft [--dtype=auto]
 
+out_dir must be new or empty and outside ckpt_dir: an export never overwrites or mixes with other
+files. Every check (settings, folders, the adapter against its base) runs before the first write.
+
 The PEFT export is exact for any n (docs/multilora.md): MultiLoRA is a rank-(n·r) LoRA with
     lora_A = [A_1; …; A_n]                          (n·r, d_in)
     lora_B = (α/r)·[diag(s_1)B_1 … diag(s_n)B_n]     (d_out, n·r)
@@ -16,7 +19,6 @@ Our module names are HF's without "model." and RoPE is HF's rotate_half layout, 
 permutation: PEFT keys are base_model.model.model.{our key}.lora_A.weight.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -24,10 +26,22 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-import llama
+import checkpoint
 import multilora
 import util
-import checkpoint
+from configurator import S, configure, declared
+from tokenizer import load_tokenizer
+from util import UserError
+
+# -----------------------------------------------------------------------------
+required = lambda value, settings: None if value else "a path (required)"  # noqa: E731
+ckpt_dir = S("", required, "base checkpoint (HF or Meta layout)")
+adapter = S("", required, "adapter .safetensors written by train.py")
+out_dir = S("", required, "a new or empty folder, outside ckpt_dir")
+format = S("hf", ("hf", "peft"), "hf: merged full checkpoint; peft: a LoRA adapter for the base")
+dtype = S("auto", ("auto", "float32", "bfloat16", "float16"), "hf format: weights dtype (auto = the base's)")
+SETTINGS = declared(globals())
+# -----------------------------------------------------------------------------
 
 # tokenizer/generation files of a HF checkpoint that a merged export should carry along
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -60,6 +74,27 @@ def peft_adapter(model, base_model_name_or_path=""):
     return tensors, config
 
 
+def check_out_dir(ckpt_dir, out_dir):
+    """Refuse an out_dir that is a file, holds files, or lies in (or is) ckpt_dir: an export next to
+    the base's own files would overwrite them (config.json, model.safetensors)."""
+    real_out, real_ckpt = os.path.realpath(out_dir), os.path.realpath(ckpt_dir)
+    if os.path.commonpath([real_out, real_ckpt]) == real_ckpt:
+        raise UserError(f"--out_dir={out_dir}: inside --ckpt_dir={ckpt_dir}; export to a folder of its own")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir}: exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"--out_dir={out_dir}: not empty; export to a new or empty folder")
+
+
+def load_adapted(ckpt_dir, adapter, dtype=None, merge=False):
+    """The base (in its stored dtype unless given) with the adapter applied: apply_adapter checks the
+    file against this base (shapes, weights, settings), so a wrong pair stops before any write."""
+    checkpoint.read_config(ckpt_dir)  # config.json checked before it is read for its dtype
+    model = checkpoint.load_model(ckpt_dir, dtype=dtype or base_dtype(ckpt_dir))
+    multilora.apply_adapter(model, adapter, merge=merge)
+    return model
+
+
 def base_dtype(ckpt_dir):
     """The dtype the base checkpoint is stored in (config.json's torch_dtype / dtype), else float32."""
     if checkpoint.checkpoint_layout(ckpt_dir) == "meta":
@@ -69,48 +104,51 @@ def base_dtype(ckpt_dir):
     return DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype")), torch.float32)
 
 
+def tokenizer_config(tokenizer_path, config):
+    """tokenizer_config.json for a SentencePiece tokenizer.model, so that transformers'
+    AutoTokenizer loads the export (a Meta checkpoint ships tokenizer.model alone)."""
+    sp = load_tokenizer(tokenizer_path).sp
+    return dict(tokenizer_class="LlamaTokenizer", bos_token=sp.id_to_piece(sp.bos_id()),
+                eos_token=sp.id_to_piece(sp.eos_id()), unk_token=sp.id_to_piece(sp.unk_id()),
+                add_bos_token=True, add_eos_token=False, model_max_length=config.max_seq_len)
+
+
 def export_hf(ckpt_dir, adapter, out_dir, dtype=None):
     """Merged checkpoint. The merge adds ΔW in fp32 and casts once to `dtype`, which is what
     merging a fp32 copy of the base would give, without holding one."""
-    dtype = dtype or base_dtype(ckpt_dir)
-    model = checkpoint.load_model(ckpt_dir, dtype=dtype)
-    multilora.apply_adapter(model, adapter, merge=True)
+    check_out_dir(ckpt_dir, out_dir)
+    model = load_adapted(ckpt_dir, adapter, dtype, merge=True)
     state = {k: v for k, v in model.state_dict().items() if not multilora.is_lora_key(k)}
     tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
+    has_sp = os.path.isfile(tokenizer) and load_tokenizer(tokenizer).kind == "sentencepiece"
     checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None,
-                             config=model.config)
+                                  config=model.config)
+    if has_sp and not os.path.isfile(os.path.join(ckpt_dir, "tokenizer_config.json")):
+        util.write_text(os.path.join(out_dir, "tokenizer_config.json"),
+                        json.dumps(tokenizer_config(tokenizer, model.config), indent=2))
     for name in HF_SIDE_FILES:
         if os.path.isfile(os.path.join(ckpt_dir, name)):
-            shutil.copyfile(os.path.join(ckpt_dir, name), os.path.join(out_dir, name + ".tmp"))
-            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+            with util.atomic_write(os.path.join(out_dir, name)) as tmp:
+                shutil.copyfile(os.path.join(ckpt_dir, name), tmp)
 
 
 def export_peft(ckpt_dir, adapter, out_dir):
+    check_out_dir(ckpt_dir, out_dir)
     # the base itself is loaded (not just its config) so apply_adapter can check the file against it
-    model = checkpoint.load_model(ckpt_dir, dtype=base_dtype(ckpt_dir))
-    multilora.apply_adapter(model, adapter)
-    tensors, config = peft_adapter(model, os.path.abspath(ckpt_dir))
+    tensors, config = peft_adapter(load_adapted(ckpt_dir, adapter), os.path.abspath(ckpt_dir))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "adapter_model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "adapter_model.safetensors"))
+    with util.atomic_write(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
     util.write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--ckpt_dir", required=True, help="base checkpoint (HF or Meta layout)")
-    p.add_argument("--adapter", required=True, help="adapter .safetensors written by train.py")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--format", choices=("hf", "peft"), default="hf")
-    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
-                   help="hf format: weights dtype (auto = the base checkpoint's)")
-    args = p.parse_args(argv)
-    if args.format == "hf":
-        export_hf(args.ckpt_dir, args.adapter, args.out_dir, None if args.dtype == "auto" else DTYPES[args.dtype])
+def main(argv):
+    globals().update(configure(SETTINGS, argv))
+    if format == "hf":
+        export_hf(ckpt_dir, adapter, out_dir, DTYPES.get(dtype))
     else:
-        export_peft(args.ckpt_dir, args.adapter, args.out_dir)
-    print(f"wrote {args.format} export to {args.out_dir}")
+        export_peft(ckpt_dir, adapter, out_dir)
+    print(f"wrote {format} export to {out_dir}")
 
 
 if __name__ == "__main__":
