@@ -20,28 +20,28 @@ installed (an optional extra, imported only to plot).
 import json
 import math
 import os
-import sys
 
 import torch
 
-import configurator
-import llama
-import multilora
-from util import UserError
-import util
 import checkpoint
+import multilora
+import util
+from configurator import S, configure, declared
+from util import UserError
 
 # -----------------------------------------------------------------------------
-# settings (overridden by --key=value)
-defaults = dict(
-    ckpt_dir="",      # base model (HF or Meta layout) the adapters and the full fine-tune start from
-    adapters="",      # comma-separated adapter files (multilora.py's save_adapter format)
-    full="",          # full fine-tuning checkpoint dir of the same base (optional)
-    out_dir="analysis",
-    top_k=64,         # singular values per matrix kept in the JSON and drawn in the plots
-    phi_dim=32,       # φ(i, j) is computed for i, j <= phi_dim
-    device="cpu",     # where the dense SVDs of the full fine-tuning ΔW run (fp64; "cuda" for 4096-wide matrices)
-)
+ckpt_dir = S("", lambda v, s: None if v else "a path (required)",
+             "base model (HF or Meta layout) the adapters and the full fine-tune start from")
+adapters = S([], lambda v, s: None if v or s["full"] else "at least one adapter file, or --full",
+             "adapter files (multilora.py's save_adapter format), comma-separated")
+full = S("", None, "full fine-tuning checkpoint dir of the same base (optional)")
+out_dir = S("analysis", lambda v, s: f"a folder ({v} is a file)" if os.path.isfile(v) else None,
+            "summary.json and the plots go here")
+top_k = S(64, "[1, inf)", "singular values per matrix kept in the JSON and drawn in the plots")
+phi_dim = S(32, "[1, inf)", "φ(i, j) is computed for i, j <= phi_dim")
+device = S(util.default_device(), util.check_device, "where the dense SVDs of the full fine-tuning ΔW run (fp64)")
+SETTINGS = declared(globals())
+# -----------------------------------------------------------------------------
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # -----------------------------------------------------------------------------
@@ -209,15 +209,8 @@ def method_label(settings, path, taken):
 
 def analyze(config):
     """-> the summary dict written to summary.json."""
-    if not config["ckpt_dir"]:
-        raise UserError("--ckpt_dir: required (the base model the adapters and --full start from)")
-    adapters = [p for p in config["adapters"].split(",") if p.strip()]
-    if not adapters and not config["full"]:
-        raise UserError("--adapters, --full: give at least one adapter file or a full fine-tuning checkpoint")
-    if config["top_k"] < 1 or config["phi_dim"] < 1:
-        raise UserError("--top_k, --phi_dim: expected >= 1")
     methods = {}
-    for path in adapters:
+    for path in config["adapters"]:
         settings, spectra = adapter_spectra(config["ckpt_dir"], path.strip())
         methods[method_label(settings, path, methods)] = dict(file=path.strip(), settings=settings, spectra=spectra)
     full_vectors = None
@@ -314,8 +307,8 @@ def plot(summary, out_dir):
     return written
 
 
-def main(argv=None):
-    config = configurator.configure(dict(defaults), sys.argv[1:] if argv is None else argv)
+def main(argv):
+    config = configure(SETTINGS, argv)
     summary = analyze(config)
     os.makedirs(config["out_dir"], exist_ok=True)
     path = os.path.join(config["out_dir"], "summary.json")
