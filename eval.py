@@ -2,11 +2,13 @@
 Evaluate a base model, or a base model plus an adapter, on the tasks the MultiLoRA paper reports.
 
     python eval.py --ckpt_dir=DIR [--adapter=FILE] --task=NAME [--data=PATH] [--out=FILE.json]
+    python eval.py --help                       # every setting, its default and allowed values
 
 tasks (--data is):
   exact_match  a prepared dataset directory (default data/tasks), its {split}.jsonl: greedy
                generation from the training prompt, exact match per task (dataset.exact_match)
-  loss         a prepared dataset directory: mean loss on the response tokens and perplexity, per task
+  loss         prepared dataset directories, comma-separated (default data/tasks): mean loss on the
+               response tokens and perplexity per task, computed by train.evaluate as in training
   mmlu         the MMLU directory with dev/ and {split}/ CSVs: multiple choice by log-likelihood,
                per subject; --shots=5 takes the shots from dev/ (Hendrycks et al. 2021)
   mc           a JSONL file of {"question", "choices", "answer"} (answer: index into choices)
@@ -16,8 +18,10 @@ tasks (--data is):
 Multiple choice: each choice is scored as a continuation of the question by the sum of its tokens'
 log-probabilities (accuracy) and by that sum over its number of tokens (accuracy_norm, the
 per-token normalization of the GPT-3 paper). --mc_format chooses the prompt:
+  raw          "{question}" scoring "{choice}" verbatim: the text goes on with the choice, spacing as in
+               the file (the default for mc; continuation sets such as HellaSwag are written this way)
   letter       "{question}\\nA. ...\\nB. ...\\nAnswer:" scoring " A", " B", ... (MMLU's own format, the default for mmlu)
-  cloze        "Question: {question}\\nAnswer:" scoring " {choice}" (the default for mc)
+  cloze        "Question: {question}\\nAnswer:" scoring " {choice}"
   instruction  dataset.py's prompt template as data/mmlu/prepare.py writes the training examples,
                scoring the letter: use it for adapters fine-tuned on data/mmlu
 Everything is greedy or exact, so two runs print the same numbers. Prints a table; --out writes JSON
@@ -37,34 +41,66 @@ import time
 import torch
 import torch.nn.functional as F
 
-import configurator
+import numpy as np
+
+import checkpoint
 import dataset
 import llama
 import multilora
-from util import UserError
+import train
 import util
-import checkpoint
-from tokenizer import load_tokenizer, check_tokenizer
+from configurator import S, configure, declared
+from tokenizer import check_tokenizer, load_tokenizer
+from util import UserError
 
 # -----------------------------------------------------------------------------
-# settings (overridden by config files and --key=value, configurator.py)
-defaults = dict(
-    ckpt_dir="",         # base model directory (HF or Meta layout, with tokenizer.model)
-    adapter="",          # adapter file from train.py (merged into the weights for evaluation)
-    task="exact_match",  # exact_match | loss | mmlu | mc | gsm8k
-    data="",             # see the table above; exact_match and loss default to data/tasks
-    split="",            # prepared dataset split (default test for exact_match, val for loss) or MMLU split (test)
-    shots=0,             # few-shot examples (mmlu: from dev/, gsm8k: from train.jsonl)
-    mc_format="",        # letter | cloze | instruction; empty = letter for mmlu, cloze for mc
-    subjects="",         # mmlu: comma-separated subjects (default all in the split)
-    limit=0,             # evaluate only the first N items (per task for exact_match, per subject for mmlu); 0 = all
-    max_new_tokens=0,    # generation budget; 0 = 64 for exact_match, 256 for gsm8k
-    batch_size=8,
-    device="cpu",
-    dtype="float32",     # float32 | bfloat16 | float16
-    out="",              # JSON result file
-)
 TASKS = ("exact_match", "loss", "mmlu", "mc", "gsm8k")
+
+
+def check_data(value, settings):
+    task = settings["task"]
+    if not value and task not in ("exact_match", "loss"):
+        return f"a path (required for --task={task})"
+    if "," in value and task != "loss":
+        return "one path (several, comma-separated, only for --task=loss)"
+    missing = [p for p in value.split(",") if not os.path.exists(p)] if value else []
+    return missing and f"existing paths ({', '.join(missing)}: no such file or directory)"
+
+
+def check_shots(value, settings):
+    if value < 0 or (value and settings["task"] not in ("mmlu", "gsm8k")):
+        return "0 (shots are only for mmlu and gsm8k)" if value > 0 else "a value >= 0"
+    return None
+
+
+def check_out(path, settings):
+    """The result file must be writable where it is named: checked before any model work."""
+    if os.path.isdir(path):
+        return f"a file path ({path} is a folder)"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # folders that do not exist yet are created
+        folder = os.path.dirname(folder)
+    if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        return f"a file in a writable folder ({folder} is not one)"
+    return None
+
+
+ckpt_dir = S("", lambda v, s: None if v else "a path (required)", "base model directory (HF or Meta layout, with tokenizer.model)")
+adapter = S("", None, "adapter file from train.py (merged into the weights for evaluation)")
+task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
+data = S("", check_data, "what the task reads (see the docstring); exact_match and loss default to data/tasks")
+split = S("", None, "prepared dataset split (default test for exact_match, val for loss) or MMLU split (test)")
+shots = S(0, check_shots, "few-shot examples (mmlu: from dev/, gsm8k: from train.jsonl)")
+mc_format = S("", ("", "raw", "cloze", "letter", "instruction"), "multiple-choice prompt; empty = letter for mmlu, raw for mc")
+subjects = S("", None, "mmlu: comma-separated subjects (default all in the split)")
+limit = S(0, "[0, inf)", "evaluate only the first N items (per task for exact_match and loss, per subject for mmlu); 0 = all")
+max_new_tokens = S(0, "[0, inf)", "generation budget; 0 = 64 for exact_match, 256 for gsm8k")
+batch_size = S(8, "[1, inf)", "sequences per forward")
+device = S(util.default_device(), util.check_device, "cpu, cuda, cuda:N or mps")
+dtype = S("float32", ("float32", "bfloat16", "float16"), "weights dtype")
+out = S("", check_out, "JSON result file")
+SETTINGS = declared(globals())
+# -----------------------------------------------------------------------------
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -184,7 +220,7 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 def mc_item(tokenizer, question, choices, answer, mc_format, subject="", shots=()):
     """One multiple-choice item in one of the three prompt formats (see the file's docstring).
     shots: [(question, choices, answer)] solved examples put before the question."""
-    if len(choices) > len(LETTERS) and mc_format != "cloze":
+    if len(choices) > len(LETTERS) and mc_format in ("letter", "instruction"):
         raise UserError(f"{question[:40]!r}: {len(choices)} choices: at most {len(LETTERS)} can be lettered")
 
     def lettered(q, cs):
@@ -208,8 +244,9 @@ def mc_item(tokenizer, question, choices, answer, mc_format, subject="", shots=(
         text = "".join(f"Question: {q}\nAnswer: {cs[a]}\n\n" for q, cs, a in shots)
         context = text + f"Question: {question}\nAnswer:"
         continuations = [f" {c}" for c in choices]
-    else:
-        raise UserError(f"--mc_format: expected letter, cloze or instruction, got {mc_format!r}")
+    else:  # raw: the question's text goes on with the choice, nothing added
+        context = "".join(f"{q}{cs[a]}\n\n" for q, cs, a in shots) + question
+        continuations = choices
     # (the context's ids can differ between choices when a choice merges with its last token)
     return dict(pairs=[encode_pair(tokenizer, context, c) for c in continuations], answer=answer)
 
@@ -305,50 +342,34 @@ def gsm8k_details(model, tokenizer, records, shots=(), max_new_tokens=256, batch
     return details
 
 # -----------------------------------------------------------------------------
-# validation loss on a prepared dataset
+# validation loss on prepared datasets
 
-@torch.no_grad()
-def validation_loss(model, split, batch_size=8, limit=0):
-    """Mean cross-entropy on the response tokens (mask = 1: response + EOS) of every example of a
-    dataset.PreparedSplit (the first `limit` of each task), exactly: no sampling.
-    -> {task: (summed loss, target tokens)} in the split's task order, then "all"."""
-    chosen, seen = [], {}
-    for i in range(len(split)):  # the first `limit` examples of each task (all with limit=0)
-        seen[int(split.task[i])] = seen.get(int(split.task[i]), 0) + 1
-        if not limit or seen[int(split.task[i])] <= limit:
-            chosen.append(i)
-    n = len(chosen)
-    max_len = model.config.max_seq_len
-    device = model.embed_tokens.weight.device
-    order = sorted(chosen, key=lambda i: -int(split.lengths[i]))
-    sums, progress = {}, Progress("loss", n)
+def loss_table(model, data_dirs, split, limit=0, batch_size=8, pad_id=0):
+    """Mean cross-entropy on the response tokens (mask = 1: response + EOS) per task of the prepared
+    datasets (a task in two of them is one task), over the first `limit` examples of each task, by
+    train.evaluate: the numbers training logs. -> {task: {tokens, loss, perplexity}}, then "all"."""
+    splits = dataset.load_splits(data_dirs, split)
+    for d, s in zip(data_dirs, splits):
+        if s.meta["vocab_size"] != model.config.vocab_size:
+            raise UserError(f"{os.path.join(d, 'meta.json')}: vocab_size: prepared with {s.meta['tokenizer']} "
+                            f"({s.meta['vocab_size']} tokens), the model has {model.config.vocab_size}: "
+                            f"prepare it again with the model's tokenizer")
+        if s.lengths.max() - 1 > model.config.max_seq_len:
+            raise UserError(f"{d}: an example of {s.lengths.max()} tokens is longer than the model's "
+                            f"context of {model.config.max_seq_len}")
+    names, pools = dataset.task_pools(splits)
+    pools = [p[:limit] if limit else p for p in pools]
     with evaluating(model):
-        for start in range(0, n, batch_size):
-            batch = [split.example(i) for i in order[start:start + batch_size]]
-            for ids, _, _ in batch:
-                if len(ids) - 1 > max_len:
-                    raise UserError(f"{split.dir}: an example of {len(ids)} tokens is longer than the "
-                                    f"model's context of {max_len}")
-            T = max(len(ids) for ids, _, _ in batch) - 1
-            inputs = torch.zeros((len(batch), T), dtype=torch.long)
-            targets = torch.zeros((len(batch), T), dtype=torch.long)
-            weights = torch.zeros((len(batch), T))
-            for row, (ids, mask, _) in enumerate(batch):
-                L = len(ids) - 1
-                inputs[row, :L] = torch.from_numpy(ids[:-1])
-                targets[row, :L] = torch.from_numpy(ids[1:])
-                weights[row, :L] = torch.from_numpy(mask[1:].astype("float32"))  # token t+1 is a target
-            at = weights > 0
-            logits = model(inputs.to(device), logits_at=at.to(device))  # (N, V) at the N targets only
-            loss = F.cross_entropy(logits.float(), targets[at].to(device), reduction="none").cpu()  # (N,)
-            row_of = torch.arange(len(batch))[:, None].expand(-1, T)[at]
-            loss = torch.zeros(len(batch), dtype=loss.dtype).index_add_(0, row_of, loss)  # (B,) summed per example
-            for row, (_, _, task) in enumerate(batch):
-                for name in (split.tasks[task], "all"):
-                    s, k = sums.get(name, (0.0, 0))
-                    sums[name] = (s + loss[row].item(), k + int(weights[row].sum()))
-            progress.update(min(start + batch_size, n))
-    return {name: sums[name] for name in list(split.tasks) + ["all"] if name in sums}
+        overall, per_task = train.evaluate(model, splits, pools, limit, batch_size, pad_id)
+    # target tokens of each task: the mask over each example's tokens after the first
+    cumulative = [np.concatenate([[0], np.cumsum(s.mask, dtype=np.int64)]) for s in splits]
+    tokens = [int(sum(cumulative[d][splits[d].offsets[i + 1]] - cumulative[d][splits[d].offsets[i] + 1]
+                      for d, i in pool)) for pool in pools]
+    rows = {name: dict(tokens=k, loss=loss, perplexity=math.exp(loss))
+            for name, k, loss in zip(names, tokens, per_task) if k}
+    if not rows:
+        raise UserError(f"{','.join(data_dirs)}: {split}: no response tokens to score")
+    return dict(rows, all=dict(tokens=sum(tokens), loss=overall, perplexity=math.exp(overall)))
 
 # -----------------------------------------------------------------------------
 # reading the benchmark files
@@ -422,10 +443,6 @@ def gsm8k_records(path, limit=0):
 
 def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
     """Base model (+ adapter merged into its weights) and tokenizer, in eval mode."""
-    if not ckpt_dir:
-        raise UserError("--ckpt_dir: required (a model directory with tokenizer.model)")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     model = checkpoint.load_model(ckpt_dir, dtype=DTYPES[dtype], device=device)
     tokenizer = load_tokenizer(ckpt_dir)
     check_tokenizer(tokenizer, model.config, ckpt_dir)
@@ -448,24 +465,14 @@ def print_table(title, rows, columns):
 
 
 def run(config):
-    """Evaluate as the settings say; returns the result dict that --out writes."""
+    """Evaluate as the settings say (checked by configure); returns the result dict that --out writes."""
     task = config["task"]
-    if task not in TASKS:
-        raise UserError(f"--task: expected one of {', '.join(TASKS)}, got {task!r}")
-    if config["shots"] and task not in ("mmlu", "gsm8k"):
-        raise UserError(f"--shots: only for mmlu and gsm8k, not {task}")
-    if config["batch_size"] < 1 or config["limit"] < 0 or config["max_new_tokens"] < 0 or config["shots"] < 0:
-        raise UserError("--batch_size must be >= 1; --limit, --max_new_tokens, --shots >= 0")
-    data = config["data"] or ("data/tasks" if task in ("exact_match", "loss") else "")
-    if not data:
-        raise UserError(f"--data: required for --task={task}")
-    if not os.path.exists(data):
-        raise UserError(f"--data={data}: no such file or directory")
+    data = config["data"] or "data/tasks"
     model, tokenizer = load(config["ckpt_dir"], config["adapter"], config["device"], config["dtype"])
     result = dict(task=task, ckpt_dir=config["ckpt_dir"], adapter=config["adapter"], data=data, settings=config)
     limit, batch_size = config["limit"], config["batch_size"]
     if task in ("mmlu", "mc"):
-        mc_format = config["mc_format"] or ("letter" if task == "mmlu" else "cloze")
+        mc_format = config["mc_format"] or ("letter" if task == "mmlu" else "raw")
         if task == "mmlu":
             items = mmlu_items(tokenizer, data, config["split"] or "test", config["shots"], mc_format,
                                config["subjects"], limit)
@@ -512,17 +519,10 @@ def run(config):
         result.update(overall, per_task=per, details=details)
         print_table(task, dict(per, **({"all (examples)": overall} if len(per) > 1 else {})), ("n", "accuracy"))
     else:  # loss
-        split = dataset.load_dataset(data, config["split"] or "val")
-        if split.meta["vocab_size"] != model.config.vocab_size:
-            raise UserError(f"{os.path.join(data, 'meta.json')}: vocab_size: prepared with {split.meta['tokenizer']} "
-                            f"({split.meta['vocab_size']} tokens), the model has {model.config.vocab_size}: "
-                            f"prepare it again with the model's tokenizer")
-        sums = validation_loss(model, split, batch_size, limit)
-        per = {name: dict(tokens=k, loss=s / k, perplexity=math.exp(s / k)) for name, (s, k) in sums.items() if k}
-        if "all" not in per:
-            raise UserError(f"{data}: {split.split}: no response tokens to score")
+        split = config["split"] or "val"
+        per = loss_table(model, data.split(","), split, limit, batch_size, tokenizer.pad_id)
         result.update(per.pop("all"), per_task=per)
-        print_table(f"loss {split.split}", dict(per, **{"all": {k: result[k] for k in ("tokens", "loss", "perplexity")}}),
+        print_table(f"loss {split}", dict(per, all={k: result[k] for k in ("tokens", "loss", "perplexity")}),
                     ("tokens", "loss", "perplexity"))
     return result
 
@@ -532,8 +532,8 @@ def write_json(path, obj):
     util.write_text(path, json.dumps(obj, indent=1))
 
 
-def main(argv=None):
-    config = configurator.configure(dict(defaults), sys.argv[1:] if argv is None else argv)
+def main(argv):
+    config = configure(SETTINGS, argv)
     result = run(config)
     if config["out"]:
         write_json(config["out"], result)

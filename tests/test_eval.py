@@ -46,7 +46,8 @@ class Bigram(nn.Module):
         self.config = llama.LlamaConfig(dim=8, n_layers=1, n_heads=1, hidden_dim=8, vocab_size=V, max_seq_len=max_seq_len)
         self.embed_tokens = nn.Embedding(1, 1)  # where eval.py looks for the device
 
-    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None):
+    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None,
+                segments=None):  # packed rows change nothing for a model that sees one token
         logits = self.table[tokens]  # (B, T, V)
         return logits[:, -1:] if last_only else logits[logits_at] if logits_at is not None else logits
 
@@ -86,6 +87,24 @@ def test_choice_logprobs_equal_the_closed_form():
         assert item["n_tokens"][choice] == len(text)
     # the sum prefers the short " x" (every extra token costs a little), the per-token mean " xxxx"
     assert item["pred"] == 0 and item["pred_norm"] == 1
+
+
+def test_raw_format_scores_the_text_going_on_with_the_choice(tiny_tokenizer_path):
+    """--mc_format=raw (mc's default): log p(choice | question) of the plain concatenation, which a
+    direct forward over the tokens of question + choice gives independently."""
+    tok = load_tokenizer(tiny_tokenizer_path)
+    model = tiny_llama(vocab_size=tok.vocab_size)
+    context, choices = "The quick brown fox jumps over the", [" lazy dog", " hello world", "!"]
+    item = evaluate.mc_item(tok, context, choices, 0, "raw")
+    evaluate.score_multiple_choice(model, [item], batch_size=2)
+    for choice, ours in zip(choices, item["logprobs"]):
+        ids = tok.encode(context + choice, bos=True)
+        n_ctx = len(tok.encode(context, bos=True))
+        assert ids[:n_ctx] == tok.encode(context, bos=True)  # this text splits cleanly at the choice
+        with torch.no_grad():
+            logp = model(torch.tensor([ids]))[0].double().log_softmax(-1)
+        assert ours == pytest.approx(sum(logp[t - 1, ids[t]].item() for t in range(n_ctx, len(ids))), abs=1e-4)
+    assert tok.decode(sum(item["pairs"][1], [])) == context + choices[1]  # no wrapper around the text
 
 
 def test_mc_file_known_answers_and_accuracy(tmp_path, monkeypatch):
@@ -180,26 +199,33 @@ def test_score_exact_match_against_naive_greedy(tiny_tokenizer_path):
 # -----------------------------------------------------------------------------
 # validation loss
 
-def test_validation_loss_equals_the_closed_form(tmp_path):
+def test_loss_table_equals_the_closed_form(tmp_path):
     table = torch.randn(V, V, generator=torch.Generator().manual_seed(0))
     tok = CharTokenizer()
-    raw = [("a", "add", "1 2", "3"), ("b", "echo", "", "hello"), ("a", "add", "2 2", "4 "), ("b", "echo", "x", "yz")]
-    splits = {"val": [(task, *dataset.encode_example(tok, i, x, r, 100)) for task, i, x, r in raw]}
-    dataset.write_dataset(str(tmp_path), splits, dict(vocab_size=V, bos_id=1, eos_id=2, tokenizer="chars", max_len=100))
-    sums = evaluate.validation_loss(Bigram(table), dataset.load_dataset(str(tmp_path), "val"), batch_size=3)
-    expected = {}
-    for task, ids, mask in splits["val"]:
-        loss = sum(-bigram_logp(table, ids[t - 1], ids[t]) for t in range(1, len(ids)) if mask[t])
-        for name in (task, "all"):
-            s, k = expected.get(name, (0.0, 0))
-            expected[name] = (s + loss, k + sum(mask))
-    assert list(sums) == ["a", "b", "all"]
-    for name, (s, k) in expected.items():
-        assert sums[name][1] == k and sums[name][0] == pytest.approx(s, rel=1e-5)
-    # limit: the first example of each task
-    first = evaluate.validation_loss(Bigram(table), dataset.load_dataset(str(tmp_path), "val"), limit=1)
-    assert first["a"][1] == sum(splits["val"][0][2]) and first["b"][1] == sum(splits["val"][1][2])
+    raw = [("a", "add", "1 2", "3"), ("b", "echo", "", "hello"), ("a", "add", "2 2", "4 "), ("b", "echo", "x", "yz"),
+           ("c", "copy", "q", "q")]
+    dirs = [str(tmp_path / "one"), str(tmp_path / "two")]  # task "b" in both: one row
+    examples = [(task, *dataset.encode_example(tok, i, x, r, 100)) for task, i, x, r in raw]
+    for d, part in zip(dirs, (examples[:3], examples[3:])):
+        dataset.write_dataset(d, {"val": part}, dict(vocab_size=V, bos_id=1, eos_id=2, tokenizer="chars", max_len=100))
 
+    def expected(chosen):
+        sums = {}
+        for task, ids, mask in chosen:
+            loss = sum(-bigram_logp(table, ids[t - 1], ids[t]) for t in range(1, len(ids)) if mask[t])
+            for name in (task, "all"):
+                s, k = sums.get(name, (0.0, 0))
+                sums[name] = (s + loss, k + sum(mask))
+        return sums
+
+    rows = evaluate.loss_table(Bigram(table), dirs, "val", batch_size=3)
+    assert list(rows) == ["a", "b", "c", "all"]
+    for name, (s, k) in expected(examples).items():
+        assert rows[name]["tokens"] == k and rows[name]["loss"] == pytest.approx(s / k, rel=1e-5)
+        assert rows[name]["perplexity"] == pytest.approx(math.exp(s / k), rel=1e-5)
+    # limit: the first example of each task (b's first is in the first dataset)
+    first = evaluate.loss_table(Bigram(table), dirs, "val", limit=1)
+    assert first["all"]["tokens"] == expected([examples[0], examples[1], examples[4]])["all"][1]
 
 # -----------------------------------------------------------------------------
 # GSM8K answers
@@ -348,11 +374,14 @@ def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--task=nope"], "--task: expected one of"),
+    (["--task=nope"], "task: expected one of"),
     (["--bogus=1"], "bogus: unknown setting"),
     (["--task=mc", "--data=/nonexistent.jsonl"], "no such file"),
-    (["--task=mc", "--shots=2", "--data=x"], "--shots: only for mmlu and gsm8k"),
-    (["--task=mmlu"], "--data: required"),
+    (["--task=mc", "--shots=2", f"--data={ROOT}/README.md"], "shots: expected 0 \\(shots are only for mmlu and gsm8k"),
+    (["--task=mmlu"], "data: expected a path \\(required for --task=mmlu"),
+    (["--task=mc", "--data=data/tasks,data/tiny_base"], "several, comma-separated, only for --task=loss"),
+    ([f"--out={ROOT}"], "out: expected a file path \\(.* is a folder"),
+    ([f"--out={ROOT}/README.md/r.json"], "out: expected a file in a writable folder"),
 ])
 def test_cli_user_errors(args, message):
     with pytest.raises(UserError, match=message):
@@ -361,7 +390,7 @@ def test_cli_user_errors(args, message):
 
 def test_cli_user_error_is_one_line_and_exit_status_2():
     p = subprocess.run([sys.executable, "eval.py", "--ckpt_dir=x", "--task=nope"], cwd=ROOT, capture_output=True, text=True)
-    assert p.returncode == 2 and "--task: expected one of" in p.stderr
+    assert p.returncode == 2 and "task: expected one of" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 
 # -----------------------------------------------------------------------------
