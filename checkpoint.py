@@ -188,6 +188,14 @@ def iter_safetensors(path, dtypes=WEIGHT_DTYPES):
             yield name, out
 
 
+def saved_step(path):
+    """The training step in a safetensors file's metadata (train.py writes it), or None."""
+    try:
+        return int(read_safetensors_header(path)[1].get("step"))
+    except (UserError, OSError, TypeError, ValueError):
+        return None
+
+
 def _torch_load(path):
     try:  # weights_only: tensors and plain containers only, never pickled code
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -354,9 +362,10 @@ def load_model(ckpt_dir, dtype=torch.float32, device="cpu"):
     return model
 
 
-def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=None):
+def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=None, step=None):
     """Write config.json + model.safetensors (+ tokenizer.model), the layout transformers reads.
-    `model` is a Llama or a state dict with this model's keys (then pass `config`)."""
+    `model` is a Llama or a state dict with this model's keys (then pass `config`); step: the training
+    step, kept in model.safetensors' metadata."""
     from safetensors.torch import save_file
     config = config or model.config
     state = model if isinstance(model, dict) else model.state_dict()
@@ -366,7 +375,7 @@ def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=N
     dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     os.makedirs(out_dir, exist_ok=True)
     with atomic_write(os.path.join(out_dir, "model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        save_file(tensors, tmp, metadata={"format": "pt", **({"step": str(step)} if step is not None else {})})
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config_to_hf(config, dtype_name), indent=2))
     if tokenizer_path:
         src = tokenizer_path if os.path.isfile(tokenizer_path) else os.path.join(tokenizer_path, "tokenizer.model")

@@ -251,15 +251,16 @@ def adapter_state_dict(model):
     return {name: p.detach() for name, p in model.named_parameters() if is_lora_key(name)}
 
 
-def save_adapter(model, path, settings=None, state=None):
+def save_adapter(model, path, settings=None, state=None, step=None):
     """state: the adapter tensors when they are not the model's own (train.py under FSDP passes the
-    all-gathered ones); default adapter_state_dict(model)."""
+    all-gathered ones); default adapter_state_dict(model). step: the training step, kept in the metadata."""
     settings = settings or model.adapter_settings
     state = adapter_state_dict(model) if state is None else state
     tensors = {k: v.float().contiguous().cpu() for k, v in state.items()}
     metadata = {"format": ADAPTER_FORMAT, "settings": json.dumps(settings, sort_keys=True),
                 "base_fingerprint": base_fingerprint(model), "base_summary": base_summary(model),
-                "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model))}
+                "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model)),
+                **({"step": str(step)} if step is not None else {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)

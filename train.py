@@ -1,140 +1,155 @@
 """
 Fine-tune a LLaMA with MultiLoRA, LoRA or all of its weights (the paper's three arms) on prepared
-instruction datasets, in one process, with DDP or with FSDP2. Read it top to bottom: settings, data,
-model, the training step, the loop.
+instruction datasets, in one process, with DDP or with FSDP2. Read it top to bottom: settings, model,
+the training step, evaluation, checkpoints, the loop.
 
     python train.py                                     # the embedded default (MultiLoRA on data/tasks)
     python train.py config/tasks_lora.py --max_iters=100
+    python train.py --help                              # every setting, its default and what it allows
     torchrun --standalone --nproc_per_node=8 train.py config/llama7b_mixture_multilora.py
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
 
 What it writes to out_dir:
     ckpt.pt              everything a resume needs (settings, adapter or all weights, optimizer, RNG
-                         states, step, data position), written atomically at every eval and at the end
-    adapter.safetensors  the adapter (LoRA/MultiLoRA), multilora.py's file format, at every checkpoint
+                         states, step, data position); tensors and plain types only (weights_only load)
+    adapter.safetensors  the adapter (LoRA/MultiLoRA), multilora.py's file format
     hf/                  finetune=full: a Hugging Face-layout checkpoint usable as ckpt_dir (or hf_dir)
-    metrics.jsonl        one JSON object per log line and per eval
+    metrics.jsonl        one JSON object per log line, per eval, and the final exact match
+
+Your results are safe: an out_dir that holds a run is refused unless --resume=True (continue it) or
+--overwrite=True (replace it); every check runs before out_dir is touched; a lock keeps a second
+process out; ckpt.pt and the adapter (or hf/) are written at every eval, atomically, the derived files
+inside ckpt.pt's write, and a resume rewrites them from ckpt.pt; a non-finite loss stops the run with
+an error and keeps the last good checkpoint.
 """
 
 import json
 import math
 import os
-import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import dataset
 import llama
 import multilora
-from configurator import configure
-from util import UserError
 import util
-import checkpoint
-from tokenizer import load_tokenizer
+from configurator import S, configure, declared
+from tokenizer import check_tokenizer, load_tokenizer
+from util import UserError
 
 # -----------------------------------------------------------------------------
-# settings: the defaults are the embedded default run; override with a config/*.py file and --key=value
+# settings: the defaults are the embedded default run; override with config/*.py files and --key=value
 # I/O
-out_dir = "out/tasks-multilora"
-hf_dir = ""                       # finetune=full: where the HF-layout weights go (default out_dir/hf)
-ckpt_dir = "data/tiny_base"       # base model, Hugging Face (config.json) or Meta (params.json) layout
-init_from = "pretrained"          # 'pretrained' (ckpt_dir) | 'scratch' (random, shape from the settings below)
-resume = False                    # continue the run saved in out_dir/ckpt.pt (all other settings the same)
-eval_interval = 250               # evaluate, then checkpoint, every this many steps and at the end
-log_interval = 10
-eval_examples = 50                # validation examples per task at each eval (0 = all of them)
-exact_match_examples = 50         # test examples per task scored by exact match before and after (0 = skip)
-exact_match_max_new_tokens = 24
-wandb_log = False                 # needs `pip install wandb`
-wandb_project = "multilora"
-wandb_run_name = ""
+out_dir = S("out/tasks-multilora", None, "where the run's files go")
+hf_dir = S("", None, "finetune=full: where the HF-layout weights go (default out_dir/hf)")
+ckpt_dir = S("data/tiny_base", None, "base model: Hugging Face (config.json) or Meta (params.json) layout")
+init_from = S("pretrained", lambda v, s: v == "scratch" and s["finetune"] != "full" and
+              "pretrained, or scratch with finetune=full (an adapter needs a base that is saved somewhere)",
+              "'pretrained' (ckpt_dir) | 'scratch' (random weights, shape from the settings below)")
+resume = S(False, None, "continue the run saved in out_dir/ckpt.pt")
+overwrite = S(False, None, "replace the run in out_dir (a run is never replaced without it)")
+eval_interval = S(250, "[1, inf)", "evaluate, then checkpoint, every this many steps and at the end")
+log_interval = S(10, "[1, inf)", "log the training loss every this many steps")
+eval_examples = S(50, "[0, inf)", "validation examples per task at each eval (0 = all of them)")
+exact_match_examples = S(50, "[0, inf)", "test examples per task scored by exact match before and after (0 = skip)")
+exact_match_max_new_tokens = S(24, "[1, inf)", "tokens generated per exact-match answer")
+wandb_log = S(False, lambda v, s: v and not util.importable("wandb") and "False (wandb is not installed)",
+              "log to Weights & Biases (pip install wandb)")
+wandb_project = S("multilora", None, "wandb project")
+wandb_run_name = S("", None, "wandb run name")
 # data
-datasets = ["data/tasks"]         # prepared dataset directories (dataset.py's format)
-mixture = "proportional"          # task sampling weights: 'proportional' | 'equal' | 'temperature'
-mixture_temperature = 2.0         # 'temperature': p_t ∝ n_t^(1/T) (T5, Raffel et al. 2020, §3.5.2)
-batch_size = 32                   # examples per micro-step per process
-gradient_accumulation_steps = 1   # micro-steps per optimizer step for the WHOLE job, split over processes
-pack = True                       # pack each micro-batch's examples into fewer rows (same loss, less padding)
+datasets = S(["data/tasks"], lambda v, s: not v and "at least one directory", "prepared datasets (dataset.py's format)")
+mixture = S("proportional", ("proportional", "equal", "temperature"), "how tasks are sampled")
+mixture_temperature = S(2.0, "(0, inf)", "'temperature': p_t ∝ n_t^(1/T) (T5, Raffel et al. 2020, §3.5.2)")
+batch_size = S(32, "[1, inf)", "examples per micro-step per process")
+gradient_accumulation_steps = S(1, "[1, inf)", "micro-steps per optimizer step for the WHOLE job")
+pack = S(True, None, "pack each micro-batch's examples into fewer rows (same loss, less padding)")
 # fine-tuning
-finetune = "multilora"            # 'multilora' | 'lora' | 'full'
-lora_targets = ["q", "k", "v", "o"]  # from q,k,v,o,gate,up,down
-n_loras = 4                       # parallel LoRA modules (MultiLoRA; LoRA is n_loras = 1)
-lora_rank = 8                     # rank r of each module
-lora_alpha = 16.0                 # scale α/r
-lora_dropout = 0.0
-lora_scaling = "channel"          # MultiLoRA's s_i: 'channel' (one per output) | 'scalar' (one per module)
+finetune = S("multilora", ("multilora", "lora", "full"), "the paper's three arms")
+lora_targets = S(["q", "k", "v", "o"], tuple(multilora.TARGET_MODULES), "projections to adapt")
+n_loras = S(4, "[1, inf)", "parallel LoRA modules (MultiLoRA; LoRA is n_loras = 1)")
+lora_rank = S(8, "[1, inf)", "rank r of each module")
+lora_alpha = S(16.0, "(0, inf)", "the update is scaled by α/r")
+lora_dropout = S(0.0, "[0, 1)", "dropout on the adapters' input")
+lora_scaling = S("channel", ("channel", "scalar"), "MultiLoRA's s_i: one per output channel, or one per module")
 # model shape for init_from='scratch' (vocabulary and special ids come from the tokenizer)
-tokenizer = ""                    # tokenizer.model for init_from='scratch' (default: the dataset's)
-dim = 128
-n_layers = 4
-n_heads = 4
-n_kv_heads = 2
-hidden_dim = 352
-max_seq_len = 256
-rope_theta = 10000.0
-tie_embeddings = True
+tokenizer = S("", None, "tokenizer.model (default: ckpt_dir's, or for scratch the dataset's)")
+dim = S(128, "[1, inf)", "model width")
+n_layers = S(4, "[1, inf)", "blocks")
+n_heads = S(4, "[1, inf)", "query heads")
+n_kv_heads = S(2, "[1, n_heads]", "key/value heads (fewer than n_heads: grouped-query attention)")
+hidden_dim = S(352, "[1, inf)", "SwiGLU feed-forward width")
+max_seq_len = S(256, "[1, inf)", "context length")
+rope_theta = S(10000.0, "(0, inf)", "RoPE base")
+tie_embeddings = S(True, None, "lm_head shares the embedding matrix")
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
-learning_rate = 3e-3
-max_iters = 1000
-weight_decay = 0.0                # applied to 2-D weights only (nanoGPT's rule)
-beta1 = 0.9
-beta2 = 0.999
-grad_clip = 1.0                   # 0 = off
-warmup_iters = 20
-lr_decay_iters = 0                # 0 = max_iters
-min_lr = 3e-4
+learning_rate = S(3e-3, "(0, inf)", "peak learning rate")
+max_iters = S(1000, "[0, inf)", "optimizer steps")
+weight_decay = S(0.0, "[0, inf)", "AdamW weight decay, on 2-D weights only (nanoGPT's rule)")
+beta1 = S(0.9, "[0, 1)", "AdamW β1")
+beta2 = S(0.999, "[0, 1)", "AdamW β2")
+grad_clip = S(1.0, "[0, inf)", "clip the gradient norm to this (0 = off)")
+warmup_iters = S(20, "[0, max_iters]", "linear warmup steps")
+lr_decay_iters = S(0, lambda v, s: not (v == 0 or v > s["warmup_iters"]) and "0 or more than warmup_iters",
+                   "cosine decay ends here (0 = max_iters)")
+min_lr = S(3e-4, "[0, learning_rate]", "learning rate at the end of the decay")
 # system
-device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: 'bfloat16' | 'float16' (GradScaler) | 'float32'
-fsdp = False                      # shard base and adapters with FSDP2 (needs torchrun)
-activation_checkpointing = False  # recompute each block's activations in the backward pass
-compile = False                   # torch.compile the model
-seed = 1337
-threads = 1                       # CPU threads for torch (0 = torch's default); the tiny default is fastest on 1
-peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # per process, for MFU (989e12: H100 bf16 dense)
+device = S(util.default_device(), util.check_device, "cpu | cuda | cuda:N | mps")
+dtype = S("bfloat16" if torch.cuda.is_available() else "float32",
+          lambda v, s: v not in ("float32", "bfloat16", "float16") and "float32, bfloat16 or float16"
+          or v == "float16" and not s["device"].startswith("cuda") and "float32 or bfloat16 (float16 needs cuda)",
+          "autocast dtype (float16 uses a gradient scaler)")
+fsdp = S(False, lambda v, s: v and "RANK" not in os.environ and "False outside torchrun (FSDP shards over processes)",
+         "shard base and adapters with FSDP2 (needs torchrun)")
+activation_checkpointing = S(False, None, "recompute each block's activations in the backward pass")
+compile = S(False, None, "torch.compile the model")
+seed = S(1337, "[0, inf)", "seed of the initialization and the data order")
+threads = S(1, "[0, inf)", "CPU threads for torch (0 = torch's default); the tiny default is fastest on 1")
+peak_flops = S(989e12 if torch.cuda.is_available() else 1e12, "(0, inf)", "per process, for MFU (989e12: H100 bf16 dense)")
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, list))}
+SETTINGS = declared(globals())
+CHECKPOINT, ADAPTER, METRICS = "ckpt.pt", "adapter.safetensors", "metrics.jsonl"
 
-CHECKPOINT = "ckpt.pt"
-ADAPTER = "adapter.safetensors"
-METRICS = "metrics.jsonl"
 # -----------------------------------------------------------------------------
 # model: base, adapters, precision
 
-def read_base_config(ckpt_dir):
-    """The LlamaConfig of a checkpoint directory, and whether its weights are there, without loading them."""
-    return checkpoint.read_config(ckpt_dir)
-
-
-def check_adapter_fits(config, finetune, lora_settings, where):
-    """Raise the adapter's UserError (n·r larger than a layer, unknown target) before any weight is
-    loaded, by adapting a weightless copy of the model on the meta device."""
+def build_model(config, model_config, run_device):
+    """The base (loaded, or random for init_from='scratch'), adapted for the arm: a frozen base in
+    the autocast dtype (bf16 halves its memory on GPU), trainable weights in fp32."""
+    base_dtype = getattr(torch, dtype) if finetune != "full" else torch.float32
+    torch.manual_seed(seed)  # the same initialization on every rank (FSDP shards each rank's own copy)
+    if init_from == "scratch":
+        with torch.device(run_device):
+            model = llama.Llama(model_config)
+        model.init_weights()
+        model.to(base_dtype)
+    else:
+        model = checkpoint.load_model(ckpt_dir, dtype=base_dtype, device=run_device)
     if finetune == "full":
-        return
-    with torch.device("meta"):
-        try:
-            multilora.adapt_model(llama.Llama(config), finetune, **lora_settings)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
+        model.requires_grad_(True)
+        adapter_settings = None
+    else:
+        adapter_settings = multilora.adapt_model(model, finetune, **lora_settings())
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.checkpoint_blocks = activation_checkpointing
+    return model, adapter_settings
 
 
-def adapt(model, finetune, lora_settings):
-    """finetune='full': every weight trains, returns None. Otherwise wrap the targets with (Multi)LoRA,
-    freeze the rest, and return the adapter settings (what goes into adapter files)."""
-    if finetune == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return None
-    return multilora.adapt_model(model, finetune, **lora_settings)
+def lora_settings():
+    return dict(targets=lora_targets, n_loras=n_loras, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout, scaling=lora_scaling)
 
 
-def make_optimizer(model, learning_rate, weight_decay, betas, device_type):
+def make_optimizer(model, device_type):
     """AdamW over the trainable parameters; weight decay on 2-D weights only (nanoGPT); the fused
     kernel where this torch has one for the device (CUDA, and CPU in recent torch)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -142,22 +157,16 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device_type):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type in ("cuda", "cpu"))
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
-
-
-def autocast_context(device_type, dtype_name):
-    if dtype_name == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2))
 
 
 def flops_per_token(config, trainable, finetune, seq_len):
     """Training FLOPs per token (PaLM appendix B / nanoGPT's estimate_mfu): the forward pass costs 2
     per weight and the backward pass 2 for the input gradients, +2 for the weight gradients only where
     weights train (all for 'full', the adapters otherwise); attention scores add 12·L·H·hd·T. lm_head
-    is counted at every position, as model FLOPs are, though train_step runs it at the targets only."""
+    is counted at every position, as model FLOPs are, though the step runs it at the targets only."""
     c = config
     per_layer = (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)) + 3 * c.dim * c.hidden_dim
     base = c.n_layers * per_layer + c.dim * c.vocab_size  # matmul weights (lm_head included)
@@ -169,40 +178,37 @@ def peak_memory_bytes(device_type):
     """Peak GPU memory allocated by torch, or on CPU the peak resident set size of this process."""
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated()
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 # -----------------------------------------------------------------------------
-# the training step (bench.py runs this same function)
+# the training step (bench.py times this same function) and the loss over a split (eval.py's too)
 
-def train_step(model, optimizer, batches, n_targets, world_size=1, autocast_ctx=nullcontext(), scaler=None,
+def token_loss_sum(model, x, y, positions=None, segments=None):
+    """Σ cross-entropy over the target tokens of one micro-batch (collate's x, y, positions, segments);
+    lm_head and the softmax run only where there is a loss."""
+    is_target = y != dataset.IGNORE  # (B, T)
+    logits = model(x, positions=positions, segments=segments, logits_at=is_target)  # (N, V)
+    return F.cross_entropy(logits.float(), y[is_target], reduction="sum")
+
+
+def train_step(model, optimizer, batches, n_targets, world_size=1, ctx=nullcontext(), scaler=None,
                grad_clip=0.0, ddp=False, fsdp=False):
-    """One optimizer step over this process's micro-batches [(x, y, positions, segments)] (dataset.collate's).
+    """One optimizer step over this process's micro-batches [(x, y, positions, segments)].
 
     loss = Σ (token losses of all micro-steps on all ranks) / n_targets, n_targets being the number of
-    target tokens of the whole step (all-reduced before the step), so the result does not depend on
-    how the batch is split into micro-steps or processes (a mean of per-batch means would). DDP and
-    FSDP average gradients over ranks, hence the factor world_size. Gradients are synchronized only
-    on the last micro-step. Returns this process's summed token loss (a detached tensor)."""
+    target tokens of the whole step, so the result does not depend on how the batch is split into
+    micro-steps or processes (a mean of per-batch means would). DDP and FSDP average gradients over
+    ranks, hence the factor world_size; they synchronize only on the last micro-step.
+    Returns this process's summed token loss (a detached tensor)."""
     loss_sum = torch.zeros((), device=batches[0][0].device)
     for i, (x, y, positions, segments) in enumerate(batches):
         last = i == len(batches) - 1
         if fsdp:
             model.set_requires_gradient_sync(last)
         with model.no_sync() if ddp and not last else nullcontext():
-            is_target = y != dataset.IGNORE  # (B, T)
-            with autocast_ctx:
-                # (N, V): lm_head only where there is a loss
-                logits = model(x, positions=positions, segments=segments, logits_at=is_target)
-            token_loss = F.cross_entropy(logits.float(), y[is_target], reduction="sum")
+            with ctx:
+                token_loss = token_loss_sum(model, x, y, positions, segments)
             loss = token_loss * (world_size / max(n_targets, 1))
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += token_loss.detach()
@@ -230,76 +236,112 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
 
 
 @torch.no_grad()
-def evaluate(model, splits, pools, eval_examples, batch_size, pad_id, device, autocast_ctx, rank, world_size,
-             pack=False):
-    """Validation loss (token-normalized) of each task on its first eval_examples examples, and of all
-    of them together -> (overall, [per task]). Batches are dealt out to the ranks; every rank runs
-    the same number of forwards (FSDP needs all ranks in each), the padding ones counting nothing."""
+def evaluate(model, splits, pools, limit, batch_size, pad_id, ctx=nullcontext(), rank=0, world_size=1, pack=True):
+    """Loss (token-normalized) of each task on its first `limit` examples (0 = all), and of all of
+    them together -> (overall, [per task]). Batches are dealt out to the ranks; every rank runs the
+    same number of forwards (FSDP needs all ranks in each), the padding ones counting nothing."""
     work = []  # (task index or -1, rows)
     for t, pool in enumerate(pools):
-        rows = pool[:eval_examples] if eval_examples > 0 else pool
+        rows = pool[:limit] if limit > 0 else pool
         work += [(t, rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     while len(work) % world_size:
         work.append((-1, work[0][1]))
+    device = next(model.parameters()).device
     sums = torch.zeros(len(pools), 2, dtype=torch.float64, device=device)  # (loss sum, target tokens)
+    was_training = model.training
     model.eval()
     for t, rows in work[rank::world_size]:
         x, y, positions, segments = dataset.collate([splits[d].example(i)[:2] for d, i in rows], pad_id, device, pack)
-        is_target = y != dataset.IGNORE
-        with autocast_ctx:
-            logits = model(x, positions=positions, segments=segments, logits_at=is_target)  # (N, V)
+        with ctx:
+            loss = token_loss_sum(model, x, y, positions, segments)
         if t >= 0:
-            sums[t, 0] += F.cross_entropy(logits.float(), y[is_target], reduction="sum").double()
-            sums[t, 1] += is_target.sum()
-    model.train()
+            sums[t] += torch.stack([loss.double(), (y != dataset.IGNORE).sum().double()])
+    model.train(was_training)
     if world_size > 1:
         dist.all_reduce(sums)
     per_task = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
     return (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item(), per_task
 
-
 # -----------------------------------------------------------------------------
-# checkpoints
+# checkpoints: out_dir's policy, save, resume
+
+def check_out_dir(hf_path):
+    """Refuse an out_dir that holds a run unless resume or overwrite; -> the run's files found."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: out_dir is a file, expected a directory")
+    found = [os.path.join(out_dir, f) for f in (CHECKPOINT, ADAPTER, METRICS)] + [os.path.join(hf_path, "model.safetensors")]
+    found = [f for f in found if os.path.exists(f)]
+    if resume and os.path.join(out_dir, CHECKPOINT) not in found:
+        raise UserError(f"{os.path.join(out_dir, CHECKPOINT)}: resume=True but there is no checkpoint to resume from")
+    if found and not resume and not overwrite:
+        raise UserError(f"{out_dir}: holds a run ({', '.join(found)}); continue it with --resume=True "
+                        f"or replace it with --overwrite=True")
+    return found
+
+
+def read_checkpoint(config, model, world_size):
+    """ckpt.pt, loaded with weights_only=True (tensors and plain types: no pickled code runs), checked
+    against this run, its weights loaded into model."""
+    path = os.path.join(out_dir, CHECKPOINT)
+    try:
+        with warnings.catch_warnings():  # torch warns about old pickle protocols: the error below says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved = ckpt["settings"]
+    except Exception as e:  # a corrupt or crafted file fails in many ways; name it, not the internals
+        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if saved.get("fsdp") != fsdp or ckpt["world_size"] != world_size and fsdp:
+        raise UserError(f"{path}: saved with fsdp={saved.get('fsdp')} on {ckpt['world_size']} processes; resume it the same way")
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
+        raise UserError(f"{path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
+    if unexpected or (finetune == "full" and missing):
+        raise UserError(f"{path}: model state does not fit this model (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    changed = sorted(k for k in config if k not in ("resume", "overwrite") and saved.get(k) != config[k])
+    return ckpt, changed
+
 
 def full_tensor(t):
     """A plain CPU tensor; an FSDP2 shard (DTensor) is all-gathered first (a collective: every rank calls)."""
     t = t.detach()
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.cpu()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
 
 
-def trained_state(raw_model, finetune):
-    """What the run has changed: all weights for 'full', the lora_ tensors otherwise."""
-    state = raw_model.state_dict() if finetune == "full" else multilora.adapter_state_dict(raw_model)
-    return {k: full_tensor(v) for k, v in state.items()}
+def save(state, raw_model, model, optimizer, model_config, tokenizer_path, adapter_settings, ddp, world_size):
+    """ckpt.pt, then the adapter (or hf/) from the same state: every rank calls (collectives inside).
+    The derived files are written inside ckpt.pt's atomic write: a failure (disk full) changes
+    neither, and a resume rewrites them from ckpt.pt."""
+    weights = raw_model.state_dict() if finetune == "full" else multilora.adapter_state_dict(raw_model)
+    weights = {k: full_tensor(v) for k, v in weights.items()}
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optim_state = optimizer.state_dict()
+    rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and
+             device.startswith("cuda") else None}] * world_size
+    if ddp:
+        dist.all_gather_object(rngs, rngs[0])
+    if not ddp or dist.get_rank() == 0:
+        with util.atomic_write(os.path.join(out_dir, CHECKPOINT)) as tmp:
+            torch.save({**state, "model": weights, "optimizer": optim_state, "rng": rngs, "world_size": world_size,
+                        "model_config": checkpoint.config_to_hf(model_config), "adapter_settings": adapter_settings}, tmp)
+            write_weights(weights, state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings)
+    if ddp:
+        dist.barrier()
 
 
-def write_checkpoint(path, checkpoint):
-    """torch.save to a temporary file, then rename: a crash mid-write leaves the previous checkpoint whole.
-    MULTILORA_TEST_KILL_IN_CHECKPOINT=<iter> (tests only) dies with SIGKILL half-way through that
-    iteration's write, leaving a torn temporary file behind."""
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    if os.environ.get("MULTILORA_TEST_KILL_IN_CHECKPOINT") == str(checkpoint["iter_num"]):
-        with open(tmp, "r+b") as f:
-            f.truncate(os.path.getsize(tmp) // 2)
-        os.kill(os.getpid(), signal.SIGKILL)
-    os.replace(tmp, path)
-
-
-def count_lines(path):
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return sum(1 for _ in f)
-
-
-def keep_lines(path, n):
-    """Truncate a JSON-lines file to its first n lines (atomically)."""
-    lines = open(path).readlines()[:n] if os.path.exists(path) else []
-    util.write_text(path, "".join(lines))
-
+def write_weights(weights, step, raw_model, model_config, tokenizer_path, adapter_settings, only_if_stale=False):
+    """The adapter, or the HF-layout weights for finetune=full, tagged with their step."""
+    hf_path = hf_dir or os.path.join(out_dir, "hf")
+    path = os.path.join(hf_path, "model.safetensors") if finetune == "full" else os.path.join(out_dir, ADAPTER)
+    if only_if_stale and checkpoint.saved_step(path) == step:
+        return
+    if finetune == "full":
+        checkpoint.save_hf_checkpoint(weights, hf_path, config=model_config, tokenizer_path=tokenizer_path, step=step)
+    else:
+        multilora.save_adapter(raw_model, path, adapter_settings, state=weights, step=step)
 
 # -----------------------------------------------------------------------------
 # exact match on the test split (the embedded default's before/after figure)
@@ -308,78 +350,36 @@ def exact_match_examples_of(dataset_dirs, per_task):
     """The first per_task raw test examples of each task, from each dataset's test.jsonl (if any)."""
     chosen, counts = [], {}
     for d in dataset_dirs:
-        if not os.path.exists(os.path.join(d, "test.jsonl")):
-            continue
-        for r in dataset.read_examples(d, "test"):
-            if counts.get(r["task"], 0) < per_task:
-                counts[r["task"]] = counts.get(r["task"], 0) + 1
-                chosen.append(r)
+        if os.path.exists(os.path.join(d, "test.jsonl")):
+            for r in dataset.read_examples(d, "test"):
+                if counts.get(r["task"], 0) < per_task:
+                    counts[r["task"]] = counts.get(r["task"], 0) + 1
+                    chosen.append(r)
     return chosen
 
 
-def score(model, tokenizer, examples, max_new_tokens, autocast_ctx, batch_size):
+def score(model, tok, examples, ctx):
     """{task: exact-match accuracy in [0, 1]}: eval.py's scoring (greedy, in eval mode, mode restored after)."""
-    from eval import score_exact_match
-    with autocast_ctx:
-        return score_exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    from eval import score_exact_match  # eval.py imports this file for evaluate()
+    with ctx:
+        return score_exact_match(model, tok, examples, max_new_tokens=exact_match_max_new_tokens, batch_size=batch_size)
 
+
+def report_exact_match(base_scores, tuned_scores):
+    print(f"exact match on the test split ({exact_match_examples} examples per task at most):")
+    for name in tuned_scores:
+        before = f"{100 * base_scores[name]:5.1f}%" if name in base_scores else "    ?"
+        print(f"  {name:<24} base {before} -> tuned {100 * tuned_scores[name]:5.1f}%")
+    print(f"adapter: {os.path.join(out_dir, ADAPTER)}" if finetune != "full" else f"weights: {hf_dir or os.path.join(out_dir, 'hf')}")
+    mean = lambda s: 100 * sum(s.values()) / max(len(s), 1)  # noqa: E731
+    print(f"exact match: base {mean(base_scores):.1f}% -> tuned {mean(tuned_scores):.1f}%", flush=True)
+    return {"exact_match": mean(tuned_scores) / 100, **{f"exact_match/{k}": v for k, v in tuned_scores.items()},
+            "exact_match_base": mean(base_scores) / 100}
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    config = configure(dict(DEFAULTS), sys.argv[1:] if argv is None else argv)
-    globals().update(config)  # nanoGPT style: below, the settings are read as plain names
-    if threads > 0:
-        torch.set_num_threads(threads)
-
-    # distributed: torchrun sets RANK; gloo on CPU, NCCL on GPUs
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        run_device = f"cuda:{local_rank}" if device_type == "cuda" else "cpu"
-        if device_type == "cuda":
-            torch.cuda.set_device(run_device)
-        if device_type == "cuda":
-            dist.init_process_group(backend="nccl", device_id=torch.device(run_device))
-        else:
-            dist.init_process_group(backend="gloo")
-    else:
-        rank, world_size, run_device = 0, 1, device
-    master = rank == 0
-
-    def log(*args):
-        if master:
-            print(*args, flush=True)
-
-    # fail early: everything a user can get wrong is checked before the model is loaded
-    choices = {"finetune": ("multilora", "lora", "full"), "init_from": ("pretrained", "scratch"),
-               "mixture": ("proportional", "equal", "temperature"), "dtype": ("float32", "bfloat16", "float16"),
-               "lora_scaling": ("channel", "scalar")}
-    for key, allowed in choices.items():
-        if config[key] not in allowed:
-            raise UserError(f"{key}: expected one of {', '.join(allowed)}, got {config[key]!r}")
-    for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "log_interval"):
-        if config[key] < (0 if key == "max_iters" else 1):
-            raise UserError(f"{key}: expected a positive number, got {config[key]}")
-    if gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps: {gradient_accumulation_steps} micro-steps cannot be "
-                              f"split evenly over {world_size} processes")
-    if fsdp and not ddp:
-        raise UserError("fsdp: FSDP shards over processes; launch with torchrun (RANK is not set)")
-    if dtype == "float16" and device_type != "cuda":
-        raise UserError("dtype: float16 with a gradient scaler needs device=cuda; use bfloat16 or float32 on CPU")
-    if wandb_log:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise UserError("wandb_log: True but wandb is not installed (pip install wandb)") from None
-    if mixture == "temperature" and mixture_temperature <= 0:
-        raise UserError(f"mixture_temperature: expected > 0, got {mixture_temperature}")
-    ckpt_path = os.path.join(out_dir, CHECKPOINT)
-    hf_path = hf_dir or os.path.join(out_dir, "hf")
-    if resume and not os.path.exists(ckpt_path):
-        raise UserError(f"{ckpt_path}: resume=True but there is no checkpoint to resume from")
+def load_data_and_config():
+    """Every input read and checked, nothing written: -> (train splits, val splits, model config, tokenizer, its path)."""
     train_splits = dataset.load_splits(datasets, "train")
     val_splits = dataset.load_splits(datasets, "val")
     meta = train_splits[0].meta
@@ -387,9 +387,7 @@ def main(argv=None):
         for key in ("vocab_size", "bos_id", "eos_id"):
             if s.meta.get(key) != meta.get(key):
                 raise UserError(f"{s.dir}: meta.json: {key} is {s.meta.get(key)!r} but {datasets[0]} has "
-                                      f"{meta.get(key)!r}; all datasets must be made with one tokenizer")
-    lora_settings = dict(targets=lora_targets, n_loras=n_loras, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                         lora_dropout=lora_dropout, scaling=lora_scaling)
+                                f"{meta.get(key)!r}; all datasets must be made with one tokenizer")
     if init_from == "scratch":
         tokenizer_path = tokenizer or meta.get("tokenizer", "")
         tok = load_tokenizer(tokenizer_path)
@@ -398,58 +396,76 @@ def main(argv=None):
                                          max_seq_len=max_seq_len, tie_embeddings=tie_embeddings,
                                          bos_id=tok.bos_id, eos_id=[tok.eos_id])
     else:
+        model_config = checkpoint.read_config(ckpt_dir)
         tokenizer_path = tokenizer or os.path.join(ckpt_dir, "tokenizer.model")
-        model_config = read_base_config(ckpt_dir)
-        tok = load_tokenizer(tokenizer_path) if os.path.exists(tokenizer_path) else None
-    if meta.get("vocab_size") not in (None, model_config.vocab_size):
-        raise UserError(f"{datasets[0]}: meta.json: vocab_size {meta['vocab_size']} does not match the "
-                              f"model's {model_config.vocab_size}; prepare the data with the model's tokenizer")
+        tok = load_tokenizer(tokenizer_path) if tokenizer or os.path.exists(tokenizer_path) else None
+        if tok is not None:
+            check_tokenizer(tok, model_config, ckpt_dir)
+    if meta.get("vocab_size") != model_config.vocab_size:
+        raise UserError(f"{datasets[0]}: meta.json: vocab_size {meta.get('vocab_size')} does not match the model's "
+                        f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
     longest = max(int(s.lengths.max()) for s in train_splits + val_splits)
     if longest - 1 > model_config.max_seq_len:
         raise UserError(f"{datasets[0]}: examples of up to {longest} tokens exceed the model's context of "
-                              f"{model_config.max_seq_len}")
-    check_adapter_fits(model_config, finetune, lora_settings, ckpt_dir if init_from == "pretrained" else "init_from=scratch")
+                        f"{model_config.max_seq_len}")
+    if finetune != "full":  # n·r larger than a layer, an unknown target: on a weightless copy, before loading
+        with torch.device("meta"):
+            try:
+                multilora.adapt_model(llama.Llama(model_config), finetune, **lora_settings())
+            except UserError as e:
+                raise UserError(f"{ckpt_dir if init_from == 'pretrained' else 'init_from=scratch'}: {e}") from None
+    return train_splits, val_splits, model_config, tok, tokenizer_path if tok is not None else None
+
+
+def main(argv=None):
+    config = configure(SETTINGS, sys.argv[1:] if argv is None else argv, "train.py")
+    globals().update(config)  # nanoGPT style: below, the settings are read as plain names
+    if threads > 0:
+        torch.set_num_threads(threads)
+    # distributed: torchrun sets RANK; gloo on CPU, NCCL on GPUs
+    ddp = "RANK" in os.environ
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    run_device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else device
+    if gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps: {gradient_accumulation_steps} micro-steps cannot be "
+                        f"split evenly over {world_size} processes")
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(run_device)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                device_id=torch.device(run_device) if device_type == "cuda" else None)
+    master = rank == 0
+
+    def log(*args):
+        if master:
+            print(*args, flush=True)
+
+    # every check before out_dir is touched: settings (above), data, tokenizer, model, adapter, checkpoint
+    hf_path = hf_dir or os.path.join(out_dir, "hf")
+    found = check_out_dir(hf_path)
+    train_splits, val_splits, model_config, tok, tokenizer_path = load_data_and_config()
     log("settings: " + json.dumps(config))
-
-    # the model: frozen base in the autocast dtype on GPU (bf16 halves its memory), trainable weights in fp32
-    ptdtype = getattr(torch, dtype)
-    base_dtype = ptdtype if finetune != "full" else torch.float32
-    torch.manual_seed(seed)  # the same initialization on every rank (FSDP shards each rank's own copy)
-    if init_from == "scratch":
-        with torch.device(run_device):
-            raw_model = llama.Llama(model_config)
-        raw_model.init_weights()
-        raw_model.to(base_dtype)
-    else:
-        raw_model = checkpoint.load_model(ckpt_dir, dtype=base_dtype, device=run_device)
-    adapter_settings = adapt(raw_model, finetune, lora_settings)
-    for p in raw_model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    raw_model.checkpoint_blocks = activation_checkpointing
+    raw_model, adapter_settings = build_model(config, model_config, run_device)
     trainable, base_total = multilora.count_trainable(raw_model)
+    scale = f", α/r = {lora_alpha:g}/{lora_rank} = {lora_alpha / lora_rank:g}" if finetune != "full" else ""
     log(f"model: {base_total / 1e6:.2f}M parameters, {finetune}: {trainable / 1e6:.3f}M trainable "
-        f"({100 * trainable / base_total:.2f}%)")
-
-    resumed = None
+        f"({100 * trainable / base_total:.2f}%){scale}")
+    ckpt = None
     if resume:
-        try:
-            resumed = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise UserError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: {e})") from None
-        changed = sorted(k for k in config if k != "resume" and resumed["settings"].get(k) != config[k])
-        if "fsdp" in changed or resumed["world_size"] != world_size and fsdp:
-            raise UserError(f"{ckpt_path}: saved with fsdp={resumed['settings']['fsdp']} on "
-                                  f"{resumed['world_size']} processes; resume it the same way")
+        ckpt, changed = read_checkpoint(config, raw_model, world_size)
         if changed:
             log(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
-        try:
-            missing, unexpected = raw_model.load_state_dict(resumed["model"], strict=False)
-        except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
-            raise UserError(f"{ckpt_path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
-        if unexpected or (finetune == "full" and missing):
-            raise UserError(f"{ckpt_path}: model state does not fit this model (unexpected "
-                                  f"{unexpected[:3]}, missing {missing[:3]})")
+
+    # now out_dir is ours: lock it, clear what --overwrite replaces, and leftovers of killed writes
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = util.lock_folder(out_dir)  # noqa: F841 (held until the process ends)
+        util.remove_stale_tmp(out_dir)
+        for f in found if overwrite and not resume else []:
+            os.remove(f)
+    if ddp:
+        dist.barrier()
 
     # wrap: FSDP2 shards each block and the rest; DDP replicates; torch.compile last
     model = raw_model
@@ -458,8 +474,8 @@ def main(argv=None):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = init_device_mesh(device_type, (world_size,))
         # all-gather in the compute dtype (one dtype per group, base and adapters), reduce gradients in fp32
-        mp = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32) if dtype != "float32" \
-            else MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
+            if dtype != "float32" else MixedPrecisionPolicy()
         for block in raw_model.layers:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(raw_model, mesh=mesh, mp_policy=mp)
@@ -468,10 +484,9 @@ def main(argv=None):
         model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
     if compile:
         model = torch.compile(model)
-
-    optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
+    optimizer = make_optimizer(model, device_type)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
-    autocast_ctx = autocast_context(device_type, dtype)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
     # data: the task mixture
     task_names, pools = dataset.task_pools(train_splits)
@@ -479,43 +494,37 @@ def main(argv=None):
     val_names, val_pools = dataset.task_pools(val_splits)
     log("tasks: " + ", ".join(f"{n} ({len(p)} examples, p={w:.3f})" for n, p, w in zip(task_names, pools, weights)))
     pad_id = model_config.eos_id[0]  # any id: padding is never a target and never attended to
-    lr_decay_end = lr_decay_iters or max_iters
 
     # state: fresh, or from the checkpoint
-    os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, METRICS)
     examples_em = exact_match_examples_of(datasets, exact_match_examples) if exact_match_examples > 0 else []
     can_score = bool(examples_em) and not fsdp and tok is not None
-    if resumed is not None:
-        iter_num = resumed["iter_num"]
-        position = list(resumed["data_position"])
+    state = {"settings": config, "iter_num": 0, "data_position": [0] * len(pools), "metrics_lines": 0,
+             "exact_match_base": None}
+    if ckpt is not None:
+        state = {k: ckpt[k] for k in state} | {"settings": config}
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, optim_state_dict=resumed["optimizer"],
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
-            optimizer.load_state_dict(resumed["optimizer"])
-        if scaler is not None and resumed.get("scaler"):
-            scaler.load_state_dict(resumed["scaler"])
-        base_scores = resumed.get("exact_match_base")
-        if master:
-            keep_lines(metrics_path, resumed["metrics_lines"])
-        log(f"resumed from {ckpt_path} at step {iter_num}")
-    else:
-        iter_num, position = 0, [0] * len(pools)
-        base_scores = None
-        if master:
-            keep_lines(metrics_path, 0)
-            if can_score:
-                base_scores = score(raw_model, tok, examples_em, exact_match_max_new_tokens, autocast_ctx, batch_size)
-        if ddp:
-            dist.barrier()
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if master:  # the metrics and the adapter (or hf/) as of the checkpoint: a crash may have left either ahead
+            lines = open(metrics_path).readlines()[:state["metrics_lines"]] if os.path.exists(metrics_path) else []
+            util.write_text(metrics_path, "".join(lines))
+            write_weights(ckpt["model"], ckpt["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings,
+                          only_if_stale=True)
+        log(f"resumed from {os.path.join(out_dir, CHECKPOINT)} at step {state['iter_num']}")
+    elif master and can_score:
+        state["exact_match_base"] = score(raw_model, tok, examples_em, ctx)
     # dropout differs per rank; after a resume every rank continues its own RNG stream
     torch.manual_seed(seed + rank)
-    if resumed is not None and len(resumed["rng"]) == world_size:
-        torch.set_rng_state(resumed["rng"][rank]["cpu"])
-        if device_type == "cuda" and resumed["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(resumed["rng"][rank]["cuda"])
+    if ckpt is not None and len(ckpt["rng"]) == world_size:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if device_type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, resume="allow")
@@ -527,72 +536,50 @@ def main(argv=None):
             if wandb_log:
                 wandb.log(record, step=record["iter"])
 
-    def save():
-        """Adapter (or HF weights) and ckpt.pt; collectives inside, so every rank calls it."""
-        state = trained_state(raw_model, finetune)
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-            optim_state = get_optimizer_state_dict(model, optimizer,
-                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            optim_state = optimizer.state_dict()
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-        rngs = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if master:
-            if finetune == "full":
-                checkpoint.save_hf_checkpoint(state, hf_path, config=model_config,
-                                         tokenizer_path=tokenizer_path if tok is not None else None)
-            else:
-                multilora.save_adapter(raw_model, os.path.join(out_dir, ADAPTER), adapter_settings, state=state)
-            write_checkpoint(ckpt_path, {
-                "settings": config, "model_config": checkpoint.config_to_hf(model_config), "adapter_settings": adapter_settings,
-                "model": state, "optimizer": optim_state, "scaler": scaler.state_dict() if scaler else None,
-                "iter_num": iter_num, "data_position": list(position), "rng": rngs, "world_size": world_size,
-                "metrics_lines": count_lines(metrics_path), "exact_match_base": base_scores})
-        if ddp:
-            dist.barrier()
+    def stop_if_diverged(what, value):
+        if not math.isfinite(value):
+            kept = f"{out_dir} keeps the checkpoint of step {state['iter_num']}" if state["iter_num"] else "nothing was saved"
+            raise UserError(f"step {iter_num}: {what} is {value}: the run diverged (try a lower learning_rate); {kept}")
 
     # the loop (as nanoGPT's): evaluate and checkpoint at step 0, every eval_interval and at the end
+    iter_num = state["iter_num"]
     n_rows = gradient_accumulation_steps * batch_size
     t_last, tokens_since, steps_since, t_start = time.time(), 0, 0, time.time()
-    just_resumed = resumed is not None
+    just_resumed = ckpt is not None
     while True:
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and not just_resumed:
             t_eval = time.time()
-            val_loss, per_task = evaluate(model, val_splits, val_pools, eval_examples, batch_size, pad_id, run_device,
-                                          autocast_ctx, rank, world_size, pack)
-            log(f"step {iter_num}: val loss {val_loss:.4f} (" +
-                ", ".join(f"{n} {v:.3f}" for n, v in zip(val_names, per_task)) + ")")
-            write_metrics({"iter": iter_num, "val_loss": val_loss,
-                           **{f"val_loss/{n}": v for n, v in zip(val_names, per_task)}})
+            val_loss, per_task = evaluate(model, val_splits, val_pools, eval_examples, batch_size, pad_id, ctx, rank,
+                                          world_size, pack)
+            stop_if_diverged("the validation loss", val_loss)
+            log(f"step {iter_num}: val loss {val_loss:.4f} (" + ", ".join(f"{n} {v:.3f}" for n, v in zip(val_names, per_task)) + ")")
+            write_metrics({"iter": iter_num, "val_loss": val_loss, **{f"val_loss/{n}": v for n, v in zip(val_names, per_task)}})
             if iter_num > 0:
-                save()
+                state.update(iter_num=iter_num, metrics_lines=sum(1 for _ in open(metrics_path)) if master else 0)
+                save(state | {"scaler": scaler.state_dict() if scaler else None}, raw_model, model, optimizer,
+                     model_config, tokenizer_path, adapter_settings, ddp, world_size)
             t_last += time.time() - t_eval  # tokens/s counts training time only
         just_resumed = False
         if iter_num >= max_iters:
             break
 
-        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_end, min_lr)
+        lr = get_lr(iter_num, learning_rate, warmup_iters, lr_decay_iters or max_iters, min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = dataset.sample_examples(pools, weights, position, n_rows, seed, iter_num)
-        batches, n_targets, n_tokens = dataset.micro_batches(train_splits, rows, batch_size, rank, world_size, pad_id, run_device, pack)
+        rows = dataset.sample_examples(pools, weights, state["data_position"], n_rows, seed, iter_num)
+        batches, n_targets, n_tokens = dataset.micro_batches(train_splits, rows, batch_size, rank, world_size, pad_id,
+                                                             run_device, pack)
         counts = torch.tensor([n_targets, n_tokens], device=run_device)
         if ddp:
             dist.all_reduce(counts)  # target tokens of the whole step: the loss's denominator
-        loss_sum = train_step(model, optimizer, batches, int(counts[0]), world_size, autocast_ctx, scaler, grad_clip,
+        loss_sum = train_step(model, optimizer, batches, int(counts[0]), world_size, ctx, scaler, grad_clip,
                               ddp=ddp and not fsdp, fsdp=fsdp)
-        tokens_since += int(counts[1])
-        steps_since += 1
-
+        tokens_since, steps_since = tokens_since + int(counts[1]), steps_since + 1
         if iter_num % log_interval == 0 or iter_num == max_iters - 1:
             if ddp:
                 dist.all_reduce(loss_sum)
             train_loss = loss_sum.item() / max(int(counts[0]), 1)
+            stop_if_diverged("the training loss", train_loss)
             now = time.time()
             tokens_per_s = tokens_since / (now - t_last)
             seq_len = max(b[0].shape[1] for b in batches)  # attention span of a row (x is first)
@@ -605,23 +592,11 @@ def main(argv=None):
                            "mfu": mfu, "peak_mem_bytes": mem})
             t_last, tokens_since, steps_since = now, 0, 0
         iter_num += 1
-        if os.environ.get("MULTILORA_TEST_KILL_AFTER_ITER") == str(iter_num):
-            os.kill(os.getpid(), signal.SIGKILL)  # tests only: a crash between checkpoints
 
     log(f"trained {max_iters} steps in {(time.time() - t_start) / 60:.1f} min; wrote {out_dir}")
     if can_score and master:
-        tuned_scores = score(raw_model, tok, examples_em, exact_match_max_new_tokens, autocast_ctx, batch_size)
-        base_scores = base_scores or {}
-        print(f"exact match on the test split ({exact_match_examples} examples per task at most):")
-        for name in tuned_scores:
-            before = f"{100 * base_scores[name]:5.1f}%" if name in base_scores else "    ?"
-            print(f"  {name:<24} base {before} -> tuned {100 * tuned_scores[name]:5.1f}%")
-        if finetune != "full":
-            print(f"adapter: {os.path.join(out_dir, ADAPTER)}")
-        else:
-            print(f"weights: {hf_path}")
-        mean = lambda s: 100 * sum(s.values()) / max(len(s), 1)
-        print(f"exact match: base {mean(base_scores):.1f}% -> tuned {mean(tuned_scores):.1f}%", flush=True)
+        tuned = score(raw_model, tok, examples_em, ctx)
+        write_metrics({"iter": iter_num, **report_exact_match(state["exact_match_base"] or {}, tuned)})
     elif exact_match_examples > 0 and fsdp:
         log("exact match: skipped under FSDP (score the result with eval.py --task=exact_match)")
     if ddp:

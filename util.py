@@ -67,6 +67,11 @@ def lock_folder(folder):
     return f  # keep a reference: closing the file releases the lock
 
 
+def importable(name):
+    import importlib.util
+    return importlib.util.find_spec(name) is not None
+
+
 def default_device():
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -56,5 +56,4 @@ eval_interval = 200
 eval_examples = 200
 log_interval = 10
 exact_match_examples = 0  # score with eval.py (MMLU, GSM8K) after training
-device = "cuda"
-dtype = "bfloat16"
+# device and dtype: the defaults (cuda and bfloat16 where CUDA is available)

@@ -81,13 +81,15 @@ def base_args(tiny, out_dir, **overrides):
     return [f"--{k}={v}" for k, v in settings.items()]
 
 
-def run(args, nproc=0, env=None, check=True):
-    """train.py in a subprocess (under torchrun with nproc processes when nproc > 0)."""
+def run(args, nproc=0, env=None, check=True, prelude=""):
+    """train.py in a subprocess (under torchrun with nproc processes when nproc > 0). prelude: Python
+    run in that process before train.main (a test wraps a function there to crash on cue)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc else [sys.executable]
+    script = ["-c", f"import sys, util, train\n{prelude}\nutil.run_cli(train.main)"] if prelude else ["train.py"]
     full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    p = subprocess.run(launcher + ["train.py"] + args, cwd=ROOT, env=full_env, capture_output=True, text=True,
+    p = subprocess.run(launcher + script + args, cwd=ROOT, env=full_env, capture_output=True, text=True,
                        timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -139,21 +141,33 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run(base_args(tiny, whole, **args))
 
-    p = run(base_args(tiny, broken, **args), env={"MULTILORA_TEST_KILL_AFTER_ITER": "5"}, check=False)
+    kill_after_5_steps = ("import os, signal\nstep, n = train.train_step, [0]\n"
+                          "def killing_step(*a, **k):\n    out = step(*a, **k)\n    n[0] += 1\n"
+                          "    if n[0] == 5: os.kill(os.getpid(), signal.SIGKILL)\n    return out\n"
+                          "train.train_step = killing_step")
+    p = run(base_args(tiny, broken, **args), prelude=kill_after_5_steps, check=False)
     assert p.returncode == -9, p.stderr[-2000:]  # SIGKILL after step 4: the last checkpoint is step 3
     # resume, and die half-way through writing the step-6 checkpoint
-    p = run(base_args(tiny, broken, resume=True, **args), env={"MULTILORA_TEST_KILL_IN_CHECKPOINT": "6"}, check=False)
+    torn_save_at_6 = ("import os, signal, torch\nsave = torch.save\n"
+                      "def torn(obj, f, *a, **k):\n    save(obj, f, *a, **k)\n"
+                      "    if isinstance(obj, dict) and obj.get('iter_num') == 6:\n"
+                      "        os.truncate(f, os.path.getsize(f) // 2)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "torch.save = torn")
+    p = run(base_args(tiny, broken, resume=True, **args), prelude=torn_save_at_6, check=False)
     assert p.returncode == -9, p.stderr[-2000:]
-    assert os.path.exists(broken / "ckpt.pt.tmp")  # the torn write...
+    torn = [f for f in os.listdir(broken) if f.startswith("ckpt.pt.") and f.endswith(".tmp")]
+    assert len(torn) == 1  # the torn write...
     with pytest.raises(Exception):
-        torch.load(broken / "ckpt.pt.tmp", weights_only=False)
-    checkpoint = torch.load(broken / "ckpt.pt", weights_only=False)  # ...left the previous checkpoint whole
-    assert checkpoint["iter_num"] == 3
+        torch.load(broken / torn[0], weights_only=True)
+    ckpt = torch.load(broken / "ckpt.pt", weights_only=True)  # ...left the previous checkpoint whole
+    assert ckpt["iter_num"] == 3
     multilora.load_adapter(str(broken / "adapter.safetensors"))
 
     p = run(base_args(tiny, broken, resume=True, **args))
     assert "resumed from" in p.stdout
-    assert (whole / "adapter.safetensors").read_bytes() == (broken / "adapter.safetensors").read_bytes()
+    assert not [f for f in os.listdir(broken) if f.endswith(".tmp")]  # leftovers cleaned
+    a, b = adapter(whole), adapter(broken)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert metrics(whole) == metrics(broken)
 
 
@@ -163,8 +177,10 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
 def load_tiny_model(tiny, finetune="multilora"):
     model = checkpoint.load_model(tiny["base"])
     torch.manual_seed(0)
-    train.adapt(model, finetune, dict(targets=["q", "v"], n_loras=2, lora_rank=2, lora_alpha=4.0,
-                                      lora_dropout=0.0, scaling="channel"))
+    if finetune == "full":
+        model.requires_grad_(True)
+    else:
+        multilora.adapt_model(model, finetune, targets=["q", "v"], n_loras=2, lora_rank=2, lora_alpha=4.0)
     if finetune == "multilora":
         with torch.no_grad():  # move off the zero init so every adapter weight gets a gradient
             for name, p in model.named_parameters():
@@ -326,10 +342,10 @@ def test_scratch_full_finetune_writes_a_base(tiny, tmp_path, monkeypatch):
     model = checkpoint.load_model(str(tmp_path / "hf"))
     assert model.config.n_layers == 1 and model.config.n_kv_heads == 1
     assert os.path.exists(tmp_path / "hf" / "tokenizer.model")
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert checkpoint["settings"]["finetune"] == "full" and checkpoint["iter_num"] == 2
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["settings"]["finetune"] == "full" and ckpt["iter_num"] == 2
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, checkpoint["model"][k], atol=0, rtol=0)
+        torch.testing.assert_close(v, ckpt["model"][k], atol=0, rtol=0)
     assert not os.path.exists(tmp_path / "adapter.safetensors")
 
 
@@ -342,8 +358,7 @@ def test_bf16_autocast_run(tiny, tmp_path, monkeypatch):
     assert all(np.isfinite(r.get("train_loss", 0.0)) for r in records)
     state = adapter(tmp_path)
     assert state and all(v.dtype == torch.float32 for v in state.values())
-    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=False)
-    assert checkpoint["settings"]["dtype"] == "bfloat16"
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["settings"]["dtype"] == "bfloat16"
 
 
 def test_run_ends_with_exact_match_line(tiny, tmp_path, monkeypatch, capsys):
@@ -369,15 +384,19 @@ def bad_inputs(tiny, root):
                           dict(vocab_size=64, bos_id=1, eos_id=2, tokenizer="", max_len=64))
     return [
         (["--no_such_setting=1"], r"no_such_setting: unknown setting; known settings: .*batch_size"),
-        (["--batch_size=two"], r"batch_size: expected type int"),
-        (["--learning_rate=[1]"], r"learning_rate: expected type float"),
+        (["--batch_size=two"], r"batch_size: expected int"),
+        (["--learning_rate=[1]"], r"learning_rate: expected float"),
         (["--datasets=" + str(root / "missing")], r"missing: dataset directory not found"),
         (["--datasets=" + str(root / "empty")], r"empty: train split is empty"),
         (["--ckpt_dir=" + str(root / "no_weights")], r"no_weights: config.json but no model.safetensors"),
         (["--resume=True", "--out_dir=" + str(root / "never_ran")], r"ckpt.pt: resume=True but there is no checkpoint"),
         (["--n_loras=8", "--lora_rank=8"], r"base: MultiLoRALinear: n_loras\*lora_rank: expected <= min\(d_in, d_out\) = \d+, got 8\*8 = 64"),
         (["--finetune=qlora"], r"finetune: expected one of multilora, lora, full"),
-        (["--gradient_accumulation_steps=0"], r"gradient_accumulation_steps: expected a positive number"),
+        (["--gradient_accumulation_steps=0"], r"gradient_accumulation_steps: expected a value in \[1, inf\)"),
+        (["--max_iters=30", "--warmup_iters=50"], r"warmup_iters: expected a value in \[0, max_iters\] \(max_iters = 30\)"),
+        (["--min_lr=1", "--learning_rate=0.1"], r"min_lr: expected a value in \[0, learning_rate\]"),
+        (["--init_from=scratch"], r"init_from: expected pretrained, or scratch with finetune=full"),
+        (["--device=cuda"], r"device: expected cpu \(no CUDA device here\)"),
     ]
 
 
@@ -428,8 +447,9 @@ def test_config_files_are_valid(monkeypatch):
     files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py") and not f.startswith("_"))
     assert len(files) >= 16
     monkeypatch.chdir(ROOT)  # config files are given relative to the repository root, where train.py runs
+    monkeypatch.setenv("RANK", "0")  # as under torchrun: the paper's full fine-tuning arms use FSDP
     for f in files:
-        final = configurator.configure(dict(train.DEFAULTS), [os.path.join("config", f)])
+        final = configurator.configure(train.SETTINGS, [os.path.join("config", f)])
         assert final["finetune"] in ("multilora", "lora", "full"), f
 
 
@@ -438,3 +458,109 @@ def test_first_fit_against_hand_computed_rows():
     # longest first: 7 opens row 0, 5 row 1, 4 row 2; 3 fits row 1 (5+3 = 8), 1 fits row 0 (7+1)
     assert dataset.first_fit([3, 7, 5, 1, 4], 8) == [[1, 3], [2, 0], [4]]
     assert dataset.first_fit([2, 2, 2], 2) == [[0], [1], [2]]  # nothing shares: one per row
+
+
+# -----------------------------------------------------------------------------
+# data safety: a run is never replaced unasked, nothing is written before every check, no code runs on load
+
+def tree_hashes(folder):
+    import hashlib
+    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    run(base_args(tiny, out, max_iters=3))
+    return out
+
+
+def test_finished_run_is_never_replaced_unasked(tiny, finished_run, tmp_path):
+    before = tree_hashes(finished_run)
+    p = run(base_args(tiny, finished_run, max_iters=3, learning_rate=2e-2), check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith(f"error: {finished_run}: holds a run (") and "--overwrite=True" in p.stderr
+    assert tree_hashes(finished_run) == before  # byte-identical
+    # --overwrite=True replaces it: the same run again gives the same metrics
+    copy = tmp_path / "copy"
+    import shutil
+    shutil.copytree(finished_run, copy)
+    run(base_args(tiny, copy, max_iters=3, overwrite=True))
+    assert metrics(copy) == metrics(finished_run)
+
+
+def test_second_live_process_is_refused(tiny, tmp_path):
+    import util
+    os.makedirs(tmp_path / "out")
+    held = util.lock_folder(str(tmp_path / "out"))  # as a running train.py holds it
+    p = run(base_args(tiny, tmp_path / "out"), check=False)
+    held.close()
+    assert p.returncode == 2 and "another process is using this folder" in p.stderr and p.stderr.count("\n") == 1
+    assert sorted(os.listdir(tmp_path / "out")) == [".lock"]
+
+
+def test_crafted_checkpoint_runs_no_code(tiny, finished_run, tmp_path):
+    import pickle
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+    with open(out / "ckpt.pt", "wb") as f:
+        pickle.dump({"settings": Exploit()}, f)
+    before = tree_hashes(out)
+    p = run(base_args(tiny, out, max_iters=3, resume=True), check=False)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {out / 'ckpt.pt'}: cannot read the checkpoint")
+    assert not marker.exists()  # weights_only=True: the pickled call never ran
+    assert tree_hashes(out) == before
+
+
+def test_diverged_run_stops_and_keeps_the_last_good_adapter(tiny, finished_run, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out)
+    before = tree_hashes(out)
+    # continue the finished 3-step run to step 6 with a learning rate that blows the weights up
+    p = run(base_args(tiny, out, max_iters=6, resume=True, learning_rate=1e30, min_lr=0.0), check=False)
+    assert p.returncode == 2, p.stdout[-2000:]
+    assert re.fullmatch(r"error: step \d+: the (training|validation) loss is nan: the run diverged \(try a lower "
+                        r"learning_rate\); .* keeps the checkpoint of step 3\n", p.stderr), p.stderr
+    after = tree_hashes(out)
+    for f in ("adapter.safetensors", "ckpt.pt"):
+        assert after[f] == before[f]
+    multilora.load_adapter(str(out / "adapter.safetensors"))  # finite, loadable
+
+
+def test_wrong_tokenizer_or_ids_refused_before_out_dir_is_touched(tiny, tmp_path):
+    import sentencepiece as spm
+    other = tmp_path / "other"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g h"] * 50), model_prefix=str(other),
+                                   vocab_size=10, model_type="word", minloglevel=2)
+    out = tmp_path / "out"
+    p = run(base_args(tiny, out, tokenizer=f"{other}.model"), check=False)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {other}.model: tokenizer has 10 tokens but the model")
+    assert not out.exists()
+    # a prepared dataset whose ids exceed the vocabulary its meta.json claims
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny["data"], data)
+    tokens = np.load(data / "train_tokens.npy")
+    tokens[5] = dataset.read_meta(str(data))["vocab_size"]
+    np.save(data / "train_tokens.npy", tokens)
+    p = run(base_args(tiny, out, datasets=str(data)), check=False)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {data / 'train_tokens.npy'}") and "vocab" in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_final_exact_match_goes_to_metrics(tiny, tmp_path, monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    train.main(base_args(tiny, tmp_path, max_iters=1, eval_interval=1, exact_match_examples=2, exact_match_max_new_tokens=2))
+    last = json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])
+    tasks = [k for k in last if k.startswith("exact_match/")]
+    assert sorted(tasks) == ["exact_match/add", "exact_match/reverse", "exact_match/upper"]
+    assert last["exact_match"] == pytest.approx(sum(last[k] for k in tasks) / 3)
