@@ -34,7 +34,6 @@ import io
 import json
 import os
 import random
-import sys
 import urllib.request
 from functools import lru_cache
 
@@ -42,9 +41,9 @@ import numpy as np
 import torch
 
 import configurator
-import llama
-from util import UserError
+from configurator import S
 from tokenizer import load_tokenizer
+from util import UserError
 
 FORMAT = "multilora-v1"
 PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -132,22 +131,40 @@ def write_dataset(out_dir, splits, meta, raw=None):
 
 class PreparedSplit:
     """One split of a prepared dataset, memory-mapped: .tokens, .mask, .offsets, .task arrays,
-    .tasks (names), .meta. len() = number of examples."""
+    .tasks (names), .meta. len() = number of examples. Checked once on load (a few vectorized passes):
+    a dataset that was truncated, edited or made for another tokenizer is one UserError naming the
+    file, never an index error or silently wrong tokens in the middle of a run."""
 
     def __init__(self, data_dir, split):
         self.meta = read_meta(data_dir)
         self.tasks, self.split, self.dir = self.meta["tasks"], split, data_dir
-        for name in ("tokens", "mask", "offsets", "task"):
+        for name, kinds in (("tokens", "u"), ("mask", "u"), ("offsets", "iu"), ("task", "u")):
             path = os.path.join(data_dir, f"{split}_{name}.npy")
             if not os.path.exists(path):
                 have = sorted(f[:-len("_tokens.npy")] for f in os.listdir(data_dir) if f.endswith("_tokens.npy"))
                 raise UserError(f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})")
-            setattr(self, name, np.load(path, mmap_mode="r"))
-        n = len(self.task)
+            try:  # allow_pickle=False: a received dataset runs no pickled code
+                array = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise UserError(f"{path}: not a readable .npy file ({e}); prepare it again") from None
+            if array.ndim != 1 or array.dtype.kind not in kinds:
+                raise UserError(f"{path}: expected a 1-d integer array, got {array.dtype} of shape {array.shape}")
+            setattr(self, name, array)
+        n, where = len(self.task), os.path.join(data_dir, split)
         if len(self.offsets) != n + 1 or len(self.mask) != len(self.tokens) or self.offsets[-1] != len(self.tokens):
             raise UserError(f"{data_dir}: {split}: arrays disagree (tokens {len(self.tokens)}, mask "
-                                  f"{len(self.mask)}, offsets {len(self.offsets)}, task {n}); prepare it again")
+                            f"{len(self.mask)}, offsets {len(self.offsets)}, task {n}); prepare it again")
         self.lengths = np.diff(self.offsets)  # (n,) tokens per example
+        bad = [(f"{where}_offsets.npy", "offsets: expected 0 first and at least 2 tokens (BOS, EOS) per example",
+                self.offsets[0] != 0 or (n and self.lengths.min() < 2)),
+               (f"{where}_tokens.npy", f"token ids: expected < vocab_size {self.meta['vocab_size']} (meta.json)",
+                len(self.tokens) and self.tokens.max() >= self.meta["vocab_size"]),
+               (f"{where}_mask.npy", "mask: expected only 0 and 1", len(self.mask) and self.mask.max() > 1),
+               (f"{where}_task.npy", f"task ids: expected < {len(self.tasks)} (the tasks in meta.json)",
+                n and self.task.max() >= len(self.tasks))]
+        for path, expected, failed in bad:
+            if failed:
+                raise UserError(f"{path}: {expected}; prepare it again")
 
     def __len__(self):
         return len(self.task)
@@ -167,8 +184,16 @@ def read_meta(data_dir):
             meta = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path}: format: expected {FORMAT!r}, got {meta.get('format')!r}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path}: format: expected {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    vocab_size = meta.get("vocab_size")
+    for key, ok, expected in (
+            ("vocab_size", type(vocab_size) is int and vocab_size > 0, "a positive int"),
+            ("tasks", isinstance(meta.get("tasks"), list) and all(isinstance(t, str) for t in meta["tasks"]), "a list of names"),
+            ("bos_id", type(meta.get("bos_id")) is int and 0 <= meta["bos_id"], "a token id"),
+            ("eos_id", type(meta.get("eos_id")) is int and 0 <= meta["eos_id"], "a token id")):
+        if not ok:
+            raise UserError(f"{path}: {key}: expected {expected}, got {meta.get(key)!r}")
     return meta
 
 
@@ -312,22 +337,24 @@ def download(url, path):
 # -----------------------------------------------------------------------------
 # the pipeline shared by the prepare scripts
 
-PREPARE_DEFAULTS = dict(
-    source="",       # local file or directory in the source's own format; empty = download it
-    tokenizer="",    # the base model's tokenizer.model, or its checkpoint directory
-    out_dir="",      # where the prepared files go (each script defaults to its own directory)
-    max_len=512,     # examples longer than this many tokens (BOS + prompt + response + EOS) are dropped
-    val_fraction=0.05,  # share of the training examples held out as the val split (when the source has none)
-    seed=1337,       # for choosing the val examples
+PREPARE_SETTINGS = dict(
+    source=S("", lambda v, s: v and not os.path.exists(v) and "an existing file or directory",
+             "local file or directory in the source's own format; empty = download it"),
+    tokenizer=S("", lambda v, s: None if v else "a path (required)",
+                "the base model's tokenizer.model, or its checkpoint directory"),
+    out_dir=S("", lambda v, s: os.path.isfile(v) and f"a folder ({v} is a file)",
+              "where the prepared files go (each script defaults to its own directory)"),
+    max_len=S(512, "[2, inf)", "examples longer than this many tokens (BOS + prompt + response + EOS) are dropped"),
+    val_fraction=S(0.05, "[0, 1)", "share of the training examples held out as the val split (when the source has none)"),
+    seed=S(1337, None, "for choosing the val examples"),
 )
+PREPARE_DEFAULTS = {k: s.default for k, s in PREPARE_SETTINGS.items()}  # for callers of prepare()
 
 
 def prepare(name, splits, config, tok):
     """Tokenize, drop over-long, write. splits: {split: [record dict with FIELDS]}; when there is no "val"
     split, config["val_fraction"] of "train" (chosen with config["seed"]) becomes "val". config: the
-    PREPARE_DEFAULTS keys (and optionally "tasks", the order of task indices)."""
-    if not 0 <= config["val_fraction"] < 1:
-        raise UserError(f"--val_fraction: expected a number in [0, 1), got {config['val_fraction']}")
+    PREPARE_SETTINGS keys (and optionally "tasks", the order of task indices)."""
     if not splits.get("train"):
         raise UserError(f"--source: no {name} training examples found there")
     splits = dict(splits)
@@ -359,22 +386,20 @@ def prepare(name, splits, config, tok):
     return meta
 
 
-def prepare_main(name, read_source, urls, out_dir, argv=None, **defaults):
-    """The whole of a data/<name>/prepare.py run: configurator.py's --key=value (defaults: PREPARE_DEFAULTS, then
-    **defaults), download urls ({file name: url}) into out_dir when no --source is given,
-    read_source(path) -> {split: [records]}, prepare()."""
-    config = configurator.configure({**PREPARE_DEFAULTS, "out_dir": out_dir, **defaults}, sys.argv[1:] if argv is None else argv)
-    if not config["tokenizer"]:
-        raise UserError("--tokenizer: required (the base model's tokenizer.model or checkpoint directory)")
+def prepare_main(name, read_source, urls, out_dir, argv, **settings):
+    """The whole of a data/<name>/prepare.py run: configurator.py's --key=value (PREPARE_SETTINGS with
+    out_dir's default, then the script's own **settings), download urls ({file name: url}) into
+    out_dir when no --source is given, read_source(path, config) -> {split: [records]}, prepare()."""
+    out_dir_setting = PREPARE_SETTINGS["out_dir"]
+    config = configurator.configure({**PREPARE_SETTINGS, **settings, "out_dir": configurator.S(
+        out_dir, out_dir_setting.allowed, out_dir_setting.help)}, argv)
     tok = load_tokenizer(config["tokenizer"])
     source = config["source"]
     if not source:
         for file_name, url in urls.items():
             download(url, os.path.join(config["out_dir"], file_name))
         source = config["out_dir"]
-    elif not os.path.exists(source):
-        raise UserError(f"--source={source}: no such file or directory")
-    return prepare(name, read_source(source), config, tok)
+    return prepare(name, read_source(source, config), config, tok)
 
 
 # -----------------------------------------------------------------------------

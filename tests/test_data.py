@@ -157,12 +157,17 @@ def mmlu_expected(rows, answers, subject):
             for (question, *choices), answer in zip(rows, answers)]
 
 
-def test_mmlu_shared_layout(tmp_path, tok):
-    """../shared/data/mmlu: dev/ and test/, a header row, answers 0-3."""
+def test_mmlu_shared_layout(tmp_path, tok, capsys):
+    """../shared/data/mmlu: dev/ and test/, a header row, answers 0-3. Without auxiliary_train/ the
+    only training data would be dev/, eval.py's few-shot examples: refused unless asked for, loudly."""
     header = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
     write_csv(tmp_path / "mmlu" / "dev" / "elementary_mathematics_dev.csv", [r + [a] for r, a in zip(MMLU_ROWS, "12")], header)
     write_csv(tmp_path / "mmlu" / "test" / "elementary_mathematics_test.csv", [MMLU_ROWS[1] + ["2"]], header)
-    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "mmlu", "--val_fraction=0.0")
+    with pytest.raises(UserError, match="no auxiliary_train/ .* needs --train_on_dev=True"):
+        run_prepare("mmlu", tmp_path, tmp_path / "mmlu", "--val_fraction=0.0")
+    assert not (tmp_path / "out").exists()
+    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "mmlu", "--val_fraction=0.0", "--train_on_dev=True")
+    assert "WARNING: --train_on_dev=True" in capsys.readouterr().err
     check_prepared(out_dir, tok, {"train": mmlu_expected(MMLU_ROWS, "BC", "elementary mathematics"),
                                   "test": mmlu_expected(MMLU_ROWS[1:], "C", "elementary mathematics")})
 
@@ -176,10 +181,12 @@ def test_mmlu_release_tar(tmp_path, tok):
     write_csv(data / "test" / "astronomy_test.csv", [MMLU_ROWS[1] + ["D"]])
     with tarfile.open(tmp_path / "data.tar", "w") as tar:
         tar.add(data, arcname="data")
-    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "data.tar")
-    check_prepared(out_dir, tok, {"train": mmlu_expected(MMLU_ROWS[:1], "B", "") + mmlu_expected(MMLU_ROWS[1:], "C", "astronomy"),
+    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "data.tar")  # dev/ stays out of train by default
+    check_prepared(out_dir, tok, {"train": mmlu_expected(MMLU_ROWS[:1], "B", ""),
                                   "val": mmlu_expected(MMLU_ROWS[:1], "A", "astronomy"),
                                   "test": mmlu_expected(MMLU_ROWS[1:], "D", "astronomy")})
+    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "data.tar", "--train_on_dev=True")
+    check_prepared(out_dir, tok, {"train": mmlu_expected(MMLU_ROWS[:1], "B", "") + mmlu_expected(MMLU_ROWS[1:], "C", "astronomy")})
 
 
 # -----------------------------------------------------------------------------
@@ -209,7 +216,7 @@ def test_malformed_input_stops(tmp_path, name, file_name, text, message):
     path.write_text(text)
     source = tmp_path / "src" if name == "mmlu" else path
     with pytest.raises(UserError, match="^" + str(path.parent if name == "mmlu" else tmp_path / "src").replace("\\", "\\\\")) as e:
-        run_prepare(name, tmp_path, source)
+        run_prepare(name, tmp_path, source, *["--train_on_dev=True"] * (name == "mmlu"))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -232,6 +239,43 @@ def test_load_dataset_errors(tmp_path, tok):
         dataset.load_dataset(str(tmp_path), "val")
     data = dataset.load_dataset(str(tmp_path), "train")
     assert len(data) == 1 and data.example(0)[0].tolist() == [1, 5, 2] and data.tasks == ["t"]
+
+
+def np_save(path, array):
+    np.save(path, array, allow_pickle=True)
+
+
+# a prepared split damaged in one way -> the file named and what was expected
+CORRUPT = [
+    ("train_tokens.npy", lambda p: p.write_bytes(p.read_bytes()[:-3]), "train_tokens.npy: not a readable .npy"),
+    ("train_tokens.npy", lambda p: p.write_bytes(p.read_bytes()[:40]), "train_tokens.npy: not a readable .npy"),
+    ("train_task.npy", lambda p: np_save(p, np.array([{"a": 1}], dtype=object)), "train_task.npy: not a readable .npy"),
+    ("train_tokens.npy", lambda p: np_save(p, np.array([1, 5, 2, 1, 6, 768, 2], dtype=np.uint16)), "token ids: expected < vocab_size 768"),
+    ("train_offsets.npy", lambda p: np_save(p, np.array([1, 3, 7])), "train_offsets.npy: offsets: expected 0 first"),
+    ("train_offsets.npy", lambda p: np_save(p, np.array([0, 8, 7])), "train_offsets.npy: offsets"),
+    ("train_offsets.npy", lambda p: np_save(p, np.array([0, 1, 7])), "at least 2 tokens"),
+    ("train_offsets.npy", lambda p: np_save(p, np.array([0, 3, 6])), "arrays disagree"),
+    ("train_offsets.npy", lambda p: np_save(p, np.array([0.0, 3.0, 7.0])), "expected a 1-d integer array, got float64"),
+    ("train_mask.npy", lambda p: np_save(p, np.array([0, 1, 2, 0, 0, 1, 1], dtype=np.uint8)), "train_mask.npy: mask: expected only 0 and 1"),
+    ("train_mask.npy", lambda p: np_save(p, np.zeros((2, 3), dtype=np.uint8)), "expected a 1-d integer array"),
+    ("train_task.npy", lambda p: np_save(p, np.array([0, 2], dtype=np.uint16)), "train_task.npy: task ids: expected < 2"),
+    ("meta.json", lambda p: p.write_text(p.read_text().replace('"vocab_size": 768', '"vocab_size": "768"')), "meta.json: vocab_size"),
+    ("meta.json", lambda p: p.write_text(p.read_text().replace('"bos_id": 1', '"bos_id": null')), "meta.json: bos_id"),
+    ("meta.json", lambda p: p.write_text(p.read_text().replace('"eos_id": 2', '"eos_id": 2.0')), "meta.json: eos_id"),
+    ("meta.json", lambda p: p.write_text(json.dumps(dict(json.loads(p.read_text()), tasks="a"))), "meta.json: tasks"),
+    ("meta.json", lambda p: p.write_text("[1]"), "meta.json: format"),
+]
+
+
+@pytest.mark.parametrize("name,damage,message", CORRUPT, ids=[f"{n}:{m[:30]}" for n, _, m in CORRUPT])
+def test_damaged_dataset_is_one_error_naming_the_file(tmp_path, tok, name, damage, message):
+    dataset.write_dataset(str(tmp_path), {"train": [("a", [1, 5, 2], [0, 1, 1]), ("b", [1, 6, 7, 2], [0, 0, 1, 1])]},
+                          dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2))
+    assert len(dataset.load_dataset(str(tmp_path), "train")) == 2  # intact, it loads
+    damage(tmp_path / name)
+    with pytest.raises(UserError, match=message.replace("(", r"\(")) as e:
+        dataset.load_dataset(str(tmp_path), "train")
+    assert "\n" not in str(e.value)
 
 
 # -----------------------------------------------------------------------------

@@ -15,15 +15,14 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dataset  # noqa: E402
-import llama  # noqa: E402
-import util
+import util  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
 URLS = {"train.jsonl": BASE_URL + "train.jsonl", "test.jsonl": BASE_URL + "test.jsonl"}
 FIELDS = {"instruction": "question", "response": "answer"}  # ours: the source's
 
 
-def read_source(source):
+def read_source(source, config):
     if not os.path.isdir(source):
         return {"train": dataset.read_records(source, "gsm8k", FIELDS)}
     splits = {"train": dataset.read_records(os.path.join(source, "train.jsonl"), "gsm8k", FIELDS)}
@@ -32,7 +31,7 @@ def read_source(source):
     return splits
 
 
-def main(argv=None):
+def main(argv):
     return dataset.prepare_main("gsm8k", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv)
 
 

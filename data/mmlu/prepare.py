@@ -7,8 +7,11 @@ The source is the original release, data.tar with data/{auxiliary_train,dev,val,
 directory with some of those folders (at least dev/ or auxiliary_train/). Each CSV row is
 question, four choices, answer; the answer is A-D (original release) or 0-3 (the copies in
 ../shared, which also start with a header row question,choice0..choice3,answer, skipped).
-Splits: auxiliary_train + dev -> train (world knowledge for training, as in the MultiLoRA mixture),
+Splits: auxiliary_train -> train (world knowledge for training, as in the MultiLoRA mixture),
 val -> val (or val_fraction of train when there is no val/), test -> test (evaluation only).
+dev/ holds the 5 solved examples per subject that eval.py --task=mmlu --shots=5 puts before each
+question: it joins train only with --train_on_dev=True (said loudly), and a source without
+auxiliary_train/ is refused without it, rather than training on the few-shot examples unannounced.
 One example: instruction naming the subject, input = question + lettered choices, response = the letter.
 Rules (over-long dropped and counted, malformed input stops): see dataset.py.
 """
@@ -20,9 +23,9 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import dataset  # noqa: E402
-import llama  # noqa: E402
-from util import UserError
-import util
+from configurator import S  # noqa: E402
+from util import UserError  # noqa: E402
+import util  # noqa: E402
 
 URLS = {"data.tar": "https://people.eecs.berkeley.edu/~hendrycks/data.tar"}
 HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
@@ -48,7 +51,7 @@ def read_folder(folder, split):
     return records
 
 
-def read_source(source):
+def read_source(source, config):
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "data.tar")):
         source = os.path.join(source, "data.tar")
     if os.path.isfile(source):  # the release tarball: read it from a temporary extraction
@@ -58,20 +61,25 @@ def read_source(source):
                     tar.extractall(tmp, filter="data")
             except tarfile.TarError as e:
                 raise UserError(f"{source}: not a readable tar file ({e})") from None
-            return read_source(tmp)
+            return read_source(tmp, config)
     if not os.path.isdir(os.path.join(source, "dev")) and os.path.isdir(os.path.join(source, "data")):
         source = os.path.join(source, "data")
     folders = {split: os.path.join(source, split) for split in ("auxiliary_train", "dev", "val", "test")}
-    if not any(os.path.isdir(folders[split]) for split in ("auxiliary_train", "dev")):
-        raise UserError(f"--source={source}: expected a dev/ or auxiliary_train/ folder of CSV files")
+    if not os.path.isdir(folders["auxiliary_train"]) and not (config["train_on_dev"] and os.path.isdir(folders["dev"])):
+        raise UserError(f"--source={source}: no auxiliary_train/ folder of CSV files; training on dev/ (eval.py's "
+                        f"few-shot examples) needs --train_on_dev=True")
+    if config["train_on_dev"]:
+        print("WARNING: --train_on_dev=True: dev/ is in train; eval.py --task=mmlu --shots=K shows the model "
+              "questions it was trained on", file=sys.stderr)
     read = {split: read_folder(folder, split) for split, folder in folders.items() if os.path.isdir(folder)}
-    splits = {"train": read.get("auxiliary_train", []) + read.get("dev", [])}
+    splits = {"train": read.get("auxiliary_train", []) + (read.get("dev", []) if config["train_on_dev"] else [])}
     splits.update({split: read[split] for split in ("val", "test") if split in read})
     return splits
 
 
-def main(argv=None):
-    return dataset.prepare_main("mmlu", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv)
+def main(argv):
+    return dataset.prepare_main("mmlu", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv,
+                                train_on_dev=S(False, None, "also train on dev/, the few-shot examples eval.py uses"))
 
 
 if __name__ == "__main__":
