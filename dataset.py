@@ -420,8 +420,24 @@ def load_splits(dataset_dirs, split):
         s = load_dataset(d, split)
         if len(s) == 0:
             raise UserError(f"{d}: {split} split is empty")
+        for key in ("vocab_size", "bos_id", "eos_id"):
+            if s.meta.get(key) != splits[0].meta.get(key) if splits else False:
+                raise UserError(f"{d}: meta.json: {key} is {s.meta.get(key)!r} but {dataset_dirs[0]} has "
+                                f"{splits[0].meta.get(key)!r}; all datasets must be made with one tokenizer")
         splits.append(s)
     return splits
+
+
+def test_examples(dataset_dirs, per_task):
+    """The first per_task raw test examples of each task, from each dataset's test.jsonl (if any)."""
+    chosen, counts = [], {}
+    for d in dataset_dirs:
+        if os.path.exists(os.path.join(d, "test.jsonl")):
+            for r in read_examples(d, "test"):
+                if counts.get(r["task"], 0) < per_task:
+                    counts[r["task"]] = counts.get(r["task"], 0) + 1
+                    chosen.append(r)
+    return chosen
 
 
 def task_pools(splits):

@@ -162,24 +162,40 @@ def make_optimizer(model, device_type):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2))
 
 
-def flops_per_token(config, trainable, finetune, seq_len):
-    """Training FLOPs per token (PaLM appendix B / nanoGPT's estimate_mfu): the forward pass costs 2
-    per weight and the backward pass 2 for the input gradients, +2 for the weight gradients only where
-    weights train (all for 'full', the adapters otherwise); attention scores add 12·L·H·hd·T. lm_head
-    is counted at every position, as model FLOPs are, though the step runs it at the targets only."""
-    c = config
-    per_layer = (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)) + 3 * c.dim * c.hidden_dim
-    base = c.n_layers * per_layer + c.dim * c.vocab_size  # matmul weights (lm_head included)
-    weights = 6 * base if finetune == "full" else 4 * base + 6 * trainable
-    return weights + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+def init_distributed():
+    """torchrun sets RANK: one process per GPU (NCCL) or per CPU share (gloo); otherwise one process."""
+    ddp = "RANK" in os.environ
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    if gradient_accumulation_steps % world_size:
+        raise UserError(f"gradient_accumulation_steps: {gradient_accumulation_steps} micro-steps cannot be "
+                        f"split evenly over {world_size} processes")
+    run_device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else device
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(run_device)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                device_id=torch.device(run_device) if device_type == "cuda" else None)
+    return ddp, rank, local_rank, world_size, run_device, device_type
 
 
-def peak_memory_bytes(device_type):
-    """Peak GPU memory allocated by torch, or on CPU the peak resident set size of this process."""
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+def wrap(raw_model, device_type, world_size, local_rank, ddp):
+    """FSDP2 shards each block and the rest; DDP replicates; torch.compile last."""
+    model = raw_model
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(device_type, (world_size,))
+        # all-gather in the compute dtype (one dtype per group, base and adapters), reduce gradients in fp32
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
+            if dtype != "float32" else MixedPrecisionPolicy()
+        for block in raw_model.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(raw_model, mesh=mesh, mp_policy=mp)
+    elif ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
+    return torch.compile(model) if compile else model
 
 # -----------------------------------------------------------------------------
 # the training step (bench.py times this same function) and the loss over a split (eval.py's too)
@@ -302,6 +318,22 @@ def read_checkpoint(config, model, world_size):
     return ckpt, changed
 
 
+def restore(ckpt, model, optimizer, scaler, rank, world_size):
+    """The optimizer (and scaler) state, and this rank's RNG stream (when the process count is the same)."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == world_size:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if ckpt["rng"][rank]["cuda"] is not None and device.startswith("cuda"):
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+
+
 def full_tensor(t):
     """A plain CPU tensor; an FSDP2 shard (DTensor) is all-gathered first (a collective: every rank calls)."""
     t = t.detach()
@@ -346,18 +378,6 @@ def write_weights(weights, step, raw_model, model_config, tokenizer_path, adapte
 # -----------------------------------------------------------------------------
 # exact match on the test split (the embedded default's before/after figure)
 
-def exact_match_examples_of(dataset_dirs, per_task):
-    """The first per_task raw test examples of each task, from each dataset's test.jsonl (if any)."""
-    chosen, counts = [], {}
-    for d in dataset_dirs:
-        if os.path.exists(os.path.join(d, "test.jsonl")):
-            for r in dataset.read_examples(d, "test"):
-                if counts.get(r["task"], 0) < per_task:
-                    counts[r["task"]] = counts.get(r["task"], 0) + 1
-                    chosen.append(r)
-    return chosen
-
-
 def score(model, tok, examples, ctx):
     """{task: exact-match accuracy in [0, 1]}: eval.py's scoring (greedy, in eval mode, mode restored after)."""
     from eval import score_exact_match  # eval.py imports this file for evaluate()
@@ -383,11 +403,6 @@ def load_data_and_config():
     train_splits = dataset.load_splits(datasets, "train")
     val_splits = dataset.load_splits(datasets, "val")
     meta = train_splits[0].meta
-    for s in train_splits[1:]:
-        for key in ("vocab_size", "bos_id", "eos_id"):
-            if s.meta.get(key) != meta.get(key):
-                raise UserError(f"{s.dir}: meta.json: {key} is {s.meta.get(key)!r} but {datasets[0]} has "
-                                f"{meta.get(key)!r}; all datasets must be made with one tokenizer")
     if init_from == "scratch":
         tokenizer_path = tokenizer or meta.get("tokenizer", "")
         tok = load_tokenizer(tokenizer_path)
@@ -422,19 +437,7 @@ def main(argv=None):
     globals().update(config)  # nanoGPT style: below, the settings are read as plain names
     if threads > 0:
         torch.set_num_threads(threads)
-    # distributed: torchrun sets RANK; gloo on CPU, NCCL on GPUs
-    ddp = "RANK" in os.environ
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    run_device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else device
-    if gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps: {gradient_accumulation_steps} micro-steps cannot be "
-                        f"split evenly over {world_size} processes")
-    if ddp:
-        if device_type == "cuda":
-            torch.cuda.set_device(run_device)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
-                                device_id=torch.device(run_device) if device_type == "cuda" else None)
+    ddp, rank, local_rank, world_size, run_device, device_type = init_distributed()
     master = rank == 0
 
     def log(*args):
@@ -457,33 +460,16 @@ def main(argv=None):
         if changed:
             log(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
 
-    # now out_dir is ours: lock it, clear what --overwrite replaces, and leftovers of killed writes
+    # now out_dir is ours: lock it (held until the process ends), clear what --overwrite replaces
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        lock = util.lock_folder(out_dir)  # noqa: F841 (held until the process ends)
-        util.remove_stale_tmp(out_dir)
+        lock = util.lock_folder(out_dir)  # noqa: F841
+        util.remove_stale_tmp(out_dir)  # leftovers of killed writes
         for f in found if overwrite and not resume else []:
             os.remove(f)
     if ddp:
         dist.barrier()
-
-    # wrap: FSDP2 shards each block and the rest; DDP replicates; torch.compile last
-    model = raw_model
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device_type, (world_size,))
-        # all-gather in the compute dtype (one dtype per group, base and adapters), reduce gradients in fp32
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
-            if dtype != "float32" else MixedPrecisionPolicy()
-        for block in raw_model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(raw_model, mesh=mesh, mp_policy=mp)
-    elif ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
-    if compile:
-        model = torch.compile(model)
+    model = wrap(raw_model, device_type, world_size, local_rank, ddp)
     optimizer = make_optimizer(model, device_type)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
@@ -497,20 +483,14 @@ def main(argv=None):
 
     # state: fresh, or from the checkpoint
     metrics_path = os.path.join(out_dir, METRICS)
-    examples_em = exact_match_examples_of(datasets, exact_match_examples) if exact_match_examples > 0 else []
+    examples_em = dataset.test_examples(datasets, exact_match_examples) if exact_match_examples > 0 else []
     can_score = bool(examples_em) and not fsdp and tok is not None
     state = {"settings": config, "iter_num": 0, "data_position": [0] * len(pools), "metrics_lines": 0,
              "exact_match_base": None}
+    torch.manual_seed(seed + rank)  # dropout differs per rank
     if ckpt is not None:
         state = {k: ckpt[k] for k in state} | {"settings": config}
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        restore(ckpt, model, optimizer, scaler, rank, world_size)
         if master:  # the metrics and the adapter (or hf/) as of the checkpoint: a crash may have left either ahead
             lines = open(metrics_path).readlines()[:state["metrics_lines"]] if os.path.exists(metrics_path) else []
             util.write_text(metrics_path, "".join(lines))
@@ -519,12 +499,6 @@ def main(argv=None):
         log(f"resumed from {os.path.join(out_dir, CHECKPOINT)} at step {state['iter_num']}")
     elif master and can_score:
         state["exact_match_base"] = score(raw_model, tok, examples_em, ctx)
-    # dropout differs per rank; after a resume every rank continues its own RNG stream
-    torch.manual_seed(seed + rank)
-    if ckpt is not None and len(ckpt["rng"]) == world_size:
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if device_type == "cuda" and ckpt["rng"][rank]["cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, resume="allow")
@@ -583,9 +557,9 @@ def main(argv=None):
             now = time.time()
             tokens_per_s = tokens_since / (now - t_last)
             seq_len = max(b[0].shape[1] for b in batches)  # attention span of a row (x is first)
-            mfu = flops_per_token(model_config, trainable, finetune, seq_len) * tokens_per_s / (peak_flops * world_size)
+            mfu = util.flops_per_token(model_config, trainable, finetune, seq_len) * tokens_per_s / (peak_flops * world_size)
             eta = (now - t_last) / steps_since * (max_iters - iter_num - 1)
-            mem = peak_memory_bytes(device_type)
+            mem = util.peak_memory_bytes(device_type)
             log(f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, mfu {100 * mfu:.2f}%, "
                 f"mem {mem / 2**20:,.0f} MiB, eta {eta / 60:.1f} min")
             write_metrics({"iter": iter_num, "train_loss": train_loss, "lr": lr, "tokens_per_s": tokens_per_s,

@@ -3,9 +3,12 @@ What every script shares: the error a user can fix, the command-line wrapper tha
 line, the one way files are written (atomically), and the lock that keeps two runs out of one folder.
 """
 import fcntl
+import importlib.util
 import os
 import sys
 from contextlib import contextmanager
+
+import torch
 
 
 class UserError(ValueError):
@@ -68,18 +71,15 @@ def lock_folder(folder):
 
 
 def importable(name):
-    import importlib.util
     return importlib.util.find_spec(name) is not None
 
 
 def default_device():
-    import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(name, settings=None):
     """A setting check (configurator): None if torch can run on this device here, else what is expected."""
-    import torch
     kind = name.split(":")[0]
     if kind == "cpu" and name == "cpu":
         return None
@@ -90,3 +90,25 @@ def check_device(name, settings=None):
     if kind == "mps" and torch.backends.mps.is_available():
         return None
     return "cpu" + ", cuda" * torch.cuda.is_available() + " (no CUDA device here)" * (not torch.cuda.is_available())
+
+
+# training telemetry: the model FLOPs utilization (MFU) and the memory train.py logs
+
+def flops_per_token(config, trainable, finetune, seq_len):
+    """Training FLOPs per token (PaLM appendix B / nanoGPT's estimate_mfu): the forward pass costs 2
+    per weight and the backward pass 2 for the input gradients, +2 for the weight gradients only where
+    weights train (all for 'full', the adapters otherwise); attention scores add 12·L·H·hd·T. lm_head
+    is counted at every position, as model FLOPs are, though the step runs it at the targets only."""
+    c = config
+    per_layer = (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)) + 3 * c.dim * c.hidden_dim
+    base = c.n_layers * per_layer + c.dim * c.vocab_size  # matmul weights (lm_head included)
+    weights = 6 * base if finetune == "full" else 4 * base + 6 * trainable
+    return weights + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+def peak_memory_bytes(device_type):
+    """Peak GPU memory allocated by torch, or on CPU the peak resident set size of this process."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
