@@ -1,8 +1,9 @@
-"""Tests for multilora.py and export.py. CPU, no network, no ../shared.
+"""Tests for multilora.py and export.py. CPU, no network.
 References: the formulas in docs/multilora.md (an explicit loop over n modules), PEFT's LoRA on
 transformers' LlamaForCausalLM, and transformers alone for the merged Hugging Face export."""
 
 import json
+import re
 import math
 import os
 import sys
@@ -361,6 +362,63 @@ def test_refuses_wrong_base_or_settings(base_dir, tmp_path):
         f.write(b"not a safetensors file")
     with pytest.raises(UserError, match="junk.safetensors"):
         multilora.load_adapter(str(tmp_path / "junk.safetensors"))
+
+
+def test_refuses_same_shapes_other_weights_unless_asked(base_dir, tmp_path):
+    """The fingerprint covers names and shapes; a sample of the base's weights catches a base of the
+    same architecture with other weights. The same base in bf16 still matches (bf16 rounding)."""
+    model = checkpoint.load_model(base_dir)
+    multilora.adapt_model(model, n_loras=2, lora_rank=4)
+    perturb(model)
+    path = str(tmp_path / "adapter.safetensors")
+    multilora.save_adapter(model, path)
+    other = checkpoint.load_model(base_dir)
+    with torch.no_grad():
+        other.embed_tokens.weight.add_(0.1)  # same shapes, other weights: another base
+    with pytest.raises(UserError, match=r"base_sample: the adapter was trained on a base of the same shapes but other weights"):
+        multilora.apply_adapter(other, path)
+    multilora.apply_adapter(other, path, any_base=True)  # the user means it
+    multilora.apply_adapter(checkpoint.load_model(base_dir, dtype=torch.bfloat16), path)  # same base, bf16
+
+
+def write_adapter(path, tensors, metadata):
+    from safetensors.torch import save_file
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def test_refuses_bad_adapter_files(base_dir, tmp_path):
+    model = checkpoint.load_model(base_dir)
+    multilora.adapt_model(model, n_loras=2, lora_rank=4)
+    good = str(tmp_path / "good.safetensors")
+    multilora.save_adapter(model, good)
+    state, _ = multilora.load_adapter(good)
+    _, metadata, _ = checkpoint.read_safetensors_header(good)
+    key = sorted(state)[0]
+    nan = dict(state, **{key: state[key].clone().fill_(float("nan"))})
+    with pytest.raises(UserError, match=rf"{key}: not finite \(NaN or inf\): the run that wrote it diverged"):
+        multilora.load_adapter(write_adapter(str(tmp_path / "nan.safetensors"), nan, metadata))
+    ints = dict(state, **{key: state[key].to(torch.int32)})
+    with pytest.raises(UserError, match=rf"tensor {re.escape(key)}: dtype 'I32', expected one of F64, F32, F16, BF16"):
+        multilora.load_adapter(write_adapter(str(tmp_path / "int.safetensors"), ints, metadata))
+    settings = json.loads(metadata["settings"])
+    for k, bad, expected in (("lora_alpha", "16", "a number"), ("n_loras", 0, "an int >= 1"),
+                             ("targets", ["q", "x"], "a list of names"), ("scaling", None, "'channel' or 'scalar'")):
+        meta = dict(metadata, settings=json.dumps(dict(settings, **{k: bad})))
+        with pytest.raises(UserError, match=rf"metadata.settings.{k}: expected {expected}.*got {re.escape(repr(bad))}"):
+            multilora.load_adapter(write_adapter(str(tmp_path / f"{k}.safetensors"), state, meta))
+
+
+def test_adapter_file_follows_the_umask(base_dir, tmp_path):
+    model = checkpoint.load_model(base_dir)
+    multilora.adapt_model(model, n_loras=2, lora_rank=4)
+    old = os.umask(0o022)
+    try:
+        multilora.save_adapter(model, str(tmp_path / "a.safetensors"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o644  # readable by a serving account
+    assert os.listdir(tmp_path) == ["a.safetensors"]  # no temporary file left
 
 
 @pytest.mark.parametrize("finetune,scaling", [("multilora", "channel"), ("multilora", "scalar"), ("lora", "channel")])
