@@ -1,5 +1,5 @@
 """Tests for multilora.py and export.py. CPU, no network.
-References: the formulas in docs/multilora.md (an explicit loop over n modules), PEFT's LoRA on
+References: the formulas in docs/method.md (an explicit loop over n modules), PEFT's LoRA on
 transformers' LlamaForCausalLM, and transformers alone for the merged Hugging Face export."""
 
 import json
@@ -24,7 +24,7 @@ def make_layer(d_in=24, d_out=20, dtype=torch.float32, **kw):
 
 
 def loop_forward(layer, x):
-    """h = W0·x + (α/r)·Σ_i s_i ⊙ (B_i·A_i·x), one module at a time (multilora.md, no fusing)."""
+    """h = W0·x + (α/r)·Σ_i s_i ⊙ (B_i·A_i·x), one module at a time (docs/method.md, no fusing)."""
     r = layer.lora_rank
     h = x @ layer.weight.t()
     for i in range(layer.n_loras):
