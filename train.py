@@ -85,21 +85,21 @@ dim = S(128, "[1, inf)", "model width")
 n_layers = S(4, "[1, inf)", "blocks")
 n_heads = S(4, "[1, inf)", "query heads")
 n_kv_heads = S(2, "[1, n_heads]", "key/value heads (fewer than n_heads: grouped-query attention)")
+tie_embeddings = S(True, None, "lm_head shares the embedding matrix")
 hidden_dim = S(352, "[1, inf)", "SwiGLU feed-forward width")
 max_seq_len = S(256, "[1, inf)", "context length")
 rope_theta = S(10000.0, "(0, inf)", "RoPE base")
-tie_embeddings = S(True, None, "lm_head shares the embedding matrix")
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = S(3e-3, "(0, inf)", "peak learning rate")
+min_lr = S(3e-4, "[0, learning_rate]", "learning rate at the end of the decay")
+warmup_iters = S(20, "[0, max_iters]", "linear warmup steps")
+lr_decay_iters = S(0, lambda v, s: not (v == 0 or v > s["warmup_iters"]) and "0 or more than warmup_iters",
+                   "cosine decay ends here (0 = max_iters)")
 max_iters = S(1000, "[0, inf)", "optimizer steps")
 weight_decay = S(0.0, "[0, inf)", "AdamW weight decay, on 2-D weights only (nanoGPT's rule)")
 beta1 = S(0.9, "[0, 1)", "AdamW β1")
 beta2 = S(0.999, "[0, 1)", "AdamW β2")
 grad_clip = S(1.0, "[0, inf)", "clip the gradient norm to this (0 = off)")
-warmup_iters = S(20, "[0, max_iters]", "linear warmup steps")
-lr_decay_iters = S(0, lambda v, s: not (v == 0 or v > s["warmup_iters"]) and "0 or more than warmup_iters",
-                   "cosine decay ends here (0 = max_iters)")
-min_lr = S(3e-4, "[0, learning_rate]", "learning rate at the end of the decay")
 # system
 device = S(util.default_device(), util.check_device, "cpu | cuda | cuda:N | mps")
 dtype = S("bfloat16" if torch.cuda.is_available() else "float32",
