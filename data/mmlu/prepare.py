@@ -60,7 +60,7 @@ def read_source(source, config):
                 with tarfile.open(source) as tar:
                     tar.extractall(tmp, filter="data")
             except tarfile.TarError as e:
-                raise UserError(f"{source}: not a readable tar file ({e})") from None
+                raise UserError(f"{source}: neither a folder nor a readable tar file ({type(e).__name__})") from None
             return read_source(tmp, config)
     if not os.path.isdir(os.path.join(source, "dev")) and os.path.isdir(os.path.join(source, "data")):
         source = os.path.join(source, "data")
