@@ -17,10 +17,10 @@ import torch
 
 import checkpoint
 import llama
+import multilora
 import util
 from configurator import S, configure, declared
 from tokenizer import check_tokenizer, load_tokenizer
-from util import UserError
 
 # -----------------------------------------------------------------------------
 ckpt_dir = S("data/tiny_base", None, "base model: HF (config.json) or Meta (params.json) layout")
@@ -50,13 +50,12 @@ def main(argv):
         with open(prompt_file) as f:
             prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
         if not prompts:
-            raise UserError(f"{prompt_file}: no prompts in file")
+            raise util.UserError(f"{prompt_file}: no prompts in file")
     t0 = time.perf_counter()
     model = checkpoint.load_model(ckpt_dir, dtype=getattr(torch, dtype), device=device).eval()
     tok = load_tokenizer(tokenizer or ckpt_dir)
     check_tokenizer(tok, model.config, ckpt_dir)
     if adapter:
-        import multilora
         multilora.apply_adapter(model, adapter, merge=merge)
     t_load = time.perf_counter() - t0
 
