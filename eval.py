@@ -38,10 +38,9 @@ import re
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-import numpy as np
 
 import checkpoint
 import dataset
@@ -75,17 +74,18 @@ def check_shots(value, settings):
 
 def check_out(path, settings):
     """The result file must be writable where it is named: checked before any model work."""
+    if not path:
+        return None
     if os.path.isdir(path):
         return f"a file path ({path} is a folder)"
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # folders that do not exist yet are created
         folder = os.path.dirname(folder)
-    if path and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
-        return f"a file in a writable folder ({folder} is not one)"
-    return None
+    return None if os.path.isdir(folder) and os.access(folder, os.W_OK) else \
+        f"a file in a writable folder ({folder} is not one)"
 
 
-ckpt_dir = S("", lambda v, s: None if v else "a path (required)", "base model directory (HF or Meta layout, with tokenizer.model)")
+ckpt_dir = S("", lambda v, s: None if v else "a path (required)", "base model (HF or Meta layout, with tokenizer.model)")
 adapter = S("", None, "adapter file from train.py (merged into the weights for evaluation)")
 task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
 data = S("", check_data, "what the task reads (see the docstring); exact_match and loss default to data/tasks")
