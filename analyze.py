@@ -276,7 +276,8 @@ def plot(summary, out_dir):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Spectrum of ΔW, mean over layers")
     path = os.path.join(out_dir, "spectra.png")
-    fig.savefig(path, dpi=110)
+    with util.atomic_write(path) as tmp:  # all or nothing; the name ends in .tmp, so say png
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     written.append(path)
     with_phi = [(label, m) for label, m in methods.items() if any("phi" in g for g in m["by_layer_type"].values())]
@@ -301,7 +302,8 @@ def plot(summary, out_dir):
         fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
         fig.suptitle("Subspace similarity to full fine-tuning, φ(i, j) = ||U_iᵀ V_j||² / min(i, j)")
         path = os.path.join(out_dir, "similarity.png")
-        fig.savefig(path, dpi=110)
+        with util.atomic_write(path) as tmp:  # all or nothing; the name ends in .tmp, so say png
+            fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
         written.append(path)
     return written

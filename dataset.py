@@ -43,7 +43,7 @@ import torch
 import configurator
 from configurator import S
 from tokenizer import load_tokenizer
-from util import UserError
+from util import UserError, atomic_write
 
 FORMAT = "multilora-v1"
 PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -85,10 +85,8 @@ def exact_match(prediction, response):
 # writing and reading the prepared format
 
 def _atomic_write(path, write_fn, mode="wb"):
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
+    with atomic_write(path) as tmp, open(tmp, mode) as f:  # util's: all or nothing, umask permissions
         write_fn(f)
-    os.replace(tmp, path)
 
 
 def write_jsonl(path, records):
