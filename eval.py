@@ -101,7 +101,6 @@ dtype = S("float32", ("float32", "bfloat16", "float16"), "weights dtype")
 out = S("", check_out, "JSON result file")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Progress:
@@ -443,7 +442,7 @@ def gsm8k_records(path, limit=0):
 
 def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
     """Base model (+ adapter merged into its weights) and tokenizer, in eval mode."""
-    model = checkpoint.load_model(ckpt_dir, dtype=DTYPES[dtype], device=device)
+    model = checkpoint.load_model(ckpt_dir, dtype=getattr(torch, dtype), device=device)
     tokenizer = load_tokenizer(ckpt_dir)
     check_tokenizer(tokenizer, model.config, ckpt_dir)
     if adapter:
