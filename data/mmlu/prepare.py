@@ -4,7 +4,7 @@ MMLU (Hendrycks et al., MIT) -> data/mmlu/{train,val,test}_*.npy.
     python data/mmlu/prepare.py --tokenizer=path/to/tokenizer.model [--source=DIR_OR_TAR]
 
 The source is the original release, data.tar with data/{auxiliary_train,dev,val,test}/*.csv, or a
-directory with some of those folders (at least dev/ or auxiliary_train/). Each CSV row is
+directory with some of those folders (auxiliary_train/, or dev/ with --train_on_dev). Each CSV row is
 question, four choices, answer; the answer is A-D (original release) or 0-3 (the copies in
 ../shared, which also start with a header row question,choice0..choice3,answer, skipped).
 Splits: auxiliary_train -> train (world knowledge for training, as in the MultiLoRA mixture),
