@@ -20,6 +20,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -78,7 +79,6 @@ def damage_data(name, damage):
     """damage(array) -> the array to save in place of data/val_{name}.npy (allow_pickle for the object case)."""
     def setup(c, w):
         path = copy_data(c, w) / f"val_{name}.npy"
-        import numpy as np
         np.save(path, damage(np.load(path)), allow_pickle=True)
     return setup
 
@@ -113,7 +113,6 @@ def set_at(i, value):
 
 
 def object_array(a):
-    import numpy as np
     return np.array([{"code": "runs on load"}], dtype=object)
 
 
