@@ -336,8 +336,8 @@ def validation_loss(model, split, batch_size=8, limit=0):
                 targets[row, :L] = torch.from_numpy(ids[1:])
                 weights[row, :L] = torch.from_numpy(mask[1:].astype("float32"))  # token t+1 is a target
             at = weights > 0
-            logits = model(inputs.to(device), logits_at=at.to(device))  # (N, V) at the N targets only
-            loss = F.cross_entropy(logits.float(), targets[at].to(device), reduction="none").cpu()  # (N,)
+            # (N,) token losses at the N targets only, in chunks (train.py's loss: no (N, V) logits)
+            loss = model(inputs.to(device), logits_at=at.to(device), targets=targets[at].to(device)).cpu()
             row_of = torch.arange(len(batch))[:, None].expand(-1, T)[at]
             loss = torch.zeros(len(batch), dtype=loss.dtype).index_add_(0, row_of, loss)  # (B,) summed per example
             for row, (_, _, task) in enumerate(batch):

@@ -28,7 +28,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import dataset
 import llama
@@ -91,6 +90,10 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast: 'bfloat16' | 'float16' (GradScaler) | 'float32'
 fsdp = False                      # shard base and adapters with FSDP2 (needs torchrun)
 activation_checkpointing = False  # recompute each block's activations in the backward pass
+loss_chunk = 256                  # target tokens per chunk of lm_head + cross-entropy. A chunk's fp32 logits
+                                  # take loss_chunk·V·4 bytes (131 MB at Llama 3's V = 128,256) instead of
+                                  # N·V·4 for all N targets (4 GB at 8k); 256 rows still make one large
+                                  # matmul (256 × dim × V), so smaller saves little and larger costs memory
 compile = False                   # torch.compile the model
 seed = 1337
 threads = 1                       # CPU threads for torch (0 = torch's default); the tiny default is fastest on 1
@@ -336,9 +339,9 @@ def train_step(model, optimizer, batches, n_targets, world_size=1, autocast_ctx=
         with model.no_sync() if ddp and not last else nullcontext():
             is_target = y != IGNORE  # (B, T)
             with autocast_ctx:
-                # (N, V): lm_head only where there is a loss
-                logits = model(x, positions=positions, segments=segments, logits_at=is_target)
-            token_loss = F.cross_entropy(logits.float(), y[is_target], reduction="sum")
+                # lm_head and the loss only where there is a loss, in chunks (no (N, V) logits)
+                token_loss = model(x, positions=positions, segments=segments, logits_at=is_target,
+                                   targets=y[is_target]).sum()
             loss = token_loss * (world_size / max(n_targets, 1))
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += token_loss.detach()
@@ -383,9 +386,9 @@ def evaluate(model, splits, pools, eval_examples, batch_size, pad_id, device, au
         x, y, positions, segments = collate([splits[d].example(i)[:2] for d, i in rows], pad_id, device, pack)
         is_target = y != IGNORE
         with autocast_ctx:
-            logits = model(x, positions=positions, segments=segments, logits_at=is_target)  # (N, V)
+            loss = model(x, positions=positions, segments=segments, logits_at=is_target, targets=y[is_target])
         if t >= 0:
-            sums[t, 0] += F.cross_entropy(logits.float(), y[is_target], reduction="sum").double()
+            sums[t, 0] += loss.sum().double()
             sums[t, 1] += is_target.sum()
     model.train()
     if world_size > 1:
@@ -495,7 +498,8 @@ def main(argv=None):
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise llama.UserError(f"{key}: expected one of {', '.join(allowed)}, got {config[key]!r}")
-    for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "log_interval"):
+    for key in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval", "log_interval",
+                "loss_chunk"):
         if config[key] < (0 if key == "max_iters" else 1):
             raise llama.UserError(f"{key}: expected a positive number, got {config[key]}")
     if gradient_accumulation_steps % world_size:
@@ -563,6 +567,7 @@ def main(argv=None):
         if p.requires_grad:
             p.data = p.data.float()
     raw_model.checkpoint_blocks = activation_checkpointing
+    raw_model.loss_chunk = loss_chunk
     trainable, base_total = multilora.count_trainable(raw_model)
     log(f"model: {base_total / 1e6:.2f}M parameters, {finetune}: {trainable / 1e6:.3f}M trainable "
         f"({100 * trainable / base_total:.2f}%)")
