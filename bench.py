@@ -1,7 +1,9 @@
 """
 Benchmarks (figures for the README, not tests). Random weights: speed and memory do not depend on them.
 
-    python bench.py [--json]                 # --mode=train: train.py's step per finetune arm vs transformers + PEFT
+    python bench.py --threads=1 [--json]     # --mode=train: train.py's step (MultiLoRA, LoRA) vs transformers + PEFT
+                                             # at vocab 4096, 32000 and 128256, packed rows on both sides
+    python bench.py --vocab_size=32000 --layouts=packed,padded --train_arms=multilora,lora,full
     python bench.py --lengths=fixed --train_batch=4 --train_max_len=128   # equal lengths: nothing to pack
     python bench.py --mode=multilora         # MultiLoRA vs LoRA throughput + memory per n (both parts below)
     python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
@@ -9,6 +11,12 @@ Benchmarks (figures for the README, not tests). Random weights: speed and memory
     python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
     python bench.py --mode=load              # peak memory and time of loading a ~1 GB checkpoint
 
+train:      train.py's own train_step for each arm, next to transformers' LlamaForCausalLM + PEFT LoRA
+            (r = n·r) with the same fp32 weights, examples, AdamW, clipping and token-normalized loss,
+            at each vocabulary in turn. tokens/s: real (non-padding) tokens over the median step
+            time; ratios: medians of same-round pairs. Peak memory: the model's weight bytes plus
+            the peak of what two training steps allocate on top (step_memory: on CPU the allocator's
+            running total recorded by torch.profiler, on CUDA torch.cuda.max_memory_allocated).
 multilora  = throughput + memory.
 throughput: training steps (forward + backward + AdamW) per second of MultiLoRA (n=4, r=8), LoRA r=32
             (the same rank n·r) and LoRA r=8 on the same model, measured side by side in one run:
@@ -36,6 +44,7 @@ import torch.nn.functional as F
 
 import llama
 import multilora
+import train
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -46,7 +55,8 @@ dim = 512               # the benchmark model (a LLaMA shape, random weights)
 n_layers = 4
 n_heads = 8
 hidden_dim = 1376
-vocab_size = 4096
+vocab_size = [4096, 32000, 128256]  # mode=train measures each in turn (Llama 2's 32k, Llama 3's 128k);
+                        # the other modes the first
 batch_size = 4
 seq_len = 128
 targets = "q,k,v,o"
@@ -60,7 +70,7 @@ threads = 0             # CPU threads for torch (0 = torch's default; 1 is stead
 seed = 0
 out_file = ""           # also write the results as JSON here
 # mode=train: train.py's training step for each finetune arm, next to transformers + PEFT on the same config
-train_arms = "multilora,lora,full"
+train_arms = "multilora,lora"  # add ',full' for full fine-tuning next to plain transformers
 n_loras = 4             # the MultiLoRA arm: n modules of rank lora_rank; the LoRA arm: rank n_loras·lora_rank
 lora_rank = 8
 compare_peft = True     # also transformers + PEFT LoRA (and plain transformers for full), when installed
@@ -71,8 +81,8 @@ lengths = "alpaca"      # mode=train: example lengths: 'alpaca' (drawn from a lo
                         # std of log-length 0.57, 5%-95% = 35-205 tokens) or 'fixed' (all train_max_len)
 train_batch = 16        # mode=train: examples per step
 train_max_len = 512     # mode=train: tokens per example at most (Alpaca's prepare.py max_len)
-layouts = "packed,padded"  # mode=train: packed = train.py's default (pack=True); padded = one example per
-                        # row, as transformers' DataCollatorForSeq2Seq lays out a batch
+layouts = "packed"      # mode=train: packed = train.py's default (pack=True); add ',padded' for one example
+                        # per row, as transformers' DataCollatorForSeq2Seq lays out a batch
 json = False            # mode=train: print one JSON object per measured configuration
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
 n_kv_heads = 4
@@ -105,11 +115,9 @@ def make_arm(base, finetune, n_loras, lora_rank, device, dtype):
 
 
 def train_step(model, optimizer, batch):
-    logits = model(batch[:, :-1])  # (B, T-1, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    """train.py's own step on one micro-batch of full rows (B, T+1): every next token is a target."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    train.train_step(model, optimizer, [(x, y, None, None)], n_targets=y.numel())
 
 
 def sync(device):
@@ -286,11 +294,22 @@ def make_train_arm(impl, finetune, layout, device, dt):
     return step, hf, x.numel()
 
 
+def step_memory(step, model, device):
+    """Peak memory of training: the bytes of the model's weights (each storage once: a tied
+    embedding counts once) plus the peak of what two steps allocate on top of them: activations,
+    logits, gradients and AdamW's state (the first step allocates it; the second is the steady
+    state). Building the arm is left out: there transformers + PEFT briefly holds our copy of the
+    weights too (it loads from it), which training itself never needs."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    weights = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    return weights + peak_bytes(lambda: (step(), step()), device)
+
+
 def bench_train(device, dt):
-    """One result per configuration (impl, finetune, layout): tokens/s of real (non-padding) tokens,
-    median over rounds, the configurations taking turns so a machine that slows down slows all alike;
-    MFU; and peak memory of building the model and running two steps (a separate untimed pass)."""
-    import train
+    """One result per configuration (impl, finetune, layout) at the vocabulary vocab_size: tokens/s of
+    real (non-padding) tokens, median over rounds, the configurations taking turns so that a machine
+    that slows down slows all alike (the seconds of each round are kept for paired ratios); MFU; and
+    peak memory (step_memory, a separate untimed pass)."""
     examples = train_examples()
     n_tokens = sum(len(ids) - 1 for ids, _ in examples)
     packs = train.collate(examples, 0, "cpu", pack=True)[2] is not None
@@ -345,45 +364,63 @@ def bench_train(device, dt):
                             tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune, layout)],
                             tokens=n_tokens, positions=n_positions, device=str(device), dtype=str(dt).removeprefix("torch."),
                             threads=torch.get_num_threads(), dim=dim, n_layers=n_layers, vocab_size=vocab_size,
-                            examples=len(examples), lengths=lengths, max_len=train_max_len))
+                            examples=len(examples), lengths=lengths, max_len=train_max_len,
+                            seconds_per_round=seconds[(impl, finetune, layout)]))
     built.clear()
     for r in results:
-        def build_and_two_steps(r=r):  # the second step has AdamW's state allocated: the steady-state peak
-            step = make_train_arm(r["impl"], r["finetune"], r["layout"], device, dt)[0]
-            step()
-            step()
-        r["peak_mem_bytes"] = peak_bytes(build_and_two_steps, device)
+        r["peak_mem_bytes"] = step_memory(*make_train_arm(r["impl"], r["finetune"], r["layout"], device, dt)[:2], device)
     return results
 
 
+def paired(results, a, b):
+    """How many times faster configuration a runs than b: the median over rounds of b's seconds / a's
+    in the same round (same machine conditions), or None when one was not measured."""
+    by = {(r["impl"], r["finetune"], r["layout"]): r["seconds_per_round"] for r in results}
+    if a not in by or b not in by:
+        return None
+    return statistics.median(tb / ta for ta, tb in zip(by[a], by[b]))
+
+
 def print_train_results(results):
+    """One table per vocabulary, then the ratios of all vocabularies side by side."""
     if json:
         for r in results:
             print(jsonlib.dumps(r), flush=True)
         return
-    r0 = results[0]
-    print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
-          f"vocab={vocab_size}, targets {targets}; {r0['examples']} examples of {lengths} lengths "
-          f"({r0['tokens']} tokens, response {response_fraction:.0%}); tokens/s counts real tokens; "
-          f"MFU against {peak_flops:.3g} FLOP/s")
-    print(f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>10s} {'positions':>9s} "
-          f"{'tokens/s':>10s} {'MFU':>7s} {'peak MiB':>9s}  first loss")
-    for r in results:
-        print(f"  {r['impl']:12s} {r['finetune']:9s} {r['layout']:7s} {r['n_loras']:2d} {r['lora_rank']:4d} "
-              f"{r['trainable']:10,d} {r['positions']:9,d} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% "
-              f"{r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
-    by = {(r["impl"], r["finetune"], r["layout"]): r["tokens_per_s"] for r in results}
-    ours_lora = [k for k in by if k[:2] == ("ours", "lora")]
-    pairs = [(ours, (ref_impl, f, lay)) for ref_impl, f in (("peft", "lora"), ("transformers", "full"))
-             for ours in by if ours[:2] == ("ours", f) for lay in ("packed", "padded")
-             if (ref_impl, f, lay) in by and (ours[2] == lay or (ours[2], lay) == ("packed", "padded"))]
-    for ours, ref in pairs:  # the same layout, and train.py's packing against the padded batch
-        what = f"LoRA r={n_loras * lora_rank}" if ref[1] == "lora" else "full fine-tuning"
-        print(f"  ours ({ours[2]}) / {ref[0]} ({ref[2]}), {what}: {by[ours] / by[ref]:.2f}x tokens/s")
-    ml = [k for k in by if k[:2] == ("ours", "multilora")]
-    if ml and ours_lora:
-        print(f"  MultiLoRA n={n_loras} r={lora_rank} / LoRA r={n_loras * lora_rank} ({ml[0][2]}): "
-              f"{by[ml[0]] / by[('ours', 'lora', ml[0][2])]:.3f} tokens/s")
+    vocabs = sorted({r["vocab_size"] for r in results})
+    for v in vocabs:
+        rows = [r for r in results if r["vocab_size"] == v]
+        r0 = rows[0]
+        print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
+              f"vocab={v}, targets {targets}; {r0['examples']} examples of {lengths} lengths "
+              f"({r0['tokens']} tokens, response {response_fraction:.0%}); tokens/s counts real tokens; "
+              f"MFU against {peak_flops:.3g} FLOP/s")
+        print(f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>11s} {'positions':>9s} "
+              f"{'tokens/s':>10s} {'MFU':>7s} {'peak MiB':>9s}  first loss")
+        for r in rows:
+            print(f"  {r['impl']:12s} {r['finetune']:9s} {r['layout']:7s} {r['n_loras']:2d} {r['lora_rank']:4d} "
+                  f"{r['trainable']:11,d} {r['positions']:9,d} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% "
+                  f"{r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
+        for ref_impl, f in (("peft", "lora"), ("transformers", "full")):
+            what = f"LoRA r={n_loras * lora_rank}" if f == "lora" else "full fine-tuning"
+            for ours_lay, ref_lay in (("packed", "packed"), ("padded", "padded"), ("packed", "padded")):
+                speed = paired(rows, ("ours", f, ours_lay), (ref_impl, f, ref_lay))
+                if speed is not None:
+                    print(f"  ours ({ours_lay}) / {ref_impl} ({ref_lay}), {what}: {speed:.2f}x tokens/s")
+    # side by side: train.py's default layout against the same layout in transformers + PEFT
+    lay = "packed" if any(r["layout"] == "packed" for r in results) else "padded"
+    mem = {(r["vocab_size"], r["impl"], r["finetune"]): r["peak_mem_bytes"] for r in results if r["layout"] == lay}
+    print(f"ratios by vocabulary ({lay} rows on both sides; speed: median of same-round pairs; memory: step_memory):")
+    print(f"  {'vocab':>7s} {'ours/PEFT tokens/s':>19s} {'ours/PEFT peak memory':>22s} "
+          f"{'MultiLoRA/LoRA tokens/s':>24s}")
+    for v in vocabs:
+        rows = [r for r in results if r["vocab_size"] == v]
+        speed = paired(rows, ("ours", "lora", lay), ("peft", "lora", lay))
+        memory = (mem[(v, "ours", "lora")] / mem[(v, "peft", "lora")]) if (v, "peft", "lora") in mem \
+            and (v, "ours", "lora") in mem else None
+        ml = paired(rows, ("ours", "multilora", lay), ("ours", "lora", lay))
+        show = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        print(f"  {v:7d} {show(speed, '.2f'):>19s} {show(memory, '.2f'):>22s} {show(ml, '.3f'):>24s}")
 
 
 # -----------------------------------------------------------------------------
@@ -474,6 +511,9 @@ def main():
     settings = {k: v for k, v in globals().items() if not k.startswith("_")
                 and isinstance(v, (bool, int, float, str, list, tuple))}
     globals().update(configure(settings, sys.argv[1:]))
+    vocabs = list(vocab_size)
+    if not vocabs or min(vocabs) < 8:
+        raise llama.UserError(f"--vocab_size: expected vocabulary sizes of at least 8, got {vocab_size!r}")
     if mode not in ("multilora", "throughput", "memory", "train", "generate", "load"):
         raise llama.UserError(f"--mode: expected multilora, throughput, memory, train, generate or load, got {mode!r}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -482,7 +522,10 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     if mode == "train":
-        results = bench_train(dev, dt)
+        results = []
+        for v in vocabs:  # the helpers read vocab_size as a plain global (nanoGPT style), one at a time
+            globals()["vocab_size"] = v
+            results += bench_train(dev, dt)
         if out_file:
             llama.write_text_atomic(out_file, jsonlib.dumps(results, indent=2))
         return print_train_results(results)
@@ -490,6 +533,7 @@ def main():
         import tempfile
         with tempfile.TemporaryDirectory() as workdir:
             return (bench_generate if mode == "generate" else bench_load)(workdir)
+    globals()["vocab_size"] = vocabs[0]  # the other modes measure the first vocabulary
     base = make_base()
     print(f"device {dev}, base dtype {dt}, model dim={dim} n_layers={n_layers} hidden_dim={hidden_dim} "
           f"vocab={vocab_size} ({base.num_params() / 1e6:.1f}M params), batch {batch_size}x{seq_len}, "
