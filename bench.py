@@ -381,46 +381,44 @@ def paired(results, a, b):
     return statistics.median(tb / ta for ta, tb in zip(by[a], by[b]))
 
 
-def print_train_results(results):
-    """One table per vocabulary, then the ratios of all vocabularies side by side."""
+def print_vocab_results(rows):
+    """One vocabulary's configurations: a table (or JSON lines with --json), printed as soon as measured."""
     if json:
-        for r in results:
+        for r in rows:
             print(jsonlib.dumps(r), flush=True)
         return
-    vocabs = sorted({r["vocab_size"] for r in results})
-    for v in vocabs:
-        rows = [r for r in results if r["vocab_size"] == v]
-        r0 = rows[0]
-        print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
-              f"vocab={v}, targets {targets}; {r0['examples']} examples of {lengths} lengths "
-              f"({r0['tokens']} tokens, response {response_fraction:.0%}); tokens/s counts real tokens; "
-              f"MFU against {peak_flops:.3g} FLOP/s")
-        print(f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>11s} {'positions':>9s} "
-              f"{'tokens/s':>10s} {'MFU':>7s} {'peak MiB':>9s}  first loss")
-        for r in rows:
-            print(f"  {r['impl']:12s} {r['finetune']:9s} {r['layout']:7s} {r['n_loras']:2d} {r['lora_rank']:4d} "
-                  f"{r['trainable']:11,d} {r['positions']:9,d} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% "
-                  f"{r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
-        for ref_impl, f in (("peft", "lora"), ("transformers", "full")):
-            what = f"LoRA r={n_loras * lora_rank}" if f == "lora" else "full fine-tuning"
-            for ours_lay, ref_lay in (("packed", "packed"), ("padded", "padded"), ("packed", "padded")):
-                speed = paired(rows, ("ours", f, ours_lay), (ref_impl, f, ref_lay))
-                if speed is not None:
-                    print(f"  ours ({ours_lay}) / {ref_impl} ({ref_lay}), {what}: {speed:.2f}x tokens/s")
-    # side by side: train.py's default layout against the same layout in transformers + PEFT
+    r0 = rows[0]
+    print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
+          f"vocab={r0['vocab_size']}, targets {targets}; {r0['examples']} examples of {lengths} lengths "
+          f"({r0['tokens']} tokens, response {response_fraction:.0%}); tokens/s counts real tokens; "
+          f"MFU against {peak_flops:.3g} FLOP/s")
+    print(f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>11s} {'positions':>9s} "
+          f"{'tokens/s':>10s} {'MFU':>7s} {'peak MiB':>9s}  first loss")
+    for r in rows:
+        print(f"  {r['impl']:12s} {r['finetune']:9s} {r['layout']:7s} {r['n_loras']:2d} {r['lora_rank']:4d} "
+              f"{r['trainable']:11,d} {r['positions']:9,d} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% "
+              f"{r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
+    for ref_impl, f in (("peft", "lora"), ("transformers", "full")):
+        what = f"LoRA r={n_loras * lora_rank}" if f == "lora" else "full fine-tuning"
+        for ours_lay, ref_lay in (("packed", "packed"), ("padded", "padded"), ("packed", "padded")):
+            speed = paired(rows, ("ours", f, ours_lay), (ref_impl, f, ref_lay))
+            if speed is not None:
+                print(f"  ours ({ours_lay}) / {ref_impl} ({ref_lay}), {what}: {speed:.2f}x tokens/s")
+    print(flush=True)
+
+
+def print_ratios(results):
+    """The ratios of every vocabulary side by side, in train.py's layout on both sides."""
     lay = "packed" if any(r["layout"] == "packed" for r in results) else "padded"
-    mem = {(r["vocab_size"], r["impl"], r["finetune"]): r["peak_mem_bytes"] for r in results if r["layout"] == lay}
     print(f"ratios by vocabulary ({lay} rows on both sides; speed: median of same-round pairs; memory: step_memory):")
-    print(f"  {'vocab':>7s} {'ours/PEFT tokens/s':>19s} {'ours/PEFT peak memory':>22s} "
-          f"{'MultiLoRA/LoRA tokens/s':>24s}")
-    for v in vocabs:
-        rows = [r for r in results if r["vocab_size"] == v]
-        speed = paired(rows, ("ours", "lora", lay), ("peft", "lora", lay))
-        memory = (mem[(v, "ours", "lora")] / mem[(v, "peft", "lora")]) if (v, "peft", "lora") in mem \
-            and (v, "ours", "lora") in mem else None
-        ml = paired(rows, ("ours", "multilora", lay), ("ours", "lora", lay))
-        show = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-        print(f"  {v:7d} {show(speed, '.2f'):>19s} {show(memory, '.2f'):>22s} {show(ml, '.3f'):>24s}")
+    print(f"  {'vocab':>7s} {'ours/PEFT tokens/s':>19s} {'ours/PEFT peak memory':>22s} {'MultiLoRA/LoRA tokens/s':>24s}")
+    for v in sorted({r["vocab_size"] for r in results}):
+        rows = [r for r in results if r["vocab_size"] == v and r["layout"] == lay]
+        mem = {(r["impl"], r["finetune"]): r["peak_mem_bytes"] for r in rows}
+        cells = [paired(rows, ("ours", "lora", lay), ("peft", "lora", lay)),
+                 mem[("ours", "lora")] / mem[("peft", "lora")] if {("ours", "lora"), ("peft", "lora")} <= set(mem) else None,
+                 paired(rows, ("ours", "multilora", lay), ("ours", "lora", lay))]
+        print(f"  {v:7d} " + " ".join(f"{'-' if c is None else f'{c:.3f}':>{w}s}" for c, w in zip(cells, (19, 22, 24))))
 
 
 # -----------------------------------------------------------------------------
@@ -525,10 +523,14 @@ def main():
         results = []
         for v in vocabs:  # the helpers read vocab_size as a plain global (nanoGPT style), one at a time
             globals()["vocab_size"] = v
-            results += bench_train(dev, dt)
+            rows = bench_train(dev, dt)
+            print_vocab_results(rows)
+            results += rows
         if out_file:
             llama.write_text_atomic(out_file, jsonlib.dumps(results, indent=2))
-        return print_train_results(results)
+        if not json:
+            print_ratios(results)
+        return
     if mode in ("generate", "load"):
         import tempfile
         with tempfile.TemporaryDirectory() as workdir:
