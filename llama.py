@@ -355,40 +355,60 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy of lm_head's logits, chunk by chunk of tokens, in the forward and the backward
     pass. The logits of N target tokens over a vocabulary of V are N·V floats (fp32: 4 GB for
     8,192 tokens at Llama 3's V = 128,256), and autograd would keep them, their softmax and their
-    gradient; here only one (chunk, V) block lives at a time. The backward pass recomputes each
-    chunk's logits (one more matmul of lm_head's size) rather than storing them.
-    Per token: loss = logsumexp(z) - z[target]; d loss / dz = softmax(z) - onehot(target)."""
+    gradient; here only one (chunk, V) block lives at a time, and nothing of size V is kept.
+    Per token: loss = logsumexp(z) - z[target]; d loss / dz = softmax(z) - onehot(target).
+
+    The gradient with respect to the hidden states is computed in the forward pass, while each
+    chunk's logits are at hand: token i's row depends on token i alone, so the backward pass only
+    scales row i by d(total)/d loss_i. Recomputing the logits in the backward pass instead would
+    cost one more lm_head matmul, a third more work for the loss (bench.py, vocab 128,256: 1.16x
+    transformers + PEFT's tokens/s with the recomputation, see docs/bench_vocab.md). The weight's
+    gradient sums over tokens with those factors, so when lm_head trains (full fine-tuning, or a
+    trained tied embedding) the backward pass does recompute each chunk's logits for it."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, dtype):
         # hidden (N, D) final-normed states, weight (V, D) lm_head's, targets (N,) -> losses (N,) fp32
         w = weight.to(dtype)  # autocast's cast, done once: a no-op when the weight is already in dtype
         losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # d loss_i / d h_i
         for s in range(0, len(hidden), chunk):
             z = (hidden[s:s + chunk].to(dtype) @ w.t()).float()  # (C, V)
-            losses[s:s + chunk] = z.logsumexp(-1) - z.gather(-1, targets[s:s + chunk, None])[:, 0]
-        ctx.save_for_backward(hidden, weight, targets)  # no logits: the backward pass recomputes them
+            t = targets[s:s + chunk]
+            lse = z.logsumexp(-1, keepdim=True)
+            losses[s:s + chunk] = (lse - z.gather(-1, t[:, None]))[:, 0]
+            if grad_h is not None:
+                grad_h[s:s + chunk] = grad_logits_(z, lse, t).to(dtype) @ w
+        ctx.save_for_backward(hidden if ctx.needs_input_grad[1] else None, weight, targets, grad_h)
         ctx.chunk, ctx.dtype = chunk, dtype
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        hidden, weight, targets = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        # lm_head trains (full fine-tuning, or tied to a trained embedding): its gradient is summed
-        # over the chunks in fp32, as autocast's matmul would give it
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        for s in range(0, len(hidden), ctx.chunk):
-            h = hidden[s:s + ctx.chunk].to(ctx.dtype)
-            g = (h @ w.t()).float().softmax(-1)  # (C, V)
-            g[torch.arange(len(g), device=g.device), targets[s:s + ctx.chunk]] -= 1
-            g = g.mul_(grad_losses[s:s + ctx.chunk, None]).to(ctx.dtype)  # d(loss) / d(logits)
-            if grad_h is not None:
-                grad_h[s:s + ctx.chunk] = g @ w
-            if grad_w is not None:  # in place when the dtypes allow (no (V, D) temporary)
+        hidden, weight, targets, grad_h = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_losses[:, None].to(grad_h.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # summed over the chunks in fp32, as autocast's matmul would give it
+            w = weight.to(ctx.dtype)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+            for s in range(0, len(hidden), ctx.chunk):
+                h = hidden[s:s + ctx.chunk].to(ctx.dtype)
+                z = (h @ w.t()).float()
+                g = grad_logits_(z, z.logsumexp(-1, keepdim=True), targets[s:s + ctx.chunk])
+                g = g.mul_(grad_losses[s:s + ctx.chunk, None]).to(ctx.dtype)
+                # in place when the dtypes allow (fp32): no (V, D) temporary
                 grad_w.addmm_(g.t(), h) if g.dtype == grad_w.dtype else grad_w.add_(g.t() @ h)
-        return grad_h, grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def grad_logits_(z, lse, targets):
+    """d cross-entropy / d logits = softmax(z) - onehot(targets), written over z (C, V) fp32 (no
+    second (C, V) buffer); lse = z.logsumexp(-1, keepdim=True)."""
+    z.sub_(lse).exp_()
+    z[torch.arange(len(z), device=z.device), targets] -= 1
+    return z
 
 
 def chunked_cross_entropy(hidden, weight, targets, chunk_size=256):

@@ -128,3 +128,33 @@ def test_train_step_uses_it():
         model.loss_chunk = chunk
         loss = train.train_step(model, opt, [(x, y, None, None)], n_targets=int(at.sum()))
         assert relative_error(loss, ref) < 1e-6
+
+
+def peak_allocated(fn):
+    """Peak of the bytes torch allocates on the CPU while fn() runs (the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    total = peak = 0
+    for e in events:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak
+
+
+def test_no_whole_logits():
+    """The point of it all: forward and backward never hold the (N, V) logits, which the plain
+    computation does (several times over: logits, log-softmax, their gradients)."""
+    torch.manual_seed(0)
+    N, D, V_big = 512, 64, 8192
+    h = torch.randn(N, D, requires_grad=True)
+    w = torch.randn(V_big, D, requires_grad=True)  # a trained lm_head: both gradients
+    t = torch.randint(0, V_big, (N,))
+    whole = N * V_big * 4
+    chunked = peak_allocated(lambda: llama.chunked_cross_entropy(h, w, t, chunk_size=64).sum().backward())
+    plain = peak_allocated(lambda: F.cross_entropy(h @ w.t(), t, reduction="sum").backward())
+    assert plain > 2 * whole
+    # the weight's gradient (V·D) and a few (64, V) blocks, far below one (N, V) tensor
+    assert chunked < w.numel() * 4 + 4 * 64 * V_big * 4 < whole
