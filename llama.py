@@ -355,16 +355,17 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy of lm_head's logits, chunk by chunk of tokens, in the forward and the backward
     pass. The logits of N target tokens over a vocabulary of V are N·V floats (fp32: 4 GB for
     8,192 tokens at Llama 3's V = 128,256), and autograd would keep them, their softmax and their
-    gradient; here only one (chunk, V) block lives at a time, and nothing of size V is kept.
+    gradient; here only one (chunk, V) block lives at a time, and nothing N·V-sized is kept.
     Per token: loss = logsumexp(z) - z[target]; d loss / dz = softmax(z) - onehot(target).
 
     The gradient with respect to the hidden states is computed in the forward pass, while each
     chunk's logits are at hand: token i's row depends on token i alone, so the backward pass only
     scales row i by d(total)/d loss_i. Recomputing the logits in the backward pass instead would
-    cost a third lm_head matmul next to the two the loss needs (bench.py, vocab 128,256: 1.16x
-    transformers + PEFT's tokens/s with the recomputation, 1.56x without; docs/bench_vocab.md). The weight's
-    gradient sums over tokens with those factors, so when lm_head trains (full fine-tuning, or a
-    trained tied embedding) the backward pass does recompute each chunk's logits for it."""
+    cost a third lm_head matmul next to the two the loss needs (bench.py, vocab 128,256, a busy
+    CPU: 1.16x transformers + PEFT's tokens/s with the recomputation, 1.56x without; see
+    docs/bench_vocab.md). The weight's gradient sums over tokens with those factors, so when
+    lm_head trains (full fine-tuning, or a trained tied embedding) the backward pass does recompute
+    each chunk's logits for it."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, dtype):
