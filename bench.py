@@ -1,7 +1,9 @@
 """
 Benchmarks (figures for the README, not tests). Random weights: speed and memory do not depend on them.
 
-    python bench.py [--json]                 # --mode=train: train.py's step per finetune arm vs transformers + PEFT
+    python bench.py --threads=1 [--json]     # --mode=train: train.py's step (MultiLoRA, LoRA) vs transformers + PEFT
+                                             # at vocab 4096, 32000 and 128256, packed rows on both sides
+    python bench.py --vocab_size=32000 --layouts=packed,padded --train_arms=multilora,lora,full
     python bench.py --lengths=fixed --train_batch=4 --train_max_len=128   # equal lengths: nothing to pack
     python bench.py --mode=multilora         # MultiLoRA vs LoRA throughput + memory per n (both parts below)
     python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
@@ -9,6 +11,12 @@ Benchmarks (figures for the README, not tests). Random weights: speed and memory
     python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
     python bench.py --mode=load              # peak memory and time of loading a ~1 GB checkpoint
 
+train:      train.py's own train_step for each arm, next to transformers' LlamaForCausalLM + PEFT LoRA
+            (r = n·r) with the same fp32 weights, examples, AdamW, clipping and token-normalized loss,
+            at each vocabulary in turn. tokens/s: real (non-padding) tokens over the median step
+            time; ratios: medians of same-round pairs. Peak memory: the model's weight bytes plus
+            the peak of what two training steps allocate on top (step_memory: on CPU the allocator's
+            running total recorded by torch.profiler, on CUDA torch.cuda.max_memory_allocated).
 multilora  = throughput + memory.
 throughput: training steps (forward + backward + AdamW) per second of MultiLoRA (n=4, r=8), LoRA r=32
             (the same rank n·r) and LoRA r=8 on the same model, measured side by side in one run:
@@ -36,6 +44,8 @@ import torch.nn.functional as F
 
 import llama
 import multilora
+import dataset
+import train
 from configurator import configure
 from util import UserError
 import util
@@ -49,7 +59,8 @@ dim = 512               # the benchmark model (a LLaMA shape, random weights)
 n_layers = 4
 n_heads = 8
 hidden_dim = 1376
-vocab_size = 4096
+vocab_size = [4096, 32000, 128256]  # mode=train measures each in turn (Llama 2's 32k, Llama 3's 128k);
+                        # the other modes the first
 batch_size = 4
 seq_len = 128
 targets = "q,k,v,o"
@@ -63,7 +74,7 @@ threads = 0             # CPU threads for torch (0 = torch's default; 1 is stead
 seed = 0
 out_file = ""           # also write the results as JSON here
 # mode=train: train.py's training step for each finetune arm, next to transformers + PEFT on the same config
-train_arms = "multilora,lora,full"
+train_arms = "multilora,lora"  # add ',full' for full fine-tuning next to plain transformers
 n_loras = 4             # the MultiLoRA arm: n modules of rank lora_rank; the LoRA arm: rank n_loras·lora_rank
 lora_rank = 8
 compare_peft = True     # also transformers + PEFT LoRA (and plain transformers for full), when installed
@@ -74,8 +85,8 @@ lengths = "alpaca"      # mode=train: example lengths: 'alpaca' (drawn from a lo
                         # std of log-length 0.57, 5%-95% = 35-205 tokens) or 'fixed' (all train_max_len)
 train_batch = 16        # mode=train: examples per step
 train_max_len = 512     # mode=train: tokens per example at most (Alpaca's prepare.py max_len)
-layouts = "packed,padded"  # mode=train: packed = train.py's default (pack=True); padded = one example per
-                        # row, as transformers' DataCollatorForSeq2Seq lays out a batch
+layouts = "packed"      # mode=train: packed = train.py's default (pack=True); add ',padded' for one example
+                        # per row, as transformers' DataCollatorForSeq2Seq lays out a batch
 json = False            # mode=train: print one JSON object per measured configuration
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
 n_kv_heads = 4
@@ -108,11 +119,9 @@ def make_arm(base, finetune, n_loras, lora_rank, device, dtype):
 
 
 def train_step(model, optimizer, batch):
-    logits = model(batch[:, :-1])  # (B, T-1, V)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    """train.py's own step on one micro-batch of full rows (B, T+1): every next token is a target."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    train.train_step(model, optimizer, [(x, y, None, None)], n_targets=y.numel())
 
 
 def sync(device):
@@ -238,7 +247,7 @@ def make_train_arm(impl, finetune, layout, device, dt):
     at each example (transformers then builds the same block-diagonal mask)."""
     import train
     examples = train_examples()
-    batches = [train.collate(examples, 0, device, pack=layout == "packed")]
+    batches = [dataset.collate(examples, 0, device, pack=layout == "packed")]
     n_targets = sum(int(m[1:].sum()) for _, m in examples)
     autocast_ctx = train.autocast_context(device.type, str(dt).removeprefix("torch."))
     base_dtype = dt if finetune != "full" else torch.float32  # train.py: frozen base in the autocast dtype
@@ -279,7 +288,7 @@ def make_train_arm(impl, finetune, layout, device, dt):
     def step():
         with autocast_ctx:
             logits = hf(**inputs).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=train.IGNORE,
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=dataset.IGNORE,
                                reduction="sum") / n_targets
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -289,14 +298,25 @@ def make_train_arm(impl, finetune, layout, device, dt):
     return step, hf, x.numel()
 
 
+def step_memory(step, model, device):
+    """Peak memory of training: the bytes of the model's weights (each storage once: a tied
+    embedding counts once) plus the peak of what two steps allocate on top of them: activations,
+    logits, gradients and AdamW's state (the first step allocates it; the second is the steady
+    state). Building the arm is left out: there transformers + PEFT briefly holds our copy of the
+    weights too (it loads from it), which training itself never needs."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    weights = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    return weights + peak_bytes(lambda: (step(), step()), device)
+
+
 def bench_train(device, dt):
-    """One result per configuration (impl, finetune, layout): tokens/s of real (non-padding) tokens,
-    median over rounds, the configurations taking turns so a machine that slows down slows all alike;
-    MFU; and peak memory of building the model and running two steps (a separate untimed pass)."""
-    import train
+    """One result per configuration (impl, finetune, layout) at the vocabulary vocab_size: tokens/s of
+    real (non-padding) tokens, median over rounds, the configurations taking turns so that a machine
+    that slows down slows all alike (the seconds of each round are kept for paired ratios); MFU; and
+    peak memory (step_memory, a separate untimed pass)."""
     examples = train_examples()
     n_tokens = sum(len(ids) - 1 for ids, _ in examples)
-    packs = train.collate(examples, 0, "cpu", pack=True)[2] is not None
+    packs = dataset.collate(examples, 0, "cpu", pack=True)[2] is not None
     wanted = [lay for lay in layouts.split(",") if lay]
     if not wanted or any(lay not in ("packed", "padded") for lay in wanted):
         raise UserError(f"--layouts: expected names from packed,padded, got {layouts!r}")
@@ -341,52 +361,68 @@ def bench_train(device, dt):
         step, model, n_positions = built[(impl, finetune, layout)]
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tokens_per_s = n_tokens / statistics.median(seconds[(impl, finetune, layout)])
-        mfu = train.flops_per_token(config, trainable, finetune, row_len) * tokens_per_s / peak_flops
+        mfu = util.flops_per_token(config, trainable, finetune, row_len) * tokens_per_s / peak_flops
         results.append(dict(impl=impl, finetune=finetune, layout=layout,
                             n_loras=n_loras if finetune == "multilora" else 1 if finetune == "lora" else 0,
                             lora_rank=0 if finetune == "full" else lora_rank if finetune == "multilora" else n_loras * lora_rank,
                             tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune, layout)],
                             tokens=n_tokens, positions=n_positions, device=str(device), dtype=str(dt).removeprefix("torch."),
                             threads=torch.get_num_threads(), dim=dim, n_layers=n_layers, vocab_size=vocab_size,
-                            examples=len(examples), lengths=lengths, max_len=train_max_len))
+                            examples=len(examples), lengths=lengths, max_len=train_max_len,
+                            seconds_per_round=seconds[(impl, finetune, layout)]))
     built.clear()
     for r in results:
-        def build_and_two_steps(r=r):  # the second step has AdamW's state allocated: the steady-state peak
-            step = make_train_arm(r["impl"], r["finetune"], r["layout"], device, dt)[0]
-            step()
-            step()
-        r["peak_mem_bytes"] = peak_bytes(build_and_two_steps, device)
+        r["peak_mem_bytes"] = step_memory(*make_train_arm(r["impl"], r["finetune"], r["layout"], device, dt)[:2], device)
     return results
 
 
-def print_train_results(results):
+def paired(results, a, b):
+    """How many times faster configuration a runs than b: the median over rounds of b's seconds / a's
+    in the same round (same machine conditions), or None when one was not measured."""
+    by = {(r["impl"], r["finetune"], r["layout"]): r["seconds_per_round"] for r in results}
+    if a not in by or b not in by:
+        return None
+    return statistics.median(tb / ta for ta, tb in zip(by[a], by[b]))
+
+
+def print_vocab_results(rows):
+    """One vocabulary's configurations: a table (or JSON lines with --json), printed as soon as measured."""
     if json:
-        for r in results:
+        for r in rows:
             print(jsonlib.dumps(r), flush=True)
         return
-    r0 = results[0]
+    r0 = rows[0]
     print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
-          f"vocab={vocab_size}, targets {targets}; {r0['examples']} examples of {lengths} lengths "
+          f"vocab={r0['vocab_size']}, targets {targets}; {r0['examples']} examples of {lengths} lengths "
           f"({r0['tokens']} tokens, response {response_fraction:.0%}); tokens/s counts real tokens; "
           f"MFU against {peak_flops:.3g} FLOP/s")
-    print(f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>10s} {'positions':>9s} "
+    print(f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>11s} {'positions':>9s} "
           f"{'tokens/s':>10s} {'MFU':>7s} {'peak MiB':>9s}  first loss")
-    for r in results:
+    for r in rows:
         print(f"  {r['impl']:12s} {r['finetune']:9s} {r['layout']:7s} {r['n_loras']:2d} {r['lora_rank']:4d} "
-              f"{r['trainable']:10,d} {r['positions']:9,d} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% "
+              f"{r['trainable']:11,d} {r['positions']:9,d} {r['tokens_per_s']:10,.0f} {100 * r['mfu']:6.2f}% "
               f"{r['peak_mem_bytes'] / 2**20:9,.1f}  {r['first_loss']:.5f}")
-    by = {(r["impl"], r["finetune"], r["layout"]): r["tokens_per_s"] for r in results}
-    ours_lora = [k for k in by if k[:2] == ("ours", "lora")]
-    pairs = [(ours, (ref_impl, f, lay)) for ref_impl, f in (("peft", "lora"), ("transformers", "full"))
-             for ours in by if ours[:2] == ("ours", f) for lay in ("packed", "padded")
-             if (ref_impl, f, lay) in by and (ours[2] == lay or (ours[2], lay) == ("packed", "padded"))]
-    for ours, ref in pairs:  # the same layout, and train.py's packing against the padded batch
-        what = f"LoRA r={n_loras * lora_rank}" if ref[1] == "lora" else "full fine-tuning"
-        print(f"  ours ({ours[2]}) / {ref[0]} ({ref[2]}), {what}: {by[ours] / by[ref]:.2f}x tokens/s")
-    ml = [k for k in by if k[:2] == ("ours", "multilora")]
-    if ml and ours_lora:
-        print(f"  MultiLoRA n={n_loras} r={lora_rank} / LoRA r={n_loras * lora_rank} ({ml[0][2]}): "
-              f"{by[ml[0]] / by[('ours', 'lora', ml[0][2])]:.3f} tokens/s")
+    for ref_impl, f in (("peft", "lora"), ("transformers", "full")):
+        what = f"LoRA r={n_loras * lora_rank}" if f == "lora" else "full fine-tuning"
+        for ours_lay, ref_lay in (("packed", "packed"), ("padded", "padded"), ("packed", "padded")):
+            speed = paired(rows, ("ours", f, ours_lay), (ref_impl, f, ref_lay))
+            if speed is not None:
+                print(f"  ours ({ours_lay}) / {ref_impl} ({ref_lay}), {what}: {speed:.2f}x tokens/s")
+    print(flush=True)
+
+
+def print_ratios(results):
+    """The ratios of every vocabulary side by side, in train.py's layout on both sides."""
+    lay = "packed" if any(r["layout"] == "packed" for r in results) else "padded"
+    print(f"ratios by vocabulary ({lay} rows on both sides; speed: median of same-round pairs; memory: step_memory):")
+    print(f"  {'vocab':>7s} {'ours/PEFT tokens/s':>19s} {'ours/PEFT peak memory':>22s} {'MultiLoRA/LoRA tokens/s':>24s}")
+    for v in sorted({r["vocab_size"] for r in results}):
+        rows = [r for r in results if r["vocab_size"] == v and r["layout"] == lay]
+        mem = {(r["impl"], r["finetune"]): r["peak_mem_bytes"] for r in rows}
+        cells = [paired(rows, ("ours", "lora", lay), ("peft", "lora", lay)),
+                 mem[("ours", "lora")] / mem[("peft", "lora")] if {("ours", "lora"), ("peft", "lora")} <= set(mem) else None,
+                 paired(rows, ("ours", "multilora", lay), ("ours", "lora", lay))]
+        print(f"  {v:7d} " + " ".join(f"{'-' if c is None else f'{c:.3f}':>{w}s}" for c, w in zip(cells, (19, 22, 24))))
 
 
 # -----------------------------------------------------------------------------
@@ -477,6 +513,9 @@ def main(argv=None):
     settings = {k: v for k, v in globals().items() if not k.startswith("_")
                 and isinstance(v, (bool, int, float, str, list, tuple))}
     globals().update(configure(settings, sys.argv[1:] if argv is None else argv))
+    vocabs = list(vocab_size)
+    if not vocabs or min(vocabs) < 8:
+        raise UserError(f"--vocab_size: expected vocabulary sizes of at least 8, got {vocab_size!r}")
     if mode not in ("multilora", "throughput", "memory", "train", "generate", "load"):
         raise UserError(f"--mode: expected multilora, throughput, memory, train, generate or load, got {mode!r}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -485,14 +524,22 @@ def main(argv=None):
     if threads:
         torch.set_num_threads(threads)
     if mode == "train":
-        results = bench_train(dev, dt)
+        results = []
+        for v in vocabs:  # the helpers read vocab_size as a plain global (nanoGPT style), one at a time
+            globals()["vocab_size"] = v
+            rows = bench_train(dev, dt)
+            print_vocab_results(rows)
+            results += rows
         if out_file:
             util.write_text(out_file, jsonlib.dumps(results, indent=2))
-        return print_train_results(results)
+        if not json:
+            print_ratios(results)
+        return
     if mode in ("generate", "load"):
         import tempfile
         with tempfile.TemporaryDirectory() as workdir:
             return (bench_generate if mode == "generate" else bench_load)(workdir)
+    globals()["vocab_size"] = vocabs[0]  # the other modes measure the first vocabulary
     base = make_base()
     print(f"device {dev}, base dtype {dt}, model dim={dim} n_layers={n_layers} hidden_dim={hidden_dim} "
           f"vocab={vocab_size} ({base.num_params() / 1e6:.1f}M params), batch {batch_size}x{seq_len}, "

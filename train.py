@@ -33,7 +33,6 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import checkpoint
 import dataset
@@ -109,6 +108,9 @@ dtype = S("bfloat16" if torch.cuda.is_available() else "float32",
 fsdp = S(False, lambda v, s: v and "RANK" not in os.environ and "False outside torchrun (FSDP shards over processes)",
          "shard base and adapters with FSDP2 (needs torchrun)")
 activation_checkpointing = S(False, None, "recompute each block's activations in the backward pass")
+loss_chunk = S(256, "[1, inf)", "target tokens per chunk of lm_head + cross-entropy: a chunk's fp32 logits take "
+               "loss_chunk·V·4 bytes (131 MB at Llama 3's V = 128,256) instead of N·V·4 for all N targets; "
+               "256 rows still make one large matmul")
 compile = S(False, None, "torch.compile the model")
 seed = S(1337, "[0, inf)", "seed of the initialization and the data order")
 threads = S(1, "[0, inf)", "CPU threads for torch (0 = torch's default); the tiny default is fastest on 1")
@@ -132,16 +134,25 @@ def build_model(config, model_config, run_device):
         model.to(base_dtype)
     else:
         model = checkpoint.load_model(ckpt_dir, dtype=base_dtype, device=run_device)
-    if finetune == "full":
-        model.requires_grad_(True)
-        adapter_settings = None
-    else:
-        adapter_settings = multilora.adapt_model(model, finetune, **lora_settings())
+    adapter_settings = adapt(model, finetune, lora_settings())
+    model.checkpoint_blocks, model.loss_chunk = activation_checkpointing, loss_chunk
+    return model, adapter_settings
+
+
+def adapt(model, finetune, lora):
+    """finetune='full': every weight trains; otherwise wrap the targets with (Multi)LoRA and freeze
+    the rest. Trainable weights in fp32 (bench.py builds its arms with this too). -> adapter settings or None."""
+    settings = None if finetune == "full" else multilora.adapt_model(model, finetune, **lora)
     for p in model.parameters():
+        if finetune == "full":
+            p.requires_grad_(True)
         if p.requires_grad:
             p.data = p.data.float()
-    model.checkpoint_blocks = activation_checkpointing
-    return model, adapter_settings
+    return settings
+
+
+def autocast_context(device_type, dtype_name):
+    return nullcontext() if dtype_name == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype_name))
 
 
 def lora_settings():
@@ -149,7 +160,7 @@ def lora_settings():
                 lora_dropout=lora_dropout, scaling=lora_scaling)
 
 
-def make_optimizer(model, device_type):
+def make_optimizer(model, learning_rate, weight_decay, betas, device_type):
     """AdamW over the trainable parameters; weight decay on 2-D weights only (nanoGPT); the fused
     kernel where this torch has one for the device (CUDA, and CPU in recent torch)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,9 +168,9 @@ def make_optimizer(model, device_type):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     try:
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), fused=device_type in ("cuda", "cpu"))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2))
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
 
 
 def init_distributed():
@@ -202,10 +213,10 @@ def wrap(raw_model, device_type, world_size, local_rank, ddp):
 
 def token_loss_sum(model, x, y, positions=None, segments=None):
     """Σ cross-entropy over the target tokens of one micro-batch (collate's x, y, positions, segments);
-    lm_head and the softmax run only where there is a loss."""
+    lm_head and the softmax run only where there is a loss, loss_chunk targets at a time."""
     is_target = y != dataset.IGNORE  # (B, T)
-    logits = model(x, positions=positions, segments=segments, logits_at=is_target)  # (N, V)
-    return F.cross_entropy(logits.float(), y[is_target], reduction="sum")
+    # lm_head and the loss in chunks of loss_chunk targets (llama.chunked_cross_entropy): no (N, V) logits
+    return model(x, positions=positions, segments=segments, logits_at=is_target, targets=y[is_target]).sum()
 
 
 def train_step(model, optimizer, batches, n_targets, world_size=1, ctx=nullcontext(), scaler=None,
@@ -470,9 +481,9 @@ def main(argv=None):
     if ddp:
         dist.barrier()
     model = wrap(raw_model, device_type, world_size, local_rank, ddp)
-    optimizer = make_optimizer(model, device_type)
+    optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+    ctx = autocast_context(device_type, dtype)
 
     # data: the task mixture
     task_names, pools = dataset.task_pools(train_splits)

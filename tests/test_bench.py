@@ -17,7 +17,8 @@ pytest.importorskip("peft")
 def test_bench_json_lines():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json", "--dim=32", "--n_layers=1",
                         "--n_heads=2", "--hidden_dim=64", "--vocab_size=64", "--train_batch=8", "--train_max_len=256",
-                        "--rounds=1", "--warmup=1", "--threads=1"],
+                        "--rounds=1", "--warmup=1", "--threads=1",
+                        "--layouts=packed,padded", "--train_arms=multilora,lora,full"],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]

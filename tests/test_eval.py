@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import dataset
 import eval as evaluate  # the project's eval.py (as a name, "eval" would hide the builtin)
@@ -47,8 +48,10 @@ class Bigram(nn.Module):
         self.embed_tokens = nn.Embedding(1, 1)  # where eval.py looks for the device
 
     def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None,
-                segments=None):  # packed rows change nothing for a model that sees one token
+                segments=None, targets=None):  # packed rows change nothing for a model that sees one token
         logits = self.table[tokens]  # (B, T, V)
+        if targets is not None:  # llama.Llama's loss path: token losses at the logits_at positions
+            return F.cross_entropy(logits[logits_at], targets, reduction="none")
         return logits[:, -1:] if last_only else logits[logits_at] if logits_at is not None else logits
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):  # llama.generate's calls; a
