@@ -66,6 +66,7 @@ lora_rank = 8                     # rank r of each module
 lora_alpha = 16.0                 # scale α/r
 lora_dropout = 0.0
 lora_scaling = "channel"          # MultiLoRA's s_i: 'channel' (one per output) | 'scalar' (one per module)
+lora_init = ""                    # '' = the finetune's own | 'lora' (B = 0, no s) | 'multilora' (random B, s = 0): ablations
 # model shape for init_from='scratch' (vocabulary and special ids come from the tokenizer)
 tokenizer = ""                    # tokenizer.model for init_from='scratch' (default: the dataset's)
 dim = 128
@@ -491,7 +492,7 @@ def main(argv=None):
     # fail early: everything a user can get wrong is checked before the model is loaded
     choices = {"finetune": ("multilora", "lora", "full"), "init_from": ("pretrained", "scratch"),
                "mixture": ("proportional", "equal", "temperature"), "dtype": ("float32", "bfloat16", "float16"),
-               "lora_scaling": ("channel", "scalar")}
+               "lora_scaling": ("channel", "scalar"), "lora_init": ("", "lora", "multilora")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise llama.UserError(f"{key}: expected one of {', '.join(allowed)}, got {config[key]!r}")
@@ -525,7 +526,7 @@ def main(argv=None):
                 raise llama.UserError(f"{s.dir}: meta.json: {key} is {s.meta.get(key)!r} but {datasets[0]} has "
                                       f"{meta.get(key)!r}; all datasets must be made with one tokenizer")
     lora_settings = dict(targets=lora_targets, n_loras=n_loras, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                         lora_dropout=lora_dropout, scaling=lora_scaling)
+                         lora_dropout=lora_dropout, scaling=lora_scaling, init=lora_init)
     if init_from == "scratch":
         tokenizer_path = tokenizer or meta.get("tokenizer", "")
         tok = llama.load_tokenizer(tokenizer_path)
