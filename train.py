@@ -759,6 +759,9 @@ def main(argv=None):
             print(f"weights: {hf_path}")
         mean = lambda s: 100 * sum(s.values()) / max(len(s), 1)
         print(f"exact match: base {mean(base_scores):.1f}% -> tuned {mean(tuned_scores):.1f}%", flush=True)
+        # the scores as the last metrics record, for scripts (compare.py) that read files, not stdout
+        write_metrics({"iter": iter_num, "exact_match": mean(tuned_scores) / 100,
+                       **{f"exact_match/{name}": v for name, v in tuned_scores.items()}})
     elif exact_match_examples > 0 and fsdp:
         log("exact match: skipped under FSDP (score the result with eval.py --task=exact_match)")
     if ddp:
