@@ -49,7 +49,7 @@ max_iters = 500              # the budget of every run (the suite was calibrated
 eval_interval = 100          # validation-loss points of the curves
 train_args = []              # more train.py arguments for every run, e.g. --train_args=--batch_size=16
 jobs = 0                     # runs at a time (0 = the number of CPU cores; each run uses 1 thread)
-reuse = False                # keep runs of the same command already finished in out_dir (shared arms)
+reuse = False                # keep runs of the same command already finished in out_dir (trusts they saw the same data)
 out_dir = "out/compare"
 out_prefix = "docs/compare"
 phi_dim = 32                 # analyze.py's φ(k, k), k = min(rank, phi_dim)
@@ -220,7 +220,7 @@ def render_tables(result):
         if any(cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Per task, the range of the arms' mean exact match (%): " + ", ".join(
-        f"{task} {min(arms[l][task]['mean'] for l in labels) * 100:.0f}–{max(arms[l][task]['mean'] for l in labels) * 100:.0f}"
+        f"{task} {min(arms[l][task]['mean'] for l in labels) * 100:.1f}–{max(arms[l][task]['mean'] for l in labels) * 100:.1f}"
         for task in s["tasks"]) + "."]
     return "\n".join(lines) + "\n"
 
