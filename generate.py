@@ -22,9 +22,9 @@ ckpt_dir = "data/tiny_base"  # base model: HF (config.json) or Meta (params.json
 tokenizer = ""               # tokenizer.model path; default: the one in ckpt_dir
 adapter = ""                 # an adapter.safetensors written by train.py / multilora.py
 merge = True                 # merge the adapter into the weights (no inference overhead)
-prompt = ("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3\n\n### Response:\n|"
-          "### Instruction:\nIs the number even or odd?\n\n### Input:\n41\n\n### Response:\n|"
-          "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6\n\n### Response:\n")
+prompt = ("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3 0 3\n\n### Response:\n|"
+          "### Instruction:\nWhich number is bigger?\n\n### Input:\n597 and 853\n\n### Response:\n|"
+          "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6 1 4\n\n### Response:\n")
 prompt_file = ""             # one prompt per line (\n inside a prompt written as \\n)
 max_new_tokens = 60
 temperature = 0.0            # 0 = greedy
