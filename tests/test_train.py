@@ -426,6 +426,11 @@ def test_config_files_are_valid(monkeypatch):
     assert len(files) >= 16
     monkeypatch.chdir(ROOT)  # config files are given relative to the repository root, where train.py runs
     for f in files:
+        if f.startswith("compare"):  # compare.py's configs (its arms are train.py arguments)
+            import compare
+            final = configurator.configure({k: v for k, v in vars(compare).items() if k.islower()}, [os.path.join("config", f)])
+            assert final["baseline"] in [a.partition(":")[0].strip() for a in final["arms"]], f
+            continue
         final = configurator.configure(dict(train.DEFAULTS), [os.path.join("config", f)])
         assert final["finetune"] in ("multilora", "lora", "full"), f
 
