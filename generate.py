@@ -27,9 +27,9 @@ ckpt_dir = S("data/tiny_base", None, "base model: HF (config.json) or Meta (para
 tokenizer = S("", None, "tokenizer.model path; empty = the one in ckpt_dir")
 adapter = S("", None, "an adapter.safetensors written by train.py / multilora.py")
 merge = S(True, None, "merge the adapter into the weights (no inference overhead)")
-prompt = S("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3\n\n### Response:\n|"
-           "### Instruction:\nIs the number even or odd?\n\n### Input:\n41\n\n### Response:\n|"
-           "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6\n\n### Response:\n",
+prompt = S("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3 0 3\n\n### Response:\n|"
+           "### Instruction:\nWhich number is bigger?\n\n### Input:\n597 and 853\n\n### Response:\n|"
+           "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6 1 4\n\n### Response:\n",
            None, "prompts separated by |")
 prompt_file = S("", None, "one prompt per line (\\n inside a prompt written as \\\\n); replaces --prompt")
 max_new_tokens = S(60, "[1, inf)", "tokens to generate per prompt at most")

@@ -55,8 +55,6 @@ class MultiLoRALinear(nn.Module):
             raise UserError(f"MultiLoRALinear: init: expected 'multilora' or 'lora', got {init!r}")
         if scaling not in ("channel", "scalar"):
             raise UserError(f"MultiLoRALinear: scaling: expected 'channel' or 'scalar', got {scaling!r}")
-        if init == "lora" and n_loras != 1:
-            raise UserError(f"MultiLoRALinear: n_loras: plain LoRA (init='lora') has n_loras=1, got {n_loras}")
         if n_loras < 1 or lora_rank < 1:
             raise UserError(f"MultiLoRALinear: n_loras, lora_rank: expected >= 1, got {n_loras}, {lora_rank}")
         d_out, d_in = base.weight.shape
@@ -156,11 +154,12 @@ def adapter_modules(model):
 
 
 def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_loras=4, lora_rank=8,
-                lora_alpha=16, lora_dropout=0.0, scaling="channel"):
+                lora_alpha=16, lora_dropout=0.0, scaling="channel", init=""):
     """Wrap the chosen projections of every layer in MultiLoRALinear, freeze everything else.
     targets: names from q,k,v,o,gate,up,down (a list or a "q,k,v,o" string). finetune="lora" means
     plain LoRA (n_loras is then 1). The adapters draw from torch's global RNG. Returns the settings
-    dict that goes into adapter files (also kept as model.adapter_settings)."""
+    dict that goes into adapter files (also kept as model.adapter_settings). init: '' = the finetune's
+    own; 'lora' (B = 0, no s) or 'multilora' (random B, s = 0) with any n_loras, for ablations."""
     if finetune not in ("multilora", "lora"):
         raise UserError(f"adapt_model: finetune: expected 'multilora' or 'lora', got {finetune!r}")
     if getattr(model, "adapter_settings", None) is not None:
@@ -175,6 +174,8 @@ def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_lor
         n_loras = 1
     settings = dict(finetune=finetune, targets=targets, n_loras=int(n_loras), lora_rank=int(lora_rank),
                     lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), scaling=scaling)
+    if init and init != finetune:
+        settings["init"] = init  # only when it is not the finetune's own: files stay as they were
     suffixes = tuple("." + TARGET_MODULES[t] for t in targets)
     to_wrap = [name for name, m in model.named_modules() if name.endswith(suffixes)]
     if not to_wrap:
@@ -185,7 +186,7 @@ def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_lor
         parent_name, child_name = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         layer = MultiLoRALinear(getattr(parent, child_name), n_loras, lora_rank, lora_alpha, lora_dropout,
-                                scaling, init=finetune)
+                                scaling, init=settings.get("init", finetune))
         setattr(parent, child_name, layer)
     model.adapter_settings = settings
     model.base_sample = base_sample(model)  # the base as it is now, for the adapter file
@@ -342,7 +343,8 @@ def apply_adapter(model, path, merge=False, any_base=False):
     Returns the settings."""
     state, settings = load_adapter(path, model, any_base)  # checks the base before the model is touched
     if getattr(model, "adapter_settings", None) is None:
-        adapt_model(model, **{k: settings[k] for k in SETTINGS_THAT_MUST_MATCH + ("lora_dropout",)})
+        adapt_model(model, **{k: settings[k] for k in SETTINGS_THAT_MUST_MATCH + ("lora_dropout",)},
+                    init=settings.get("init", ""))
         check_adapter(path, state, settings, {"base_fingerprint": base_fingerprint(model)}, model)
     unmerge_adapters(model)
     params = dict(model.named_parameters())

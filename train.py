@@ -78,6 +78,8 @@ lora_rank = S(8, "[1, inf)", "rank r of each module")
 lora_alpha = S(16.0, "(0, inf)", "the update is scaled by α/r")
 lora_dropout = S(0.0, "[0, 1)", "dropout on the adapters' input")
 lora_scaling = S("channel", ("channel", "scalar"), "MultiLoRA's s_i: one per output channel, or one per module")
+lora_init = S("", ("", "lora", "multilora"), "'' = the arm's own; 'lora' (B = 0, no s) or 'multilora' "
+              "(random B, s = 0) for the ablations")
 # model shape for init_from='scratch' (vocabulary and special ids come from the tokenizer)
 tokenizer = S("", None, "tokenizer.model (default: ckpt_dir's, or for scratch the dataset's)")
 dim = S(128, "[1, inf)", "model width")
@@ -157,7 +159,7 @@ def autocast_context(device_type, dtype_name):
 
 def lora_settings():
     return dict(targets=lora_targets, n_loras=n_loras, lora_rank=lora_rank, lora_alpha=lora_alpha,
-                lora_dropout=lora_dropout, scaling=lora_scaling)
+                lora_dropout=lora_dropout, scaling=lora_scaling, init=lora_init)
 
 
 def make_optimizer(model, learning_rate, weight_decay, betas, device_type):

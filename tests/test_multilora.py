@@ -152,8 +152,8 @@ def test_layer_refuses_bad_settings():
     base = nn.Linear(16, 8, bias=False)
     with pytest.raises(multilora.UserError, match="n_loras\\*lora_rank"):
         MultiLoRALinear(base, n_loras=3, lora_rank=4)  # 12 > min(16, 8)
-    with pytest.raises(multilora.UserError, match="n_loras"):
-        MultiLoRALinear(base, n_loras=2, lora_rank=2, init="lora")
+    horizontal = MultiLoRALinear(base, n_loras=2, lora_rank=2, init="lora")  # the ablation's LoRA init, n > 1
+    assert horizontal.lora_s is None and not horizontal.lora_B.any()
     with pytest.raises(multilora.UserError, match="scaling"):
         MultiLoRALinear(base, n_loras=2, lora_rank=2, scaling="row")
 

@@ -449,6 +449,12 @@ def test_config_files_are_valid(monkeypatch):
     monkeypatch.chdir(ROOT)  # config files are given relative to the repository root, where train.py runs
     monkeypatch.setenv("RANK", "0")  # as under torchrun: the paper's full fine-tuning arms use FSDP
     for f in files:
+        if f.startswith("compare"):  # compare.py's configs (its arms are train.py arguments)
+            import compare
+            final = configurator.configure(compare.SETTINGS if hasattr(compare, "SETTINGS") else
+                                           {k: v for k, v in vars(compare).items() if k.islower()}, [os.path.join("config", f)])
+            assert final["baseline"] in [a.partition(":")[0].strip() for a in final["arms"]], f
+            continue
         final = configurator.configure(train.SETTINGS, [os.path.join("config", f)])
         assert final["finetune"] in ("multilora", "lora", "full"), f
 

@@ -6,7 +6,8 @@ instruction format, and the SentencePiece tokenizer of the tiny base model. Dete
 
 writes, under out_dir (default: this repository's data/):
     tiny_base/tokenizer.model   SentencePiece BPE, LLaMA settings (byte fallback, split digits,
-                                unk=0 bos=1 eos=2, no pad), trained on corpus + task text
+                                unk=0 bos=1 eos=2, no pad), trained on the corpus + the tasks' prompt
+                                templates (not their examples: the suite's sizes leave it unchanged)
     tasks/                      the suite, a prepared dataset (see dataset.py): train/val/test
                                 splits whose inputs never repeat across splits, and the raw
                                 {split}.jsonl used for exact-match scoring
@@ -15,17 +16,17 @@ writes, under out_dir (default: this repository's data/):
 
 The tasks (instruction, input -> the exact-match answer):
     add       Add the two numbers.                  "13 and 6"              -> "19"
-    bigger    Which number is bigger?               "97 and 53"             -> "97"
-    parity    Is the number even or odd?            "41"                    -> "odd"
-    reverse   Write the digits in reverse order.    "8 7 6"                 -> "6 7 8"
-    sort      Sort the digits from small to large.  "5 9 3"                 -> "3 5 9"
+    bigger    Which number is bigger?               "597 and 853"           -> "853"
+    parity    Is the sum of the digits even or odd? "418"                   -> "odd"
+    reverse   Write the digits in reverse order.    "8 7 6 1 4"             -> "4 1 6 7 8"
+    sort      Sort the digits from small to large.  "5 9 3 0 3"             -> "0 3 3 5 9"
     lookup    Which color goes with the number after the semicolon?
-                                                    "2 blue 4 gray 9 green ; 4" -> "gray"
+                                                    "2 blue 4 gray ; 4"     -> "gray"
     count     How many times does the digit after the semicolon appear before it?
                                                     "5 1 9 9 ; 9"           -> "2"
 add/bigger and reverse/sort share an input form: only the instruction tells them apart.
-The corpus states the same kinds of facts in prose ("13 and 6 make 19 .", "write 8 7 6 in reverse
-and you get 6 7 8 .") among plain sentences over the same words, but never in the instruction format
+The corpus states the same kinds of facts in prose ("13 and 6 make 19 .", "write 8 7 6 1 4 in reverse
+and you get 4 1 6 7 8 .") among plain sentences over the same words, but never in the instruction format
 ("###", "Instruction", "Response" appear nowhere in it): the base model knows the content, and
 fine-tuning has to teach it to follow the instructions. Test inputs are disjoint from the train
 split, not from the corpus, as with real pretraining and instruction tuning.
@@ -56,6 +57,7 @@ document_sentences = 8  # sentences per document
 vocab_size = 768
 max_len = 64           # task examples (all are far shorter); corpus documents get corpus_max_len
 corpus_max_len = 160
+TEMPLATE_REPEATS = 500  # times each task's prompt lines go into the tokenizer's text (about the count they had as examples)
 # -----------------------------------------------------------------------------
 
 ANIMALS = "cat dog fox cow pig hen owl bee ant rat bat elk yak emu ox eel".split()
@@ -81,27 +83,27 @@ def draw_add(rng):
 
 
 def draw_bigger(rng):
-    a, b = rng.sample(range(100), 2)
+    a, b = rng.sample(range(1000), 2)
     return dict(input=f"{a} and {b}", response=str(max(a, b)), a=a, b=b)
 
 
-def draw_parity(rng):
-    n = rng.randrange(1000)
-    return dict(input=str(n), response="even" if n % 2 == 0 else "odd", n=n)
+def draw_parity(rng):  # of the digit sum: a tiny model cannot read it off the last digit
+    n = rng.randrange(100, 1000)
+    return dict(input=str(n), response="odd" if sum(map(int, str(n))) % 2 else "even", n=n)
 
 
 def draw_reverse(rng):
-    digits = [rng.randrange(10) for _ in range(3)]
+    digits = [rng.randrange(10) for _ in range(5)]
     return dict(input=spaced(digits), response=spaced(reversed(digits)))
 
 
 def draw_sort(rng):
-    digits = [rng.randrange(10) for _ in range(3)]
+    digits = [rng.randrange(10) for _ in range(5)]
     return dict(input=spaced(digits), response=spaced(sorted(digits)))
 
 
 def draw_lookup(rng):
-    keys, values = rng.sample(range(10), 3), rng.sample(COLORS, 3)
+    keys, values = rng.sample(range(10), 2), rng.sample(COLORS, 2)
     key = rng.choice(keys)
     pairs = spaced(f"{k} {v}" for k, v in zip(keys, values))
     return dict(input=f"{pairs} ; {key}", response=values[keys.index(key)], pairs=pairs, key=key)
@@ -120,8 +122,9 @@ TASKS = {  # name: (instruction, draw, prose)
     "bigger": ("Which number is bigger?", draw_bigger, [
         "of {a} and {b} the bigger is {response} .", "which is bigger , {a} or {b} ? it is {response} .",
         "{a} and {b} : the bigger number is {response} ."]),
-    "parity": ("Is the number even or odd?", draw_parity, [
-        "{n} is an {response} number .", "the number {n} , we see , is {response} .", "{n} is {response} ."]),
+    "parity": ("Is the sum of the digits even or odd?", draw_parity, [
+        "the digits of {n} add up to an {response} number .", "the digit sum of {n} , we see , is {response} .",
+        "{n} has an {response} digit sum ."]),
     "reverse": ("Write the digits in reverse order.", draw_reverse, [
         "{input} backwards is {response} .", "write {input} in reverse and you get {response} .",
         "reversed , the digits {input} read {response} ."]),
@@ -135,12 +138,18 @@ TASKS = {  # name: (instruction, draw, prose)
         "in {digits} the {digit} comes {response} times .", "count the {digit} in {digits} : {response} .",
         "{digits} has the digit {digit} {response} times ."]),
 }
+# The fine-tuning suite (data/tasks/). parity (of the digit sum) and lookup stay in the corpus and the
+# tokenizer's text, so the base is unchanged, but not in the suite: neither LoRA nor full fine-tuning
+# got above chance on them from this base (README, "The embedded task suite"), so they only add noise.
+SUITE = ("add", "bigger", "reverse", "sort", "count")
+FEWER_TRAIN = dict(reverse=200, sort=200)  # train examples of these (n_train for the others): with 800 both were at 98-100% for LoRA and full
 
 
-def task_splits(seed, n_train, n_val, n_test):
+def task_splits(seed, n_train, n_val, n_test, tasks=SUITE):
     """{split: [record]}: per task, distinct inputs; test and val first, train gets the rest."""
     splits = {"train": [], "val": [], "test": []}
-    for name, (instruction, draw, _) in TASKS.items():
+    for name in tasks:
+        instruction, draw, _ = TASKS[name]
         rng = random.Random(f"{seed}:{name}")
         examples, tries = {}, 0
         while len(examples) < n_train + n_val + n_test and tries < 100 * (n_train + n_val + n_test):
@@ -150,7 +159,7 @@ def task_splits(seed, n_train, n_val, n_test):
         items = [dict(task=name, instruction=instruction, input=i, response=r) for i, r in examples.items()]
         splits["test"] += items[:n_test]
         splits["val"] += items[n_test:n_test + n_val]
-        splits["train"] += items[n_test + n_val:]
+        splits["train"] += items[n_test + n_val:][:FEWER_TRAIN.get(name, n_train)]
     return splits
 
 
@@ -204,17 +213,18 @@ def main(argv=None):
     assert not any("###" in d for d in documents)  # the corpus never shows the instruction format
 
     tokenizer_path = os.path.join(config["out_dir"], "tiny_base", "tokenizer.model")
-    # the tasks as the model sees them, a line at a time (SentencePiece trains on lines): so the
-    # template's "### Instruction:" gets pieces of its own
-    task_lines = [line for records in splits.values() for r in records
-                  for line in (dataset.format_prompt(r["instruction"], r["input"]) + r["response"]).split("\n") if line]
-    train_tokenizer(documents + task_lines, config["vocab_size"], tokenizer_path)
+    # each task's prompt template, a line at a time (SentencePiece trains on lines), so that
+    # "### Instruction:" gets pieces of its own; not the suite's examples, so that the suite's sizes and
+    # inputs can change without changing the tokenizer (and so the pretrained base)
+    template_lines = [line for instruction, _, _ in TASKS.values()
+                      for line in dataset.format_prompt(instruction, "0").split("\n") if line] * TEMPLATE_REPEATS
+    train_tokenizer(documents + template_lines, config["vocab_size"], tokenizer_path)
     print(f"wrote {tokenizer_path}")
     tok = load_tokenizer(tokenizer_path)
 
     prepare_config = dict(dataset.PREPARE_DEFAULTS, seed=config["seed"], tokenizer=os.path.relpath(tokenizer_path, ROOT))
     dataset.prepare("tasks", splits, dict(prepare_config, out_dir=os.path.join(config["out_dir"], "tasks"),
-                                          max_len=config["max_len"], tasks=list(TASKS)), tok)
+                                          max_len=config["max_len"], tasks=list(SUITE)), tok)
     write_corpus(documents, os.path.join(config["out_dir"], "tasks_corpus"), tok, config["corpus_max_len"])
 
 

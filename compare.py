@@ -1,0 +1,333 @@
+"""
+Evidence, not anecdotes: every arm x every seed through train.py on the embedded suite, then exact
+match as mean ± 95% confidence interval, the paired difference to the baseline arm (same seed: same
+data order, same base; the arms differ only in the finetune), the §5 figures of ΔW (analyze.py:
+effective rank, top-1 share, φ to full fine-tuning) with their spread, and plots.
+
+    python compare.py                              # full, LoRA r=32, MultiLoRA 4x8; 5 seeds each
+    python compare.py config/compare_ablation.py   # MultiLoRA's two ideas apart: n and the init
+    python compare.py --seeds=1,2 --max_iters=50 --out_dir=out/quick --out_prefix=out/quick/compare
+
+Writes out_dir/<arm>/seed<k>/ (train.py's out_dir for that run, with its train.log) and
+    <out_prefix>.json         every run's figures and the summaries (the README's tables come from it)
+    <out_prefix>.md           the tables in markdown, rendered from the JSON alone (also printed)
+    <out_prefix>_scores.png, _spectra.png, _val_loss.png   when matplotlib is installed
+    python compare.py --render=docs/compare.json   # print the tables of a written JSON, train nothing
+
+Statistics: for k seeds, mean ± t_{0.975, k-1}·sd/√k (Student's t). The test set is fixed, so the
+interval is over seeds (initialization and data order), not over test examples. A paired difference
+is arm minus baseline per seed, and its interval is the same formula over those k differences.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import analyze
+import llama
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+# settings: override with a config/*.py file and --key=value
+arms = [  # "label: train.py arguments"; arms differ only in the finetune
+    "full: config/tasks_full.py",
+    "LoRA r=32: config/tasks_lora.py",
+    "MultiLoRA 4x8: config/tasks_multilora.py",
+]
+baseline = "LoRA r=32"       # paired differences are arm minus this arm, seed by seed
+full_arm = "full"            # φ is measured against this arm's ΔW of the same seed ('' = no φ)
+seeds = [1, 2, 3, 4, 5]
+ckpt_dir = "data/tiny_base"  # the base every run starts from (and analyze.py's reference)
+max_iters = 500              # the budget of every run (the suite was calibrated at it: README)
+eval_interval = 100          # validation-loss points of the curves
+train_args = []              # more train.py arguments for every run, e.g. --train_args=--batch_size=16
+jobs = 0                     # runs at a time (0 = the number of CPU cores; each run uses 1 thread)
+reuse = False                # keep runs of the same command already finished in out_dir (trusts they saw the same data)
+out_dir = "out/compare"
+out_prefix = "docs/compare"
+phi_dim = 32                 # analyze.py's φ(k, k), k = min(rank, phi_dim)
+render = ""                  # a written JSON: print its tables and stop
+# -----------------------------------------------------------------------------
+
+# t_{0.975, df} for df = 1..30 (two-sided 95%), from any table of Student's t (e.g. NIST/SEMATECH
+# e-Handbook of Statistical Methods, 1.3.6.7.2); beyond 30 df the normal 1.960 (within 2%)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def mean_ci(values):
+    """-> {mean, ci (half-width of the 95% interval; None for one value), sd, min, max, n}."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    sd = float(x.std(ddof=1)) if n > 1 else None
+    ci = (T975[n - 2] if n <= 31 else 1.960) * sd / np.sqrt(n) if n > 1 else None
+    return dict(mean=float(x.mean()), ci=ci, sd=sd, min=float(x.min()), max=float(x.max()), n=n)
+
+
+def paired_difference(a, b):
+    """Mean ± 95% CI of a - b, element by element (the same seed in both)."""
+    return mean_ci(np.subtract(a, b))
+
+
+def parse_arm(spec):
+    label, _, args = spec.partition(":")
+    return label.strip(), shlex.split(args)
+
+
+def slug(label):
+    return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+# -----------------------------------------------------------------------------
+# the runs
+
+
+def train(label, args, seed):
+    """One train.py run in a subprocess (1 thread) -> its directory. Output goes to train.log."""
+    run_dir = os.path.join(out_dir, slug(label), f"seed{seed}")
+    command = [sys.executable, "train.py", *args, f"--ckpt_dir={ckpt_dir}", f"--seed={seed}", f"--out_dir={run_dir}",
+               f"--max_iters={max_iters}", f"--eval_interval={eval_interval}", "--threads=1", *train_args]
+    if reuse and finished(run_dir, command):
+        return run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    t0 = time.time()
+    with open(os.path.join(run_dir, "train.log"), "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+    if code != 0:
+        tail = open(os.path.join(run_dir, "train.log")).read().strip().splitlines()[-3:]
+        raise llama.UserError(f"{label} seed {seed}: train.py failed ({shlex.join(command)}): {' | '.join(tail)}")
+    with open(os.path.join(run_dir, "done.json"), "w") as f:
+        json.dump(dict(command=command[1:], wall_s=round(time.time() - t0, 1)), f)
+    return run_dir
+
+
+def finished(run_dir, command):
+    """A run of exactly this command (the same arm, seed and budget) already ended there."""
+    path = os.path.join(run_dir, "done.json")
+    return os.path.exists(path) and json.load(open(path))["command"] == command[1:]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_figures(run_dir):
+    """Exact match per task, the validation-loss curves, the final losses, from metrics.jsonl. The train
+    loss is the mean of the logged batches in the last tenth of the run (one batch is noisy)."""
+    records = read_metrics(run_dir)
+    scores = {k.split("/", 1)[1]: v for k, v in records[-1].items() if k.startswith("exact_match/")}
+    evals = [r for r in records if "val_loss" in r]
+    last = max(r["iter"] for r in records if "train_loss" in r)
+    train_losses = [r["train_loss"] for r in records if "train_loss" in r and r["iter"] >= 0.9 * last]
+    curves = {"iters": [r["iter"] for r in evals], "mean": [r["val_loss"] for r in evals],
+              **{task: [r[f"val_loss/{task}"] for r in evals] for task in scores}}
+    return dict(exact_match=scores, val_loss=evals[-1]["val_loss"], train_loss=float(np.mean(train_losses)),
+                val_curves=curves, wall_s=json.load(open(os.path.join(run_dir, "done.json")))["wall_s"])
+
+
+def spectrum_figures(run_dirs):
+    """{label: run directory} of one seed -> {label: effective rank, top-1 share, φ(k, k) to the full
+    arm, normalized spectrum}: the means over all adapted matrices (analyze.py's 'all' group)."""
+    spectra = {label: analyze.adapter_spectra(ckpt_dir, os.path.join(d, "adapter.safetensors"))[1]
+               for label, d in run_dirs.items() if label != full_arm}
+    full_vectors = None
+    if full_arm in run_dirs:
+        names = sorted({name for s in spectra.values() for name in s})
+        spectra[full_arm] = analyze.full_spectra(ckpt_dir, run_dirs[full_arm], names, keep=phi_dim)
+        full_vectors = {name: U for name, (_, U, _) in spectra[full_arm].items()}
+    figures = {}
+    for label, s in spectra.items():
+        g = analyze.summarize_method(s, 64, full_vectors if label != full_arm else None, phi_dim)["by_layer_type"]["all"]
+        k = len(g.get("phi", []))
+        figures[label] = dict(effective_rank=g["effective_rank"], top1_share=g["top1_share"],
+                              phi=g["phi"][k - 1][k - 1] if k else None, normalized=g["normalized"])
+    return figures
+
+# -----------------------------------------------------------------------------
+# the summary: what the JSON holds and the tables show
+
+SCALARS = ("val_loss", "train_loss", "effective_rank", "top1_share", "phi")
+
+
+def summarize(runs, labels):
+    """runs: [{arm, seed, exact_match {task: acc}, val_loss, ...}] -> per arm: mean ± CI of each
+    figure, and under "vs" its paired differences (seeds in common) to the baseline and to the full arm
+    (not the baseline's to the full arm: that is the full arm's to the baseline, negated)."""
+    by_arm = {label: sorted((r for r in runs if r["arm"] == label), key=lambda r: r["seed"]) for label in labels}
+    tasks = list(runs[0]["exact_match"])
+
+    def values(rs, key):
+        if key in tasks:
+            return [r["exact_match"][key] for r in rs]
+        if key == "mean":
+            return [float(np.mean(list(r["exact_match"].values()))) for r in rs]
+        return [r[key] for r in rs] if all(r.get(key) is not None for r in rs) else None
+
+    summary = {}
+    for label, rs in by_arm.items():
+        arm = {}
+        for key in tasks + ["mean", *SCALARS]:
+            v = values(rs, key)
+            if v is None:
+                continue
+            arm[key] = dict(mean_ci(v), vs={})
+            for ref in (baseline, full_arm):
+                ref_runs = {r["seed"]: r for r in by_arm.get(ref, [])}
+                common = [r for r in rs if r["seed"] in ref_runs]
+                b = values([ref_runs[r["seed"]] for r in common], key)
+                if ref and label not in (ref, baseline) and common and b is not None:
+                    arm[key]["vs"][ref] = paired_difference(values(common, key), b)
+        summary[label] = arm
+    return dict(tasks=tasks, arms=summary)
+
+
+def fmt(stat, scale=1.0, digits=1):
+    if stat is None:
+        return ""
+    ci = "" if stat["ci"] is None else f" ± {stat['ci'] * scale:.{digits}f}"
+    return f"{stat['mean'] * scale:.{digits}f}{ci}"
+
+
+def render_tables(result):
+    """The markdown tables, from the JSON's content alone."""
+    s, labels = result["summary"], list(result["summary"]["arms"])
+    arms = s["arms"]
+    pairs = [(label, ref) for ref in (result["settings"]["baseline"], result["settings"]["full_arm"])
+             for label in labels if ref in arms[label]["mean"]["vs"]]
+    head = ["", *labels, *[f"{label} − {ref}" for label, ref in pairs]]
+    lines = [f"Exact match (%) and figures of ΔW, mean ± 95% CI over seeds {result['settings']['seeds']} "
+             f"({max_iters_of(result)} steps each); the last columns are paired differences (same seed).", "",
+             "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    rows = [(task, task, 100, 1) for task in s["tasks"]] + [("**mean**", "mean", 100, 1), ("sd of the mean over seeds", "sd", 100, 1)]
+    rows += [("val loss", "val_loss", 1, 3), ("train loss (last 10%)", "train_loss", 1, 3),
+             ("effective rank of ΔW", "effective_rank", 1, 1), ("top-1 share σ₁/Σσ", "top1_share", 1, 3),
+             ("φ(k,k) to full", "phi", 1, 3)]
+    for name, key, scale, digits in rows:
+        if key == "sd":
+            cells = [f"{arms[label]['mean']['sd'] * scale:.1f}" if arms[label]["mean"]["sd"] is not None else "" for label in labels]
+            cells += [""] * len(pairs)
+        else:
+            cells = [fmt(arms[label].get(key), scale, digits) for label in labels]
+            cells += [fmt(arms[label].get(key, {}).get("vs", {}).get(ref), scale, digits) for label, ref in pairs]
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Per task, the range of the arms' mean exact match (%): " + ", ".join(
+        f"{task} {min(arms[l][task]['mean'] for l in labels) * 100:.1f}–{max(arms[l][task]['mean'] for l in labels) * 100:.1f}"
+        for task in s["tasks"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def max_iters_of(result):
+    return result["settings"]["max_iters"]
+
+# -----------------------------------------------------------------------------
+# plots (matplotlib is optional)
+
+
+def plot(result, prefix):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)")
+        return []
+    arms, tasks, runs = result["summary"]["arms"], result["summary"]["tasks"], result["runs"]
+    labels = list(arms)
+    written = []
+
+    # exact match per task, bars with 95% CI error bars
+    fig, ax = plt.subplots(figsize=(10, 4))
+    keys, width = tasks + ["mean"], 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        m = [100 * arms[label][k]["mean"] for k in keys]
+        e = [100 * (arms[label][k]["ci"] or 0) for k in keys]
+        ax.bar(np.arange(len(keys)) + (i - (len(labels) - 1) / 2) * width, m, width, yerr=e, capsize=2, label=label)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylabel("exact match (%), mean ± 95% CI")
+    ax.legend(fontsize=8)
+    written.append(save(fig, prefix + "_scores.png"))
+
+    # normalized spectrum of ΔW, mean and min-max band over seeds
+    if any(r.get("normalized") for r in runs):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label in labels:
+            curves = [r["normalized"] for r in runs if r["arm"] == label and r.get("normalized")]
+            n = min(len(c) for c in curves)
+            c = np.array([c[:n] for c in curves])
+            line, = ax.plot(range(1, n + 1), c.mean(0), label=label)
+            ax.fill_between(range(1, n + 1), c.min(0), c.max(0), color=line.get_color(), alpha=0.2)
+        ax.set(xlabel="k", ylabel="σ_k / Σσ (mean over matrices)", yscale="log", xlim=(1, 48))
+        ax.legend(fontsize=8)
+        written.append(save(fig, prefix + "_spectra.png"))
+
+    # validation loss per task against steps, mean and min-max band over seeds
+    fig, axes = plt.subplots(2, (len(tasks) + 2) // 2, figsize=(12, 5), sharex=True)
+    for ax, key in zip(axes.flat, tasks + ["mean"]):
+        for label in labels:
+            rs = [r for r in runs if r["arm"] == label]
+            c = np.array([r["val_curves"][key] for r in rs])
+            line, = ax.plot(rs[0]["val_curves"]["iters"], c.mean(0), label=label)
+            ax.fill_between(rs[0]["val_curves"]["iters"], c.min(0), c.max(0), color=line.get_color(), alpha=0.2)
+        ax.set(title=key, yscale="log")
+    axes.flat[0].legend(fontsize=7)
+    fig.supxlabel("step")
+    fig.supylabel("validation loss (mean, min-max band over seeds)")
+    written.append(save(fig, prefix + "_val_loss.png"))
+    return written
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    settings = configure(globals(), sys.argv[1:] if argv is None else argv)
+    if render:
+        with open(render) as f:
+            print(render_tables(json.load(f)), end="")
+        return
+    specs = [parse_arm(a) for a in arms]
+    labels = [label for label, _ in specs]
+    if len(set(labels)) != len(labels) or baseline not in labels or (full_arm and full_arm not in labels):
+        raise llama.UserError(f"arms: expected distinct labels including baseline={baseline!r} and full_arm={full_arm!r}, got {labels}")
+    workers = jobs or os.cpu_count() or 1
+    t0 = time.time()
+    print(f"{len(specs)} arms x {len(seeds)} seeds = {len(specs) * len(seeds)} runs, {workers} at a time, in {out_dir}")
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {(label, seed): pool.submit(train, label, args, seed) for seed in seeds for label, args in specs}
+        run_dirs = {key: f.result() for key, f in futures.items()}
+    t_train = time.time() - t0
+    runs = []
+    for seed in seeds:
+        figures = spectrum_figures({label: run_dirs[label, seed] for label in labels})
+        for label in labels:
+            runs.append(dict(arm=label, seed=seed, **run_figures(run_dirs[label, seed]), **figures[label]))
+    result = dict(settings=settings, summary=summarize(runs, labels), runs=runs,
+                  wall_s=dict(train=t_train, total=time.time() - t0))
+    os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
+    with open(out_prefix + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    tables = render_tables(result)
+    with open(out_prefix + ".md", "w") as f:
+        f.write(tables)
+    print(tables, end="")
+    written = plot(result, out_prefix)
+    print(f"wrote {out_prefix}.json, {out_prefix}.md{''.join(', ' + p for p in written)} "
+          f"in {(time.time() - t0) / 60:.1f} min ({t_train / 60:.1f} training)")
+
+
+if __name__ == "__main__":
+    llama.run_cli(main)
