@@ -50,6 +50,7 @@ eval_interval = 100          # validation-loss points of the curves
 train_args = []              # more train.py arguments for every run, e.g. --train_args=--batch_size=16
 jobs = 0                     # runs at a time (0 = the number of CPU cores; each run uses 1 thread)
 reuse = False                # keep runs of the same command already finished in out_dir (trusts they saw the same data)
+overwrite = False            # replace runs already in out_dir (without it or reuse, compare.py refuses to)
 out_dir = "out/compare"
 out_prefix = "docs/compare"
 phi_dim = 32                 # analyze.py's φ(k, k), k = min(rank, phi_dim)
@@ -96,10 +97,12 @@ def train(label, args, seed):
                f"--max_iters={max_iters}", f"--eval_interval={eval_interval}", "--threads=1", *train_args]
     if reuse and finished(run_dir, command):
         return run_dir
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and not overwrite:
+        raise llama.UserError(f"{run_dir}: holds a run; keep it with --reuse=True or replace it with --overwrite=True")
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
+        code = subprocess.run(command + ["--overwrite=True"] * overwrite, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
     if code != 0:
         tail = open(os.path.join(run_dir, "train.log")).read().strip().splitlines()[-3:]
         raise llama.UserError(f"{label} seed {seed}: train.py failed ({shlex.join(command)}): {' | '.join(tail)}")

@@ -287,6 +287,16 @@ def score_exact_match(model, tokenizer, examples, max_new_tokens=64, batch_size=
     return accuracy_by(exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size), "task")
 
 
+def exact_match_report(base, tuned, per_task):
+    """Print each task's exact match before -> after (train.py's closing table); -> the metrics record."""
+    print(f"exact match on the test split ({per_task} examples per task at most):")
+    for name in tuned:
+        before = f"{100 * base[name]:5.1f}%" if name in base else "    ?"
+        print(f"  {name:<24} base {before} -> tuned {100 * tuned[name]:5.1f}%")
+    mean = lambda s: sum(s.values()) / max(len(s), 1)  # noqa: E731
+    return {"exact_match": mean(tuned), **{f"exact_match/{k}": v for k, v in tuned.items()}, "exact_match_base": mean(base)}
+
+
 def accuracy_by(details, key, correct="correct"):
     """{value of key: share of details with details[correct] true}, in first-seen order."""
     counts = {}

@@ -6,11 +6,8 @@ One adapted linear layer with frozen W0 (d_out, d_in), n modules of rank r:
       = W0·x + [ (α/r)·[diag(s_1)B_1 … diag(s_n)B_n] ] · [A_1; …; A_n] · dropout(x)
 The second line is how it is computed: the n modules are ONE rank-(n·r) LoRA whose B has s folded in
 (a (d_out, n·r) elementwise product), so MultiLoRA costs what a LoRA of rank n·r costs.
-Plain LoRA is the same layer with init="lora": n = 1, B = 0, no s.
-
-Contents: MultiLoRALinear; adapt_model / count_trainable; merge_adapters / unmerge_adapters;
-delta_weights (for analyze.py); adapter files (save_adapter / load_adapter / apply_adapter).
-export.py turns an adapter into a PEFT one; docs/method.md walks through the method and this file.
+Plain LoRA is the same layer with init="lora": n = 1, B = 0, no s. docs/method.md walks through it;
+export.py turns an adapter file into a PEFT one.
 """
 
 import hashlib
@@ -240,11 +237,8 @@ def base_sample(model, n=8):
 
 
 def base_summary(model):
-    c = getattr(model, "config", None)
-    if c is None:
-        return "unknown"
-    return (f"dim={c.dim} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} "
-            f"hidden_dim={c.hidden_dim} vocab_size={c.vocab_size}")
+    c = model.config
+    return f"dim={c.dim} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} hidden_dim={c.hidden_dim} vocab_size={c.vocab_size}"
 
 
 def adapter_state_dict(model):
@@ -270,8 +264,7 @@ def save_adapter(model, path, settings=None, state=None, step=None):
 SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
 ADAPTER_SETTINGS = {  # what an adapter file's metadata.settings must hold: key -> (expected, test)
     "finetune": ("'multilora' or 'lora'", lambda v: v in ("multilora", "lora")),
-    "targets": ("a list of names from " + ",".join(TARGET_MODULES), lambda v: isinstance(v, list) and v != []
-                and all(t in TARGET_MODULES for t in v)),
+    "targets": ("a list of names from q,k,v,o,gate,up,down", lambda v: isinstance(v, list) and set(v) <= set(TARGET_MODULES)),
     "n_loras": ("an int >= 1", lambda v: type(v) is int and v >= 1),
     "lora_rank": ("an int >= 1", lambda v: type(v) is int and v >= 1),
     "lora_alpha": ("a number", lambda v: type(v) in (int, float) and math.isfinite(v)),

@@ -3,24 +3,14 @@ Fine-tune a LLaMA with MultiLoRA, LoRA or all of its weights (the paper's three 
 instruction datasets, in one process, with DDP or with FSDP2. Read it top to bottom: settings, model,
 the training step, evaluation, checkpoints, the loop.
 
-    python train.py                                     # the embedded default (MultiLoRA on data/tasks)
+    python train.py                     # the embedded default (MultiLoRA on data/tasks); --help: every setting
     python train.py config/tasks_lora.py --max_iters=100
-    python train.py --help                              # every setting, its default and what it allows
     torchrun --standalone --nproc_per_node=8 train.py config/llama7b_mixture_multilora.py
-    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --master_port=29500 --nproc_per_node=8 train.py ...
 
-What it writes to out_dir:
-    ckpt.pt              everything a resume needs (settings, adapter or all weights, optimizer, RNG
-                         states, step, data position); tensors and plain types only (weights_only load)
-    adapter.safetensors  the adapter (LoRA/MultiLoRA), multilora.py's file format
-    hf/                  finetune=full: a Hugging Face-layout checkpoint usable as ckpt_dir (or hf_dir)
-    metrics.jsonl        one JSON object per log line, per eval, and the final exact match
-
-Your results are safe: an out_dir that holds a run is refused unless --resume=True (continue it) or
---overwrite=True (replace it); every check runs before out_dir is touched; a lock keeps a second
-process out; ckpt.pt and the adapter (or hf/) are written at every eval, atomically, the derived files
-inside ckpt.pt's write, and a resume rewrites them from ckpt.pt; a non-finite loss stops the run with
-an error and keeps the last good checkpoint.
+out_dir gets ckpt.pt (all a resume needs; tensors and plain types only), adapter.safetensors (or hf/
+for finetune=full) and metrics.jsonl. A run there is never replaced without --resume or --overwrite;
+every check runs before out_dir is touched, a lock keeps a second process out, and a non-finite loss
+stops the run, keeping the last good checkpoint (docs/training.md).
 """
 
 import json
@@ -61,14 +51,14 @@ exact_match_examples = S(50, "[0, inf)", "test examples per task scored by exact
 exact_match_max_new_tokens = S(24, "[1, inf)", "tokens generated per exact-match answer")
 wandb_log = S(False, lambda v, s: v and not util.importable("wandb") and "False (wandb is not installed)",
               "log to Weights & Biases (pip install wandb)")
-wandb_project = S("multilora", None, "wandb project")
-wandb_run_name = S("", None, "wandb run name")
+wandb_project, wandb_run_name = S("multilora", None, "wandb project"), S("", None, "wandb run name")
 # data
 datasets = S(["data/tasks"], lambda v, s: not v and "at least one directory", "prepared datasets (dataset.py's format)")
 mixture = S("proportional", ("proportional", "equal", "temperature"), "how tasks are sampled")
 mixture_temperature = S(2.0, "(0, inf)", "'temperature': p_t ∝ n_t^(1/T) (T5, Raffel et al. 2020, §3.5.2)")
 batch_size = S(32, "[1, inf)", "examples per micro-step per process")
-gradient_accumulation_steps = S(1, "[1, inf)", "micro-steps per optimizer step for the WHOLE job")
+gradient_accumulation_steps = S(1, lambda v, s: (v < 1 or v % int(os.environ.get("WORLD_SIZE", 1))) and "a positive "
+                                f"multiple of the {os.environ.get('WORLD_SIZE', 1)} processes", "micro-steps per optimizer step, whole job")
 pack = S(True, None, "pack each micro-batch's examples into fewer rows (same loss, less padding)")
 # fine-tuning
 finetune = S("multilora", ("multilora", "lora", "full"), "the paper's three arms")
@@ -153,7 +143,7 @@ def adapt(model, finetune, lora):
     return settings
 
 
-def autocast_context(device_type, dtype_name):
+def autocast_context(device_type, dtype_name):  # bf16/fp16 matmuls; float32: none
     return nullcontext() if dtype_name == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype_name))
 
 
@@ -166,9 +156,8 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device_type):
     """AdamW over the trainable parameters; weight decay on 2-D weights only (nanoGPT); the fused
     kernel where this torch has one for the device (CUDA, and CPU in recent torch)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    groups = [g for g in ({"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}) if g["params"]]
     try:
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
     except (RuntimeError, TypeError):
@@ -180,9 +169,6 @@ def init_distributed():
     ddp = "RANK" in os.environ
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    if gradient_accumulation_steps % world_size:
-        raise UserError(f"gradient_accumulation_steps: {gradient_accumulation_steps} micro-steps cannot be "
-                        f"split evenly over {world_size} processes")
     run_device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else device
     if ddp:
         if device_type == "cuda":
@@ -347,18 +333,13 @@ def restore(ckpt, model, optimizer, scaler, rank, world_size):
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
 
 
-def full_tensor(t):
-    """A plain CPU tensor; an FSDP2 shard (DTensor) is all-gathered first (a collective: every rank calls)."""
-    t = t.detach()
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
-
-
 def save(state, raw_model, model, optimizer, model_config, tokenizer_path, adapter_settings, ddp, world_size):
     """ckpt.pt, then the adapter (or hf/) from the same state: every rank calls (collectives inside).
     The derived files are written inside ckpt.pt's atomic write: a failure (disk full) changes
     neither, and a resume rewrites them from ckpt.pt."""
     weights = raw_model.state_dict() if finetune == "full" else multilora.adapter_state_dict(raw_model)
-    weights = {k: full_tensor(v) for k, v in weights.items()}
+    # plain CPU tensors; FSDP2 shards (DTensors) are all-gathered first, a collective: every rank calls
+    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in weights.items()}
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -387,27 +368,6 @@ def write_weights(weights, step, raw_model, model_config, tokenizer_path, adapte
         checkpoint.save_hf_checkpoint(weights, hf_path, config=model_config, tokenizer_path=tokenizer_path, step=step)
     else:
         multilora.save_adapter(raw_model, path, adapter_settings, state=weights, step=step)
-
-# -----------------------------------------------------------------------------
-# exact match on the test split (the embedded default's before/after figure)
-
-def score(model, tok, examples, ctx):
-    """{task: exact-match accuracy in [0, 1]}: eval.py's scoring (greedy, in eval mode, mode restored after)."""
-    from eval import score_exact_match  # eval.py imports this file for evaluate()
-    with ctx:
-        return score_exact_match(model, tok, examples, max_new_tokens=exact_match_max_new_tokens, batch_size=batch_size)
-
-
-def report_exact_match(base_scores, tuned_scores):
-    print(f"exact match on the test split ({exact_match_examples} examples per task at most):")
-    for name in tuned_scores:
-        before = f"{100 * base_scores[name]:5.1f}%" if name in base_scores else "    ?"
-        print(f"  {name:<24} base {before} -> tuned {100 * tuned_scores[name]:5.1f}%")
-    print(f"adapter: {os.path.join(out_dir, ADAPTER)}" if finetune != "full" else f"weights: {hf_dir or os.path.join(out_dir, 'hf')}")
-    mean = lambda s: 100 * sum(s.values()) / max(len(s), 1)  # noqa: E731
-    print(f"exact match: base {mean(base_scores):.1f}% -> tuned {mean(tuned_scores):.1f}%", flush=True)
-    return {"exact_match": mean(tuned_scores) / 100, **{f"exact_match/{k}": v for k, v in tuned_scores.items()},
-            "exact_match_base": mean(base_scores) / 100}
 
 # -----------------------------------------------------------------------------
 
@@ -454,9 +414,9 @@ def main(argv=None):
     master = rank == 0
 
     def log(*args):
-        if master:
-            print(*args, flush=True)
+        print(*args, flush=True) if master else None
 
+    from eval import exact_match_report, score_exact_match  # here: eval.py imports this file
     # every check before out_dir is touched: settings (above), data, tokenizer, model, adapter, checkpoint
     hf_path = hf_dir or os.path.join(out_dir, "hf")
     found = check_out_dir(hf_path)
@@ -467,11 +427,9 @@ def main(argv=None):
     scale = f", α/r = {lora_alpha:g}/{lora_rank} = {lora_alpha / lora_rank:g}" if finetune != "full" else ""
     log(f"model: {base_total / 1e6:.2f}M parameters, {finetune}: {trainable / 1e6:.3f}M trainable "
         f"({100 * trainable / base_total:.2f}%){scale}")
-    ckpt = None
-    if resume:
-        ckpt, changed = read_checkpoint(config, raw_model, world_size)
-        if changed:
-            log(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
+    ckpt, changed = read_checkpoint(config, raw_model, world_size) if resume else (None, [])
+    if changed:
+        log(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
 
     # now out_dir is ours: lock it (held until the process ends), clear what --overwrite replaces
     if master:
@@ -511,7 +469,8 @@ def main(argv=None):
                           only_if_stale=True)
         log(f"resumed from {os.path.join(out_dir, CHECKPOINT)} at step {state['iter_num']}")
     elif master and can_score:
-        state["exact_match_base"] = score(raw_model, tok, examples_em, ctx)
+        with ctx:
+            state["exact_match_base"] = score_exact_match(raw_model, tok, examples_em, exact_match_max_new_tokens, batch_size)
     if wandb_log and master:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config, resume="allow")
@@ -582,8 +541,12 @@ def main(argv=None):
 
     log(f"trained {max_iters} steps in {(time.time() - t_start) / 60:.1f} min; wrote {out_dir}")
     if can_score and master:
-        tuned = score(raw_model, tok, examples_em, ctx)
-        write_metrics({"iter": iter_num, **report_exact_match(state["exact_match_base"] or {}, tuned)})
+        with ctx:
+            tuned = score_exact_match(raw_model, tok, examples_em, exact_match_max_new_tokens, batch_size)
+        record = exact_match_report(state["exact_match_base"] or {}, tuned, exact_match_examples)
+        write_metrics({"iter": iter_num, **record})
+        print(f"adapter: {os.path.join(out_dir, ADAPTER)}" if finetune != "full" else f"weights: {hf_path}")
+        print(f"exact match: base {100 * record['exact_match_base']:.1f}% -> tuned {100 * record['exact_match']:.1f}%")
     elif exact_match_examples > 0 and fsdp:
         log("exact match: skipped under FSDP (score the result with eval.py --task=exact_match)")
     if ddp:

@@ -198,7 +198,34 @@ CASES = [
      both(write("train.jsonl", '{"question": "q", "answer": "#### 1"}\n'), write("out", "a file"))),
     ("mmlu-dev-only", MMLU, ["--tokenizer={w}/base", "--source={c}/mmlu", "--out_dir={c}/out"], write("mmlu/dev/x_dev.csv", MMLU_ROW)),
     ("mmlu-not-a-tar", MMLU, ["--tokenizer={w}/base", "--source={c}/data.tar", "--out_dir={c}/out"], write("data.tar", "not a tar")),
-]
+    # train.py: settings, checked before anything is read or written
+] + [(f"train-{name}", "train.py", ["--ckpt_dir={w}/base", "--datasets={w}/data", "--out_dir={c}/out", *argv], setup)
+     for name, argv, setup in [
+    ("unknown-setting", ["--lora_rnak=4"], None),
+    ("learning_rate-negative", ["--learning_rate=-1"], None),
+    ("beta1-1.5", ["--beta1=1.5"], None),
+    ("lora_dropout-1.5", ["--lora_dropout=1.5"], None),
+    ("lora_dropout-negative", ["--lora_dropout=-0.5"], None),
+    ("warmup_iters-negative", ["--warmup_iters=-5"], None),
+    ("weight_decay-negative", ["--weight_decay=-10"], None),
+    ("min_lr-above-learning_rate", ["--min_lr=1.0"], None),
+    ("eval_examples-negative", ["--eval_examples=-1"], None),
+    ("warmup-beyond-max_iters", ["--max_iters=30", "--warmup_iters=50"], None),
+    ("device-cuda-without-cuda", ["--device=cuda"], None),
+    ("scratch-with-adapter", ["--init_from=scratch"], None),
+    ("fsdp-without-torchrun", ["--fsdp=True"], None),
+    ("finetune-choice", ["--finetune=qlora"], None),
+    ("lora_targets-choice", ["--lora_targets=q,x"], None),
+    # train.py: files
+    ("config-file-unknown-key", ["{c}/cfg.py"], lambda c, w: (c / "cfg.py").write_text("n_layer = 3\n")),
+    ("dataset-missing", ["--datasets={c}/nope"], None),
+    ("tokenizer-other-vocab", ["--tokenizer={w}/tok64/tokenizer.model"], None),
+    ("out_dir-is-a-file", [], lambda c, w: (c / "out").write_text("a file\n")),
+    ("out_dir-holds-a-run", [], lambda c, w: ((c / "out").mkdir(), (c / "out" / "metrics.jsonl").write_text("{}\n"))),
+    ("resume-without-checkpoint", ["--resume=True"], None),
+    ("resume-corrupt-checkpoint", ["--resume=True"],
+     lambda c, w: ((c / "out").mkdir(), (c / "out" / "ckpt.pt").write_bytes(b"PK\x03\x04 not a checkpoint"))),
+]]
 
 # -----------------------------------------------------------------------------
 # running the table

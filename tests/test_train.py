@@ -392,7 +392,7 @@ def bad_inputs(tiny, root):
         (["--resume=True", "--out_dir=" + str(root / "never_ran")], r"ckpt.pt: resume=True but there is no checkpoint"),
         (["--n_loras=8", "--lora_rank=8"], r"base: MultiLoRALinear: n_loras\*lora_rank: expected <= min\(d_in, d_out\) = \d+, got 8\*8 = 64"),
         (["--finetune=qlora"], r"finetune: expected one of multilora, lora, full"),
-        (["--gradient_accumulation_steps=0"], r"gradient_accumulation_steps: expected a value in \[1, inf\)"),
+        (["--gradient_accumulation_steps=0"], r"gradient_accumulation_steps: expected a positive multiple of the 1 processes"),
         (["--max_iters=30", "--warmup_iters=50"], r"warmup_iters: expected a value in \[0, max_iters\] \(max_iters = 30\)"),
         (["--min_lr=1", "--learning_rate=0.1"], r"min_lr: expected a value in \[0, learning_rate\]"),
         (["--init_from=scratch"], r"init_from: expected pretrained, or scratch with finetune=full"),
