@@ -297,7 +297,8 @@ def save(fig, path):
 
 
 def main(argv=None):
-    settings = configure(globals(), sys.argv[1:] if argv is None else argv)
+    settings = configure(globals(), sys.argv[1:] if argv is None else argv, "compare.py")
+    globals().update(settings)
     if render:
         with open(render) as f:
             print(render_tables(json.load(f)), end="")

@@ -147,7 +147,8 @@ def configure(settings, argv, script=None):
     for key, s in settings.items():  # ranges and choices, once all values are known
         expected = check_allowed(key, final[key], s.allowed, final)
         if expected:
-            raise UserError(f"{source.get(key, 'default')}: {key}: expected {expected}, got {final[key]!r}")
+            where = f"{source[key]}: " if key in source else ""
+            raise UserError(f"{where}{key}: expected {expected}, got {final[key]!r}" + " (its default)" * (key not in source))
     return final
 
 

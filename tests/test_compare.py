@@ -64,7 +64,7 @@ def test_same_seeds_same_numbers(tmp_path, monkeypatch):
     def run(name):
         compare.main([f"--out_dir={tmp_path / name}", f"--out_prefix={tmp_path / name / 'compare'}", "--seeds=1,2",
                       "--max_iters=3", "--eval_interval=3", "--jobs=2",
-                      "--train_args=--exact_match_examples=2,--eval_examples=4,--batch_size=8"])
+                      "--train_args=--exact_match_examples=2,--eval_examples=4,--batch_size=8,--warmup_iters=1"])
         with open(tmp_path / name / "compare.json") as f:
             result = json.load(f)
         for r in result["runs"]:
