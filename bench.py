@@ -46,55 +46,56 @@ import llama
 import multilora
 import dataset
 import train
-from configurator import configure
+from configurator import S, configure, declared
 from util import UserError
 import util
 import checkpoint
 
 # -----------------------------------------------------------------------------
-mode = "train"          # train | multilora | throughput | memory | generate | load
-device = "auto"         # auto = cuda if available, else cpu
-dtype = "auto"          # base weights: auto = bfloat16 on cuda, float32 on cpu; adapters are float32
-dim = 512               # the benchmark model (a LLaMA shape, random weights)
-n_layers = 4
-n_heads = 8
-hidden_dim = 1376
-vocab_size = [4096, 32000, 128256]  # mode=train measures each in turn (Llama 2's 32k, Llama 3's 128k);
-                        # the other modes the first
-batch_size = 4
-seq_len = 128
-targets = "q,k,v,o"
-lora_alpha = 16
-steps = 1               # timed steps per arm per turn (the arms take turns)
-warmup = 2              # untimed steps per arm before the first round
-rounds = 10
-memory_ns = [1, 2, 4, 8]
-memory_rank = 8
-threads = 0             # CPU threads for torch (0 = torch's default; 1 is steadier on a busy machine)
-seed = 0
-out_file = ""           # also write the results as JSON here
+mode = S("train", ("train", "multilora", "throughput", "memory", "generate", "load"), 'train | multilora | throughput | memory | generate | load')
+device = S("auto", lambda v, s: None if v == "auto" else util.check_device(v, s), 'auto = cuda if available, else cpu')
+dtype = S("auto", ("auto", "float32", "bfloat16", "float16"), 'base weights: auto = bfloat16 on cuda, float32 on cpu; adapters are float32')
+dim = S(512, "[1, inf)", 'the benchmark model (a LLaMA shape, random weights)')
+n_layers = S(4, "[1, inf)")
+n_heads = S(8, "[1, inf)")
+hidden_dim = S(1376, "[1, inf)")
+vocab_size = S([4096, 32000, 128256], "[8, inf)", "mode=train measures each in turn (Llama 2's 32k, Llama 3's 128k); the other modes the first")
+batch_size = S(4, "[1, inf)")
+seq_len = S(128, "[1, inf)")
+targets = S("q,k,v,o", None)
+lora_alpha = S(16, None)
+steps = S(1, "[1, inf)", 'timed steps per arm per turn (the arms take turns)')
+warmup = S(2, "[0, inf)", 'untimed steps per arm before the first round')
+rounds = S(10, "[1, inf)")
+memory_ns = S([1, 2, 4, 8], "[1, inf)")
+memory_rank = S(8, "[1, inf)")
+threads = S(0, "[0, inf)", "CPU threads for torch (0 = torch's default; 1 is steadier on a busy machine)")
+seed = S(0, None)
+out_file = S("", None, 'also write the results as JSON here')
 # mode=train: train.py's training step for each finetune arm, next to transformers + PEFT on the same config
-train_arms = "multilora,lora"  # add ',full' for full fine-tuning next to plain transformers
-n_loras = 4             # the MultiLoRA arm: n modules of rank lora_rank; the LoRA arm: rank n_loras·lora_rank
-lora_rank = 8
-compare_peft = True     # also transformers + PEFT LoRA (and plain transformers for full), when installed
-peak_flops = 989e12 if torch.cuda.is_available() else 1e12  # stated peak FLOP/s for MFU (train.py's default)
-response_fraction = 0.66  # mode=train: share of each example that is response (loss targets); Alpaca: 0.66
-lengths = "alpaca"      # mode=train: example lengths: 'alpaca' (drawn from a log-normal fitted to Alpaca's
-                        # 2,000-record sample tokenized with a 32k LLaMA vocabulary: median 81 tokens,
-                        # std of log-length 0.57, 5%-95% = 35-205 tokens) or 'fixed' (all train_max_len)
-train_batch = 16        # mode=train: examples per step
-train_max_len = 512     # mode=train: tokens per example at most (Alpaca's prepare.py max_len)
-layouts = "packed"      # mode=train: packed = train.py's default (pack=True); add ',padded' for one example
-                        # per row, as transformers' DataCollatorForSeq2Seq lays out a batch
-json = False            # mode=train: print one JSON object per measured configuration
+train_arms = S("multilora,lora", None, "add ',full' for full fine-tuning next to plain transformers")
+n_loras = S(4, "[1, inf)", 'the MultiLoRA arm: n modules of rank lora_rank; the LoRA arm: rank n_loras·lora_rank')
+lora_rank = S(8, "[1, inf)")
+compare_peft = S(True, None, 'also transformers + PEFT LoRA (and plain transformers for full), when installed')
+peak_flops = S(989e12 if torch.cuda.is_available() else 1e12, "(0, inf)", "stated peak FLOP/s for MFU (train.py's default)")
+response_fraction = S(0.66, "(0, 1]", 'mode=train: share of each example that is response (loss targets); Alpaca: 0.66')
+lengths = S("alpaca", ("alpaca", "fixed"), "mode=train: example lengths: 'alpaca' (a log-normal fitted to Alpaca's "
+            "2,000-record sample with a 32k LLaMA vocabulary: median 81 tokens, std of log-length 0.57, 5%-95% = "
+            "35-205 tokens) or 'fixed' (all train_max_len)")
+train_batch = S(16, "[1, inf)", 'mode=train: examples per step')
+train_max_len = S(512, "[1, inf)", "mode=train: tokens per example at most (Alpaca's prepare.py max_len)")
+layouts = S("packed", None, "mode=train: packed = train.py's default (pack=True); add ',padded' for one example "
+            "per row, as transformers' DataCollatorForSeq2Seq lays out a batch")
+json = S(False, None, 'mode=train: print one JSON object per measured configuration')
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
-n_kv_heads = 4
-gen_batch = 1
-gen_prompt_len = 16
-gen_tokens = 64
-load_gb = 1.0           # size of the random fp32 checkpoint that mode=load writes and reads back
-load_dim = 2048
+n_kv_heads = S(4, "[1, inf)")
+gen_batch = S(1, "[1, inf)")
+gen_prompt_len = S(16, "[1, inf)")
+gen_tokens = S(64, "[1, inf)")
+load_gb = S(1.0, "(0, inf)", 'size of the random fp32 checkpoint that mode=load writes and reads back')
+load_dim = S(2048, "[1, inf)")
+
+SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
 
@@ -510,14 +511,10 @@ def bench_load(workdir):
 
 
 def main(argv=None):
-    settings = {k: v for k, v in globals().items() if not k.startswith("_")
-                and isinstance(v, (bool, int, float, str, list, tuple))}
-    globals().update(configure(settings, sys.argv[1:] if argv is None else argv))
+    globals().update(configure(SETTINGS, sys.argv[1:] if argv is None else argv, "bench.py"))
     vocabs = list(vocab_size)
-    if not vocabs or min(vocabs) < 8:
-        raise UserError(f"--vocab_size: expected vocabulary sizes of at least 8, got {vocab_size!r}")
-    if mode not in ("multilora", "throughput", "memory", "train", "generate", "load"):
-        raise UserError(f"--mode: expected multilora, throughput, memory, train, generate or load, got {mode!r}")
+    if not vocabs:
+        raise UserError("--vocab_size: expected at least one vocabulary size")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     dt = getattr(torch, dtype if dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32"))
