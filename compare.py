@@ -31,30 +31,32 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 import analyze
-import llama
-from configurator import configure
+import util
+from util import UserError
+from configurator import S, configure, declared
 
 # -----------------------------------------------------------------------------
 # settings: override with a config/*.py file and --key=value
-arms = [  # "label: train.py arguments"; arms differ only in the finetune
+arms = S([  # "label: train.py arguments"; arms differ only in the finetune
     "full: config/tasks_full.py",
     "LoRA r=32: config/tasks_lora.py",
     "MultiLoRA 4x8: config/tasks_multilora.py",
-]
-baseline = "LoRA r=32"       # paired differences are arm minus this arm, seed by seed
-full_arm = "full"            # φ is measured against this arm's ΔW of the same seed ('' = no φ)
-seeds = [1, 2, 3, 4, 5]
-ckpt_dir = "data/tiny_base"  # the base every run starts from (and analyze.py's reference)
-max_iters = 500              # the budget of every run (the suite was calibrated at it: README)
-eval_interval = 100          # validation-loss points of the curves
-train_args = []              # more train.py arguments for every run, e.g. --train_args=--batch_size=16
-jobs = 0                     # runs at a time (0 = the number of CPU cores; each run uses 1 thread)
-reuse = False                # keep runs of the same command already finished in out_dir (trusts they saw the same data)
-overwrite = False            # replace runs already in out_dir (without it or reuse, compare.py refuses to)
-out_dir = "out/compare"
-out_prefix = "docs/compare"
-phi_dim = 32                 # analyze.py's φ(k, k), k = min(rank, phi_dim)
-render = ""                  # a written JSON: print its tables and stop
+], None, "'label: train.py arguments' per arm")
+baseline = S("LoRA r=32", None, 'paired differences are arm minus this arm, seed by seed')
+full_arm = S("full", None, "φ is measured against this arm's ΔW of the same seed ('' = no φ)")
+seeds = S([1, 2, 3, 4, 5], "[0, inf)")
+ckpt_dir = S("data/tiny_base", None, "the base every run starts from (and analyze.py's reference)")
+max_iters = S(500, "[1, inf)", 'the budget of every run (the suite was calibrated at it: README)')
+eval_interval = S(100, "[1, inf)", 'validation-loss points of the curves')
+train_args = S([], None, 'more train.py arguments for every run, e.g. --train_args=--batch_size=16')
+jobs = S(0, "[0, inf)", 'runs at a time (0 = the number of CPU cores; each run uses 1 thread)')
+reuse = S(False, None, 'keep runs of the same command already finished in out_dir (trusts they saw the same data)')
+overwrite = S(False, None, 'replace runs already in out_dir (without it or reuse, compare.py refuses to)')
+out_dir = S("out/compare", None)
+out_prefix = S("docs/compare", None)
+phi_dim = S(32, "[1, inf)", "analyze.py's φ(k, k), k = min(rank, phi_dim)")
+render = S("", None, 'a written JSON: print its tables and stop')
+SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
 # t_{0.975, df} for df = 1..30 (two-sided 95%), from any table of Student's t (e.g. NIST/SEMATECH
@@ -98,14 +100,14 @@ def train(label, args, seed):
     if reuse and finished(run_dir, command):
         return run_dir
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and not overwrite:
-        raise llama.UserError(f"{run_dir}: holds a run; keep it with --reuse=True or replace it with --overwrite=True")
+        raise UserError(f"{run_dir}: holds a run; keep it with --reuse=True or replace it with --overwrite=True")
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "w") as log:
         code = subprocess.run(command + ["--overwrite=True"] * overwrite, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__))).returncode
     if code != 0:
         tail = open(os.path.join(run_dir, "train.log")).read().strip().splitlines()[-3:]
-        raise llama.UserError(f"{label} seed {seed}: train.py failed ({shlex.join(command)}): {' | '.join(tail)}")
+        raise UserError(f"{label} seed {seed}: train.py failed ({shlex.join(command)}): {' | '.join(tail)}")
     with open(os.path.join(run_dir, "done.json"), "w") as f:
         json.dump(dict(command=command[1:], wall_s=round(time.time() - t0, 1)), f)
     return run_dir
@@ -297,7 +299,7 @@ def save(fig, path):
 
 
 def main(argv=None):
-    settings = configure(globals(), sys.argv[1:] if argv is None else argv, "compare.py")
+    settings = configure(SETTINGS, sys.argv[1:] if argv is None else argv, "compare.py")
     globals().update(settings)
     if render:
         with open(render) as f:
@@ -306,7 +308,7 @@ def main(argv=None):
     specs = [parse_arm(a) for a in arms]
     labels = [label for label, _ in specs]
     if len(set(labels)) != len(labels) or baseline not in labels or (full_arm and full_arm not in labels):
-        raise llama.UserError(f"arms: expected distinct labels including baseline={baseline!r} and full_arm={full_arm!r}, got {labels}")
+        raise UserError(f"arms: expected distinct labels including baseline={baseline!r} and full_arm={full_arm!r}, got {labels}")
     workers = jobs or os.cpu_count() or 1
     t0 = time.time()
     print(f"{len(specs)} arms x {len(seeds)} seeds = {len(specs) * len(seeds)} runs, {workers} at a time, in {out_dir}")
@@ -322,11 +324,9 @@ def main(argv=None):
     result = dict(settings=settings, summary=summarize(runs, labels), runs=runs,
                   wall_s=dict(train=t_train, total=time.time() - t0))
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
-    with open(out_prefix + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    util.write_text(out_prefix + ".json", json.dumps(result, indent=1))
     tables = render_tables(result)
-    with open(out_prefix + ".md", "w") as f:
-        f.write(tables)
+    util.write_text(out_prefix + ".md", tables)
     print(tables, end="")
     written = plot(result, out_prefix)
     print(f"wrote {out_prefix}.json, {out_prefix}.md{''.join(', ' + p for p in written)} "
@@ -334,4 +334,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    llama.run_cli(main)
+    util.run_cli(main)

@@ -40,6 +40,7 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
+from configurator import S  # noqa: E402
 import dataset  # noqa: E402
 import llama  # noqa: E402
 import util
@@ -47,16 +48,17 @@ from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
-out_dir = os.path.normpath(os.path.join(ROOT, "data"))
-seed = 1337
-n_train = 800          # examples per task (fewer where a task has fewer distinct inputs)
-n_val = 30
-n_test = 50
-n_documents = 10000    # pretraining corpus documents
-document_sentences = 8  # sentences per document
-vocab_size = 768
-max_len = 64           # task examples (all are far shorter); corpus documents get corpus_max_len
-corpus_max_len = 160
+out_dir = S(os.path.normpath(os.path.join(ROOT, "data")), None, "writes tiny_base/tokenizer.model, tasks/, tasks_corpus/ here")
+seed = S(1337, "[0, inf)", "everything below is drawn from this seed")
+n_train = S(800, "[1, inf)", "examples per task (fewer where a task has fewer distinct inputs)")
+n_val = S(30, "[1, inf)", "validation examples per task")
+n_test = S(50, "[1, inf)", "test examples per task")
+n_documents = S(10000, "[1, inf)", "pretraining corpus documents")
+document_sentences = S(8, "[1, inf)", "sentences per document")
+vocab_size = S(768, "[16, inf)", "the tokenizer's vocabulary")
+max_len = S(64, "[8, inf)", "task examples (all are far shorter); corpus documents get corpus_max_len")
+corpus_max_len = S(160, "[8, inf)", "tokens per corpus document at most")
+SETTINGS = configurator.declared(globals())
 TEMPLATE_REPEATS = 500  # times each task's prompt lines go into the tokenizer's text (about the count they had as examples)
 # -----------------------------------------------------------------------------
 
@@ -206,8 +208,7 @@ def train_tokenizer(lines, vocab_size, path):
 
 
 def main(argv=None):
-    config = configurator.configure({k: v for k, v in globals().items() if not k.isupper()},
-                                    sys.argv[1:] if argv is None else argv)
+    config = configurator.configure(SETTINGS, sys.argv[1:] if argv is None else argv, "data/tasks/generate.py")
     splits = task_splits(config["seed"], config["n_train"], config["n_val"], config["n_test"])
     documents = corpus_documents(config["seed"], config["n_documents"], config["document_sentences"])
     assert not any("###" in d for d in documents)  # the corpus never shows the instruction format
