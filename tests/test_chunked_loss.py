@@ -132,17 +132,9 @@ def test_train_step_uses_it():
 
 
 def peak_allocated(fn):
-    """Peak of the bytes torch allocates on the CPU while fn() runs (the profiler's memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    total = peak = 0
-    for e in events:
-        total += e.nbytes()
-        peak = max(peak, total)
-    return peak
+    """Peak of the bytes torch allocates on the CPU while fn() runs: bench.py's measure."""
+    import bench
+    return bench.peak_bytes(fn, torch.device("cpu"))
 
 
 def test_no_whole_logits():
