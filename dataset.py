@@ -292,7 +292,7 @@ def read_records(path, task, fields):
 
 def read_csv(path, header, n_columns):
     """-> [(line_number, row)] for a CSV file with n_columns per row; a first row equal to header is
-    skipped (the files in ../shared have one, the original MMLU release has none)."""
+    skipped (re-exported copies have one, the original MMLU release has none)."""
     rows, reader = [], csv.reader(io.StringIO(_open_text(path), newline=""))
     line = 1
     for row in reader:

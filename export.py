@@ -10,7 +10,7 @@ Leave this project with a result: turn a base checkpoint + adapter file into
 out_dir must be new or empty and outside ckpt_dir: an export never overwrites or mixes with other
 files. Every check (settings, folders, the adapter against its base) runs before the first write.
 
-The PEFT export is exact for any n (docs/multilora.md): MultiLoRA is a rank-(n·r) LoRA with
+The PEFT export is exact for any n (docs/method.md): MultiLoRA is a rank-(n·r) LoRA with
     lora_A = [A_1; …; A_n]                          (n·r, d_in)
     lora_B = (α/r)·[diag(s_1)B_1 … diag(s_n)B_n]     (d_out, n·r)
     r' = lora_alpha' = n·r                            so PEFT's scale α'/r' is 1.

@@ -5,8 +5,8 @@ MMLU (Hendrycks et al., MIT) -> data/mmlu/{train,val,test}_*.npy.
 
 The source is the original release, data.tar with data/{auxiliary_train,dev,val,test}/*.csv, or a
 directory with some of those folders (auxiliary_train/, or dev/ with --train_on_dev). Each CSV row is
-question, four choices, answer; the answer is A-D (original release) or 0-3 (the copies in
-../shared, which also start with a header row question,choice0..choice3,answer, skipped).
+question, four choices, answer; the answer is A-D (original release) or 0-3 (re-exported
+copies, which also start with a header row question,choice0..choice3,answer, skipped).
 Splits: auxiliary_train -> train (world knowledge for training, as in the MultiLoRA mixture),
 val -> val (or val_fraction of train when there is no val/), test -> test (evaluation only).
 dev/ holds the 5 solved examples per subject that eval.py --task=mmlu --shots=5 puts before each
