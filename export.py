@@ -45,7 +45,6 @@ SETTINGS = declared(globals())
 
 # tokenizer/generation files of a HF checkpoint that a merged export should carry along
 HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def peft_adapter(model, base_model_name_or_path=""):
@@ -101,7 +100,8 @@ def base_dtype(ckpt_dir):
         return torch.bfloat16  # Meta ships bf16 consolidated.*.pth
     with open(os.path.join(ckpt_dir, "config.json")) as f:
         cfg = json.load(f)
-    return DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype")), torch.float32)
+    name = str(cfg.get("torch_dtype") or cfg.get("dtype"))
+    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
 
 
 def tokenizer_config(tokenizer_path, config):
@@ -145,7 +145,7 @@ def export_peft(ckpt_dir, adapter, out_dir):
 def main(argv):
     globals().update(configure(SETTINGS, argv))
     if format == "hf":
-        export_hf(ckpt_dir, adapter, out_dir, DTYPES.get(dtype))
+        export_hf(ckpt_dir, adapter, out_dir, None if dtype == "auto" else getattr(torch, dtype))
     else:
         export_peft(ckpt_dir, adapter, out_dir)
     print(f"wrote {format} export to {out_dir}")
