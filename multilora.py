@@ -232,7 +232,9 @@ def base_sample(model, n=8):
         p = params.get(name)
         if p is not None and p.device.type != "meta":
             flat = p.detach().reshape(-1)
-            sample += flat[torch.linspace(0, flat.numel() - 1, n).long()].float().tolist()
+            # integer positions: a float32 linspace rounds past 2^24 entries (LLaMA-7B's embedding has 131M)
+            index = torch.arange(n, dtype=torch.int64) * (flat.numel() - 1) // max(n - 1, 1)
+            sample += flat[index.to(flat.device)].float().tolist()
     return sample
 
 
