@@ -196,6 +196,37 @@ def saved_step(path):
         return None
 
 
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path, specs, take, metadata=None):
+    """Write a safetensors file tensor by tensor: specs {name: (dtype, shape)} make the header, then
+    take(name) gives each tensor (a CPU tensor of that dtype and shape), in sorted name order, and it
+    is written and dropped: memory holds one tensor, not the file (older safetensors' save_file
+    serializes the whole file to bytes first). The header's keys are sorted and its JSON compact, so
+    the same tensors and metadata always give the same bytes (save_file orders the metadata
+    differently from one process to the next)."""
+    header, offset = {}, 0
+    for name in sorted(specs):
+        dtype, shape = specs[name]
+        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in sorted(specs):
+            t = take(name)
+            if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
+                raise ValueError(f"{path}: {name}: got {t.dtype} {list(t.shape)}, the header says {specs[name]}")
+            if t.numel():
+                f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            del t
+
+
 def _torch_load(path):
     try:  # weights_only: tensors and plain containers only, never pickled code
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -362,20 +393,32 @@ def load_model(ckpt_dir, dtype=torch.float32, device="cpu"):
     return model
 
 
-def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=None, step=None):
+def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=None, step=None,
+                       gather=None, writer=True):
     """Write config.json + model.safetensors (+ tokenizer.model), the layout transformers reads.
     `model` is a Llama or a state dict with this model's keys (then pass `config`); step: the training
-    step, kept in model.safetensors' metadata."""
-    from safetensors.torch import save_file
+    step, kept in model.safetensors' metadata. The file is written one tensor at a time (each is
+    taken, converted, written and dropped), so at most one extra tensor is in memory.
+    gather(t) -> t as a whole CPU tensor; under FSDP every process calls this with its shards (a
+    collective per tensor, in file order) and only the writer (rank 0) gets tensors and writes."""
     config = config or model.config
     state = model if isinstance(model, dict) else model.state_dict()
-    state = {k: v for k, v in state.items() if not (config.tie_embeddings and k == "lm_head.weight")}
-    tensors = {"model." + k if k != "lm_head.weight" else k:
-               (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in state.items()}
-    dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    state = {"model." + k if k != "lm_head.weight" else k: v for k, v in state.items()
+             if not (config.tie_embeddings and k == "lm_head.weight")}
+    gather = gather or (lambda t: t.detach().cpu())
+
+    def take(name):
+        t = gather(state[name])
+        return None if t is None else (t.to(dtype) if dtype else t).contiguous()
+    if not writer:
+        for name in sorted(state):
+            take(name)
+        return
+    specs = {k: (dtype or v.dtype, tuple(v.shape)) for k, v in state.items()}
+    dtype_name = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     os.makedirs(out_dir, exist_ok=True)
     with atomic_write(os.path.join(out_dir, "model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt", **({"step": str(step)} if step is not None else {})})
+        write_safetensors(tmp, specs, take, {"format": "pt", **({"step": str(step)} if step is not None else {})})
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config_to_hf(config, dtype_name), indent=2))
     if tokenizer_path:
         src = tokenizer_path if os.path.isfile(tokenizer_path) else os.path.join(tokenizer_path, "tokenizer.model")

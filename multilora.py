@@ -18,9 +18,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import save_file
-
-from checkpoint import iter_safetensors, read_safetensors_header
+from checkpoint import iter_safetensors, read_safetensors_header, write_safetensors
 from util import UserError, atomic_write
 
 # short target names -> module paths inside one llama.py layer (HF names without "model.")
@@ -238,6 +236,12 @@ def base_sample(model, n=8):
     return sample
 
 
+def same_base_sample(recorded, here):
+    """Whether two base samples are of the same weights: equal to bf16 precision (1%)."""
+    return isinstance(recorded, list) and len(recorded) == len(here) and all(
+        isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6 for a, b in zip(recorded, here))
+
+
 def base_summary(model):
     c = model.config
     return f"dim={c.dim} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} hidden_dim={c.hidden_dim} vocab_size={c.vocab_size}"
@@ -259,8 +263,8 @@ def save_adapter(model, path, settings=None, state=None, step=None):
                 "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model)),
                 **({"step": str(step)} if step is not None else {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_write(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    with atomic_write(path) as tmp:  # sorted keys: the same adapter gives the same bytes
+        write_safetensors(tmp, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, tensors.get, metadata)
 
 
 SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
@@ -313,12 +317,10 @@ def check_adapter(path, state, settings, metadata, model, any_base=False):
     except ValueError:
         sample = None
     here = getattr(model, "base_sample", None) or base_sample(model)
-    if not any_base and sample is not None:  # files without a sample (older ones) are checked by shape only
-        same = isinstance(sample, list) and len(sample) == len(here) and all(
-            isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6 for a, b in zip(sample, here))
-        if not same:
-            raise UserError(f"{path}: base_sample: the adapter was trained on a base of the same shapes but other "
-                            f"weights; pass any_base=True (--adapter_any_base=True) if you mean to apply it anyway")
+    # files without a sample (older ones) are checked by shape only
+    if not any_base and sample is not None and not same_base_sample(sample, here):
+        raise UserError(f"{path}: base_sample: the adapter was trained on a base of the same shapes but other "
+                        f"weights; pass any_base=True (--adapter_any_base=True) if you mean to apply it anyway")
     current = getattr(model, "adapter_settings", None)
     if current is not None:
         for k in SETTINGS_THAT_MUST_MATCH:

@@ -13,12 +13,12 @@ every check runs before out_dir is touched, a lock keeps a second process out, a
 stops the run, keeping the last good checkpoint (docs/training.md).
 """
 
+import glob
 import json
 import math
 import os
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
@@ -28,8 +28,9 @@ import checkpoint
 import dataset
 import llama
 import multilora
+import train_state
 import util
-from configurator import S, configure, declared
+from configurator import S, check_type, configure, declared
 from tokenizer import check_tokenizer, load_tokenizer
 from util import UserError
 
@@ -278,7 +279,42 @@ def evaluate(model, splits, pools, limit, batch_size, pad_id, ctx=nullcontext(),
     return (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item(), per_task
 
 # -----------------------------------------------------------------------------
-# checkpoints: out_dir's policy, save, resume
+# checkpoints: out_dir's policy, the settings of a resume, save, resume
+
+# A resume takes the run's settings from its checkpoint. These may be given anew: where the files are
+# (ckpt_dir too: a base of other weights is refused by the sample the run recorded), the run's
+# length, learning-rate schedule and clipping, evaluation and logging, and where and how it computes
+# (the same math). Any other setting given with another value than the run's is refused.
+RESUME_MAY_CHANGE = ("out_dir", "hf_dir", "resume", "overwrite", "ckpt_dir", "max_iters", "learning_rate",
+                     "min_lr", "warmup_iters", "lr_decay_iters", "grad_clip", "eval_interval", "log_interval",
+                     "eval_examples", "exact_match_examples", "exact_match_max_new_tokens", "wandb_log",
+                     "wandb_project", "wandb_run_name", "device", "compile", "activation_checkpointing",
+                     "loss_chunk", "threads", "peak_flops")
+
+
+def configure_run(argv):
+    """The settings: argv's, or for --resume=True the checkpoint's, which argv may change only in
+    RESUME_MAY_CHANGE (one line names any other that differs). -> {name: value}"""
+    if "-h" in argv or "--help" in argv:
+        return configure(SETTINGS, argv, "train.py")
+    given = configure({k: S(s.default) for k, s in SETTINGS.items()}, argv, "train.py")  # types only
+    path = os.path.join(given["out_dir"], CHECKPOINT)
+    if not given["resume"] or not os.path.isfile(path):
+        return configure(SETTINGS, argv, "train.py")  # no checkpoint: check_out_dir says so
+    saved = train_state.read(path, mmap=True)["settings"]
+    run = {k: S(check_type(f"{path}: settings", k, saved[k], s.default) if k in saved and k not in
+                ("out_dir", "resume", "overwrite") else s.default, s.allowed, s.help) for k, s in SETTINGS.items()}
+    try:
+        config = configure(run, argv, "train.py")
+    except UserError as e:
+        raise UserError(str(e).replace(" (its default)", f" (the run's, in {path})")) from None
+    refused = [k for k in SETTINGS if k not in RESUME_MAY_CHANGE and config[k] != run[k].default]
+    if refused:
+        raise UserError(f"{path}: resume: cannot change " + ", ".join(
+            f"{k} (the run has {run[k].default!r}, given {config[k]!r})" for k in refused) +
+            "; leave them out to take the run's, or start a new run in another out_dir")
+    return config
+
 
 def check_out_dir(hf_path):
     """Refuse an out_dir that holds a run unless resume or overwrite; -> the run's files found."""
@@ -286,6 +322,7 @@ def check_out_dir(hf_path):
         raise UserError(f"{out_dir}: out_dir is a file, expected a directory")
     found = [os.path.join(out_dir, f) for f in (CHECKPOINT, ADAPTER, METRICS)] + [os.path.join(hf_path, "model.safetensors")]
     found = [f for f in found if os.path.exists(f)]
+    found += sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt.step*.rank*-of-*.pt")))  # FSDP's shards
     if resume and os.path.join(out_dir, CHECKPOINT) not in found:
         raise UserError(f"{os.path.join(out_dir, CHECKPOINT)}: resume=True but there is no checkpoint to resume from")
     if found and not resume and not overwrite:
@@ -294,32 +331,48 @@ def check_out_dir(hf_path):
     return found
 
 
+def base_identity(raw_model):
+    """What the checkpoint records of the frozen base (adapters only): its fingerprint and sample."""
+    if finetune == "full":
+        return {}
+    return {"base_fingerprint": multilora.base_fingerprint(raw_model),
+            "base_sample": list(getattr(raw_model, "base_sample", None) or [])}
+
+
 def read_checkpoint(config, model, world_size):
-    """ckpt.pt, loaded with weights_only=True (tensors and plain types: no pickled code runs), checked
-    against this run, its weights loaded into model."""
+    """ckpt.pt (train_state.read: weights_only=True, every key checked), checked against this run:
+    the process layout, the base (the sample the run recorded), its weights loaded into model (under
+    FSDP each rank reads its own shard later, in restore). -> (ckpt, settings changed)."""
     path = os.path.join(out_dir, CHECKPOINT)
-    try:
-        with warnings.catch_warnings():  # torch warns about old pickle protocols: the error below says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        saved = ckpt["settings"]
-    except Exception as e:  # a corrupt or crafted file fails in many ways; name it, not the internals
-        raise UserError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    ckpt = train_state.read(path)
+    saved = ckpt["settings"]
     if saved.get("fsdp") != fsdp or ckpt["world_size"] != world_size and fsdp:
         raise UserError(f"{path}: saved with fsdp={saved.get('fsdp')} on {ckpt['world_size']} processes; resume it the same way")
-    try:
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-    except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
-        raise UserError(f"{path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
-    if unexpected or (finetune == "full" and missing):
-        raise UserError(f"{path}: model state does not fit this model (unexpected {unexpected[:3]}, missing {missing[:3]})")
-    changed = sorted(k for k in config if k not in ("resume", "overwrite") and saved.get(k) != config[k])
+    here = base_identity(model)
+    if here and ckpt.get("base_fingerprint") not in (None, here["base_fingerprint"]):
+        raise UserError(f"{path}: base_fingerprint: the run was trained on a base of other shapes than "
+                        f"{ckpt_dir}'s ({multilora.base_summary(model)}); resume with the run's ckpt_dir")
+    if here and ckpt.get("base_sample") and here["base_sample"] and \
+            not multilora.same_base_sample(ckpt["base_sample"], here["base_sample"]):
+        raise UserError(f"{path}: base_sample: the run was trained on a base of the same shapes but other "
+                        f"weights than {ckpt_dir}'s; resume with the run's ckpt_dir")
+    if "model" in ckpt:
+        try:
+            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
+            raise UserError(f"{path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
+        if unexpected or (finetune == "full" and missing):
+            raise UserError(f"{path}: model state does not fit this model (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    changed = sorted(k for k in config if k not in ("resume", "overwrite", "out_dir") and saved.get(k) != config[k])
     return ckpt, changed
 
 
-def restore(ckpt, model, optimizer, scaler, rank, world_size):
-    """The optimizer (and scaler) state, and this rank's RNG stream (when the process count is the same)."""
-    if fsdp:
+def restore(ckpt, raw_model, model, optimizer, scaler, rank, world_size):
+    """The optimizer (and scaler) state, under FSDP with this rank's shard of the weights, and this
+    rank's RNG stream (when the process count is the same)."""
+    if "shards" in ckpt:
+        train_state.load(out_dir, ckpt, raw_model, optimizer)
+    elif fsdp:  # a checkpoint written whole under FSDP (before sharded checkpoints)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, optimizer, optim_state_dict=ckpt["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -334,40 +387,55 @@ def restore(ckpt, model, optimizer, scaler, rank, world_size):
 
 
 def save(state, raw_model, model, optimizer, model_config, tokenizer_path, adapter_settings, ddp, world_size):
-    """ckpt.pt, then the adapter (or hf/) from the same state: every rank calls (collectives inside).
-    The derived files are written inside ckpt.pt's atomic write: a failure (disk full) changes
-    neither, and a resume rewrites them from ckpt.pt."""
-    weights = raw_model.state_dict() if finetune == "full" else multilora.adapter_state_dict(raw_model)
-    # plain CPU tensors; FSDP2 shards (DTensors) are all-gathered first, a collective: every rank calls
-    weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in weights.items()}
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        optim_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        optim_state = optimizer.state_dict()
+    """The checkpoint, then the adapter (or hf/) from the same state: every rank calls (collectives
+    inside). Under FSDP each rank writes its own shard and rank 0 commits (train_state.save);
+    otherwise rank 0 writes ckpt.pt whole. The exports are written before the commit: a failure (disk
+    full) changes neither, and a resume rewrites them from the checkpoint."""
     rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and
              device.startswith("cuda") else None}] * world_size
     if ddp:
         dist.all_gather_object(rngs, rngs[0])
-    if not ddp or dist.get_rank() == 0:
+    master = not ddp or dist.get_rank() == 0
+    common = {**state, "rng": rngs, "world_size": world_size, "model_config": checkpoint.config_to_hf(model_config),
+              "adapter_settings": adapter_settings, **base_identity(raw_model)}
+
+    def exports():
+        write_weights(state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings, master)
+    if fsdp:
+        return train_state.save(out_dir, CHECKPOINT, common, raw_model, optimizer, exports)
+    weights = raw_model.state_dict() if finetune == "full" else multilora.adapter_state_dict(raw_model)
+    if master:
         with util.atomic_write(os.path.join(out_dir, CHECKPOINT)) as tmp:
-            torch.save({**state, "model": weights, "optimizer": optim_state, "rng": rngs, "world_size": world_size,
-                        "model_config": checkpoint.config_to_hf(model_config), "adapter_settings": adapter_settings}, tmp)
-            write_weights(weights, state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings)
+            torch.save({**common, "model": {k: v.detach().cpu() for k, v in weights.items()},
+                        "optimizer": optimizer.state_dict()}, tmp)
+            exports()
     if ddp:
         dist.barrier()
 
 
-def write_weights(weights, step, raw_model, model_config, tokenizer_path, adapter_settings, only_if_stale=False):
-    """The adapter, or the HF-layout weights for finetune=full, tagged with their step."""
+def write_weights(step, raw_model, model_config, tokenizer_path, adapter_settings, master, only_if_stale=False):
+    """The adapter, or the HF-layout weights for finetune=full, tagged with their step. Under FSDP
+    every rank calls and rank 0 writes, gathering one tensor at a time (train_state.gather_to_rank0)."""
+    if not fsdp and not master:
+        return
     hf_path = hf_dir or os.path.join(out_dir, "hf")
     path = os.path.join(hf_path, "model.safetensors") if finetune == "full" else os.path.join(out_dir, ADAPTER)
-    if only_if_stale and checkpoint.saved_step(path) == step:
-        return
+    if only_if_stale:  # rank 0 decides, for every rank
+        stale = torch.tensor([int(master and checkpoint.saved_step(path) != step)], device=next(raw_model.parameters()).device)
+        if fsdp:
+            dist.all_reduce(stale)
+        if not stale.item():
+            return
+    gather = train_state.gather_to_rank0 if fsdp else None
     if finetune == "full":
-        checkpoint.save_hf_checkpoint(weights, hf_path, config=model_config, tokenizer_path=tokenizer_path, step=step)
+        checkpoint.save_hf_checkpoint(raw_model.state_dict(), hf_path, config=model_config, tokenizer_path=tokenizer_path,
+                                      step=step, gather=gather, writer=master)
     else:
-        multilora.save_adapter(raw_model, path, adapter_settings, state=weights, step=step)
+        state = multilora.adapter_state_dict(raw_model)
+        if gather:  # small: the whole adapter, on rank 0 only
+            state = {k: gather(v) for k, v in state.items()}
+        if master:
+            multilora.save_adapter(raw_model, path, adapter_settings, state=state, step=step)
 
 # -----------------------------------------------------------------------------
 
@@ -406,7 +474,7 @@ def load_data_and_config():
 
 
 def main(argv=None):
-    config = configure(SETTINGS, sys.argv[1:] if argv is None else argv, "train.py")
+    config = configure_run(sys.argv[1:] if argv is None else argv)  # a resume: the run's settings
     globals().update(config)  # nanoGPT style: below, the settings are read as plain names
     if threads > 0:
         torch.set_num_threads(threads)
@@ -461,12 +529,16 @@ def main(argv=None):
     torch.manual_seed(seed + rank)  # dropout differs per rank
     if ckpt is not None:
         state = {k: ckpt[k] for k in state} | {"settings": config}
-        restore(ckpt, model, optimizer, scaler, rank, world_size)
+        if len(state["data_position"]) != len(pools):
+            raise UserError(f"{os.path.join(out_dir, CHECKPOINT)}: data_position: expected {len(pools)} counts "
+                            f"(one per task), got {len(state['data_position'])}")
+        restore(ckpt, raw_model, model, optimizer, scaler, rank, world_size)
+        ckpt.pop("model", None), ckpt.pop("optimizer", None)  # in the model and optimizer now: not kept twice
         if master:  # the metrics and the adapter (or hf/) as of the checkpoint: a crash may have left either ahead
             lines = open(metrics_path).readlines()[:state["metrics_lines"]] if os.path.exists(metrics_path) else []
             util.write_text(metrics_path, "".join(lines))
-            write_weights(ckpt["model"], ckpt["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings,
-                          only_if_stale=True)
+        write_weights(state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings, master,
+                      only_if_stale=True)
         log(f"resumed from {os.path.join(out_dir, CHECKPOINT)} at step {state['iter_num']}")
     elif master and can_score:
         with ctx:
