@@ -426,6 +426,8 @@ def write_weights(step, raw_model, model_config, tokenizer_path, adapter_setting
             dist.all_reduce(stale)
         if not stale.item():
             return
+    if fsdp:
+        train_state.reshard(raw_model)
     gather = train_state.gather_to_rank0 if fsdp else None
     if finetune == "full":
         checkpoint.save_hf_checkpoint(raw_model.state_dict(), hf_path, config=model_config, tokenizer_path=tokenizer_path,

@@ -38,6 +38,15 @@ def local(t):
     return (t.to_local() if isinstance(t, DTensor) else t).detach()
 
 
+def reshard(model):
+    """FSDP2 leaves the root's parameters gathered after a forward without a backward (evaluate):
+    shard every group again, so that each rank sees, saves and fills its own part only."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def trainable(model):
     """{name: parameter} of what trains (tied weights once): what a shard file holds."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -49,6 +58,7 @@ def save(out_dir, name, common, model, optimizer, write_exports):
     rank, world_size = dist.get_rank(), dist.get_world_size()
     step = common["iter_num"]
     own = os.path.join(out_dir, shard_name(step, rank, world_size))
+    reshard(model)
     weights = trainable(model)
     device = next(iter(weights.values())).device
     optim = optimizer.state_dict()  # references: local parts below, nothing copied
@@ -89,6 +99,7 @@ def load(out_dir, ckpt, model, optimizer):
     except Exception as e:  # missing, truncated or crafted: name the file
         raise UserError(f"{path}: cannot read the checkpoint shard ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    reshard(model)
     weights = trainable(model)
     if not isinstance(saved, dict) or set(saved) != set(weights):
         raise UserError(f"{path}: model: expected this rank's part of the {len(weights)} trainable tensors "
