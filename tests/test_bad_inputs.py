@@ -116,6 +116,26 @@ def object_array(a):
     return np.array([{"code": "runs on load"}], dtype=object)
 
 
+def edit_run(edit):
+    """A copy of the world's finished 1-step run in c/out, its ckpt.pt edited by edit(ckpt)."""
+    def setup(c, w):
+        shutil.copytree(w / "run", c / "out")
+        ckpt = torch.load(c / "out" / "ckpt.pt", weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, c / "out" / "ckpt.pt")
+    return setup
+
+
+def other_weights(c, w):
+    """The world's run, and in c/other a base of the same shapes with other weights."""
+    shutil.copytree(w / "run", c / "out")
+    model = checkpoint.load_model(str(w / "base"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    checkpoint.save_hf_checkpoint(model, str(c / "other"), tokenizer_path=str(w / "base" / "tokenizer.model"))
+
+
 MC_BAD = '{"question": "q", "choices": ["a", "b"], "answer": 2}\n'
 ALPACA_BAD = '[\n {"instruction": "i", "input": "", "output": "o"},\n {"instruction": "j"\n]\n'
 MMLU_ROW = "What is 2 + 2?,3,4,5,6,1\n"
@@ -225,6 +245,14 @@ CASES = [
     ("resume-without-checkpoint", ["--resume=True"], None),
     ("resume-corrupt-checkpoint", ["--resume=True"],
      lambda c, w: ((c / "out").mkdir(), (c / "out" / "ckpt.pt").write_bytes(b"PK\x03\x04 not a checkpoint"))),
+    # train.py --resume=True on a copy of a finished run: incomplete state, other settings, other base
+    ("resume-rng-empty", ["--resume=True"], edit_run(lambda ckpt: ckpt.update(rng=[]))),
+    ("resume-key-missing", ["--resume=True"], edit_run(lambda ckpt: ckpt.pop("data_position"))),
+    ("resume-iter_num-string", ["--resume=True"], edit_run(lambda ckpt: ckpt.update(iter_num="1"))),
+    ("resume-data_position-short", ["--resume=True"], edit_run(lambda ckpt: ckpt.update(data_position=[0]))),
+    ("resume-setting-wrong-type", ["--resume=True"], edit_run(lambda ckpt: ckpt["settings"].update(lora_rank="8"))),
+    ("resume-changes-lora_rank", ["--resume=True", "--lora_rank=2", "--seed=1"], edit_run(lambda ckpt: None)),
+    ("resume-other-base-weights", ["--resume=True", "--ckpt_dir={c}/other"], other_weights),
 ]]
 
 # -----------------------------------------------------------------------------
@@ -288,6 +316,9 @@ def world(tmp_path_factory):
     (w / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     (w / "tok64").mkdir()
     train_sentencepiece(w / "tok64" / "tokenizer.model", vocab_size=64)
+    subprocess.run([sys.executable, "train.py", f"--ckpt_dir={w}/base", f"--datasets={w}/data", f"--out_dir={w}/run",
+                    "--max_iters=1", "--eval_interval=1", "--warmup_iters=0", "--eval_examples=1",
+                    "--exact_match_examples=0", "--batch_size=4"], cwd=ROOT, check=True, capture_output=True)
     return w
 
 
