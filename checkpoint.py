@@ -201,8 +201,8 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 def write_safetensors(path, specs, take, metadata=None):
     """Write a safetensors file tensor by tensor: specs {name: (dtype, shape)} make the header, then
-    take(name) gives each tensor (a CPU tensor of that dtype and shape), in sorted name order, and it
-    is written and dropped: memory holds one tensor, not the file (older safetensors' save_file
+    take(name) gives each tensor (a CPU tensor of that dtype and shape), in sorted name order, and
+    it is written and dropped: memory holds one tensor, not the file (older safetensors' save_file
     serializes the whole file to bytes first). The header's keys are sorted and its JSON compact, so
     the same tensors and metadata always give the same bytes (save_file orders the metadata
     differently from one process to the next)."""
@@ -210,7 +210,8 @@ def write_safetensors(path, specs, take, metadata=None):
     for name in sorted(specs):
         dtype, shape = specs[name]
         nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -221,7 +222,8 @@ def write_safetensors(path, specs, take, metadata=None):
         for name in sorted(specs):
             t = take(name)
             if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
-                raise ValueError(f"{path}: {name}: got {t.dtype} {list(t.shape)}, the header says {specs[name]}")
+                raise ValueError(f"{path}: {name}: got {t.dtype} {list(t.shape)}, "
+                                 f"the header says {specs[name]}")
             if t.numel():
                 f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
             del t
@@ -418,7 +420,8 @@ def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=N
     dtype_name = str(dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     os.makedirs(out_dir, exist_ok=True)
     with atomic_write(os.path.join(out_dir, "model.safetensors")) as tmp:
-        write_safetensors(tmp, specs, take, {"format": "pt", **({"step": str(step)} if step is not None else {})})
+        metadata = {"format": "pt", **({"step": str(step)} if step is not None else {})}
+        write_safetensors(tmp, specs, take, metadata)
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config_to_hf(config, dtype_name), indent=2))
     if tokenizer_path:
         src = tokenizer_path if os.path.isfile(tokenizer_path) else os.path.join(tokenizer_path, "tokenizer.model")

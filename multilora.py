@@ -239,7 +239,8 @@ def base_sample(model, n=8):
 def same_base_sample(recorded, here):
     """Whether two base samples are of the same weights: equal to bf16 precision (1%)."""
     return isinstance(recorded, list) and len(recorded) == len(here) and all(
-        isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6 for a, b in zip(recorded, here))
+        isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6
+        for a, b in zip(recorded, here))
 
 
 def base_summary(model):
@@ -264,7 +265,8 @@ def save_adapter(model, path, settings=None, state=None, step=None):
                 **({"step": str(step)} if step is not None else {})}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as tmp:  # sorted keys: the same adapter gives the same bytes
-        write_safetensors(tmp, {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}, tensors.get, metadata)
+        specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        write_safetensors(tmp, specs, tensors.get, metadata)
 
 
 SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
@@ -319,8 +321,9 @@ def check_adapter(path, state, settings, metadata, model, any_base=False):
     here = getattr(model, "base_sample", None) or base_sample(model)
     # files without a sample (older ones) are checked by shape only
     if not any_base and sample is not None and not same_base_sample(sample, here):
-        raise UserError(f"{path}: base_sample: the adapter was trained on a base of the same shapes but other "
-                        f"weights; pass any_base=True (--adapter_any_base=True) if you mean to apply it anyway")
+        raise UserError(f"{path}: base_sample: the adapter was trained on a base of the same "
+                        f"shapes but other weights; pass any_base=True (--adapter_any_base=True) "
+                        f"if you mean to apply it anyway")
     current = getattr(model, "adapter_settings", None)
     if current is not None:
         for k in SETTINGS_THAT_MUST_MATCH:

@@ -281,15 +281,16 @@ def evaluate(model, splits, pools, limit, batch_size, pad_id, ctx=nullcontext(),
 # -----------------------------------------------------------------------------
 # checkpoints: out_dir's policy, the settings of a resume, save, resume
 
-# A resume takes the run's settings from its checkpoint. These may be given anew: where the files are
-# (ckpt_dir too: a base of other weights is refused by the sample the run recorded), the run's
-# length, learning-rate schedule and clipping, evaluation and logging, and where and how it computes
-# (the same math). Any other setting given with another value than the run's is refused.
-RESUME_MAY_CHANGE = ("out_dir", "hf_dir", "resume", "overwrite", "ckpt_dir", "max_iters", "learning_rate",
-                     "min_lr", "warmup_iters", "lr_decay_iters", "grad_clip", "eval_interval", "log_interval",
-                     "eval_examples", "exact_match_examples", "exact_match_max_new_tokens", "wandb_log",
-                     "wandb_project", "wandb_run_name", "device", "compile", "activation_checkpointing",
-                     "loss_chunk", "threads", "peak_flops")
+# A resume takes the run's settings from its checkpoint. These may be given anew: where the files
+# are (ckpt_dir too: a base of other weights is refused by the sample the run recorded), the run's
+# length, learning-rate schedule and clipping, evaluation and logging, and where and how it
+# computes (the same math). Any other setting given with another value than the run's is refused.
+RESUME_MAY_CHANGE = (
+    "out_dir", "hf_dir", "resume", "overwrite", "ckpt_dir",
+    "max_iters", "learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "grad_clip",
+    "eval_interval", "log_interval", "eval_examples", "exact_match_examples",
+    "exact_match_max_new_tokens", "wandb_log", "wandb_project", "wandb_run_name",
+    "device", "compile", "activation_checkpointing", "loss_chunk", "threads", "peak_flops")
 
 
 def configure_run(argv):
@@ -297,13 +298,16 @@ def configure_run(argv):
     RESUME_MAY_CHANGE (one line names any other that differs). -> {name: value}"""
     if "-h" in argv or "--help" in argv:
         return configure(SETTINGS, argv, "train.py")
-    given = configure({k: S(s.default) for k, s in SETTINGS.items()}, argv, "train.py")  # types only
+    # first the types only, to find the checkpoint
+    given = configure({k: S(s.default) for k, s in SETTINGS.items()}, argv, "train.py")
     path = os.path.join(given["out_dir"], CHECKPOINT)
     if not given["resume"] or not os.path.isfile(path):
         return configure(SETTINGS, argv, "train.py")  # no checkpoint: check_out_dir says so
     saved = train_state.read(path, mmap=True)["settings"]
-    run = {k: S(check_type(f"{path}: settings", k, saved[k], s.default) if k in saved and k not in
-                ("out_dir", "resume", "overwrite") else s.default, s.allowed, s.help) for k, s in SETTINGS.items()}
+    own = ("out_dir", "resume", "overwrite")  # this command's, never the checkpoint's
+    run = {k: S(check_type(f"{path}: settings", k, saved[k], s.default)
+                if k in saved and k not in own else s.default, s.allowed, s.help)
+           for k, s in SETTINGS.items()}
     try:
         config = configure(run, argv, "train.py")
     except UserError as e:
@@ -322,7 +326,7 @@ def check_out_dir(hf_path):
         raise UserError(f"{out_dir}: out_dir is a file, expected a directory")
     found = [os.path.join(out_dir, f) for f in (CHECKPOINT, ADAPTER, METRICS)] + [os.path.join(hf_path, "model.safetensors")]
     found = [f for f in found if os.path.exists(f)]
-    found += sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt.step*.rank*-of-*.pt")))  # FSDP's shards
+    found += sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt.step*.rank*-of-*.pt")))
     if resume and os.path.join(out_dir, CHECKPOINT) not in found:
         raise UserError(f"{os.path.join(out_dir, CHECKPOINT)}: resume=True but there is no checkpoint to resume from")
     if found and not resume and not overwrite:
@@ -332,7 +336,7 @@ def check_out_dir(hf_path):
 
 
 def base_identity(raw_model):
-    """What the checkpoint records of the frozen base (adapters only): its fingerprint and sample."""
+    """What a checkpoint records of the frozen base (adapters only): its fingerprint, sample."""
     if finetune == "full":
         return {}
     return {"base_fingerprint": multilora.base_fingerprint(raw_model),
@@ -350,20 +354,24 @@ def read_checkpoint(config, model, world_size):
         raise UserError(f"{path}: saved with fsdp={saved.get('fsdp')} on {ckpt['world_size']} processes; resume it the same way")
     here = base_identity(model)
     if here and ckpt.get("base_fingerprint") not in (None, here["base_fingerprint"]):
-        raise UserError(f"{path}: base_fingerprint: the run was trained on a base of other shapes than "
-                        f"{ckpt_dir}'s ({multilora.base_summary(model)}); resume with the run's ckpt_dir")
+        raise UserError(f"{path}: base_fingerprint: the run was trained on a base of other shapes "
+                        f"than {ckpt_dir}'s ({multilora.base_summary(model)}); resume with the "
+                        f"run's ckpt_dir")
     if here and ckpt.get("base_sample") and here["base_sample"] and \
             not multilora.same_base_sample(ckpt["base_sample"], here["base_sample"]):
-        raise UserError(f"{path}: base_sample: the run was trained on a base of the same shapes but other "
-                        f"weights than {ckpt_dir}'s; resume with the run's ckpt_dir")
+        raise UserError(f"{path}: base_sample: the run was trained on a base of the same shapes "
+                        f"but other weights than {ckpt_dir}'s; resume with the run's ckpt_dir")
     if "model" in ckpt:
         try:
             missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
         except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
-            raise UserError(f"{path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}") from None
+            raise UserError(f"{path}: model state does not fit this model: "
+                            f"{str(e).splitlines()[-1].strip()}") from None
         if unexpected or (finetune == "full" and missing):
-            raise UserError(f"{path}: model state does not fit this model (unexpected {unexpected[:3]}, missing {missing[:3]})")
-    changed = sorted(k for k in config if k not in ("resume", "overwrite", "out_dir") and saved.get(k) != config[k])
+            raise UserError(f"{path}: model state does not fit this model "
+                            f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+    changed = sorted(k for k in config
+                     if k not in ("resume", "overwrite", "out_dir") and saved.get(k) != config[k])
     return ckpt, changed
 
 
@@ -389,21 +397,23 @@ def restore(ckpt, raw_model, model, optimizer, scaler, rank, world_size):
 def save(state, raw_model, model, optimizer, model_config, tokenizer_path, adapter_settings, ddp, world_size):
     """The checkpoint, then the adapter (or hf/) from the same state: every rank calls (collectives
     inside). Under FSDP each rank writes its own shard and rank 0 commits (train_state.save);
-    otherwise rank 0 writes ckpt.pt whole. The exports are written before the commit: a failure (disk
-    full) changes neither, and a resume rewrites them from the checkpoint."""
+    otherwise rank 0 writes ckpt.pt whole. The exports are written before the commit: a failure
+    (disk full) changes neither, and a resume rewrites them from the checkpoint."""
     rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and
              device.startswith("cuda") else None}] * world_size
     if ddp:
         dist.all_gather_object(rngs, rngs[0])
     master = not ddp or dist.get_rank() == 0
-    common = {**state, "rng": rngs, "world_size": world_size, "model_config": checkpoint.config_to_hf(model_config),
-              "adapter_settings": adapter_settings, **base_identity(raw_model)}
+    common = {**state, "rng": rngs, "world_size": world_size, "adapter_settings": adapter_settings,
+              "model_config": checkpoint.config_to_hf(model_config), **base_identity(raw_model)}
 
     def exports():
-        write_weights(state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings, master)
+        write_weights(state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings,
+                      master)
     if fsdp:
         return train_state.save(out_dir, CHECKPOINT, common, raw_model, optimizer, exports)
-    weights = raw_model.state_dict() if finetune == "full" else multilora.adapter_state_dict(raw_model)
+    full = finetune == "full"
+    weights = raw_model.state_dict() if full else multilora.adapter_state_dict(raw_model)
     if master:
         with util.atomic_write(os.path.join(out_dir, CHECKPOINT)) as tmp:
             torch.save({**common, "model": {k: v.detach().cpu() for k, v in weights.items()},
@@ -413,15 +423,18 @@ def save(state, raw_model, model, optimizer, model_config, tokenizer_path, adapt
         dist.barrier()
 
 
-def write_weights(step, raw_model, model_config, tokenizer_path, adapter_settings, master, only_if_stale=False):
+def write_weights(step, raw_model, model_config, tokenizer_path, adapter_settings, master,
+                  only_if_stale=False):
     """The adapter, or the HF-layout weights for finetune=full, tagged with their step. Under FSDP
-    every rank calls and rank 0 writes, gathering one tensor at a time (train_state.gather_to_rank0)."""
+    every rank calls and rank 0 writes, gathering one tensor at a time (gather_to_rank0)."""
     if not fsdp and not master:
         return
     hf_path = hf_dir or os.path.join(out_dir, "hf")
-    path = os.path.join(hf_path, "model.safetensors") if finetune == "full" else os.path.join(out_dir, ADAPTER)
+    path = os.path.join(hf_path, "model.safetensors") if finetune == "full" else \
+        os.path.join(out_dir, ADAPTER)
     if only_if_stale:  # rank 0 decides, for every rank
-        stale = torch.tensor([int(master and checkpoint.saved_step(path) != step)], device=next(raw_model.parameters()).device)
+        stale = torch.tensor([int(master and checkpoint.saved_step(path) != step)],
+                             device=next(raw_model.parameters()).device)
         if fsdp:
             dist.all_reduce(stale)
         if not stale.item():
@@ -430,8 +443,9 @@ def write_weights(step, raw_model, model_config, tokenizer_path, adapter_setting
         train_state.reshard(raw_model)
     gather = train_state.gather_to_rank0 if fsdp else None
     if finetune == "full":
-        checkpoint.save_hf_checkpoint(raw_model.state_dict(), hf_path, config=model_config, tokenizer_path=tokenizer_path,
-                                      step=step, gather=gather, writer=master)
+        checkpoint.save_hf_checkpoint(raw_model.state_dict(), hf_path, config=model_config,
+                                      tokenizer_path=tokenizer_path, step=step, gather=gather,
+                                      writer=master)
     else:
         state = multilora.adapter_state_dict(raw_model)
         if gather:  # small: the whole adapter, on rank 0 only
@@ -532,15 +546,17 @@ def main(argv=None):
     if ckpt is not None:
         state = {k: ckpt[k] for k in state} | {"settings": config}
         if len(state["data_position"]) != len(pools):
-            raise UserError(f"{os.path.join(out_dir, CHECKPOINT)}: data_position: expected {len(pools)} counts "
-                            f"(one per task), got {len(state['data_position'])}")
+            got = len(state["data_position"])
+            raise UserError(f"{os.path.join(out_dir, CHECKPOINT)}: data_position: expected "
+                            f"{len(pools)} counts (one per task), got {got}")
         restore(ckpt, raw_model, model, optimizer, scaler, rank, world_size)
-        ckpt.pop("model", None), ckpt.pop("optimizer", None)  # in the model and optimizer now: not kept twice
+        for key in ("model", "optimizer"):  # in the model and optimizer now: not kept twice
+            ckpt.pop(key, None)
         if master:  # the metrics and the adapter (or hf/) as of the checkpoint: a crash may have left either ahead
             lines = open(metrics_path).readlines()[:state["metrics_lines"]] if os.path.exists(metrics_path) else []
             util.write_text(metrics_path, "".join(lines))
-        write_weights(state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings, master,
-                      only_if_stale=True)
+        write_weights(state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings,
+                      master, only_if_stale=True)
         log(f"resumed from {os.path.join(out_dir, CHECKPOINT)} at step {state['iter_num']}")
     elif master and can_score:
         with ctx:

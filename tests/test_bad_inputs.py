@@ -133,7 +133,8 @@ def other_weights(c, w):
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
-    checkpoint.save_hf_checkpoint(model, str(c / "other"), tokenizer_path=str(w / "base" / "tokenizer.model"))
+    checkpoint.save_hf_checkpoint(model, str(c / "other"),
+                                  tokenizer_path=str(w / "base" / "tokenizer.model"))
 
 
 MC_BAD = '{"question": "q", "choices": ["a", "b"], "answer": 2}\n'
@@ -245,13 +246,16 @@ CASES = [
     ("resume-without-checkpoint", ["--resume=True"], None),
     ("resume-corrupt-checkpoint", ["--resume=True"],
      lambda c, w: ((c / "out").mkdir(), (c / "out" / "ckpt.pt").write_bytes(b"PK\x03\x04 not a checkpoint"))),
-    # train.py --resume=True on a copy of a finished run: incomplete state, other settings, other base
+    # train.py --resume=True on a copy of a finished run: incomplete state, settings, another base
     ("resume-rng-empty", ["--resume=True"], edit_run(lambda ckpt: ckpt.update(rng=[]))),
     ("resume-key-missing", ["--resume=True"], edit_run(lambda ckpt: ckpt.pop("data_position"))),
     ("resume-iter_num-string", ["--resume=True"], edit_run(lambda ckpt: ckpt.update(iter_num="1"))),
-    ("resume-data_position-short", ["--resume=True"], edit_run(lambda ckpt: ckpt.update(data_position=[0]))),
-    ("resume-setting-wrong-type", ["--resume=True"], edit_run(lambda ckpt: ckpt["settings"].update(lora_rank="8"))),
-    ("resume-changes-lora_rank", ["--resume=True", "--lora_rank=2", "--seed=1"], edit_run(lambda ckpt: None)),
+    ("resume-data_position-short", ["--resume=True"],
+     edit_run(lambda ckpt: ckpt.update(data_position=[0]))),
+    ("resume-setting-wrong-type", ["--resume=True"],
+     edit_run(lambda ckpt: ckpt["settings"].update(lora_rank="8"))),
+    ("resume-changes-lora_rank", ["--resume=True", "--lora_rank=2", "--seed=1"],
+     edit_run(lambda ckpt: None)),
     ("resume-other-base-weights", ["--resume=True", "--ckpt_dir={c}/other"], other_weights),
 ]]
 
@@ -316,9 +320,10 @@ def world(tmp_path_factory):
     (w / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     (w / "tok64").mkdir()
     train_sentencepiece(w / "tok64" / "tokenizer.model", vocab_size=64)
-    subprocess.run([sys.executable, "train.py", f"--ckpt_dir={w}/base", f"--datasets={w}/data", f"--out_dir={w}/run",
-                    "--max_iters=1", "--eval_interval=1", "--warmup_iters=0", "--eval_examples=1",
-                    "--exact_match_examples=0", "--batch_size=4"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train.py", f"--ckpt_dir={w}/base", f"--datasets={w}/data",
+                    f"--out_dir={w}/run", "--max_iters=1", "--eval_interval=1", "--warmup_iters=0",
+                    "--eval_examples=1", "--exact_match_examples=0", "--batch_size=4"],
+                   cwd=ROOT, check=True, capture_output=True)  # a finished run, to resume
     return w
 
 

@@ -173,16 +173,18 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
 
 
 def torchrun(args, tmp_path, prelude="", check=True):
-    """train.py under torchrun with 2 gloo processes; prelude: Python run in each before train.main."""
+    """train.py under torchrun with 2 gloo processes; prelude: Python run in each first."""
     script = tmp_path / "run_train.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport os, signal, util, train, train_state\n"
-                      f"{prelude}\nutil.run_cli(train.main)\n")
+    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n"
+                      f"import os, signal, util, train\n{prelude}\nutil.run_cli(train.main)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)] + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    p = subprocess.run(launcher + [str(script)] + args, cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
     if check and p.returncode != 0:
-        raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-3000:]}")
     return p
 
 
@@ -199,8 +201,8 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     run of 6 steps equals 3 steps + a bare --resume=True to 6 (the run's settings come from its
     checkpoint), in the metrics and in the exported file's bytes. For LoRA, a crash after the step-6
     shards are written but before ckpt.pt commits them leaves step 3 resumable."""
-    args = dict(finetune=finetune, fsdp=True, lora_dropout=0.1, lr_decay_iters=6, eval_interval=3, max_iters=6,
-                gradient_accumulation_steps=2)
+    args = dict(finetune=finetune, fsdp=True, lora_dropout=0.1, lr_decay_iters=6, eval_interval=3,
+                max_iters=6, gradient_accumulation_steps=2)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     torchrun(base_args(tiny, whole, **args), tmp_path)
     torchrun(base_args(tiny, parts, **dict(args, max_iters=3)), tmp_path)
@@ -208,16 +210,18 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     assert ckpt["iter_num"] == 3 and "model" not in ckpt and "optimizer" not in ckpt
     assert ckpt["shards"] == ["ckpt.step3.rank0-of-2.pt", "ckpt.step3.rank1-of-2.pt"]
     shards = [torch.load(parts / f, weights_only=True) for f in ckpt["shards"]]
-    export = parts / "hf" / "model.safetensors" if finetune == "full" else parts / "adapter.safetensors"
+    export = parts / ("hf/model.safetensors" if finetune == "full" else "adapter.safetensors")
     n_trainable = sum(t.numel() for _, t in checkpoint.iter_safetensors(str(export)))
     if finetune == "lora":  # the adapters only, not the frozen base
         assert all(multilora.is_lora_key(k) for s in shards for k in s["model"])
-    assert sum(t.numel() for s in shards for t in s["model"].values()) == n_trainable  # each row once
+    # each row of each trainable tensor in exactly one shard
+    assert sum(t.numel() for s in shards for t in s["model"].values()) == n_trainable
     if finetune == "lora":  # killed after the step-6 shards, before the commit
         kill = ("write = train.write_weights\ndef dying(step, *a, **k):\n"
-                "    if step == 6: os.kill(os.getpid(), signal.SIGKILL)\n    return write(step, *a, **k)\n"
-                "train.write_weights = dying")
-        p = torchrun(["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"], tmp_path, prelude=kill, check=False)
+                "    if step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+                "    return write(step, *a, **k)\ntrain.write_weights = dying")
+        p = torchrun(["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"], tmp_path,
+                     prelude=kill, check=False)
         assert p.returncode != 0
         assert torch.load(parts / "ckpt.pt", weights_only=True)["iter_num"] == 3
         assert (parts / "ckpt.step6.rank1-of-2.pt").exists()
@@ -225,7 +229,7 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     assert metrics(whole) == metrics(parts)
     assert exported(whole, finetune) == exported(parts, finetune)
     assert sorted(f for f in os.listdir(parts) if f.startswith("ckpt.")) == \
-        ["ckpt.pt", "ckpt.step6.rank0-of-2.pt", "ckpt.step6.rank1-of-2.pt"]  # the older shards removed
+        ["ckpt.pt", "ckpt.step6.rank0-of-2.pt", "ckpt.step6.rank1-of-2.pt"]  # older shards gone
     for f in ("ckpt.step6.rank0-of-2.pt", "ckpt.step6.rank1-of-2.pt"):
         a, b = torch.load(whole / f, weights_only=True), torch.load(parts / f, weights_only=True)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
