@@ -404,10 +404,12 @@ def load_data_and_config():
     if meta.get("vocab_size") != model_config.vocab_size:
         raise UserError(f"{datasets[0]}: meta.json: vocab_size {meta.get('vocab_size')} does not match the model's "
                         f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
-    longest = max(int(s.lengths.max()) for s in train_splits + val_splits)
-    if longest - 1 > model_config.max_seq_len:
-        raise UserError(f"{datasets[0]}: examples of up to {longest} tokens exceed the model's context of "
-                        f"{model_config.max_seq_len}")
+    longest, where = max((int(s.lengths.max()), d) for s, d in zip(train_splits + val_splits, datasets * 2))
+    if longest - 1 > model_config.max_seq_len:  # an example's last token is only a target
+        ctx = model_config.max_seq_len
+        longer = f"--max_seq_len={longest - 1}" if init_from == "scratch" else "a base with a longer max_seq_len"
+        raise UserError(f"{where}: examples of up to {longest} tokens exceed the model's context of {ctx} "
+                        f"(max_seq_len): prepare the data with --max_len={ctx}, or train with {longer}")
     if finetune != "full":  # n·r larger than a layer, an unknown target: on a weightless copy, before loading
         with torch.device("meta"):
             try:
