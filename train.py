@@ -206,7 +206,7 @@ def wrap(raw_model, device_type, world_size, local_rank, ddp):
     elif ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
-    return torch.compile(model) if compile else model
+    return torch.compile(model, dynamic=True) if compile else model
 
 # -----------------------------------------------------------------------------
 # the training step (bench.py times this same function) and the loss over a split (eval.py's too)
@@ -407,9 +407,10 @@ def load_data_and_config():
     longest, where = max((int(s.lengths.max()), d) for s, d in zip(train_splits + val_splits, datasets * 2))
     if longest - 1 > model_config.max_seq_len:  # an example's last token is only a target
         ctx = model_config.max_seq_len
-        longer = f"--max_seq_len={longest - 1}" if init_from == "scratch" else "a base with a longer max_seq_len"
+        longer = f"train with --max_seq_len={longest - 1}" if init_from == "scratch" else \
+            "use a base with a longer context"
         raise UserError(f"{where}: examples of up to {longest} tokens exceed the model's context of {ctx} "
-                        f"(max_seq_len): prepare the data with --max_len={ctx}, or train with {longer}")
+                        f"(max_seq_len): prepare the data with --max_len={ctx}, or {longer}")
     if finetune != "full":  # n·r larger than a layer, an unknown target: on a weightless copy, before loading
         with torch.device("meta"):
             try:
