@@ -10,6 +10,7 @@ import pytest
 import bench
 import compare
 import configurator
+import dataset
 import train
 from conftest import ROOT
 from configurator import Rule, S
@@ -135,3 +136,17 @@ def test_torchrun_with_the_default_accumulation(tiny, tmp_path):  # noqa: F811
     args = [a for a in base_args(tiny, tmp_path, max_iters=2) if not a.startswith("--gradient_accumulation_steps")]
     p = run(args, nproc=2)
     assert '"gradient_accumulation_steps": 2' in p.stdout
+
+
+def test_data_longer_than_the_context_names_the_settings(tiny, tmp_path, monkeypatch):  # noqa: F811
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    longest = int(dataset.load_dataset(tiny["data"], "train").lengths.max())
+    args = [f"--datasets={tiny['data']}", f"--out_dir={tmp_path / 'out'}", "--init_from=scratch", "--finetune=full",
+            f"--tokenizer={tiny['tokenizer']}", "--max_seq_len=8", "--dim=32", "--n_layers=1", "--hidden_dim=64",
+            "--exact_match_examples=0"]
+    with pytest.raises(UserError, match=rf"examples of up to {longest} tokens exceed the model's context of 8 "
+                                        rf"\(max_seq_len\): prepare the data with --max_len=8, or train with "
+                                        rf"--max_seq_len={longest - 1}$"):
+        train.main(args)
+    assert not os.path.exists(tmp_path / "out")
