@@ -58,3 +58,17 @@ def test_prepare_help_names_the_script_and_a_relative_out_dir():
         assert p.returncode == 0
         assert p.stdout.startswith(f"usage: python data/{name}/prepare.py ")
         assert f"--out_dir='data/{name}'" in p.stdout
+
+
+def test_gsm8k_download_survives_its_own_prepared_files(tmp_path):
+    # the downloaded files (here put where the download goes) are not overwritten by the prepared
+    # train.jsonl and test.jsonl: a second run without --source reads them again
+    records = "".join(json.dumps(dict(question=f"{i} + 1?", answer=f"#### {i + 1}")) + "\n" for i in range(8))
+    for split in ("train", "test"):
+        (tmp_path / f"gsm8k_{split}.jsonl").write_text(records)
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "data/gsm8k/prepare.py", f"--tokenizer={TOKENIZER}",
+                            f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert (tmp_path / "gsm8k_train.jsonl").read_text() == records
+    assert json.loads((tmp_path / "meta.json").read_text())["counts"]["test"]["examples"] == 8
