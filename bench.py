@@ -46,7 +46,7 @@ import llama
 import multilora
 import dataset
 import train
-from configurator import S, configure, declared
+from configurator import Rule, S, configure, declared
 from util import UserError
 import util
 import checkpoint
@@ -88,7 +88,8 @@ layouts = S("packed", None, "mode=train: packed = train.py's default (pack=True)
             "per row, as transformers' DataCollatorForSeq2Seq lays out a batch")
 json = S(False, None, 'mode=train: print one JSON object per measured configuration')
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
-n_kv_heads = S(4, "[1, inf)")
+n_kv_heads = S(Rule("n_heads / 2 if n_heads is even, else n_heads",
+                    lambda s: s["n_heads"] // (2 - s["n_heads"] % 2)), "[1, n_heads]")
 gen_batch = S(1, "[1, inf)")
 gen_prompt_len = S(16, "[1, inf)")
 gen_tokens = S(64, "[1, inf)")

@@ -33,7 +33,7 @@ import numpy as np
 import analyze
 import util
 from util import UserError
-from configurator import S, configure, declared
+from configurator import Rule, S, configure, declared
 
 # -----------------------------------------------------------------------------
 # settings: override with a config/*.py file and --key=value
@@ -42,8 +42,13 @@ arms = S([  # "label: train.py arguments"; arms differ only in the finetune
     "LoRA r=32: config/tasks_lora.py",
     "MultiLoRA 4x8: config/tasks_multilora.py",
 ], None, "'label: train.py arguments' per arm")
-baseline = S("LoRA r=32", None, 'paired differences are arm minus this arm, seed by seed')
-full_arm = S("full", None, "φ is measured against this arm's ΔW of the same seed ('' = no φ)")
+_labels = lambda s: [a.partition(":")[0].strip() for a in s["arms"]] or [""]
+baseline = S(Rule("'LoRA r=32' if an arm has that label, else the first arm",
+                  lambda s: "LoRA r=32" if "LoRA r=32" in _labels(s) else _labels(s)[0]),
+             None, 'paired differences are arm minus this arm, seed by seed')
+full_arm = S(Rule("'full' if an arm has that label, else ''",
+                  lambda s: "full" if "full" in _labels(s) else ""),
+             None, "φ is measured against this arm's ΔW of the same seed ('' = no φ)")
 seeds = S([1, 2, 3, 4, 5], "[0, inf)")
 ckpt_dir = S("data/tiny_base", None, "the base every run starts from (and analyze.py's reference)")
 max_iters = S(500, "[1, inf)", 'the budget of every run (the suite was calibrated at it: README)')

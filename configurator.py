@@ -8,9 +8,15 @@ files and --key=value arguments, applied left to right:
 A script declares each setting next to its default, with what it allows and a comment:
 
     learning_rate = S(3e-3, "(0, inf)", "peak learning rate")
-    warmup_iters = S(20, "[0, max_iters]", "linear warmup steps")        # a bound may name a setting
+    max_iters = S(1000, "[0, inf)", "optimizer steps")                   # a bound may name a setting:
+    warmup_iters = S(Rule("min(20, max_iters)", lambda s: min(20, s["max_iters"])), "[0, max_iters]")
     finetune = S("multilora", ("multilora", "lora", "full"), "the arm")  # choices
     device = S("cpu", check_device, "where to run")  # a function (value, settings) -> what was expected, or None
+
+A Rule is a default computed from the final values of the other settings, once the config files
+and arguments are in (a rule may read rules declared above it), and --help shows its text. So a
+default never turns into an error because another setting changed (--max_iters=2 gives 2 warmup
+steps), while a value given explicitly is still checked.
 
 then `SETTINGS = declared(globals())` (the globals become plain defaults) and, in main,
 `globals().update(configure(SETTINGS, argv))`. The value's type is the default's (an int is accepted
@@ -35,13 +41,30 @@ class Setting:
         self.default, self.allowed, self.help = default, allowed, help
 
 
+class Rule:
+    """A default that is a function of the final settings: Rule("text for --help", function)."""
+    def __init__(self, text, function):
+        self.text, self.function = text, function
+
+    def __repr__(self):
+        return self.text
+
+
 S = Setting
 
 
+def resolve(settings, final, explicit=()):
+    """final with each Rule default not in explicit computed, in declaration order."""
+    for k, s in settings.items():
+        if isinstance(s.default, Rule) and k not in explicit:
+            final[k] = s.default.function(final)
+    return final
+
+
 def declared(namespace):
-    """{name: Setting} of a module's globals; those globals become the plain defaults."""
+    """{name: Setting} of a module's globals; those globals become the defaults (rules computed)."""
     settings = {k: v for k, v in namespace.items() if isinstance(v, Setting)}
-    namespace.update({k: s.default for k, s in settings.items()})
+    namespace.update(resolve(settings, {k: s.default for k, s in settings.items()}))
     return settings
 
 
@@ -106,7 +129,9 @@ def help_text(settings, script):
     for k, s in settings.items():
         allowed = "" if s.allowed is None or callable(s.allowed) else \
             f" {{{'|'.join(map(str, s.allowed))}}}" if isinstance(s.allowed, tuple) else f" {s.allowed}"
-        lines.append(f"  --{k}={s.default!r}{allowed}" + (f"  # {s.help}" if s.help else ""))
+        rule = isinstance(s.default, Rule)
+        default = f" (default: {s.default.text})" if rule else f"={s.default!r}"
+        lines.append(f"  --{k}{default}{allowed}" + (f"  # {s.help}" if s.help else ""))
     return "\n".join(lines)
 
 
@@ -115,7 +140,9 @@ def configure(settings, argv, script=None):
     order. Returns {name: final value}. --help (or -h) prints the settings and exits."""
     settings = {k: v if isinstance(v, Setting) else Setting(v) for k, v in settings.items()
                 if isinstance(v, Setting) or (not k.startswith("_") and isinstance(v, TYPES))}
-    final, source = {k: s.default for k, s in settings.items()}, {}
+    # each setting's type is its default's; a rule's, that of its value on the other defaults
+    typed = resolve(settings, {k: s.default for k, s in settings.items()})
+    final, source = dict(typed), {}
     for arg in argv:
         if arg in ("-h", "--help"):
             print(help_text(settings, script or os.path.basename(sys.argv[0])))
@@ -126,7 +153,7 @@ def configure(settings, argv, script=None):
                 raise unknown(arg, key, settings)
             if not has_value and not isinstance(final[key], bool):
                 raise UserError(f"{arg}: expected --{key}=value (a bare --{key} only for true/false settings)")
-            final[key] = parse_value(arg, key, text if has_value else "True", settings[key].default)
+            final[key] = parse_value(arg, key, text if has_value else "True", typed[key])
             source[key] = arg
         else:
             if not os.path.isfile(arg):
@@ -142,13 +169,17 @@ def configure(settings, argv, script=None):
                     continue  # imports, helpers and _private names are not settings
                 if key not in settings:
                     raise unknown(arg, key, settings)
-                final[key] = check_type(arg, key, value, settings[key].default)
+                final[key] = check_type(arg, key, value, typed[key])
                 source[key] = arg
+    resolve(settings, final, explicit=source)  # the rules, from the final values of the others
     for key, s in settings.items():  # ranges and choices, once all values are known
         expected = check_allowed(key, final[key], s.allowed, final)
         if expected:
             where = f"{source[key]}: " if key in source else ""
-            raise UserError(f"{where}{key}: expected {expected}, got {final[key]!r}" + " (its default)" * (key not in source))
+            rule = isinstance(s.default, Rule)
+            default = "" if key in source else f" (its default, {s.default})" if rule else \
+                " (its default)"
+            raise UserError(f"{where}{key}: expected {expected}, got {final[key]!r}{default}")
     return final
 
 

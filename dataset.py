@@ -350,8 +350,9 @@ PREPARE_DEFAULTS = {k: s.default for k, s in PREPARE_SETTINGS.items()}  # for ca
 
 
 def prepare(name, splits, config, tok):
-    """Tokenize, drop over-long, write. splits: {split: [record dict with FIELDS]}; when there is no "val"
-    split, config["val_fraction"] of "train" (chosen with config["seed"]) becomes "val". config: the
+    """Tokenize, drop over-long, write. splits: {split: [record dict with FIELDS, or {"task", "text"}
+    for plain text (encode_document; no raw .jsonl is kept)]}; when there is no "val" split,
+    config["val_fraction"] of "train" (chosen with config["seed"]) becomes "val". config: the
     PREPARE_SETTINGS keys (and optionally "tasks", the order of task indices)."""
     if not splits.get("train"):
         raise UserError(f"--source: no {name} training examples found there")
@@ -366,17 +367,19 @@ def prepare(name, splits, config, tok):
     for split, records in sorted(splits.items(), key=lambda kv: ["train", "val", "test"].index(kv[0])):
         encoded[split], kept[split] = [], []
         for r in records:
-            example = encode_example(tok, r["instruction"], r["input"], r["response"], config["max_len"])
+            example = encode_document(tok, r["text"], config["max_len"]) if "text" in r else \
+                encode_example(tok, r["instruction"], r["input"], r["response"], config["max_len"])
             if example is not None:
                 encoded[split].append((r["task"], *example))
-                kept[split].append({k: r[k] for k in FIELDS})
+                kept[split].append({k: r[k] for k in FIELDS} if "text" not in r else None)
         counts[split] = {"dropped_over_long": len(records) - len(kept[split])}
         if records and not kept[split]:
             raise UserError(f"--max_len={config['max_len']}: every {split} example is longer; raise it")
     out_dir = config["out_dir"]
     meta = write_dataset(out_dir, encoded, dict(
         name=name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-        tokenizer=config["tokenizer"], max_len=config["max_len"], tasks=config.get("tasks"), counts=counts), kept)
+        tokenizer=config["tokenizer"], max_len=config["max_len"], tasks=config.get("tasks"), counts=counts),
+        {split: records for split, records in kept.items() if None not in records})
     for split, c in meta["counts"].items():
         print(f"{name} {split}: {c['examples']} examples, {c['tokens']} tokens ({c['target_tokens']} targets), "
               f"{c['dropped_over_long']} dropped as longer than max_len={config['max_len']}")
@@ -389,8 +392,9 @@ def prepare_main(name, read_source, urls, out_dir, argv, **settings):
     out_dir's default, then the script's own **settings), download urls ({file name: url}) into
     out_dir when no --source is given, read_source(path, config) -> {split: [records]}, prepare()."""
     out_dir_setting = PREPARE_SETTINGS["out_dir"]
+    out_dir = os.path.relpath(out_dir)  # data/<name> from the repository root, as --help shows it
     config = configurator.configure({**PREPARE_SETTINGS, **settings, "out_dir": configurator.S(
-        out_dir, out_dir_setting.allowed, out_dir_setting.help)}, argv)
+        out_dir, out_dir_setting.allowed, out_dir_setting.help)}, argv, os.path.join(out_dir, "prepare.py"))
     tok = load_tokenizer(config["tokenizer"])
     source = config["source"]
     if not source:

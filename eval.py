@@ -5,15 +5,21 @@ Evaluate a base model, or a base model plus an adapter, on the tasks the MultiLo
     python eval.py --help                       # every setting, its default and allowed values
 
 tasks (--data is):
-  exact_match  a prepared dataset directory (default data/tasks), its {split}.jsonl: greedy
-               generation from the training prompt, exact match per task (dataset.exact_match)
+  exact_match  prepared dataset directories, comma-separated as train.py's datasets (default
+               data/tasks), their {split}.jsonl: greedy generation from the training prompt, exact
+               match per task (dataset.exact_match)
   loss         prepared dataset directories, comma-separated (default data/tasks): mean loss on the
                response tokens and perplexity per task, computed by train.evaluate as in training
-  mmlu         the MMLU directory with dev/ and {split}/ CSVs: multiple choice by log-likelihood,
-               per subject; --shots=5 takes the shots from dev/ (Hendrycks et al. 2021)
+  mmlu         the MMLU directory with dev/ and {split}/ CSVs, or a folder data/mmlu/prepare.py wrote
+               (0-shot: it keeps no dev/): multiple choice by log-likelihood, per subject; --shots=5
+               takes the shots from dev/ (Hendrycks et al. 2021)
   mc           a JSONL file of {"question", "choices", "answer"} (answer: index into choices)
-  gsm8k        GSM8K test.jsonl: greedy generation, the number after "####" (else the last number);
-               --shots=K takes the first K examples of train.jsonl next to it
+  gsm8k        GSM8K test.jsonl (or its folder), or a folder data/gsm8k/prepare.py wrote: greedy
+               generation, the number after "####" (else the last number); --shots=K takes the
+               first K examples of train.jsonl next to it
+A prompt longer than the model's context loses its oldest tokens (multiple choice: the output
+counts those questions, with a warning when few-shot examples are what does not fit) or is
+refused (generation: it needs room to answer).
 
 Multiple choice: each choice is scored as a continuation of the question by the sum of its tokens'
 log-probabilities (accuracy) and by that sum over its number of tokens (accuracy_norm, the
@@ -60,8 +66,8 @@ def check_data(value, settings):
     task = settings["task"]
     if not value and task not in ("exact_match", "loss"):
         return f"a path (required for --task={task})"
-    if "," in value and task != "loss":
-        return "one path (several, comma-separated, only for --task=loss)"
+    if "," in value and task not in ("exact_match", "loss"):
+        return "one path (several, comma-separated, only for --task=exact_match and loss)"
     missing = [p for p in value.split(",") if not os.path.exists(p)] if value else []
     return missing and f"existing paths ({', '.join(missing)}: no such file or directory)"
 
@@ -88,7 +94,9 @@ def check_out(path, settings):
 ckpt_dir = S("", lambda v, s: None if v else "a path (required)", "base model (HF or Meta layout, with tokenizer.model)")
 adapter = S("", None, "adapter file from train.py (merged into the weights for evaluation)")
 task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
-data = S("", check_data, "what the task reads (see the docstring); exact_match and loss default to data/tasks")
+data = S("", check_data, "exact_match, loss: prepared dataset dirs, comma-separated (default data/tasks); "
+         "mmlu: MMLU's CSV folder (dev/, test/) or a prepared one; mc: a JSONL file; gsm8k: test.jsonl, "
+         "its folder or a prepared one")
 split = S("", None, "prepared dataset split (default test for exact_match, val for loss) or MMLU split (test)")
 shots = S(0, check_shots, "few-shot examples (mmlu: from dev/, gsm8k: from train.jsonl)")
 mc_format = S("", ("", "raw", "cloze", "letter", "instruction"), "multiple-choice prompt; empty = letter for mmlu, raw for mc")
@@ -398,8 +406,44 @@ def read_mmlu(path, limit=0):
     return rows[:limit] if limit else rows
 
 
+def prepared_mmlu(data_dir, split):
+    """{subject: [(question, choices, answer index)]} of a folder data/mmlu/prepare.py wrote: its
+    {split}.jsonl records hold the subject in the instruction, the question and its lettered choices
+    in the input, the letter in the response."""
+    rows = {}
+    for line, r in dataset.read_jsonl(os.path.join(data_dir, f"{split}.jsonl"), dataset.FIELDS):
+        text, choices = r["input"], []
+        for letter in reversed(LETTERS[:4]):
+            text, sep, choice = text.rpartition(f"\n{letter}. ")
+            choices.insert(0, choice)
+        about = re.search(r"question about (.+)\. Answer with", r["instruction"])
+        if not sep or r["response"] not in LETTERS[:4]:
+            raise UserError(f"{data_dir}/{split}.jsonl:{line}: expected an example data/mmlu/prepare.py writes")
+        subject = about.group(1).replace(" ", "_") if about else "all"
+        rows.setdefault(subject, []).append((text, choices, LETTERS.index(r["response"])))
+    return rows
+
+
 def mmlu_items(tokenizer, data_dir, split="test", shots=0, mc_format="letter", subjects="", limit=0):
-    """MMLU as mc items with a "subject"; shots come from dev/{subject}_dev.csv (the first `shots`)."""
+    """MMLU as mc items with a "subject"; shots come from dev/{subject}_dev.csv (the first `shots`).
+    data_dir: the CSV release, or a folder data/mmlu/prepare.py wrote (no dev/: 0-shot only)."""
+    if os.path.exists(os.path.join(data_dir, "meta.json")):
+        if shots:
+            raise UserError(f"--shots={shots}: {data_dir} is a prepared folder, which keeps no dev/ examples: "
+                            f"give MMLU's CSV folder (with dev/) for few-shot evaluation")
+        prepared = prepared_mmlu(data_dir, split)
+        wanted = [s.strip() for s in subjects.split(",") if s.strip()] or sorted(prepared)
+        unknown = [s for s in wanted if s not in prepared]
+        if unknown or not wanted:
+            raise UserError(f"--subjects: {', '.join(unknown) or 'none'} not in {data_dir}/{split}.jsonl "
+                            f"(has: {', '.join(sorted(prepared)) or 'none'})")
+        items = []
+        for subject in wanted:
+            for index, (question, choices, answer) in enumerate(prepared[subject][:limit or None]):
+                item = mc_item(tokenizer, question, choices, answer, mc_format, subject)
+                item.update(subject=subject, index=index)
+                items.append(item)
+        return items
     folder = os.path.join(data_dir, split)
     if not os.path.isdir(folder) and os.path.isdir(os.path.join(data_dir, "data", split)):
         data_dir, folder = os.path.join(data_dir, "data"), os.path.join(data_dir, "data", split)  # the release's data/
@@ -442,10 +486,17 @@ def mc_items(tokenizer, path, mc_format="cloze", limit=0):
     return items[:limit] if limit else items
 
 
-def gsm8k_records(path, limit=0):
+def gsm8k_records(path, limit=0, split="test"):
+    """[{"question", "answer"}] of GSM8K's own JSONL, or of a split data/gsm8k/prepare.py wrote."""
     if os.path.isdir(path):
-        path = os.path.join(path, "test.jsonl")
-    return [r for _, r in dataset.read_jsonl(path, ("question", "answer"))][:limit or None]
+        path = os.path.join(path, f"{split}.jsonl")
+    rows = dataset.read_jsonl(path, ())
+    prepared = bool(rows) and isinstance(rows[0][1], dict) and "question" not in rows[0][1] \
+        and "instruction" in rows[0][1]
+    fields = ("instruction", "response") if prepared else ("question", "answer")
+    for line, r in rows:
+        dataset._check_fields(f"{path}:{line}", r, fields)
+    return [dict(question=r[fields[0]], answer=r[fields[1]]) for _, r in rows][:limit or None]
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -458,6 +509,33 @@ def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
     if adapter:
         multilora.apply_adapter(model, adapter, merge=True)
     return model.eval(), tokenizer
+
+
+def truncation(items, context, shots):
+    """How many questions (of mc items) are longer than the context, and lose their oldest tokens;
+    said on stderr, as a warning when they are few-shot prompts: their shots are what is cut, so the
+    score is not a few-shot score. -> (questions truncated, shots exceed the context)."""
+    truncated = sum(any(len(c) + len(x) > context for c, x in i["pairs"]) for i in items)
+    if truncated:
+        what = (f"{truncated} of {len(items)} questions are longer than the model's context of {context} "
+                f"tokens and lose their oldest tokens")
+        if shots:
+            print(f"warning: --shots={shots}: the few-shot prompts exceed the context: {what}, the shots "
+                  f"first, so this is not a {shots}-shot score; use fewer shots or a model with a longer "
+                  f"context", file=sys.stderr)
+        else:
+            print(f"note: {what}", file=sys.stderr)
+    return truncated, bool(truncated and shots)
+
+
+def check_room(tokenizer, prompts, context, shots):
+    """A generation prompt must leave room for an answer: refused in one line (naming --shots when
+    few-shot examples are what takes the room) before any generating."""
+    longest = max((len(tokenizer.encode(p, bos=True)) for p in prompts), default=0)
+    if longest >= context:
+        fix = f"the {shots} shots take most of it: use fewer --shots, " if shots else ""
+        raise UserError(f"prompts of up to {longest} tokens leave no room to answer in the model's context "
+                        f"of {context}: {fix}or use a model with a longer context (max_seq_len)")
 
 
 def print_table(title, rows, columns):
@@ -487,10 +565,7 @@ def run(config):
                                config["subjects"], limit)
         else:
             items = mc_items(tokenizer, data, mc_format, limit)
-        truncated = sum(len(c) + len(x) > model.config.max_seq_len for i in items for c, x in i["pairs"])
-        if truncated:
-            print(f"note: {truncated} of {sum(len(i['pairs']) for i in items)} prompts are longer than the model's "
-                  f"context of {model.config.max_seq_len} tokens and lose their oldest tokens", file=sys.stderr)
+        truncated, shots_cut = truncation(items, model.config.max_seq_len, config["shots"])
         with evaluating(model):
             score_multiple_choice(model, items, batch_size, task)
         for item in items:
@@ -499,7 +574,8 @@ def run(config):
         per = {s: dict(n=sum(i["subject"] == s for i in items), accuracy=acc[s], accuracy_norm=acc_norm[s]) for s in acc}
         overall = dict(n=len(items), accuracy=sum(i["correct"] for i in items) / len(items),
                        accuracy_norm=sum(i["correct_norm"] for i in items) / len(items))
-        result.update(overall, mc_format=mc_format, shots=config["shots"], truncated=truncated, per_subject=per, details=[
+        result.update(overall, mc_format=mc_format, shots=config["shots"], truncated=truncated,
+                      shots_exceed_context=shots_cut, per_subject=per, details=[
             {k: i[k] for k in ("subject", "index", "answer", "pred", "pred_norm", "logprobs", "n_tokens")} for i in items])
         rows = dict(per, **({"all (questions)": overall} if len(per) > 1 else {}))
         if len(per) > 1:
@@ -508,17 +584,21 @@ def run(config):
     elif task in ("exact_match", "gsm8k"):
         if task == "exact_match":
             examples, seen = [], {}
-            for e in dataset.read_examples(data, config["split"] or "test"):  # the first `limit` of each task
+            rows = [e for d in data.split(",") for e in dataset.read_examples(d, config["split"] or "test")]
+            for e in rows:  # the first `limit` of each task
                 seen[e["task"]] = seen.get(e["task"], 0) + 1
                 if not limit or seen[e["task"]] <= limit:
                     examples.append(e)
             details = exact_match_details(model, tokenizer, examples, config["max_new_tokens"] or 64, batch_size)
         else:
-            records = gsm8k_records(data, limit)
+            records = gsm8k_records(data, limit, config["split"] or "test")
             shots = []
             if config["shots"]:
                 train = os.path.join(os.path.dirname(data) if os.path.isfile(data) else data, "train.jsonl")
                 shots = gsm8k_records(train)[:config["shots"]]
+            prefix = "".join(dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in shots)
+            check_room(tokenizer, [prefix + dataset.format_prompt(r["question"]) for r in records],
+                       model.config.max_seq_len, len(shots))
             details = gsm8k_details(model, tokenizer, records, shots, config["max_new_tokens"] or 256, batch_size)
         if not details:
             raise UserError(f"--data={data}: no examples")

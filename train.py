@@ -30,7 +30,7 @@ import llama
 import multilora
 import train_state
 import util
-from configurator import S, check_type, configure, declared
+from configurator import Rule, S, check_type, configure, declared
 from tokenizer import check_tokenizer, load_tokenizer
 from util import UserError
 
@@ -58,8 +58,11 @@ datasets = S(["data/tasks"], lambda v, s: not v and "at least one directory", "p
 mixture = S("proportional", ("proportional", "equal", "temperature"), "how tasks are sampled")
 mixture_temperature = S(2.0, "(0, inf)", "'temperature': p_t ∝ n_t^(1/T) (T5, Raffel et al. 2020, §3.5.2)")
 batch_size = S(32, "[1, inf)", "examples per micro-step per process")
-gradient_accumulation_steps = S(1, lambda v, s: (v < 1 or v % int(os.environ.get("WORLD_SIZE", 1))) and "a positive "
-                                f"multiple of the {os.environ.get('WORLD_SIZE', 1)} processes", "micro-steps per optimizer step, whole job")
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's process count
+gradient_accumulation_steps = S(
+    Rule("the number of processes, WORLD_SIZE", lambda s: WORLD_SIZE),
+    lambda v, s: (v < 1 or v % WORLD_SIZE) and f"a positive multiple of the {WORLD_SIZE} processes",
+    "micro-steps per optimizer step, whole job (each process does 1/N)")
 pack = S(True, None, "pack each micro-batch's examples into fewer rows (same loss, less padding)")
 # fine-tuning
 finetune = S("multilora", ("multilora", "lora", "full"), "the paper's three arms")
@@ -76,15 +79,21 @@ tokenizer = S("", None, "tokenizer.model (default: ckpt_dir's, or for scratch th
 dim = S(128, "[1, inf)", "model width")
 n_layers = S(4, "[1, inf)", "blocks")
 n_heads = S(4, "[1, inf)", "query heads")
-n_kv_heads = S(2, "[1, n_heads]", "key/value heads (fewer than n_heads: grouped-query attention)")
+n_kv_heads = S(Rule("2 if n_heads is even, else 1", lambda s: 2 if s["n_heads"] % 2 == 0 else 1),
+               "[1, n_heads]", "key/value heads (fewer than n_heads: grouped-query attention)")
 tie_embeddings = S(True, None, "lm_head shares the embedding matrix")
 hidden_dim = S(352, "[1, inf)", "SwiGLU feed-forward width")
 max_seq_len = S(256, "[1, inf)", "context length")
 rope_theta = S(10000.0, "(0, inf)", "RoPE base")
 # optimizer: AdamW, linear warmup then cosine decay to min_lr
 learning_rate = S(3e-3, "(0, inf)", "peak learning rate")
-min_lr = S(3e-4, "[0, learning_rate]", "learning rate at the end of the decay")
-warmup_iters = S(20, "[0, max_iters]", "linear warmup steps")
+# (a tenth as written in decimal: 3e-3 gives 3e-4, not 3.0000000000000003e-4)
+min_lr = S(Rule("learning_rate / 10", lambda s: float(f"{s['learning_rate'] / 10:.12g}")),
+           "[0, learning_rate]",
+           "learning rate at the end of the decay")
+warmup_iters = S(Rule("min(20, max_iters, lr_decay_iters - 1 when it is set)",
+                      lambda s: min(20, s["max_iters"], (s["lr_decay_iters"] or 21) - 1)),
+                 "[0, max_iters]", "linear warmup steps")
 lr_decay_iters = S(0, lambda v, s: not (v == 0 or v > s["warmup_iters"]) and "0 or more than warmup_iters",
                    "cosine decay ends here (0 = max_iters)")
 max_iters = S(1000, "[0, inf)", "optimizer steps")
@@ -94,7 +103,8 @@ beta2 = S(0.999, "[0, 1)", "AdamW β2")
 grad_clip = S(1.0, "[0, inf)", "clip the gradient norm to this (0 = off)")
 # system
 device = S(util.default_device(), util.check_device, "cpu | cuda | cuda:N | mps")
-dtype = S("bfloat16" if torch.cuda.is_available() else "float32",
+on_cuda = lambda s: s["device"].startswith("cuda")
+dtype = S(Rule("bfloat16 on cuda, else float32", lambda s: "bfloat16" if on_cuda(s) else "float32"),
           lambda v, s: v not in ("float32", "bfloat16", "float16") and "float32, bfloat16 or float16"
           or v == "float16" and not s["device"].startswith("cuda") and "float32 or bfloat16 (float16 needs cuda)",
           "autocast dtype (float16 uses a gradient scaler)")
@@ -107,7 +117,9 @@ loss_chunk = S(256, "[1, inf)", "target tokens per chunk of lm_head + cross-entr
 compile = S(False, None, "torch.compile the model")
 seed = S(1337, "[0, inf)", "seed of the initialization and the data order")
 threads = S(1, "[0, inf)", "CPU threads for torch (0 = torch's default); the tiny default is fastest on 1")
-peak_flops = S(989e12 if torch.cuda.is_available() else 1e12, "(0, inf)", "per process, for MFU (989e12: H100 bf16 dense)")
+peak_flops = S(Rule("989e12 on cuda, else 1e12", lambda s: 989e12 if on_cuda(s) else 1e12),
+               "(0, inf)",
+               "per process, for MFU (989e12: H100 bf16 dense)")
 # -----------------------------------------------------------------------------
 SETTINGS = declared(globals())
 CHECKPOINT, ADAPTER, METRICS = "ckpt.pt", "adapter.safetensors", "metrics.jsonl"
@@ -195,7 +207,7 @@ def wrap(raw_model, device_type, world_size, local_rank, ddp):
     elif ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
-    return torch.compile(model) if compile else model
+    return torch.compile(model, dynamic=True) if compile else model
 
 # -----------------------------------------------------------------------------
 # the training step (bench.py times this same function) and the loss over a split (eval.py's too)
@@ -476,10 +488,13 @@ def load_data_and_config():
     if meta.get("vocab_size") != model_config.vocab_size:
         raise UserError(f"{datasets[0]}: meta.json: vocab_size {meta.get('vocab_size')} does not match the model's "
                         f"{model_config.vocab_size}; prepare the data with the model's tokenizer")
-    longest = max(int(s.lengths.max()) for s in train_splits + val_splits)
-    if longest - 1 > model_config.max_seq_len:
-        raise UserError(f"{datasets[0]}: examples of up to {longest} tokens exceed the model's context of "
-                        f"{model_config.max_seq_len}")
+    longest, where = max((int(s.lengths.max()), d) for s, d in zip(train_splits + val_splits, datasets * 2))
+    if longest - 1 > model_config.max_seq_len:  # an example's last token is only a target
+        ctx = model_config.max_seq_len
+        longer = f"train with --max_seq_len={longest - 1}" if init_from == "scratch" else \
+            "use a base with a longer context"
+        raise UserError(f"{where}: examples of up to {longest} tokens exceed the model's context of {ctx} "
+                        f"(max_seq_len): prepare the data with --max_len={ctx}, or {longer}")
     if finetune != "full":  # n·r larger than a layer, an unknown target: on a weightless copy, before loading
         with torch.device("meta"):
             try:

@@ -382,7 +382,7 @@ def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
     (["--task=mc", "--data=/nonexistent.jsonl"], "no such file"),
     (["--task=mc", "--shots=2", f"--data={ROOT}/README.md"], "shots: expected 0 \\(shots are only for mmlu and gsm8k"),
     (["--task=mmlu"], "data: expected a path \\(required for --task=mmlu"),
-    (["--task=mc", "--data=data/tasks,data/tiny_base"], "several, comma-separated, only for --task=loss"),
+    (["--task=mc", "--data=data/tasks,data/tiny_base"], "several, comma-separated, only for --task=exact_match and loss"),
     ([f"--out={ROOT}"], "out: expected a file path \\(.* is a folder"),
     ([f"--out={ROOT}/README.md/r.json"], "out: expected a file in a writable folder"),
 ])
@@ -395,6 +395,85 @@ def test_cli_user_error_is_one_line_and_exit_status_2():
     p = subprocess.run([sys.executable, "eval.py", "--ckpt_dir=x", "--task=nope"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "task: expected one of" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+
+def prepare_script(name, argv):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"prepare_{name}", os.path.join(ROOT, "data", name, "prepare.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_prepared_mmlu_folder_gives_the_csv_folders_items(tmp_path, tiny_tokenizer_path):
+    write_mmlu(tmp_path / "mmlu")
+    prepare_script("mmlu", [f"--source={tmp_path / 'mmlu'}", f"--tokenizer={tiny_tokenizer_path}",
+                            f"--out_dir={tmp_path / 'prepared'}", "--train_on_dev=True", "--val_fraction=0"])
+    for mc_format in ("letter", "instruction", "cloze"):
+        csv = evaluate.mmlu_items(CharTokenizer(), str(tmp_path / "mmlu"), "test", mc_format=mc_format)
+        prepared = evaluate.mmlu_items(CharTokenizer(), str(tmp_path / "prepared"), "test", mc_format=mc_format)
+        assert [(i["pairs"], i["answer"], i["subject"]) for i in prepared] == \
+            [(i["pairs"], i["answer"], i["subject"]) for i in csv]
+    with pytest.raises(UserError, match="--shots=1: .* is a prepared folder, which keeps no dev/"):
+        evaluate.mmlu_items(CharTokenizer(), str(tmp_path / "prepared"), "test", shots=1)
+    with pytest.raises(UserError, match="--subjects: nope not in"):
+        evaluate.mmlu_items(CharTokenizer(), str(tmp_path / "prepared"), "test", subjects="nope")
+
+
+def test_prepared_gsm8k_folder_gives_the_source_records(tmp_path, tiny_tokenizer_path):
+    records = [dict(question=f"What is {i} + 1?", answer=f"{i} + 1 = {i + 1}\n#### {i + 1}") for i in range(6)]
+    (tmp_path / "src").mkdir()
+    for split in ("train", "test"):
+        (tmp_path / "src" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    prepare_script("gsm8k", [f"--source={tmp_path / 'src'}", f"--tokenizer={tiny_tokenizer_path}",
+                             f"--out_dir={tmp_path / 'prepared'}"])
+    assert evaluate.gsm8k_records(str(tmp_path / "prepared")) == records == \
+        evaluate.gsm8k_records(str(tmp_path / "src" / "test.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n')
+    with pytest.raises(UserError, match="bad.jsonl:1: missing field 'answer'"):
+        evaluate.gsm8k_records(str(tmp_path / "bad.jsonl"))
+
+
+def test_truncation_counts_questions_and_warns_about_shots(capsys):
+    tok = CharTokenizer()
+    rows = [("q" * 30, ["a", "b" * 12]), ("q" * 5, ["a", "b"]), ("q" * 40, ["a", "b"])]
+    items = [evaluate.mc_item(tok, q, cs, 0, "raw") for q, cs in rows]
+    # by hand: BOS + question + choice > 40 tokens for question 1 (its second choice) and question 3
+    assert evaluate.truncation(items, 40, shots=0) == (2, False)
+    assert "note: 2 of 3 questions are longer than the model's context of 40" in capsys.readouterr().err
+    assert evaluate.truncation(items, 40, shots=5) == (2, True)
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --shots=5: the few-shot prompts exceed the context") and "not a 5-shot" in err
+    assert evaluate.truncation(items, 100, shots=5) == (0, False) and capsys.readouterr().err == ""
+
+
+def test_generation_prompt_without_room_is_refused_naming_shots():
+    tok = CharTokenizer()
+    evaluate.check_room(tok, ["x" * 8], 10, shots=0)  # BOS + 8: one token of room
+    with pytest.raises(UserError, match=r"up to 10 tokens leave no room .* context of 10: the 2 shots take"):
+        evaluate.check_room(tok, ["x" * 9], 10, shots=2)
+
+
+def test_cli_mmlu_shots_beyond_the_context_in_json(ckpt, tmp_path, capsys):
+    write_mmlu(tmp_path / "mmlu")
+    out = tmp_path / "r.json"
+    evaluate.main([f"--ckpt_dir={ckpt}", "--task=mmlu", f"--data={tmp_path / 'mmlu'}", "--shots=2", f"--out={out}"])
+    saved = json.loads(out.read_text())
+    # the tiny checkpoint's context (256) holds both 2-shot prompts: nothing truncated
+    assert (saved["truncated"], saved["shots_exceed_context"]) == (0, False)
+
+
+def test_cli_exact_match_takes_several_datasets(ckpt, tmp_path, tiny_tokenizer_path):
+    tok = load_tokenizer(tiny_tokenizer_path)
+    for name, task in (("a", "sort"), ("b", "reverse")):
+        raw = [dict(task=task, instruction="Do it", input=f"{i}", response="x") for i in range(3)]
+        d = tmp_path / name
+        dataset.write_dataset(str(d), {"test": [(r["task"], *dataset.encode_example(tok, r["instruction"], r["input"],
+                                                                                    r["response"], 200)) for r in raw]},
+                              dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2, tokenizer="t", max_len=200))
+        dataset.write_jsonl(str(d / "test.jsonl"), raw)
+    em = evaluate.main([f"--ckpt_dir={ckpt}", f"--data={tmp_path / 'a'},{tmp_path / 'b'}", "--max_new_tokens=1",
+                        "--limit=2"])
+    assert {k: v["n"] for k, v in em["per_task"].items()} == {"sort": 2, "reverse": 2}
 
 # -----------------------------------------------------------------------------
 # against transformers on a real checkpoint (the team's ../shared only)

@@ -18,16 +18,18 @@ import dataset  # noqa: E402
 import util  # noqa: E402
 
 BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
-URLS = {"train.jsonl": BASE_URL + "train.jsonl", "test.jsonl": BASE_URL + "test.jsonl"}
+# downloaded under other names: the prepared train.jsonl and test.jsonl go to the same folder
+URLS = {"gsm8k_train.jsonl": BASE_URL + "train.jsonl", "gsm8k_test.jsonl": BASE_URL + "test.jsonl"}
 FIELDS = {"instruction": "question", "response": "answer"}  # ours: the source's
 
 
 def read_source(source, config):
     if not os.path.isdir(source):
         return {"train": dataset.read_records(source, "gsm8k", FIELDS)}
-    splits = {"train": dataset.read_records(os.path.join(source, "train.jsonl"), "gsm8k", FIELDS)}
-    if os.path.exists(os.path.join(source, "test.jsonl")):
-        splits["test"] = dataset.read_records(os.path.join(source, "test.jsonl"), "gsm8k", FIELDS)
+    prefix = "gsm8k_" if os.path.exists(os.path.join(source, "gsm8k_train.jsonl")) else ""  # the download
+    splits = {"train": dataset.read_records(os.path.join(source, f"{prefix}train.jsonl"), "gsm8k", FIELDS)}
+    if os.path.exists(os.path.join(source, f"{prefix}test.jsonl")):
+        splits["test"] = dataset.read_records(os.path.join(source, f"{prefix}test.jsonl"), "gsm8k", FIELDS)
     return splits
 
 
