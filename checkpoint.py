@@ -217,17 +217,22 @@ class Stored:
 
 
 def _safetensors_tensor(path, entry, data_start):
-    """A tensor of a safetensors file: rows are contiguous, so rows [a, b) are one read of
-    (b - a) rows' bytes (plain reads, no memory map: resident memory is what we keep)."""
+    """A tensor of a safetensors file: rows are contiguous, so rows [a, b) are one read of exactly
+    (b - a) rows' bytes, unbuffered, into the tensor (plain reads, no memory map: resident memory
+    is what we keep)."""
     shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
 
     def read(a, b):
         out = torch.empty([b - a, *shape[1:]], dtype=dtype)
-        if out.numel():
-            with open(path, "rb") as f:
-                f.seek(data_start + entry["data_offsets"][0] + a * row_bytes)
-                f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        buf, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+        with open(path, "rb", buffering=0) as f:
+            f.seek(data_start + entry["data_offsets"][0] + a * row_bytes)
+            while done < len(buf):  # one read(2) returns at most 2 GiB
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise UserError(f"{path}: file ends inside tensor data (it changed while being read)")
+                done += n
         return out
     return Stored(shape, dtype, path, read)
 
