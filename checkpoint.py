@@ -412,9 +412,10 @@ def read_config(ckpt_dir):
 def load_model(ckpt_dir, dtype=torch.float32, device="cpu"):
     """Build the model on the meta device (no memory), then fill it one tensor at a time from the
     checkpoint, each converted straight to `dtype` on `device`: never two copies of the weights."""
+    config, tensors = _source(ckpt_dir)
     with torch.device("meta"):
-        model = Llama(read_config(ckpt_dir)).to(dtype)
-    load_into(model, ckpt_dir, device)
+        model = Llama(config).to(dtype)
+    _fill(model, config, tensors, ckpt_dir, device)
     return model
 
 
@@ -431,7 +432,10 @@ def load_into(model, ckpt_dir, device="cpu"):
     they are). A parameter that FSDP2's fully_shard has sharded gets only this rank's rows
     (shard_rows), and only those rows are read from the files: no rank holds the whole model.
     Each tensor is checked finite as it is filled. -> the bytes read from the files."""
-    config, tensors = _source(ckpt_dir)
+    return _fill(model, *_source(ckpt_dir), ckpt_dir, device)
+
+
+def _fill(model, config, tensors, ckpt_dir, device):
     names = {}  # parameter -> every name it has (a tied lm_head shares the embedding's)
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(p, []).append(name)
@@ -478,7 +482,7 @@ def _local(p):  # this rank's part of a parameter (FSDP2 shards are DTensors) or
 def _check_finite(value, rows, key, file):
     """One pass: NaN or inf anywhere makes the sum non-finite (the exact test, 50x slower on CPU,
     runs only then: a finite tensor can sum past fp16's range)."""
-    if torch.isfinite(value.sum()) or torch.isfinite(value).all():
+    if math.isfinite(value.sum()) or torch.isfinite(value).all():
         return
     if torch.isfinite(rows).all():
         raise UserError(f"{file}: tensor {key}: values beyond {value.dtype}'s range; "
