@@ -7,6 +7,7 @@ LLaMA checkpoints as they ship, read into llama.py's model and written back (doc
 
     read_config(ckpt_dir)        -> LlamaConfig, reading headers only (no weights)
     load_model(ckpt_dir, dtype)  -> Llama, one tensor at a time straight into its dtype and device
+    load_into(model, ckpt_dir)   -> fill a meta-device model, or under FSDP2 this rank's rows only
     save_hf_checkpoint(...)      -> config.json + model.safetensors (+ tokenizer.model)
 
 Every file is checked at the boundary: JSON value types, safetensors headers (dtypes, shapes against
@@ -14,6 +15,7 @@ the stored bytes, offsets inside the file), names and shapes against the config.
 UserError naming the file. .pth files load with weights_only=True: no pickled code runs.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -236,7 +238,88 @@ def _torch_load(path):
         raise UserError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
 
 # -----------------------------------------------------------------------------
-# the two layouts: each gives (config, tensors) where tensors() yields (HF key, tensor, file)
+# the two layouts: each gives (config, tensors) where tensors() yields (HF key, Stored) in file order.
+# A Stored tensor is read on demand, rows [a, b) at a time: FSDP ranks read only the rows they hold.
+
+class Stored:
+    """One tensor of a checkpoint in llama.py's names and layout: shape, dtype, file (for messages)
+    and read(a, b) -> its rows [a, b) as a CPU tensor in the stored dtype, read from the file(s)."""
+
+    def __init__(self, shape, dtype, file, read):
+        self.shape, self.dtype, self.file, self.read = tuple(shape), dtype, file, read
+
+
+def _safetensors_tensor(path, entry, data_start):
+    """A tensor of a safetensors file: rows are contiguous, so rows [a, b) are one read of exactly
+    (b - a) rows' bytes, unbuffered, into the tensor (plain reads, no memory map: resident memory
+    is what we keep)."""
+    shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+
+    def read(a, b):
+        out = torch.empty([b - a, *shape[1:]], dtype=dtype)
+        buf, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
+        with open(path, "rb", buffering=0) as f:
+            f.seek(data_start + entry["data_offsets"][0] + a * row_bytes)
+            while done < len(buf):  # one read(2) returns at most 2 GiB
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise UserError(f"{path}: file ends inside tensor data (it changed while being read)")
+                done += n
+        return out
+    return Stored(shape, dtype, path, read)
+
+
+def _safetensors_tensors(path):
+    """{name: Stored} of one safetensors file, in the order of the bytes."""
+    header, _, start = read_safetensors_header(path)
+    order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return {name: _safetensors_tensor(path, entry, start) for name, entry in order}
+
+
+def _torch_tensor(path, t):  # a memory-mapped tensor of a .pth file: a row slice touches those rows only
+    return Stored(t.shape, t.dtype, path, lambda a, b: t[a:b])
+
+
+def _concat(parts, dim, file):
+    """Meta's model-parallel parts of one tensor as the whole: dim 1 (each part holds every row,
+    some columns: a row range is that range of every part), or dim 0 (parts hold consecutive rows:
+    a row range reads only the parts that hold some of it)."""
+    first, other = parts[0].shape, 1 - dim
+    for p in parts:
+        if len(p.shape) != 2 or p.shape[other] != first[other] or p.dtype != parts[0].dtype:
+            raise UserError(f"{p.file}: tensor of shape {list(p.shape)} {p.dtype} does not fit "
+                            f"{parts[0].file}'s {list(first)} {parts[0].dtype}")
+    shape = list(first)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    if dim == 1:
+        return Stored(shape, parts[0].dtype, file, lambda a, b: torch.cat([p.read(a, b) for p in parts], 1))
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.shape[0])
+
+    def read(a, b):
+        pieces = [p.read(max(a, lo) - lo, min(b, hi) - lo)
+                  for p, lo, hi in zip(parts, offsets, offsets[1:]) if max(a, lo) < min(b, hi)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else parts[0].read(0, 0)
+    return Stored(shape, parts[0].dtype, file, read)
+
+
+def _permuted(stored, rows):
+    """stored with its rows reordered: row i is stored row rows[i]. A range of rows is read as the
+    runs of consecutive stored rows it needs (whole heads: one run), so no row is read twice."""
+    def read(a, b):
+        out = torch.empty((max(b - a, 0), *stored.shape[1:]), dtype=stored.dtype)
+        wanted = rows[a:b]
+        order = wanted.argsort()
+        src = wanted[order].tolist()
+        if src:
+            starts = [0] + [i for i in range(1, len(src)) if src[i] != src[i - 1] + 1]
+            pieces = [stored.read(src[i], src[j - 1] + 1) for i, j in zip(starts, starts[1:] + [len(src)])]
+            out[order] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out
+    return Stored(stored.shape, stored.dtype, stored.file, read)
+
 
 def _hf_source(ckpt_dir):
     cfg_path = os.path.join(ckpt_dir, "config.json")
@@ -260,9 +343,9 @@ def _hf_source(ckpt_dir):
 
     def tensors():
         for p in paths:
-            for key, t in iter_safetensors(p):
+            for key, stored in _safetensors_tensors(p).items():
                 if not key.endswith("rotary_emb.inv_freq"):  # old files carry RoPE buffers: recomputed
-                    yield key.removeprefix("model."), t, p
+                    yield key.removeprefix("model."), stored
     return config, tensors
 
 
@@ -275,22 +358,23 @@ META_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_p
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")  # split on dim 1; the others on dim 0
 
 
-def meta_to_hf(key, w, config):
+def meta_to_hf(key, stored, config):
     """Rename a Meta key and permute wq/wk rows from interleaved RoPE pairs (2j, 2j+1) to HF's
     rotate_half pairs (j, j + hd/2)."""
     if key in ("tok_embeddings.weight", "norm.weight", "output.weight"):
         return {"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
-                "output.weight": "lm_head.weight"}[key], w
+                "output.weight": "lm_head.weight"}[key], stored
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)
     if not m or m.group(2) not in META_NAMES:
-        return key, w  # reported as unexpected by the caller
+        return key, stored  # reported as unexpected by the caller
     name = f"layers.{m.group(1)}.{META_NAMES[m.group(2)]}.weight"
-    if m.group(2) in ("attention.wq", "attention.wk") and w.dim() == 2:
+    if m.group(2) in ("attention.wq", "attention.wk") and len(stored.shape) == 2:
         heads = config.n_heads if m.group(2) == "attention.wq" else config.n_kv_heads
         hd = config.head_dim
-        if w.shape[0] == heads * hd:
-            w = w.view(heads, hd // 2, 2, w.shape[1]).transpose(1, 2).reshape(heads * hd, w.shape[1])
-    return name, w
+        if stored.shape[0] == heads * hd:  # HF row k is Meta row rows[k]
+            rows = torch.arange(heads * hd).view(heads, hd // 2, 2).transpose(1, 2).reshape(-1)
+            stored = _permuted(stored, rows)
+    return name, stored
 
 
 def _meta_source(ckpt_dir):
@@ -305,36 +389,33 @@ def _meta_source(ckpt_dir):
     for i in range(len(files)):
         if pths and f"consolidated.{i:02d}.pth" not in pths:
             raise UserError(f"{ckpt_dir}: missing shard consolidated.{i:02d}.pth")
-    if pths:
-        shards = [_torch_load(f) for f in files]  # memory-mapped: nothing is read until used
-        shapes = [tuple(s["tok_embeddings.weight"].shape) if "tok_embeddings.weight" in s else None for s in shards]
-    else:
-        headers = [read_safetensors_header(f)[0] for f in files]
-        shapes = [tuple(h["tok_embeddings.weight"]["shape"]) if "tok_embeddings.weight" in h else None for h in headers]
-    if None in shapes:
-        raise UserError(f"{files[shapes.index(None)]}: no tok_embeddings.weight")
+    if pths:  # memory-mapped: nothing is read until used
+        shards = [{k: _torch_tensor(f, t) for k, t in _torch_load(f).items()} for f in files]
+    else:  # headers only
+        shards = [_safetensors_tensors(f) for f in files]
+    for f, s in zip(files, shards):
+        if "tok_embeddings.weight" not in s:
+            raise UserError(f"{f}: no tok_embeddings.weight")
+    shapes = [s["tok_embeddings.weight"].shape for s in shards]
     # LLaMA 1/2 split the embedding on dim 1 (each shard holds every row), Llama 3 on dim 0
     split_rows = len(shapes) > 1 and shapes[0][1] == params.get("dim")
     config = config_from_meta(params, sum(s[0] for s in shapes) if split_rows else shapes[0][0], params_path)
     where = files[0] if len(files) == 1 else f"{ckpt_dir}/consolidated.*"
 
     def tensors():
-        parts_of = shards if pths else [dict(iter_safetensors(f)) for f in files] if len(files) > 1 else None
-        if parts_of is None:  # one consolidated.safetensors, read lazily
-            items = ((k, [t]) for k, t in iter_safetensors(files[0]))
-        else:
-            items = ((k, [s[k] for s in parts_of]) for k in parts_of[0])
-        for key, parts in items:
+        for key in shards[0]:
             if key == "rope.freqs":
                 continue
-            if len(parts) == 1 or parts[0].dim() == 1:
-                t = parts[0]  # norms are replicated on every shard
-            elif key.endswith(ROW_PARALLEL) or (key == "tok_embeddings.weight" and not split_rows):
-                t = torch.cat(parts, dim=1)
+            missing = [f for f, s in zip(files, shards) if key not in s]
+            if missing:
+                raise UserError(f"{missing[0]}: no tensor {key} (it is in {files[0]})")
+            parts = [s[key] for s in shards]
+            if len(parts) == 1 or len(parts[0].shape) == 1:
+                stored = parts[0]  # norms are replicated on every shard
             else:
-                t = torch.cat(parts, dim=0)
-            name, t = meta_to_hf(key, t, config)
-            yield name, t, where
+                dim = 1 if key.endswith(ROW_PARALLEL) or (key == "tok_embeddings.weight" and not split_rows) else 0
+                stored = _concat(parts, dim, where)
+            yield meta_to_hf(key, stored, config)
     return config, tensors
 
 
@@ -366,22 +447,56 @@ def load_model(ckpt_dir, dtype=torch.float32, device="cpu"):
     checkpoint, each converted straight to `dtype` on `device`: never two copies of the weights."""
     config, tensors = _source(ckpt_dir)
     with torch.device("meta"):
-        model = Llama(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-    seen, unexpected = set(), []
-    for key, t, file in tensors():
+        model = Llama(config).to(dtype)
+    _fill(model, config, tensors, ckpt_dir, device)
+    return model
+
+
+def shard_rows(n, rank, world_size):
+    """The rows [a, b) of an n-row tensor that FSDP2 leaves on rank: dim 0 cut as torch.chunk cuts
+    it, ceil(n / world_size) rows per rank, the last ranks fewer or none."""
+    c = -(-n // world_size)
+    return min(rank * c, n), min(rank * c + c, n)
+
+
+def load_into(model, ckpt_dir, device="cpu"):
+    """Fill every parameter of `model` that is still on the meta device from the checkpoint, one
+    tensor at a time, in the parameter's dtype on `device` (adapters that hold values are left as
+    they are). A parameter that FSDP2's fully_shard has sharded gets only this rank's rows
+    (shard_rows), and only those rows are read from the files: no rank holds the whole model.
+    Each tensor is checked finite as it is filled. -> the bytes read from the files."""
+    return _fill(model, *_source(ckpt_dir), ckpt_dir, device)
+
+
+def _fill(model, config, tensors, ckpt_dir, device):
+    names = {}  # parameter -> every name it has (a tied lm_head shares the embedding's)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(p, []).append(name)
+    expected = {ns[0]: p for p, ns in names.items() if _local(p).is_meta}
+    seen, unexpected, n_bytes = set(), [], 0
+    for key, stored in tensors():
         if key not in expected:
             if not (key == "lm_head.weight" and config.tie_embeddings):
                 unexpected.append(key)
             continue
-        if tuple(t.shape) != expected[key]:
-            raise UserError(f"{file}: tensor {key} has shape {list(t.shape)}, expected {list(expected[key])} "
-                            f"from the config in {ckpt_dir}")
-        module_name, _, param_name = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        module._parameters[param_name] = nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=True)
+        p = expected[key]
+        if stored.shape != tuple(p.shape):
+            raise UserError(f"{stored.file}: tensor {key} has shape {list(stored.shape)}, expected "
+                            f"{list(p.shape)} from the config in {ckpt_dir}")
+        mesh = getattr(p, "device_mesh", None)
+        a, b = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size()) if mesh else (0, p.shape[0])
+        rows = stored.read(a, b)
+        n_bytes += rows.numel() * rows.element_size()
+        value = rows.to(device=device, dtype=p.dtype)
+        _check_finite(value, rows, key, stored.file)
+        if mesh:
+            if value.shape != _local(p).shape:
+                raise RuntimeError(f"{key}: FSDP's shard has shape {list(_local(p).shape)}, not rows [{a}, {b})")
+            value = type(p).from_local(value, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+        filled = nn.Parameter(value, requires_grad=p.requires_grad)
+        for name in names[p]:
+            module_name, _, param_name = name.rpartition(".")
+            model.get_submodule(module_name)._parameters[param_name] = filled
         seen.add(key)
     missing = sorted(set(expected) - seen)
     if unexpected or missing:
@@ -390,9 +505,23 @@ def load_model(ckpt_dir, dtype=torch.float32, device="cpu"):
         problem = "; ".join(p for p in (missing and f"missing keys {some(missing)}",
                                         unexpected and f"unexpected keys {some(unexpected)}") if p)
         raise UserError(f"{ckpt_dir}: {problem}")
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    return model
+    return n_bytes
+
+
+def _local(p):  # this rank's part of a parameter (FSDP2 shards are DTensors) or the parameter
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _check_finite(value, rows, key, file):
+    """One pass: NaN or inf anywhere makes the sum non-finite (the exact test, 50x slower on CPU,
+    runs only then: a finite tensor can sum past fp16's range)."""
+    if math.isfinite(value.sum()) or torch.isfinite(value).all():
+        return
+    if torch.isfinite(rows).all():
+        raise UserError(f"{file}: tensor {key}: values beyond {value.dtype}'s range; "
+                        f"load it in float32 or bfloat16")
+    raise UserError(f"{file}: tensor {key} holds NaN or inf: the checkpoint is damaged (or was saved "
+                    f"from a run that diverged)")
 
 
 def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=None, step=None,

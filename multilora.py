@@ -18,7 +18,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from checkpoint import iter_safetensors, read_safetensors_header, write_safetensors
+from checkpoint import iter_safetensors, read_safetensors_header, shard_rows, write_safetensors
 from util import UserError, atomic_write
 
 # short target names -> module paths inside one llama.py layer (HF names without "model.")
@@ -42,7 +42,7 @@ class MultiLoRALinear(nn.Module):
     """
 
     def __init__(self, base, n_loras=4, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
-                 scaling="channel", init="multilora"):
+                 scaling="channel", init="multilora", device=None):
         super().__init__()
         if not isinstance(base, nn.Linear) or base.bias is not None:
             raise UserError(f"MultiLoRALinear: base: expected a bias-free nn.Linear, got {base!r}")
@@ -62,7 +62,7 @@ class MultiLoRALinear(nn.Module):
         self.scale = lora_alpha / lora_rank  # α/r, per module (the paper's and PEFT's convention)
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        device, nr = base.weight.device, n_loras * lora_rank
+        device, nr = device or base.weight.device, n_loras * lora_rank  # FSDP: a meta base, real adapters
         self.lora_A = nn.Parameter(torch.empty(nr, d_in, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(d_out, nr, device=device, dtype=torch.float32))
         if init == "multilora":
@@ -149,12 +149,14 @@ def adapter_modules(model):
 
 
 def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_loras=4, lora_rank=8,
-                lora_alpha=16, lora_dropout=0.0, scaling="channel", init=""):
+                lora_alpha=16, lora_dropout=0.0, scaling="channel", init="", device=None):
     """Wrap the chosen projections of every layer in MultiLoRALinear, freeze everything else.
     targets: names from q,k,v,o,gate,up,down (a list or a "q,k,v,o" string). finetune="lora" means
     plain LoRA (n_loras is then 1). The adapters draw from torch's global RNG. Returns the settings
     dict that goes into adapter files (also kept as model.adapter_settings). init: '' = the finetune's
-    own; 'lora' (B = 0, no s) or 'multilora' (random B, s = 0) with any n_loras, for ablations."""
+    own; 'lora' (B = 0, no s) or 'multilora' (random B, s = 0) with any n_loras, for ablations.
+    device: where the adapters go (default: their base weight's; train.py under FSDP draws them in
+    full on a weightless meta-device base, so they get the values a single process gives them)."""
     if finetune not in ("multilora", "lora"):
         raise UserError(f"adapt_model: finetune: expected 'multilora' or 'lora', got {finetune!r}")
     if getattr(model, "adapter_settings", None) is not None:
@@ -181,7 +183,7 @@ def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_lor
         parent_name, child_name = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         layer = MultiLoRALinear(getattr(parent, child_name), n_loras, lora_rank, lora_alpha, lora_dropout,
-                                scaling, init=settings.get("init", finetune))
+                                scaling, init=settings.get("init", finetune), device=device)
         setattr(parent, child_name, layer)
     model.adapter_settings = settings
     model.base_sample = base_sample(model)  # the base as it is now, for the adapter file
@@ -223,16 +225,28 @@ def base_fingerprint(model):
 def base_sample(model, n=8):
     """A few of the base's weight values (n evenly spaced entries of the embedding, the first layer's
     q_proj and the final norm): two bases of the same shapes but other weights differ here, while the
-    same base loaded in fp32 or bf16 agrees to bf16 precision. Taken before FSDP shards the model."""
+    same base loaded in fp32 or bf16 agrees to bf16 precision. Of a model that FSDP2 has sharded,
+    each rank gives the entries in its rows (a collective: every rank calls)."""
     params = dict(model.named_parameters())
     sample = []
     for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "norm.weight"):
         p = params.get(name)
-        if p is not None and p.device.type != "meta":
-            flat = p.detach().reshape(-1)
-            # integer positions: a float32 linspace rounds past 2^24 entries (LLaMA-7B's embedding has 131M)
-            index = torch.arange(n, dtype=torch.int64) * (flat.numel() - 1) // max(n - 1, 1)
-            sample += flat[index.to(flat.device)].float().tolist()
+        mesh = getattr(p, "device_mesh", None)
+        local = None if p is None else (p.to_local() if mesh else p).detach()
+        if local is None or local.is_meta:
+            continue
+        # integer positions: a float32 linspace rounds past 2^24 entries (LLaMA-7B's embedding has 131M)
+        index = torch.arange(n, dtype=torch.int64) * (p.numel() - 1) // max(n - 1, 1)
+        if mesh is None:
+            sample += local.reshape(-1)[index.to(local.device)].float().tolist()
+            continue
+        row = p.numel() // p.shape[0]
+        first = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size())[0] * row
+        mine = (index >= first) & (index < first + local.numel())
+        values = torch.zeros(n, dtype=torch.float64, device=local.device)
+        values[mine.to(local.device)] = local.reshape(-1)[(index[mine] - first).to(local.device)].double()
+        torch.distributed.all_reduce(values, group=mesh.get_group())  # one rank holds each entry
+        sample += values.float().tolist()
     return sample
 
 

@@ -129,18 +129,30 @@ CHECKPOINT, ADAPTER, METRICS = "ckpt.pt", "adapter.safetensors", "metrics.jsonl"
 
 def build_model(config, model_config, run_device):
     """The base (loaded, or random for init_from='scratch'), adapted for the arm: a frozen base in
-    the autocast dtype (bf16 halves its memory on GPU), trainable weights in fp32."""
+    the autocast dtype (bf16 halves its memory on GPU), trainable weights in fp32. Under FSDP it is
+    sharded here, and a pretrained base is never whole anywhere: built weightless (meta device),
+    adapted, sharded, then each rank reads its own rows of each tensor from the files."""
     base_dtype = getattr(torch, dtype) if finetune != "full" else torch.float32
-    torch.manual_seed(seed)  # the same initialization on every rank (FSDP shards each rank's own copy)
+    torch.manual_seed(seed)  # the same initialization on every rank (FSDP keeps each rank's rows)
     if init_from == "scratch":
         with torch.device(run_device):
             model = llama.Llama(model_config)
         model.init_weights()
         model.to(base_dtype)
+    elif fsdp:
+        with torch.device("meta"):
+            model = llama.Llama(model_config).to(base_dtype)
     else:
         model = checkpoint.load_model(ckpt_dir, dtype=base_dtype, device=run_device)
-    adapter_settings = adapt(model, finetune, lora_settings())
+    # the adapters are drawn in full on run_device (on a meta base too): one process's values
+    adapter_settings = adapt(model, finetune, dict(lora_settings(), device=run_device))
     model.checkpoint_blocks, model.loss_chunk = activation_checkpointing, loss_chunk
+    if fsdp:
+        shard(model, torch.device(run_device).type, dist.get_world_size())
+    if fsdp and init_from == "pretrained":
+        checkpoint.load_into(model, ckpt_dir, run_device)
+        if finetune != "full":  # for the adapter file: each rank gives the entries in its rows
+            model.base_sample = multilora.base_sample(model)
     return model, adapter_settings
 
 
@@ -191,20 +203,23 @@ def init_distributed():
     return ddp, rank, local_rank, world_size, run_device, device_type
 
 
+def shard(raw_model, device_type, world_size):
+    """FSDP2 shards each block and the rest (embeddings, final norm, lm_head) on dim 0 over the ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device_type, (world_size,))
+    # all-gather in the compute dtype (one dtype per group, base and adapters), reduce gradients in fp32
+    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
+        if dtype != "float32" else MixedPrecisionPolicy()
+    for block in raw_model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(raw_model, mesh=mesh, mp_policy=mp)
+
+
 def wrap(raw_model, device_type, world_size, local_rank, ddp):
-    """FSDP2 shards each block and the rest; DDP replicates; torch.compile last."""
+    """DDP replicates (FSDP2 sharded the model in build_model); torch.compile last."""
     model = raw_model
-    if fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = init_device_mesh(device_type, (world_size,))
-        # all-gather in the compute dtype (one dtype per group, base and adapters), reduce gradients in fp32
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
-            if dtype != "float32" else MixedPrecisionPolicy()
-        for block in raw_model.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(raw_model, mesh=mesh, mp_policy=mp)
-    elif ddp:
+    if ddp and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
     return torch.compile(model, dynamic=True) if compile else model
