@@ -367,7 +367,8 @@ def test_export_refuses_before_writing(world, tmp_path):
     export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "peft"))  # a new folder: fine
     (tmp_path / "empty").mkdir()
     export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "empty"))  # an empty one too
-    assert sorted(os.listdir(tmp_path / "empty")) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = set(os.listdir(tmp_path / "empty"))  # the adapter, and the base's tokenizer files
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= written
     with pytest.raises(UserError, match="not empty"):
         export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "empty"))
 
