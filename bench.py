@@ -1,12 +1,12 @@
 """
 Benchmarks (figures for the README, not tests). Random weights: speed and memory do not depend on them.
 
-    python bench.py --threads=1 [--json_lines]  # --mode=train: train.py's step (MultiLoRA, LoRA) vs transformers + PEFT
+    python bench.py --threads=1 [--json_lines]  # --mode=train: our step vs transformers + PEFT
                                              # at vocab 4096, 32000 and 128256, packed rows on both sides
-    python bench.py --threads=1 --repeats=3  # the whole measurement 3 times: median and range of ratios
+    python bench.py --threads=1 --repeats=3  # 3 times over: the median and range of each ratio
     python bench.py --vocab_size=32000 --layouts=packed,padded --train_arms=multilora,lora,full
     python bench.py --lengths=fixed --train_batch=4 --train_max_len=128   # equal lengths: nothing to pack
-    python bench.py --mode=multilora --threads=1 --rounds=30   # MultiLoRA vs LoRA: throughput + memory
+    python bench.py --mode=multilora --threads=1 --rounds=30  # MultiLoRA vs LoRA: speed, memory
     python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
     python bench.py --mode=memory
     python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
@@ -61,7 +61,7 @@ n_layers = S(4, "[1, inf)")
 n_heads = S(8, "[1, inf)")
 hidden_dim = S(1376, "[1, inf)")
 vocab_size = S([4096, 32000, 128256], "[8, inf)",
-               "mode=train measures each in turn (Llama 2's 32k, Llama 3's 128k); the other modes the first")
+               "mode=train: each in turn (Llama 2's 32k, Llama 3's 128k); other modes: the first")
 batch_size = S(4, "[1, inf)")
 seq_len = S(128, "[1, inf)")
 targets = S("q,k,v,o", None)
@@ -89,7 +89,7 @@ train_max_len = S(512, "[1, inf)", "mode=train: tokens per example at most (Alpa
 layouts = S("packed", None, "mode=train: packed = train.py's default (pack=True); add ',padded' for one example "
             "per row, as transformers' DataCollatorForSeq2Seq lays out a batch")
 json_lines = S(False, None, 'mode=train: print one JSON object per measured configuration')
-repeats = S(1, "[1, inf)", "mode=train: the whole measurement this many times; the ratios: median and range")
+repeats = S(1, "[1, inf)", "mode=train: measure this many times; ratios: median and range")
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
 n_kv_heads = S(4, "[1, inf)")
 gen_batch = S(1, "[1, inf)")
@@ -154,7 +154,8 @@ def sync(device):
 def bench_throughput(base, device, dtype):
     arms = {"multilora n=4 r=8": ("multilora", 4, 8), "lora r=32": ("lora", 1, 32), "lora r=8": ("lora", 1, 8)}
     g = torch.Generator().manual_seed(seed)
-    batch = torch.randint(0, base.config.vocab_size, (batch_size, seq_len + 1), generator=g).to(device)
+    vocab = base.config.vocab_size
+    batch = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(device)
     built = {name: make_arm(base, *arm, device, dtype) for name, arm in arms.items()}
     for model, optimizer in built.values():
         for _ in range(warmup):
@@ -266,8 +267,8 @@ def make_train_arm(impl, finetune, layout, vocab, device, dt):
     rank = lora_rank if finetune == "multilora" else n_loras * lora_rank
     model = make_base(vocab)
     if impl == "ours":
-        model, optimizer = make_arm(model, finetune, n_loras if finetune == "multilora" else 1, rank,
-                                    device, base_dtype)
+        n = n_loras if finetune == "multilora" else 1
+        model, optimizer = make_arm(model, finetune, n, rank, device, base_dtype)
 
         def step():
             return train.train_step(model, optimizer, batches, n_targets, 1, autocast_ctx, None, grad_clip=1.0) / n_targets
@@ -365,7 +366,8 @@ def bench_train(vocab, device, dt, memory=True):
                             lora_rank=0 if finetune == "full" else lora_rank if finetune == "multilora" else n_loras * lora_rank,
                             tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune, layout)],
                             tokens=n_tokens, positions=n_positions, device=str(device), dtype=str(dt).removeprefix("torch."),
-                            threads=torch.get_num_threads(), dim=dim, n_layers=n_layers, vocab_size=vocab,
+                            threads=torch.get_num_threads(), dim=dim, n_layers=n_layers,
+                            vocab_size=vocab,
                             examples=len(examples), lengths=lengths, max_len=train_max_len,
                             seconds_per_round=seconds[(impl, finetune, layout)]))
     built.clear()
@@ -385,7 +387,8 @@ def paired(results, a, b):
 
 
 def print_vocab_results(rows):
-    """One vocabulary's configurations: a table (or JSON lines with --json_lines), printed as soon as measured."""
+    """One vocabulary's configurations: a table (or JSON lines with --json_lines), printed as soon
+    as measured."""
     if json_lines:
         for r in rows:
             print(json.dumps(r), flush=True)
@@ -415,10 +418,11 @@ def print_ratios(results):
     --repeats > 1, each ratio's median over the repeats and its range [min, max]."""
     lay = "packed" if any(r["layout"] == "packed" for r in results) else "padded"
     n_rep = 1 + max(r.get("repeat", 0) for r in results)
+    reps = f"; median [min, max] of {n_rep} repeats:" if n_rep > 1 else ":"
     print(f"ratios by vocabulary ({lay} rows on both sides; speed: median of same-round pairs; "
-          f"memory: step_memory)" + (f"; median [min, max] of {n_rep} repeats:" if n_rep > 1 else ":"))
-    heads = ("ours LoRA tokens/s", "PEFT LoRA tokens/s", "ours/PEFT tokens/s", "ours/PEFT peak memory",
-             "MultiLoRA/LoRA tokens/s")
+          f"memory: step_memory){reps}")
+    heads = ("ours LoRA tokens/s", "PEFT LoRA tokens/s", "ours/PEFT tokens/s",
+             "ours/PEFT peak memory", "MultiLoRA/LoRA tokens/s")
     width = 29 if n_rep > 1 else 12
     print(f"  {'vocab':>7s} " + " ".join(f"{h:>{max(width, len(h))}s}" for h in heads))
     for v in sorted({r["vocab_size"] for r in results}):
@@ -526,7 +530,8 @@ def bench_load(workdir):
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r.update(checkpoint_bytes=size, peak_over_size=(r["peak"] - r["before"]) / size)
-    print(f"load: {size / 1e9:.2f} GB checkpoint (fp32 safetensors, {layers} layers of width {load_dim}), fresh process")
+    print(f"load: {size / 1e9:.2f} GB checkpoint (fp32 safetensors, {layers} layers of width "
+          f"{load_dim}), fresh process")
     print(f"  resident memory: {r['before'] / 1e9:.2f} GB before loading (python + torch), peak {r['peak'] / 1e9:.2f} GB;"
           f" loading added {(r['peak'] - r['before']) / 1e9:.2f} GB = {r['peak_over_size']:.2f}x the checkpoint")
     print(f"  load {r['load_s']:.1f} s, first generated token {r['first_token_s']:.1f} s after the load began")
@@ -548,7 +553,7 @@ def main(argv=None):
         for rep in range(repeats):
             for v in vocabs:
                 if repeats > 1 and not json_lines:
-                    print(f"repeat {rep + 1} of {repeats}")
+                    print(f"repeat {rep + 1} of {repeats}, vocab {v}")
                 rows = bench_train(v, dev, dt, memory=rep == 0)  # peak memory: the same every time
                 for r in rows:
                     r["repeat"] = rep
@@ -569,7 +574,8 @@ def main(argv=None):
             return (bench_generate if mode == "generate" else bench_load)(workdir)
     base = make_base(vocabs[0])  # the other modes measure the first vocabulary
     print(f"device {dev}, base dtype {dt}, model dim={dim} n_layers={n_layers} hidden_dim={hidden_dim} "
-          f"vocab={vocabs[0]} ({base.num_params() / 1e6:.1f}M params), batch {batch_size}x{seq_len}, "
+          f"vocab={vocabs[0]} ({base.num_params() / 1e6:.1f}M params), "
+          f"batch {batch_size}x{seq_len}, "
           f"targets {targets}, torch threads {torch.get_num_threads()}")
     settings = {k: globals()[k] for k in SETTINGS}
     results = {"settings": dict(settings, device=str(dev), dtype=str(dt))}

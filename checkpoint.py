@@ -8,7 +8,7 @@ LLaMA checkpoints as they ship, read into llama.py's model and written back (doc
     read_config(ckpt_dir)        -> LlamaConfig, reading headers only (no weights)
     load_model(ckpt_dir, dtype)  -> Llama, one tensor at a time straight into its dtype and device
     save_hf_checkpoint(...)      -> config.json + model.safetensors (+ tokenizer files)
-    write_tokenizer_files(...)   -> tokenizer.model + what transformers' AutoTokenizer reads beside it
+    write_tokenizer_files(...)   -> tokenizer.model + what transformers' AutoTokenizer reads
 
 Every file is checked at the boundary: JSON value types, safetensors headers (dtypes, shapes against
 the stored bytes, offsets inside the file), names and shapes against the config. A problem is one
@@ -395,9 +395,12 @@ def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
     tokenizer.json with transformers. Files already in out_dir are left as they are."""
     from tokenizer import load_tokenizer
     folder = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
-    model_file = os.path.join(tokenizer_path, "tokenizer.model") if os.path.isdir(tokenizer_path) else tokenizer_path
+    model_file = tokenizer_path
+    if os.path.isdir(tokenizer_path):
+        model_file = os.path.join(tokenizer_path, "tokenizer.model")
     os.makedirs(out_dir, exist_ok=True)
-    copies = [(model_file, "tokenizer.model")] + [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
+    copies = [(model_file, "tokenizer.model")]
+    copies += [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
     for src, name in copies:
         dst = os.path.join(out_dir, name)
         if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
@@ -412,8 +415,9 @@ def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
     sp = tok.sp
     special = dict(bos_token=sp.id_to_piece(sp.bos_id()), eos_token=sp.id_to_piece(sp.eos_id()),
                    unk_token=sp.id_to_piece(sp.unk_id()))
-    config = dict(tokenizer_class="LlamaTokenizer", **special, add_bos_token=True, add_eos_token=False,
-                  **({"model_max_length": max_seq_len} if max_seq_len else {}))
+    config = dict(tokenizer_class="LlamaTokenizer", **special, add_bos_token=True,
+                  add_eos_token=False, **({"model_max_length": max_seq_len} if max_seq_len else {}))
     write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
     if "special_tokens_map.json" not in written:
-        write_text(os.path.join(out_dir, "special_tokens_map.json"), json.dumps(special, indent=2) + "\n")
+        path = os.path.join(out_dir, "special_tokens_map.json")
+        write_text(path, json.dumps(special, indent=2) + "\n")

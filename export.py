@@ -7,7 +7,7 @@ Leave this project with a result: turn a base checkpoint + adapter file into
 What was verified with which tool, and what is only the format: docs/formats.md.
 
     python export.py --ckpt_dir=BASE --adapter=FILE --out_dir=DIR --format=hf|peft [--dtype=auto]
-    python export.py ... --format=peft --base_name=meta-llama/Llama-2-7b-hf   # what loaders resolve
+    python export.py --ckpt_dir=BASE --adapter=FILE --out_dir=DIR --format=peft --base_name=NAME
 
 out_dir must be new or empty and outside ckpt_dir: an export never overwrites or mixes with other
 files. Every check (settings, folders, the adapter against its base) runs before the first write.

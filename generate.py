@@ -31,7 +31,7 @@ prompt = S("### Instruction:\nSort the digits from small to large.\n\n### Input:
            "### Instruction:\nWhich number is bigger?\n\n### Input:\n597 and 853\n\n### Response:\n|"
            "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6 1 4\n\n### Response:\n",
            None, "prompts separated by |; \\n in them is a newline, as in --prompt_file")
-prompt_file = S("", None, "UTF-8, one prompt per line (a newline in a prompt written \\n); replaces --prompt")
+prompt_file = S("", None, "UTF-8, a prompt per line (a newline in it written \\n); replaces --prompt")
 max_new_tokens = S(60, "[1, inf)", "tokens to generate per prompt at most")
 temperature = S(0.0, "[0, inf)", "0 = greedy")
 top_k = S(0, "[0, inf)", "sample from the k most likely tokens; 0 = off")
@@ -53,7 +53,8 @@ def main(argv):
             lines = data.decode("utf-8").split("\n")
         except UnicodeDecodeError as e:
             line = data[:e.start].count(b"\n") + 1
-            raise util.UserError(f"{prompt_file}: line {line}: not UTF-8 (byte {data[e.start:e.start + 1]!r}); "
+            bad = data[e.start:e.start + 1]
+            raise util.UserError(f"{prompt_file}: line {line}: not UTF-8 (byte {bad!r}); "
                                  f"save the prompts as UTF-8") from None
         prompts = [line.rstrip("\r").replace("\\n", "\n") for line in lines if line.strip()]
         if not prompts:

@@ -228,7 +228,7 @@ CASES = [
 ]] + [
     # generate.py: a prompt file that is not UTF-8 text (Latin-1 bytes on line 2)
     ("gen-prompt_file-not-utf8", GEN, [BASE, "--prompt_file={c}/p.txt"],
-     lambda c, w: (c / "p.txt").write_bytes("Once upon a time\nCaf\u00e9 au lait\n".encode("latin-1"))),
+     lambda c, w: (c / "p.txt").write_bytes("Once upon a time\nCaf\u00e9\n".encode("latin-1"))),
 ]
 
 # -----------------------------------------------------------------------------
@@ -368,7 +368,8 @@ def test_export_refuses_before_writing(world, tmp_path):
     (tmp_path / "empty").mkdir()
     export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "empty"))  # an empty one too
     written = set(os.listdir(tmp_path / "empty"))  # the adapter, and the base's tokenizer files
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= written
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.model",
+            "tokenizer_config.json"} <= written
     with pytest.raises(UserError, match="not empty"):
         export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "empty"))
 
