@@ -217,16 +217,8 @@ def mode_commands():
                 else ["--ckpt_dir=data/tiny_base", f"--adapter={ADAPTER}", "--out_dir=DIR"]
             )
             out.append(["python", script, f"--{key}={choice}", *base])
-    out.append(
-        [
-            "python",
-            "analyze.py",
-            "--ckpt_dir=data/tiny_base",
-            f"--adapters={SWAPS['adapters']}",
-            "--full=_docs/full",
-            "--out_dir=DIR",
-        ]
-    )
+    out.append(["python", "analyze.py", "--full=_docs/full", "--ckpt_dir=data/tiny_base",
+                f"--adapters={SWAPS['adapters']}", "--out_dir=DIR"])
     out.append(["python", "generate.py", f"--adapter={ADAPTER}"])
     return out
 
@@ -254,7 +246,15 @@ def all_commands():
         for words in split_command(line)
         for c in expand(words)
     ]
-    scripts += [("mode setting", c) for c in mode_commands()]
+    # a mode that a shown command already runs (same script, same --mode/--task/--format, or for
+    # analyze/generate the same options) is not run twice
+    shown = [c for c in seen if len(c) > 1] + [tuple(c) for _, c in scripts]
+
+    def covered(c):
+        wanted = [w.split("=")[0] if w.startswith(("--adapter", "--full")) else w for w in c[2:3]]
+        return any(s[1] == c[1] and all(any(a.startswith(w) for a in s[2:]) for w in wanted)
+                   for s in shown)
+    scripts += [("mode setting", c) for c in mode_commands() if not covered(c)]
     groups["scripts"] = [
         (where, c) for where, c in scripts if not (tuple(c) in seen or seen.add(tuple(c)))
     ]
@@ -268,7 +268,7 @@ def all_commands():
 def is_placeholder(value):
     return (
         re.fullmatch(r"[A-Z][A-Z_]*(\.\w+)?", value) is not None
-        or "/path/to/" in value
+        or "path/to/" in value
         or "..." in value
         or value.startswith(("checkpoints/", "<"))
     )
