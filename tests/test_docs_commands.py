@@ -114,6 +114,8 @@ ALLOWED = [
     ),
     (r"--nnodes=[2-9]", "a multi-node launch waits for its other machines", "skip"),
     (r"--device=cuda", "needs a CUDA GPU: refused in one line without one", "error"),
+    (r"config/tiny_base_pretrain\.py", "rebuilds the committed data/tiny_base (how it was made): "
+     "refused in one line without --overwrite=True, as any run's files are", "error"),
 ]
 MODE_SETTINGS = {"bench.py": "mode", "eval.py": "task", "export.py": "format"}
 SCRIPTS = [
@@ -223,6 +225,14 @@ def mode_commands():
     return out
 
 
+def dedup(words):
+    """What makes two shown commands the same run: their words less `--key=...` left out."""
+    def dropped(w):
+        key, _, value = w[2:].partition("=")
+        return is_placeholder(value) and key not in SWAPS
+    return tuple(w for w in words if not dropped(w))
+
+
 def all_commands():
     """{source name: [(where, words)]} in the order shown; one list per doc, one for the scripts."""
     groups, seen = {}, set()  # a command shown in several docs runs once, where first shown
@@ -234,8 +244,8 @@ def all_commands():
         for n, line in shown_lines(open(path).read()):
             for words in split_command(line):
                 for c in expand(words):
-                    if tuple(c) not in seen:
-                        seen.add(tuple(c))
+                    if dedup(c) not in seen:
+                        seen.add(dedup(c))
                         cmds.append((f"{name}:{n}", c))
         if cmds:
             groups[name] = cmds
@@ -256,7 +266,7 @@ def all_commands():
                    for s in shown)
     scripts += [("mode setting", c) for c in mode_commands() if not covered(c)]
     groups["scripts"] = [
-        (where, c) for where, c in scripts if not (tuple(c) in seen or seen.add(tuple(c)))
+        (where, c) for where, c in scripts if not (dedup(c) in seen or seen.add(dedup(c)))
     ]
     return groups
 
@@ -333,6 +343,7 @@ def runnable(words, cwd, n):
             "--dtype=float32",
             "--gradient_accumulation_steps=2",
             "--warmup_iters=2",
+            "--lora_rank=8",  # n·r = 160 of the paper's configs is over the tiny base's width
         ]
     small = [] if "--help" in out else RUN_SMALL.get(script, [])
     return launcher + ([] if launcher else [sys.executable]) + [script, *out, *small], allowed
