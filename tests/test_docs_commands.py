@@ -294,7 +294,9 @@ def runnable(words, cwd, n):
         return None, allowed[0]
     launcher = []
     if words[0] == "torchrun":
-        i = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        i = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+        if i is None:
+            return None, "a torchrun line without a script"
         launcher = [
             sys.executable,
             "-m",
