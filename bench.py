@@ -1,11 +1,12 @@
 """
 Benchmarks (figures for the README, not tests). Random weights: speed and memory do not depend on them.
 
-    python bench.py --threads=1 [--json]     # --mode=train: train.py's step (MultiLoRA, LoRA) vs transformers + PEFT
+    python bench.py --threads=1 [--json_lines]  # --mode=train: our step vs transformers + PEFT
                                              # at vocab 4096, 32000 and 128256, packed rows on both sides
+    python bench.py --threads=1 --repeats=3  # 3 times over: the median and range of each ratio
     python bench.py --vocab_size=32000 --layouts=packed,padded --train_arms=multilora,lora,full
     python bench.py --lengths=fixed --train_batch=4 --train_max_len=128   # equal lengths: nothing to pack
-    python bench.py --mode=multilora         # MultiLoRA vs LoRA throughput + memory per n (both parts below)
+    python bench.py --mode=multilora --threads=1 --rounds=30  # MultiLoRA vs LoRA: speed, memory
     python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
     python bench.py --mode=memory
     python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
@@ -33,7 +34,7 @@ memory:     peak bytes allocated during training steps of MultiLoRA with n = 1, 
 
 import copy
 import math
-import json as jsonlib  # plain `json` is the --json setting
+import json
 import os
 import statistics
 import sys
@@ -59,7 +60,8 @@ dim = S(512, "[1, inf)", 'the benchmark model (a LLaMA shape, random weights)')
 n_layers = S(4, "[1, inf)")
 n_heads = S(8, "[1, inf)")
 hidden_dim = S(1376, "[1, inf)")
-vocab_size = S([4096, 32000, 128256], "[8, inf)", "mode=train measures each in turn (Llama 2's 32k, Llama 3's 128k); the other modes the first")
+vocab_size = S([4096, 32000, 128256], "[8, inf)",
+               "mode=train: each in turn (Llama 2's 32k, Llama 3's 128k); other modes: the first")
 batch_size = S(4, "[1, inf)")
 seq_len = S(128, "[1, inf)")
 targets = S("q,k,v,o", None)
@@ -86,7 +88,8 @@ train_batch = S(16, "[1, inf)", 'mode=train: examples per step')
 train_max_len = S(512, "[1, inf)", "mode=train: tokens per example at most (Alpaca's prepare.py max_len)")
 layouts = S("packed", None, "mode=train: packed = train.py's default (pack=True); add ',padded' for one example "
             "per row, as transformers' DataCollatorForSeq2Seq lays out a batch")
-json = S(False, None, 'mode=train: print one JSON object per measured configuration')
+json_lines = S(False, None, 'mode=train: print one JSON object per measured configuration')
+repeats = S(1, "[1, inf)", "mode=train: measure this many times; ratios: median and range")
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
 n_kv_heads = S(Rule("n_heads / 2 if n_heads is even, else n_heads",
                     lambda s: s["n_heads"] // (2 - s["n_heads"] % 2)), "[1, n_heads]")
@@ -100,24 +103,42 @@ SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
 
-def make_base():
+def make_base(vocab):
     config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden_dim,
-                               vocab_size=vocab_size, max_seq_len=max(seq_len, train_max_len + 1))
+                               vocab_size=vocab, max_seq_len=max(seq_len, train_max_len + 1))
     torch.manual_seed(seed)
     model = llama.Llama(config)
     model.init_weights()
     return model
 
 
-def make_arm(base, finetune, n_loras, lora_rank, device, dtype):
-    """A copy of the base, adapted, with its AdamW. (model, optimizer, settings)."""
+def make_arm(base, finetune, n, rank, device, dtype):
+    """A copy of the base in `dtype`, adapted as train.py adapts it (train.adapt: trainable weights
+    in fp32), with train.py's AdamW. finetune 'lora' takes n = 1. -> (model, optimizer)."""
     model = copy.deepcopy(base).to(device=device, dtype=dtype)
     torch.manual_seed(seed)
-    settings = multilora.adapt_model(model, finetune=finetune, targets=targets, n_loras=n_loras,
-                                     lora_rank=lora_rank, lora_alpha=lora_alpha)
-    model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return model, optimizer, settings
+    train.adapt(model, finetune, dict(targets=targets.split(","), n_loras=n, lora_rank=rank,
+                                      lora_alpha=lora_alpha, lora_dropout=0.0, scaling="channel"))
+    optimizer = train.make_optimizer(model, 1e-4, 0.0, (0.9, 0.999), device.type)
+    return model, optimizer
+
+
+def take_turns(fns, device):
+    """Time {name: fn} round-robin: `rounds` rounds, each fn called `steps` times per round, a
+    different one first in each round, so that a machine that slows down slows all alike.
+    -> ({name: wall seconds per call, one per round}, {name: process CPU seconds per call})."""
+    names = list(fns)
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(steps):
+                fns[name]()
+            sync(device)
+            wall[name].append((time.perf_counter() - t0) / steps)
+            cpu[name].append((time.process_time() - c0) / steps)
+    return wall, cpu
 
 
 def train_step(model, optimizer, batch):
@@ -133,27 +154,19 @@ def sync(device):
 
 def bench_throughput(base, device, dtype):
     arms = {"multilora n=4 r=8": ("multilora", 4, 8), "lora r=32": ("lora", 1, 32), "lora r=8": ("lora", 1, 8)}
-    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(seed))
-    batch = batch.to(device)
+    g = torch.Generator().manual_seed(seed)
+    vocab = base.config.vocab_size
+    batch = torch.randint(0, vocab, (batch_size, seq_len + 1), generator=g).to(device)
     built = {name: make_arm(base, *arm, device, dtype) for name, arm in arms.items()}
-    for model, optimizer, _ in built.values():
+    for model, optimizer in built.values():
         for _ in range(warmup):
             train_step(model, optimizer, batch)
-    wall = {name: [] for name in arms}  # seconds per step, one entry per round
-    cpu = {name: [] for name in arms}   # process CPU seconds per step (all threads): less sensitive
-    names = list(built)
-    for r in range(rounds):             # to other processes on a shared CPU machine than wall time
-        for name in names[r % len(names):] + names[:r % len(names)]:  # each arm in turn goes first
-            model, optimizer, _ = built[name]
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                train_step(model, optimizer, batch)
-            sync(device)
-            wall[name].append((time.perf_counter() - t0) / steps)
-            cpu[name].append((time.process_time() - c0) / steps)
+    # process CPU time (all threads) is less sensitive than wall time to other processes on a
+    # shared CPU machine
+    wall, cpu = take_turns({name: (lambda m=m, o=o: train_step(m, o, batch))
+                            for name, (m, o) in built.items()}, device)
     result = {}
-    for name, (model, _, _) in built.items():
+    for name, (model, _) in built.items():
         trainable, base_total = multilora.count_trainable(model)
         result[name] = {"steps_per_s": 1 / statistics.median(wall[name]), "wall_s_per_step": wall[name],
                         "cpu_s_per_step": cpu[name], "trainable": trainable,
@@ -191,11 +204,11 @@ def peak_bytes(fn, device):
 
 
 def bench_memory(base, device, dtype):
-    batch = torch.randint(0, vocab_size, (batch_size, seq_len + 1), device=device)
+    batch = torch.randint(0, base.config.vocab_size, (batch_size, seq_len + 1), device=device)
     result = {}
     for n in memory_ns:
         def run():
-            model, optimizer, _ = make_arm(base, "multilora", n, memory_rank, device, dtype)
+            model, optimizer = make_arm(base, "multilora", n, memory_rank, device, dtype)
             for _ in range(2):  # the second step has AdamW's state allocated: the steady-state peak
                 train_step(model, optimizer, batch)
             run.modules = [m for _, m in multilora.adapter_modules(model)]
@@ -221,7 +234,7 @@ def bench_memory(base, device, dtype):
 # mode=train: train.py's own training step (train.adapt, make_optimizer, autocast, train_step) for each
 # finetune arm, next to transformers + PEFT LoRA on the identical model, batch and optimizer
 
-def train_examples():
+def train_examples(vocab):
     """train_batch synthetic examples [(ids, mask)], the last response_fraction of each the response."""
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -233,37 +246,30 @@ def train_examples():
         raise UserError(f"--lengths: expected 'alpaca' or 'fixed', got {lengths!r}")
     examples = []
     for n in sizes.astype(int):
-        ids = rng.integers(3, vocab_size, n)
+        ids = rng.integers(3, vocab, n)
         mask = np.zeros(n, dtype=np.uint8)
         mask[round(n * (1 - response_fraction)):] = 1
         examples.append((ids, mask))
     return examples
 
 
-def make_train_arm(impl, finetune, layout, device, dt):
+def make_train_arm(impl, finetune, layout, vocab, device, dt):
     """-> (step function returning the loss, model, positions computed per step (rows × length)). impl 'ours':
     train.py's path on the examples collated as train.py does (layout 'packed': pack=True);
     'peft'/'transformers': transformers' LlamaForCausalLM with the same weights (+ peft LoRA of rank
     n_loras·lora_rank), the same AdamW, autocast, token-normalized loss and gradient clipping, fed
     the same rows: padded ones with their attention_mask, packed ones with position_ids restarting
     at each example (transformers then builds the same block-diagonal mask)."""
-    import train
-    examples = train_examples()
+    examples = train_examples(vocab)
     batches = [dataset.collate(examples, 0, device, pack=layout == "packed")]
     n_targets = sum(int(m[1:].sum()) for _, m in examples)
     autocast_ctx = train.autocast_context(device.type, str(dt).removeprefix("torch."))
     base_dtype = dt if finetune != "full" else torch.float32  # train.py: frozen base in the autocast dtype
     rank = lora_rank if finetune == "multilora" else n_loras * lora_rank
-    model = make_base()
+    model = make_base(vocab)
     if impl == "ours":
-        model.to(device=device, dtype=base_dtype)
-        torch.manual_seed(seed)
-        train.adapt(model, finetune, dict(targets=targets.split(","), n_loras=n_loras if finetune == "multilora" else 1,
-                                          lora_rank=rank, lora_alpha=lora_alpha, lora_dropout=0.0, scaling="channel"))
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        optimizer = train.make_optimizer(model, 1e-4, 0.0, (0.9, 0.999), device.type)
+        n = n_loras if finetune == "multilora" else 1
+        model, optimizer = make_arm(model, finetune, n, rank, device, base_dtype)
 
         def step():
             return train.train_step(model, optimizer, batches, n_targets, 1, autocast_ctx, None, grad_clip=1.0) / n_targets
@@ -311,12 +317,12 @@ def step_memory(step, model, device):
     return weights + peak_bytes(lambda: (step(), step()), device)
 
 
-def bench_train(device, dt):
-    """One result per configuration (impl, finetune, layout) at the vocabulary vocab_size: tokens/s of
+def bench_train(vocab, device, dt, memory=True):
+    """One result per configuration (impl, finetune, layout) at the vocabulary vocab: tokens/s of
     real (non-padding) tokens, median over rounds, the configurations taking turns so that a machine
     that slows down slows all alike (the seconds of each round are kept for paired ratios); MFU; and
-    peak memory (step_memory, a separate untimed pass)."""
-    examples = train_examples()
+    peak memory (step_memory, a separate untimed pass; memory=False: not measured)."""
+    examples = train_examples(vocab)
     n_tokens = sum(len(ids) - 1 for ids, _ in examples)
     packs = dataset.collate(examples, 0, "cpu", pack=True)[2] is not None
     wanted = [lay for lay in layouts.split(",") if lay]
@@ -343,20 +349,12 @@ def bench_train(device, dt):
         configs += [("transformers", "full", lay) for lay in wanted if "full" in arms]  # no adapter
     built, first_loss = {}, {}
     for c in configs:
-        built[c] = make_train_arm(*c, device, dt)
+        built[c] = make_train_arm(*c, vocab, device, dt)
         first_loss[c] = float(built[c][0]())  # the same weights and examples: every arm starts at the same loss
         for _ in range(warmup - 1):
             built[c][0]()
-    seconds = {c: [] for c in configs}
-    for r in range(rounds):
-        for c in configs[r % len(configs):] + configs[:r % len(configs)]:  # no configuration always first
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                built[c][0]()
-            sync(device)
-            seconds[c].append((time.perf_counter() - t0) / steps)
-    config = make_base().config
+    seconds, _ = take_turns({c: built[c][0] for c in configs}, device)
+    config = built[configs[0]][1].config if configs[0][0] == "ours" else make_base(vocab).config
     row_len = max(len(ids) for ids, _ in examples) - 1  # the attention span, as train.py counts it
     results = []
     for impl, finetune, layout in configs:
@@ -369,12 +367,14 @@ def bench_train(device, dt):
                             lora_rank=0 if finetune == "full" else lora_rank if finetune == "multilora" else n_loras * lora_rank,
                             tokens_per_s=tokens_per_s, mfu=mfu, trainable=trainable, first_loss=first_loss[(impl, finetune, layout)],
                             tokens=n_tokens, positions=n_positions, device=str(device), dtype=str(dt).removeprefix("torch."),
-                            threads=torch.get_num_threads(), dim=dim, n_layers=n_layers, vocab_size=vocab_size,
+                            threads=torch.get_num_threads(), dim=dim, n_layers=n_layers,
+                            vocab_size=vocab,
                             examples=len(examples), lengths=lengths, max_len=train_max_len,
                             seconds_per_round=seconds[(impl, finetune, layout)]))
     built.clear()
-    for r in results:
-        r["peak_mem_bytes"] = step_memory(*make_train_arm(r["impl"], r["finetune"], r["layout"], device, dt)[:2], device)
+    for r in results if memory else ():
+        arm = make_train_arm(r["impl"], r["finetune"], r["layout"], vocab, device, dt)
+        r["peak_mem_bytes"] = step_memory(*arm[:2], device)
     return results
 
 
@@ -388,10 +388,11 @@ def paired(results, a, b):
 
 
 def print_vocab_results(rows):
-    """One vocabulary's configurations: a table (or JSON lines with --json), printed as soon as measured."""
-    if json:
+    """One vocabulary's configurations: a table (or JSON lines with --json_lines), printed as soon
+    as measured."""
+    if json_lines:
         for r in rows:
-            print(jsonlib.dumps(r), flush=True)
+            print(json.dumps(r), flush=True)
         return
     r0 = rows[0]
     print(f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} n_layers={n_layers} "
@@ -414,17 +415,42 @@ def print_vocab_results(rows):
 
 
 def print_ratios(results):
-    """The ratios of every vocabulary side by side, in train.py's layout on both sides."""
+    """The ratios of every vocabulary side by side, in train.py's layout on both sides; with
+    --repeats > 1, each ratio's median over the repeats and its range [min, max]."""
     lay = "packed" if any(r["layout"] == "packed" for r in results) else "padded"
-    print(f"ratios by vocabulary ({lay} rows on both sides; speed: median of same-round pairs; memory: step_memory):")
-    print(f"  {'vocab':>7s} {'ours/PEFT tokens/s':>19s} {'ours/PEFT peak memory':>22s} {'MultiLoRA/LoRA tokens/s':>24s}")
+    n_rep = 1 + max(r.get("repeat", 0) for r in results)
+    reps = f"; median [min, max] of {n_rep} repeats:" if n_rep > 1 else ":"
+    print(f"ratios by vocabulary ({lay} rows on both sides; speed: median of same-round pairs; "
+          f"memory: step_memory){reps}")
+    heads = ("ours LoRA tokens/s", "PEFT LoRA tokens/s", "ours/PEFT tokens/s",
+             "ours/PEFT peak memory", "MultiLoRA/LoRA tokens/s")
+    width = 29 if n_rep > 1 else 12
+    print(f"  {'vocab':>7s} " + " ".join(f"{h:>{max(width, len(h))}s}" for h in heads))
     for v in sorted({r["vocab_size"] for r in results}):
-        rows = [r for r in results if r["vocab_size"] == v and r["layout"] == lay]
-        mem = {(r["impl"], r["finetune"]): r["peak_mem_bytes"] for r in rows}
-        cells = [paired(rows, ("ours", "lora", lay), ("peft", "lora", lay)),
-                 mem[("ours", "lora")] / mem[("peft", "lora")] if {("ours", "lora"), ("peft", "lora")} <= set(mem) else None,
-                 paired(rows, ("ours", "multilora", lay), ("ours", "lora", lay))]
-        print(f"  {v:7d} " + " ".join(f"{'-' if c is None else f'{c:.3f}':>{w}s}" for c, w in zip(cells, (19, 22, 24))))
+        cells = [[] for _ in heads]
+        for rep in range(n_rep):
+            rows = [r for r in results
+                    if r["vocab_size"] == v and r["layout"] == lay and r.get("repeat", 0) == rep]
+            by = {(r["impl"], r["finetune"]): r for r in rows}
+            ours, peft = by.get(("ours", "lora")), by.get(("peft", "lora"))
+            values = [ours and ours["tokens_per_s"], peft and peft["tokens_per_s"],
+                      paired(rows, ("ours", "lora", lay), ("peft", "lora", lay)),
+                      ours and peft and ours["peak_mem_bytes"] / peft["peak_mem_bytes"],
+                      paired(rows, ("ours", "multilora", lay), ("ours", "lora", lay))]
+            for cell, value in zip(cells, values):
+                if value is not None:
+                    cell.append(value)
+
+        def show(c, w):
+            fmt = (lambda x: f"{x:,.0f}") if c and c[0] > 10 else (lambda x: f"{x:.3f}")
+            if not c:
+                text = "-"
+            elif len(c) == 1 or min(c) == max(c):
+                text = fmt(statistics.median(c))
+            else:
+                text = f"{fmt(statistics.median(c))} [{fmt(min(c))}, {fmt(max(c))}]"
+            return f"{text:>{w}s}"
+        print(f"  {v:7d} " + " ".join(show(c, max(width, len(h))) for c, h in zip(cells, heads)))
 
 
 # -----------------------------------------------------------------------------
@@ -451,12 +477,13 @@ class _IdsOnly:  # generate() needs these ids only: prompts are given as token i
 def bench_generate(workdir):
     from transformers import LlamaForCausalLM
     config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                               hidden_dim=hidden_dim, vocab_size=vocab_size, max_seq_len=gen_prompt_len + gen_tokens)
+                               hidden_dim=hidden_dim, vocab_size=vocab_size[0],
+                               max_seq_len=gen_prompt_len + gen_tokens)
     save_random_checkpoint(workdir, config)
     ours = checkpoint.load_model(workdir).eval()
     hf = LlamaForCausalLM.from_pretrained(workdir, attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(3, vocab_size, (gen_batch, gen_prompt_len), generator=g)
+    prompts = torch.randint(3, vocab_size[0], (gen_batch, gen_prompt_len), generator=g)
     times = {"ours": [], "transformers": []}
     same = True
     for _ in range(rounds):  # taking turns: a machine that slows down slows both alike
@@ -502,9 +529,10 @@ def bench_load(workdir):
              "print(json.dumps(dict(before=before, peak=peak, load_s=loaded, first_token_s=first)))\n")
     out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    r = jsonlib.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
     r.update(checkpoint_bytes=size, peak_over_size=(r["peak"] - r["before"]) / size)
-    print(f"load: {size / 1e9:.2f} GB checkpoint (fp32 safetensors, {layers} layers of width 2048), fresh process")
+    print(f"load: {size / 1e9:.2f} GB checkpoint (fp32 safetensors, {layers} layers of width "
+          f"{load_dim}), fresh process")
     print(f"  resident memory: {r['before'] / 1e9:.2f} GB before loading (python + torch), peak {r['peak'] / 1e9:.2f} GB;"
           f" loading added {(r['peak'] - r['before']) / 1e9:.2f} GB = {r['peak_over_size']:.2f}x the checkpoint")
     print(f"  load {r['load_s']:.1f} s, first generated token {r['first_token_s']:.1f} s after the load began")
@@ -523,25 +551,34 @@ def main(argv=None):
         torch.set_num_threads(threads)
     if mode == "train":
         results = []
-        for v in vocabs:  # the helpers read vocab_size as a plain global (nanoGPT style), one at a time
-            globals()["vocab_size"] = v
-            rows = bench_train(dev, dt)
-            print_vocab_results(rows)
-            results += rows
+        for rep in range(repeats):
+            for v in vocabs:
+                if repeats > 1 and not json_lines:
+                    print(f"repeat {rep + 1} of {repeats}, vocab {v}")
+                rows = bench_train(v, dev, dt, memory=rep == 0)  # peak memory: the same every time
+                for r in rows:
+                    r["repeat"] = rep
+                    if rep:
+                        first = next(f for f in results if f["vocab_size"] == v and f["repeat"] == 0
+                                     and all(f[k] == r[k] for k in ("impl", "finetune", "layout")))
+                        r["peak_mem_bytes"] = first["peak_mem_bytes"]
+                print_vocab_results(rows)
+                results += rows
         if out_file:
-            util.write_text(out_file, jsonlib.dumps(results, indent=2))
-        if not json:
+            util.write_text(out_file, json.dumps(results, indent=2))
+        if not json_lines:
             print_ratios(results)
         return
     if mode in ("generate", "load"):
         import tempfile
         with tempfile.TemporaryDirectory() as workdir:
             return (bench_generate if mode == "generate" else bench_load)(workdir)
-    globals()["vocab_size"] = vocabs[0]  # the other modes measure the first vocabulary
-    base = make_base()
+    base = make_base(vocabs[0])  # the other modes measure the first vocabulary
     print(f"device {dev}, base dtype {dt}, model dim={dim} n_layers={n_layers} hidden_dim={hidden_dim} "
-          f"vocab={vocab_size} ({base.num_params() / 1e6:.1f}M params), batch {batch_size}x{seq_len}, "
+          f"vocab={vocabs[0]} ({base.num_params() / 1e6:.1f}M params), "
+          f"batch {batch_size}x{seq_len}, "
           f"targets {targets}, torch threads {torch.get_num_threads()}")
+    settings = {k: globals()[k] for k in SETTINGS}
     results = {"settings": dict(settings, device=str(dev), dtype=str(dt))}
     if mode in ("multilora", "throughput"):
         r = results["throughput"] = bench_throughput(base, dev, dt)
@@ -561,7 +598,7 @@ def main(argv=None):
                   f"param+AdamW {m['param_and_adamw_growth_bytes']:>11,d}  grad {m['grad_growth_bytes']:>10,d}  "
                   f"folded B {m['folded_B_growth_bytes']:>9,d}  x·Aᵀ {m['rank_activation_growth_bytes']:>9,d}")
     if out_file:
-        util.write_text(out_file, jsonlib.dumps(results, indent=2))
+        util.write_text(out_file, json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

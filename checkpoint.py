@@ -8,7 +8,8 @@ LLaMA checkpoints as they ship, read into llama.py's model and written back (doc
     read_config(ckpt_dir)        -> LlamaConfig, reading headers only (no weights)
     load_model(ckpt_dir, dtype)  -> Llama, one tensor at a time straight into its dtype and device
     load_into(model, ckpt_dir)   -> fill a meta-device model, or under FSDP2 this rank's rows only
-    save_hf_checkpoint(...)      -> config.json + model.safetensors (+ tokenizer.model)
+    save_hf_checkpoint(...)      -> config.json + model.safetensors (+ tokenizer files)
+    write_tokenizer_files(...)   -> tokenizer.model + what transformers' AutoTokenizer reads
 
 Every file is checked at the boundary: JSON value types, safetensors headers (dtypes, shapes against
 the stored bytes, offsets inside the file), names and shapes against the config. A problem is one
@@ -553,8 +554,45 @@ def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=N
         write_safetensors(tmp, specs, take, metadata)
     write_text(os.path.join(out_dir, "config.json"), json.dumps(config_to_hf(config, dtype_name), indent=2))
     if tokenizer_path:
-        src = tokenizer_path if os.path.isfile(tokenizer_path) else os.path.join(tokenizer_path, "tokenizer.model")
-        dst = os.path.join(out_dir, "tokenizer.model")
-        if os.path.abspath(src) != os.path.abspath(dst):
+        write_tokenizer_files(out_dir, tokenizer_path, config.max_seq_len)
+
+
+# tokenizer files of a HF checkpoint, carried along wherever its tokenizer.model goes
+TOKENIZER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
+    """tokenizer.model (a file, or the one in a folder) into out_dir, with what transformers'
+    AutoTokenizer needs to tokenize as tokenizer.py does, BOS first: the folder's own
+    tokenizer.json / tokenizer_config.json / special_tokens_map.json where it has them; else, for a
+    SentencePiece model, a tokenizer_config.json (LlamaTokenizer, add_bos_token) and a
+    special_tokens_map.json written here. A Llama 3 tiktoken file without them gets none: write its
+    tokenizer.json with transformers. Files already in out_dir are left as they are."""
+    from tokenizer import load_tokenizer
+    folder = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
+    model_file = tokenizer_path
+    if os.path.isdir(tokenizer_path):
+        model_file = os.path.join(tokenizer_path, "tokenizer.model")
+    os.makedirs(out_dir, exist_ok=True)
+    copies = [(model_file, "tokenizer.model")]
+    copies += [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
+    for src, name in copies:
+        dst = os.path.join(out_dir, name)
+        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
             with atomic_write(dst) as tmp:
                 shutil.copyfile(src, tmp)
+    written = {n for n in TOKENIZER_SIDE_FILES if os.path.isfile(os.path.join(out_dir, n))}
+    if not os.path.isfile(model_file) or written & {"tokenizer.json", "tokenizer_config.json"}:
+        return
+    tok = load_tokenizer(model_file)
+    if tok.kind != "sentencepiece":
+        return
+    sp = tok.sp
+    special = dict(bos_token=sp.id_to_piece(sp.bos_id()), eos_token=sp.id_to_piece(sp.eos_id()),
+                   unk_token=sp.id_to_piece(sp.unk_id()))
+    config = dict(tokenizer_class="LlamaTokenizer", **special, add_bos_token=True,
+                  add_eos_token=False, **({"model_max_length": max_seq_len} if max_seq_len else {}))
+    write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
+    if "special_tokens_map.json" not in written:
+        path = os.path.join(out_dir, "special_tokens_map.json")
+        write_text(path, json.dumps(special, indent=2) + "\n")

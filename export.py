@@ -1,11 +1,13 @@
 """
 Leave this project with a result: turn a base checkpoint + adapter file into
   --format=hf    a merged full checkpoint in the Hugging Face layout (config.json + model.safetensors
-                 + tokenizer files), which transformers, vLLM and llama.cpp's converter read;
+                 + tokenizer files), which transformers and llama.cpp's converter read;
   --format=peft  a plain LoRA adapter in the PEFT layout (adapter_config.json +
-                 adapter_model.safetensors) that any LoRA serving stack can load onto the base.
+                 adapter_model.safetensors + the base's tokenizer files) for PEFT and LoRA servers.
+What was verified with which tool, and what is only the format: docs/formats.md.
 
     python export.py --ckpt_dir=BASE --adapter=FILE --out_dir=DIR --format=hf|peft [--dtype=auto]
+    python export.py --ckpt_dir=BASE --adapter=FILE --out_dir=DIR --format=peft --base_name=NAME
 
 out_dir must be new or empty and outside ckpt_dir: an export never overwrites or mixes with other
 files. Every check (settings, folders, the adapter against its base) runs before the first write.
@@ -30,7 +32,6 @@ import checkpoint
 import multilora
 import util
 from configurator import S, configure, declared
-from tokenizer import load_tokenizer
 from util import UserError
 
 # -----------------------------------------------------------------------------
@@ -40,11 +41,11 @@ adapter = S("", required, "adapter .safetensors written by train.py")
 out_dir = S("", required, "a new or empty folder, outside ckpt_dir")
 format = S("hf", ("hf", "peft"), "hf: merged full checkpoint; peft: a LoRA adapter for the base")
 dtype = S("auto", ("auto", "float32", "bfloat16", "float16"), "hf format: weights dtype (auto = the base's)")
+base_name = S("", None, "peft format: the base as adapter_config.json names it, a hub id or a path "
+              "(empty = --ckpt_dir as given)")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
-# tokenizer/generation files of a HF checkpoint that a merged export should carry along
-HF_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
 def peft_adapter(model, base_model_name_or_path=""):
@@ -104,42 +105,32 @@ def base_dtype(ckpt_dir):
     return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
 
 
-def tokenizer_config(tokenizer_path, config):
-    """tokenizer_config.json for a SentencePiece tokenizer.model, so that transformers'
-    AutoTokenizer loads the export (a Meta checkpoint ships tokenizer.model alone)."""
-    sp = load_tokenizer(tokenizer_path).sp
-    return dict(tokenizer_class="LlamaTokenizer", bos_token=sp.id_to_piece(sp.bos_id()),
-                eos_token=sp.id_to_piece(sp.eos_id()), unk_token=sp.id_to_piece(sp.unk_id()),
-                add_bos_token=True, add_eos_token=False, model_max_length=config.max_seq_len)
-
-
 def export_hf(ckpt_dir, adapter, out_dir, dtype=None):
     """Merged checkpoint. The merge adds ΔW in fp32 and casts once to `dtype`, which is what
     merging a fp32 copy of the base would give, without holding one."""
     check_out_dir(ckpt_dir, out_dir)
     model = load_adapted(ckpt_dir, adapter, dtype, merge=True)
     state = {k: v for k, v in model.state_dict().items() if not multilora.is_lora_key(k)}
-    tokenizer = os.path.join(ckpt_dir, "tokenizer.model")
-    has_sp = os.path.isfile(tokenizer) and load_tokenizer(tokenizer).kind == "sentencepiece"
-    checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=tokenizer if os.path.isfile(tokenizer) else None,
-                                  config=model.config)
-    if has_sp and not os.path.isfile(os.path.join(ckpt_dir, "tokenizer_config.json")):
-        util.write_text(os.path.join(out_dir, "tokenizer_config.json"),
-                        json.dumps(tokenizer_config(tokenizer, model.config), indent=2))
-    for name in HF_SIDE_FILES:
-        if os.path.isfile(os.path.join(ckpt_dir, name)):
-            with util.atomic_write(os.path.join(out_dir, name)) as tmp:
-                shutil.copyfile(os.path.join(ckpt_dir, name), tmp)
+    # the tokenizer files: the base's own, or tokenizer_config.json written for its tokenizer.model
+    checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=ckpt_dir, config=model.config)
+    if os.path.isfile(os.path.join(ckpt_dir, "generation_config.json")):
+        with util.atomic_write(os.path.join(out_dir, "generation_config.json")) as tmp:
+            shutil.copyfile(os.path.join(ckpt_dir, "generation_config.json"), tmp)
 
 
-def export_peft(ckpt_dir, adapter, out_dir):
+def export_peft(ckpt_dir, adapter, out_dir, base_name=""):
+    """The LoRA adapter, and the base's tokenizer files beside it (AutoTokenizer on the export then
+    adds BOS as the adapter was trained). adapter_config.json names the base by base_name, or by
+    ckpt_dir as given (not made absolute: the export holds no path of this machine)."""
     check_out_dir(ckpt_dir, out_dir)
     # the base itself is loaded (not just its config) so apply_adapter can check the file against it
-    tensors, config = peft_adapter(load_adapted(ckpt_dir, adapter), os.path.abspath(ckpt_dir))
+    model = load_adapted(ckpt_dir, adapter)
+    tensors, config = peft_adapter(model, base_name or os.path.normpath(ckpt_dir))
     os.makedirs(out_dir, exist_ok=True)
     with util.atomic_write(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     util.write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
+    checkpoint.write_tokenizer_files(out_dir, ckpt_dir, model.config.max_seq_len)
 
 
 def main(argv):
@@ -147,7 +138,7 @@ def main(argv):
     if format == "hf":
         export_hf(ckpt_dir, adapter, out_dir, None if dtype == "auto" else getattr(torch, dtype))
     else:
-        export_peft(ckpt_dir, adapter, out_dir)
+        export_peft(ckpt_dir, adapter, out_dir, base_name)
     print(f"wrote {format} export to {out_dir}")
 
 

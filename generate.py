@@ -30,8 +30,8 @@ merge = S(True, None, "merge the adapter into the weights (no inference overhead
 prompt = S("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3 0 3\n\n### Response:\n|"
            "### Instruction:\nWhich number is bigger?\n\n### Input:\n597 and 853\n\n### Response:\n|"
            "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6 1 4\n\n### Response:\n",
-           None, "prompts separated by |")
-prompt_file = S("", None, "one prompt per line (\\n inside a prompt written as \\\\n); replaces --prompt")
+           None, "prompts separated by |; \\n in them is a newline, as in --prompt_file")
+prompt_file = S("", None, "UTF-8, a prompt per line (a newline in it written \\n); replaces --prompt")
 max_new_tokens = S(60, "[1, inf)", "tokens to generate per prompt at most")
 temperature = S(0.0, "[0, inf)", "0 = greedy")
 top_k = S(0, "[0, inf)", "sample from the k most likely tokens; 0 = off")
@@ -45,10 +45,18 @@ SETTINGS = declared(globals())
 
 def main(argv):
     globals().update(configure(SETTINGS, argv))
-    prompts = prompt.split("|")
+    prompts = [p.replace("\\n", "\n") for p in prompt.split("|")]  # --help shows newlines as \n
     if prompt_file:  # read before the model: a wrong path costs no loading time
-        with open(prompt_file) as f:
-            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        with open(prompt_file, "rb") as f:
+            data = f.read()
+        try:
+            lines = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            bad = data[e.start:e.start + 1]
+            raise util.UserError(f"{prompt_file}: line {line}: not UTF-8 (byte {bad!r}); "
+                                 f"save the prompts as UTF-8") from None
+        prompts = [line.rstrip("\r").replace("\\n", "\n") for line in lines if line.strip()]
         if not prompts:
             raise util.UserError(f"{prompt_file}: no prompts in file")
     t0 = time.perf_counter()

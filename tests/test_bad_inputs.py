@@ -257,7 +257,11 @@ CASES = [
     ("resume-changes-lora_rank", ["--resume=True", "--lora_rank=2", "--seed=1"],
      edit_run(lambda ckpt: None)),
     ("resume-other-base-weights", ["--resume=True", "--ckpt_dir={c}/other"], other_weights),
-]]
+]] + [
+    # generate.py: a prompt file that is not UTF-8 text (Latin-1 bytes on line 2)
+    ("gen-prompt_file-not-utf8", GEN, [BASE, "--prompt_file={c}/p.txt"],
+     lambda c, w: (c / "p.txt").write_bytes("Once upon a time\nCaf\u00e9\n".encode("latin-1"))),
+]
 
 # -----------------------------------------------------------------------------
 # running the table
@@ -399,6 +403,22 @@ def test_export_refuses_before_writing(world, tmp_path):
     export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "peft"))  # a new folder: fine
     (tmp_path / "empty").mkdir()
     export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "empty"))  # an empty one too
-    assert sorted(os.listdir(tmp_path / "empty")) == ["adapter_config.json", "adapter_model.safetensors"]
+    written = set(os.listdir(tmp_path / "empty"))  # the adapter, and the base's tokenizer files
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.model",
+            "tokenizer_config.json"} <= written
     with pytest.raises(UserError, match="not empty"):
         export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "empty"))
+
+
+def test_generate_prompt_and_prompt_file_agree_on_newlines(world, tmp_path):
+    """--help shows the default prompt with \\n for its newlines; typed that way, --prompt means
+    the same prompt as a real newline would, and as --prompt_file's \\n does."""
+    text = "### Instruction:\nSay hi.\n\n### Response:\n"
+    (tmp_path / "p.txt").write_text(text.replace("\n", "\\n") + "\n")
+    outs = [subprocess.run([sys.executable, GEN, BASE.format(w=world), "--max_new_tokens=8", arg],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+            for arg in ("--prompt=" + text, "--prompt=" + text.replace("\n", "\\n"),
+                        f"--prompt_file={tmp_path}/p.txt")]
+    assert all(p.returncode == 0 for p in outs), [p.stderr for p in outs]
+    assert outs[0].stdout.startswith(text)  # the prompt, decoded, then the continuation
+    assert outs[1].stdout == outs[0].stdout and outs[2].stdout == outs[0].stdout

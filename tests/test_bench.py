@@ -15,7 +15,7 @@ pytest.importorskip("peft")
 
 
 def test_bench_json_lines():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json", "--dim=32", "--n_layers=1",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json_lines", "--dim=32", "--n_layers=1",
                         "--n_heads=2", "--hidden_dim=64", "--vocab_size=64", "--train_batch=8", "--train_max_len=256",
                         "--rounds=1", "--warmup=1", "--threads=1",
                         "--layouts=packed,padded", "--train_arms=multilora,lora,full"],
