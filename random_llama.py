@@ -77,6 +77,14 @@ SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
 
+def preset_config(name):
+    """The LlamaConfig of a preset (plan.py reads shapes from here too)."""
+    fields = dict(DEFAULTS, **PRESETS[name])
+    if fields["vocab_size"] >= 128000:
+        fields.update(bos_id=128000, eos_id=[128001])
+    return LlamaConfig(**fields)
+
+
 def model_config(settings):
     """The LlamaConfig of the settings: a preset's shape with explicit flags on top."""
     s = settings
