@@ -91,6 +91,9 @@ def model_config(s):
                                  n_kv_heads=s["n_kv_heads"], hidden_dim=s["hidden_dim"],
                                  vocab_size=meta["vocab_size"], max_seq_len=s["max_seq_len"],
                                  tie_embeddings=s["tie_embeddings"]), "init_from=scratch"
+    if not os.path.isdir(s["ckpt_dir"]):
+        raise UserError(f"{s['ckpt_dir']}: checkpoint directory not found (ckpt_dir); to plan for a "
+                        f"published shape without it, give --model=one of {','.join(random_llama.PRESETS)}")
     return checkpoint.read_config(s["ckpt_dir"]), s["ckpt_dir"]
 
 
