@@ -11,8 +11,11 @@
 #   python data/dolly/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/dolly/llama
 
 # model: LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary) or Llama-3-8B (128k tiktoken vocabulary, GQA)
-_ckpt_dirs = {"llama7b": "checkpoints/llama-7b", "llama3_8b": "checkpoints/Meta-Llama-3-8B"}
-_data_tags = {"llama7b": "llama", "llama3_8b": "llama3"}  # data/<dataset>/<tag>: prepared with that tokenizer
+_ckpt_dirs = {"llama7b": "checkpoints/llama-7b", "llama3_8b": "checkpoints/Meta-Llama-3-8B",
+              "llama65b": "checkpoints/llama-65b", "llama2_70b": "checkpoints/Llama-2-70b-hf",
+              "llama3_70b": "checkpoints/Meta-Llama-3-70B"}  # 65B/70B: config/llama*_70b_*.py, llama65b_*
+_data_tags = {"llama7b": "llama", "llama3_8b": "llama3",  # data/<dataset>/<tag>: prepared with that tokenizer
+              "llama65b": "llama", "llama2_70b": "llama", "llama3_70b": "llama3"}  # LLaMA 1 and 2 share one
 ckpt_dir = _ckpt_dirs[_model]
 
 # data: Alpaca alone (instruction following), or the multi-task mixture: Alpaca + MMLU (auxiliary train)

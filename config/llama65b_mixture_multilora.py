@@ -1,0 +1,17 @@
+# LLaMA-65B on the multi-task mixture, finetune=multilora; one node of 8x80 GB GPUs:
+#   torchrun --standalone --nproc_per_node=8 train.py config/llama65b_mixture_multilora.py
+# The other settings, why they are what they are, and how to prepare the data: config/_paper.py
+# from the paper: LLaMA 7B-65B; ours: this size's FSDP, activation checkpointing and bf16 settings and
+# the hyperparameters of config/_paper.py.
+# 130.6 GB of bf16 weights do not fit one GPU: FSDP shards them (and the adapters, their gradients
+# and AdamW state) over the 8, activation checkpointing keeps one block input per layer.
+# Expected per GPU, rows of 1024 tokens (docs/scaling.md):
+#   python plan.py config/llama65b_mixture_multilora.py --model=llama-65b --nproc=8 --seq_len=1024
+#   -> 27.6 GiB of 80: base 15.2, adapters + gradients + AdamW 1.6,
+#      FSDP's gathered groups 4.0, activations 6.8 (108.95 GiB without activation checkpointing)
+_model, _data, finetune = "llama65b", "mixture", "multilora"
+out_dir = "out/llama65b_mixture_multilora"
+exec(open("config/_paper.py").read())
+fsdp = True
+activation_checkpointing = True
+dtype = "bfloat16"
