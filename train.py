@@ -30,7 +30,7 @@ import llama
 import multilora
 import train_state
 import util
-from configurator import Rule, S, check_type, configure, declared
+from configurator import Rule, S, check_type, configure, declared, resolve
 from tokenizer import check_tokenizer, load_tokenizer
 from util import UserError
 
@@ -332,7 +332,8 @@ def configure_run(argv):
         return configure(SETTINGS, argv, "train.py")  # no checkpoint: check_out_dir says so
     saved = train_state.read(path, mmap=True)["settings"]
     own = ("out_dir", "resume", "overwrite")  # this command's, never the checkpoint's
-    run = {k: S(check_type(f"{path}: settings", k, saved[k], s.default)
+    typed = resolve(SETTINGS, {k: s.default for k, s in SETTINGS.items()})  # rules' types
+    run = {k: S(check_type(f"{path}: settings", k, saved[k], typed[k])
                 if k in saved and k not in own else s.default, s.allowed, s.help)
            for k, s in SETTINGS.items()}
     try:
