@@ -126,8 +126,9 @@ def worker(out, cases):
         adapter = {k: v.full_tensor() for k, v in multilora.adapter_state_dict(model).items()}  # collective
         if rank == 0:
             multilora.save_adapter(model, os.path.join(out, f"{name}.adapter.safetensors"), settings, state=adapter)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit
+    torch.distributed.barrier()  # every rank's files are written
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown: destroying gloo's threads at exit can abort (SIGABRT)
 
 
 CASES = [  # name, writer(dir, config, weights), file dtype
