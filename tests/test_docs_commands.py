@@ -70,6 +70,9 @@ RUN_SMALL = {
         "--train_args=" + ",".join(TRAIN_SMALL[1:]),
     ],
     "data/tasks/generate.py": [],
+    # a preset's shape at a few KB: the flags override the preset's values
+    "random_llama.py": ["--dim=64", "--n_layers=1", "--n_heads=2", "--n_kv_heads=2",
+                        "--hidden_dim=128", "--vocab_size=256", "--max_seq_len=64"],
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead
 SOURCES = {f"data/{n}/prepare.py": f"_docs/src/{n}" for n in ("alpaca", "dolly", "gsm8k", "mmlu")}

@@ -61,7 +61,8 @@ def test_committed_configs_resolve_as_before(monkeypatch):
     monkeypatch.setattr(train, "WORLD_SIZE", 1)
     seen = 0
     for module, argv in config_argvs():
-        if module is train and argv and "_full" in argv[0] and "llama" in argv[0]:
+        if module is train and argv and "llama" in argv[0] and \
+                ("_full" in argv[0] or "65b" in argv[0] or "70b" in argv[0]):
             monkeypatch.setenv("RANK", "0")  # fsdp=True is only allowed under torchrun
         else:
             monkeypatch.delenv("RANK", raising=False)
