@@ -55,7 +55,9 @@ TINY_BENCH = [
     "--load_dim=64",
     "--repeats=1",
 ]
-TRAIN_SMALL = ["--max_iters=20", "--batch_size=4", "--eval_examples=4", "--exact_match_examples=2"]
+TRAIN_SMALL = ["--max_iters=20", "--batch_size=4", "--eval_examples=4", "--exact_match_examples=2",
+               # init_from=scratch's shape (a pretrained base's comes from its files)
+               "--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--hidden_dim=128"]
 RUN_SMALL = {
     "train.py": TRAIN_SMALL,
     "generate.py": ["--max_new_tokens=4"],
