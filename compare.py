@@ -21,6 +21,7 @@ is arm minus baseline per seed, and its interval is the same formula over those 
 
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -29,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 import analyze
 import util
@@ -44,7 +46,8 @@ arms = S([  # "label: train.py arguments"; arms differ only in the finetune
 ], None, "'label: train.py arguments' per arm")
 baseline = S("LoRA r=32", None, 'paired differences are arm minus this arm, seed by seed')
 full_arm = S("full", None, "φ is measured against this arm's ΔW of the same seed ('' = no φ)")
-seeds = S([1, 2, 3, 4, 5], "[0, inf)")
+seeds = S(list(range(1, 21)), "[0, inf)", "20: a ±10-point MultiLoRA − LoRA interval (docs/evidence.md)")
+arm_seeds = S(["full: 1-5"], None, "'label: seeds' for an arm run on fewer seeds than --seeds, e.g. 'full: 1-5'")
 ckpt_dir = S("data/tiny_base", None, "the base every run starts from (and analyze.py's reference)")
 max_iters = S(500, "[1, inf)", 'the budget of every run (the suite was calibrated at it: README)')
 eval_interval = S(100, "[1, inf)", 'validation-loss points of the curves')
@@ -55,7 +58,9 @@ overwrite = S(False, None, 'replace runs already in out_dir (without it or reuse
 out_dir = S("out/compare", None)
 out_prefix = S("docs/compare", None)
 phi_dim = S(32, "[1, inf)", "analyze.py's φ(k, k), k = min(rank, phi_dim)")
-render = S("", None, 'a written JSON: print its tables and stop')
+render = S("", None, 'a written JSON: print its tables (and with --plots=True redraw its plots) and stop')
+plots = S(False, None, 'with --render: redraw the plots beside that JSON')
+numerics = S("", None, "write the numerics fingerprint (a few steps of each arm, seed 1) to this JSON and stop")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
@@ -87,6 +92,68 @@ def parse_arm(spec):
 
 def slug(label):
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+
+def parse_seeds(text):
+    """'1-5' or '1,2,7' or '1-3,9' -> [1, 2, 3, 9]."""
+    out = []
+    for part in text.replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise UserError(f"arm_seeds: expected seeds like '1-5' or '1,2,7', got {text!r}")
+        out += list(range(int(first), int(last or first) + 1))
+    return out
+
+
+def seeds_by_arm(labels):
+    """{label: its seeds}: --seeds, or fewer of them where arm_seeds says so."""
+    chosen = {label: list(seeds) for label in labels}
+    for spec in arm_seeds:
+        label, _, text = spec.rpartition(":")
+        label = label.strip()
+        if label not in chosen:
+            raise UserError(f"arm_seeds: expected 'label: seeds' with a label of {labels}, got {spec!r}")
+        chosen[label] = [s for s in seeds if s in parse_seeds(text)]  # those of --seeds it names
+    return chosen
+
+
+def compact(values):
+    """[1, 2, 3, 5] -> '1–3, 5'."""
+    parts, values = [], sorted(values)
+    for v in values:
+        if parts and v == parts[-1][1] + 1:
+            parts[-1][1] = v
+        else:
+            parts.append([v, v])
+    return ", ".join(f"{a}" if a == b else f"{a}–{b}" if b > a + 1 else f"{a}, {b}" for a, b in parts)
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux), which the kernels' rounding may depend on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance():
+    """What the numbers were made with: the commit (and whether tracked files differed from it), the
+    torch version and the CPU model. Runs on another CPU or torch may round differently and, on this
+    suite, a rounding difference can grow into the other outcome of a task (learned or not)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    return dict(commit=commit, dirty=dirty, torch=torch.__version__, python=platform.python_version(),
+                cpu=cpu_model())
 
 # -----------------------------------------------------------------------------
 # the runs
@@ -155,6 +222,42 @@ def spectrum_figures(run_dirs):
         figures[label] = dict(effective_rank=g["effective_rank"], top1_share=g["top1_share"],
                               phi=g["phi"][k - 1][k - 1] if k else None, normalized=g["normalized"])
     return figures
+
+# -----------------------------------------------------------------------------
+# the numerics fingerprint: a few steps of each arm through the same train() as the evidence
+
+FINGERPRINT_STEPS = 24  # past the configs' 20 warmup steps, so the schedule is the evidence's kind
+FINGERPRINT_ARGS = ["--log_interval=1", "--exact_match_examples=5"]
+
+
+def fingerprint(specs, work_dir, steps=FINGERPRINT_STEPS):
+    """{label: {train_loss per step, val_loss at 0 and at the end, exact_match}} of seed 1 of every arm,
+    `steps` steps each, the evidence's command otherwise (tests/test_numerics.py compares it bit for bit
+    with docs/numerics.json: a change to the training arithmetic shows here first)."""
+    global out_dir, max_iters, eval_interval, train_args, reuse, overwrite
+    saved = out_dir, max_iters, eval_interval, train_args, reuse, overwrite
+    out_dir, max_iters, eval_interval, reuse, overwrite = work_dir, steps, steps, False, False
+    train_args = [*train_args, *FINGERPRINT_ARGS]
+    try:
+        with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
+            dirs = {label: pool.submit(train, label, args, 1) for label, args in specs}
+            records = {label: read_metrics(f.result()) for label, f in dirs.items()}
+    finally:
+        out_dir, max_iters, eval_interval, train_args, reuse, overwrite = saved
+    return {label: dict(train_loss=[r["train_loss"] for r in rs if "train_loss" in r],
+                        val_loss=[r["val_loss"] for r in rs if "val_loss" in r],
+                        exact_match=rs[-1].get("exact_match")) for label, rs in records.items()}
+
+
+def write_fingerprint(specs, path):
+    import tempfile
+    with tempfile.TemporaryDirectory() as work_dir:
+        losses = fingerprint(specs, work_dir)
+    result = dict(provenance=provenance(), arms=[f"{label}: {shlex.join(args)}" for label, args in specs],
+                  steps=FINGERPRINT_STEPS, train_args=[*train_args, *FINGERPRINT_ARGS], ckpt_dir=ckpt_dir,
+                  fingerprint=losses)
+    util.write_text(path, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}: {', '.join(losses)}, {FINGERPRINT_STEPS} steps of seed 1 each")
 
 # -----------------------------------------------------------------------------
 # the summary: what the JSON holds and the tables show
@@ -303,25 +406,36 @@ def main(argv=None):
     globals().update(settings)
     if render:
         with open(render) as f:
-            print(render_tables(json.load(f)), end="")
+            result = json.load(f)
+        print(render_tables(result), end="")
+        if plots:
+            print("wrote " + ", ".join(plot(result, os.path.splitext(render)[0])))
         return
     specs = [parse_arm(a) for a in arms]
     labels = [label for label, _ in specs]
     if len(set(labels)) != len(labels) or baseline not in labels or (full_arm and full_arm not in labels):
         raise UserError(f"arms: expected distinct labels including baseline={baseline!r} and full_arm={full_arm!r}, got {labels}")
+    if numerics:
+        return write_fingerprint(specs, numerics)
+    by_arm = seeds_by_arm(labels)
+    made_with = provenance()  # before any run: the commit the runs are made from
     workers = jobs or os.cpu_count() or 1
     t0 = time.time()
-    print(f"{len(specs)} arms x {len(seeds)} seeds = {len(specs) * len(seeds)} runs, {workers} at a time, in {out_dir}")
+    n_runs = sum(map(len, by_arm.values()))
+    print(f"{len(specs)} arms, {n_runs} runs, {workers} at a time, in {out_dir}")
     with ThreadPoolExecutor(workers) as pool:
-        futures = {(label, seed): pool.submit(train, label, args, seed) for seed in seeds for label, args in specs}
+        futures = {(label, seed): pool.submit(train, label, args, seed)
+                   for seed in seeds for label, args in specs if seed in by_arm[label]}
         run_dirs = {key: f.result() for key, f in futures.items()}
     t_train = time.time() - t0
     runs = []
     for seed in seeds:
-        figures = spectrum_figures({label: run_dirs[label, seed] for label in labels})
-        for label in labels:
+        here = [label for label in labels if seed in by_arm[label]]
+        figures = spectrum_figures({label: run_dirs[label, seed] for label in here})
+        for label in here:
             runs.append(dict(arm=label, seed=seed, **run_figures(run_dirs[label, seed]), **figures[label]))
-    result = dict(settings=settings, summary=summarize(runs, labels), runs=runs,
+    result = dict(settings=settings, provenance=made_with, seeds_by_arm=by_arm,
+                  summary=summarize(runs, labels), runs=runs,
                   wall_s=dict(train=t_train, total=time.time() - t0))
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
     util.write_text(out_prefix + ".json", json.dumps(result, indent=1))
