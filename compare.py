@@ -230,34 +230,38 @@ FINGERPRINT_STEPS = 24  # past the configs' 20 warmup steps, so the schedule is 
 FINGERPRINT_ARGS = ["--log_interval=1", "--exact_match_examples=5"]
 
 
-def fingerprint(specs, work_dir, steps=FINGERPRINT_STEPS):
+def fingerprint(specs, work_dir, base, steps=FINGERPRINT_STEPS):
     """{label: {train_loss per step, val_loss at 0 and at the end, exact_match}} of seed 1 of every arm,
-    `steps` steps each, the evidence's command otherwise (tests/test_numerics.py compares it bit for bit
-    with docs/numerics.json: a change to the training arithmetic shows here first)."""
-    global out_dir, max_iters, eval_interval, train_args, reuse, overwrite
-    saved = out_dir, max_iters, eval_interval, train_args, reuse, overwrite
+    `steps` steps each from `base`, the evidence's command otherwise (tests/test_numerics.py compares it
+    bit for bit with docs/numerics.json: a change to the training arithmetic shows here first)."""
+    global out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
+    saved = out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
     out_dir, max_iters, eval_interval, reuse, overwrite = work_dir, steps, steps, False, False
-    train_args = [*train_args, *FINGERPRINT_ARGS]
+    train_args, ckpt_dir = FINGERPRINT_ARGS, base
     try:
         with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
             dirs = {label: pool.submit(train, label, args, 1) for label, args in specs}
             records = {label: read_metrics(f.result()) for label, f in dirs.items()}
     finally:
-        out_dir, max_iters, eval_interval, train_args, reuse, overwrite = saved
+        out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir = saved
     return {label: dict(train_loss=[r["train_loss"] for r in rs if "train_loss" in r],
                         val_loss=[r["val_loss"] for r in rs if "val_loss" in r],
                         exact_match=rs[-1].get("exact_match")) for label, rs in records.items()}
 
 
 def write_fingerprint(specs, path):
+    """--numerics=path: the fingerprint of the arms (no train_args: the evidence's commands) and what
+    it was made with."""
     import tempfile
+    if train_args:
+        raise UserError(f"numerics: expected no train_args (the fingerprint is of the evidence's commands), got {train_args}")
     with tempfile.TemporaryDirectory() as work_dir:
-        losses = fingerprint(specs, work_dir)
+        losses = fingerprint(specs, work_dir, ckpt_dir)
     result = dict(provenance=provenance(), arms=[f"{label}: {shlex.join(args)}" for label, args in specs],
-                  steps=FINGERPRINT_STEPS, train_args=[*train_args, *FINGERPRINT_ARGS], ckpt_dir=ckpt_dir,
-                  fingerprint=losses)
+                  steps=FINGERPRINT_STEPS, train_args=FINGERPRINT_ARGS, ckpt_dir=ckpt_dir, fingerprint=losses)
     util.write_text(path, json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}: {', '.join(losses)}, {FINGERPRINT_STEPS} steps of seed 1 each")
+
 
 # -----------------------------------------------------------------------------
 # the summary: what the JSON holds and the tables show
@@ -311,8 +315,12 @@ def render_tables(result):
     pairs = [(label, ref) for ref in (result["settings"]["baseline"], result["settings"]["full_arm"])
              for label in labels if ref in arms[label]["mean"]["vs"]]
     head = ["", *labels, *[f"{label} − {ref}" for label, ref in pairs]]
-    lines = [f"Exact match (%) and figures of ΔW, mean ± 95% CI over seeds {result['settings']['seeds']} "
-             f"({max_iters_of(result)} steps each); the last columns are paired differences (same seed).", "",
+    by_arm = result.get("seeds_by_arm") or {label: result["settings"]["seeds"] for label in labels}
+    fewer = [f"{label}: seeds {compact(by_arm[label])}" for label in labels
+             if len(by_arm[label]) < len(result["settings"]["seeds"])]
+    lines = [f"Exact match (%) and figures of ΔW, mean ± 95% CI over seeds {compact(result['settings']['seeds'])}"
+             f"{' (' + '; '.join(fewer) + ')' if fewer else ''} ({max_iters_of(result)} steps each); the last "
+             "columns are paired differences (same seed, over the seeds both arms ran).", "",
              "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     rows = [(task, task, 100, 1) for task in s["tasks"]] + [("**mean**", "mean", 100, 1), ("sd of the mean over seeds", "sd", 100, 1)]
     rows += [("val loss", "val_loss", 1, 3), ("train loss (last 10%)", "train_loss", 1, 3),
@@ -330,6 +338,12 @@ def render_tables(result):
     lines += ["", "Per task, the range of the arms' mean exact match (%): " + ", ".join(
         f"{task} {min(arms[l][task]['mean'] for l in labels) * 100:.1f}–{max(arms[l][task]['mean'] for l in labels) * 100:.1f}"
         for task in s["tasks"]) + "."]
+    made = result.get("provenance")
+    if made:
+        state = {True: "with uncommitted changes", False: "clean", None: "not a git checkout"}[made["dirty"]]
+        lines += ["", f"Made at commit {(made['commit'] or 'unknown')[:12]} ({state}), torch {made['torch']}, "
+                  f"Python {made['python']}, CPU {made['cpu']}: {len(result['runs'])} runs in "
+                  f"{result['wall_s']['total'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -358,11 +372,43 @@ def plot(result, prefix):
     for i, label in enumerate(labels):
         m = [100 * arms[label][k]["mean"] for k in keys]
         e = [100 * (arms[label][k]["ci"] or 0) for k in keys]
-        ax.bar(np.arange(len(keys)) + (i - (len(labels) - 1) / 2) * width, m, width, yerr=e, capsize=2, label=label)
+        x = np.arange(len(keys)) + (i - (len(labels) - 1) / 2) * width
+        bars = ax.bar(x, m, width, yerr=e, capsize=2, label=label, alpha=0.6)
+        rs = [r for r in runs if r["arm"] == label]  # every seed's point, spread across the bar
+        spread = np.linspace(-0.35, 0.35, len(rs)) * width if len(rs) > 1 else np.zeros(1)
+        for j, key in enumerate(keys):
+            y = [100 * (np.mean(list(r["exact_match"].values())) if key == "mean" else r["exact_match"][key])
+                 for r in rs]
+            ax.scatter(x[j] + spread, y, s=6, color=bars.patches[0].get_facecolor(), edgecolors="black",
+                       linewidths=0.3, alpha=1.0, zorder=3)
     ax.set_xticks(range(len(keys)), keys)
-    ax.set_ylabel("exact match (%), mean ± 95% CI")
+    ax.set_ylabel("exact match (%): mean ± 95% CI, a point per seed")
     ax.legend(fontsize=8)
     written.append(save(fig, prefix + "_scores.png"))
+
+    # the paired differences to the baseline (same seed), a point per seed, mean ± 95% CI
+    ref = result["settings"]["baseline"]
+    others = [label for label in labels if ref in arms[label]["mean"]["vs"]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / max(len(others), 1)
+    base = {(r["seed"], key): v for r in runs if r["arm"] == ref for key, v in em_items(r, keys)}
+    for i, label in enumerate(others):
+        x = np.arange(len(keys)) + (i - (len(others) - 1) / 2) * width
+        color = f"C{labels.index(label)}"
+        for j, key in enumerate(keys):
+            d = [100 * (v - base[r["seed"], key]) for r in runs if r["arm"] == label
+                 for k, v in em_items(r, [key]) if (r["seed"], key) in base]
+            ax.scatter(x[j] + np.linspace(-0.3, 0.3, len(d)) * width, d, s=6, color=color, zorder=3)
+            stat = arms[label][key]["vs"][ref]
+            ax.errorbar(x[j], 100 * stat["mean"], 100 * (stat["ci"] or 0), fmt="_", color="black", capsize=3,
+                        markersize=12, label="mean ± 95% CI" if i == j == 0 else None)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylabel(f"exact match − {ref} (points)")
+    for i, label in enumerate(others):
+        ax.scatter([], [], s=12, color=f"C{labels.index(label)}", label=f"{label} − {ref}, a point per seed")
+    ax.legend(fontsize=7)
+    written.append(save(fig, prefix + "_paired.png"))
 
     # normalized spectrum of ΔW, mean and min-max band over seeds
     if any(r.get("normalized") for r in runs):
@@ -391,6 +437,12 @@ def plot(result, prefix):
     fig.supylabel("validation loss (mean, min-max band over seeds)")
     written.append(save(fig, prefix + "_val_loss.png"))
     return written
+
+
+def em_items(run, keys):
+    """(key, exact match) of a run for the tasks and 'mean' among keys."""
+    return [(key, float(np.mean(list(run["exact_match"].values()))) if key == "mean" else run["exact_match"][key])
+            for key in keys]
 
 
 def save(fig, path):
