@@ -232,8 +232,8 @@ FINGERPRINT_ARGS = ["--log_interval=1", "--exact_match_examples=5"]
 
 def fingerprint(specs, work_dir, base, steps=FINGERPRINT_STEPS):
     """{label: {train_loss per step, val_loss at 0 and at the end, exact_match}} of seed 1 of every arm,
-    `steps` steps each from `base`, the evidence's command otherwise (tests/test_numerics.py compares it
-    bit for bit with docs/numerics.json: a change to the training arithmetic shows here first)."""
+    `steps` steps each from `base`, the evidence's command otherwise (tests/test_numerics.py compares
+    it bit for bit with docs/numerics.json: a change to the training arithmetic shows here first)."""
     global out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
     saved = out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
     out_dir, max_iters, eval_interval, reuse, overwrite = work_dir, steps, steps, False, False
@@ -250,15 +250,17 @@ def fingerprint(specs, work_dir, base, steps=FINGERPRINT_STEPS):
 
 
 def write_fingerprint(specs, path):
-    """--numerics=path: the fingerprint of the arms (no train_args: the evidence's commands) and what
-    it was made with."""
+    """--numerics=path: the fingerprint of the arms (no train_args: the evidence's commands) and
+    what it was made with."""
     import tempfile
     if train_args:
-        raise UserError(f"numerics: expected no train_args (the fingerprint is of the evidence's commands), got {train_args}")
+        raise UserError("numerics: expected no train_args (the fingerprint is of the evidence's "
+                        f"commands), got {train_args}")
     with tempfile.TemporaryDirectory() as work_dir:
         losses = fingerprint(specs, work_dir, ckpt_dir)
     result = dict(provenance=provenance(), arms=[f"{label}: {shlex.join(args)}" for label, args in specs],
-                  steps=FINGERPRINT_STEPS, train_args=FINGERPRINT_ARGS, ckpt_dir=ckpt_dir, fingerprint=losses)
+                  steps=FINGERPRINT_STEPS, train_args=FINGERPRINT_ARGS, ckpt_dir=ckpt_dir,
+                  fingerprint=losses)
     util.write_text(path, json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}: {', '.join(losses)}, {FINGERPRINT_STEPS} steps of seed 1 each")
 
@@ -318,9 +320,10 @@ def render_tables(result):
     by_arm = result.get("seeds_by_arm") or {label: result["settings"]["seeds"] for label in labels}
     fewer = [f"{label}: seeds {compact(by_arm[label])}" for label in labels
              if len(by_arm[label]) < len(result["settings"]["seeds"])]
-    lines = [f"Exact match (%) and figures of ΔW, mean ± 95% CI over seeds {compact(result['settings']['seeds'])}"
-             f"{' (' + '; '.join(fewer) + ')' if fewer else ''} ({max_iters_of(result)} steps each); the last "
-             "columns are paired differences (same seed, over the seeds both arms ran).", "",
+    over = compact(result["settings"]["seeds"]) + (" (" + "; ".join(fewer) + ")" if fewer else "")
+    lines = [f"Exact match (%) and figures of ΔW, mean ± 95% CI over seeds {over} "
+             f"({max_iters_of(result)} steps each); the last columns are paired differences (same "
+             "seed, over the seeds both arms ran).", "",
              "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     rows = [(task, task, 100, 1) for task in s["tasks"]] + [("**mean**", "mean", 100, 1), ("sd of the mean over seeds", "sd", 100, 1)]
     rows += [("val loss", "val_loss", 1, 3), ("train loss (last 10%)", "train_loss", 1, 3),
@@ -340,8 +343,9 @@ def render_tables(result):
         for task in s["tasks"]) + "."]
     made = result.get("provenance")
     if made:
-        state = {True: "with uncommitted changes", False: "clean", None: "not a git checkout"}[made["dirty"]]
-        lines += ["", f"Made at commit {(made['commit'] or 'unknown')[:12]} ({state}), torch {made['torch']}, "
+        state = {True: "with uncommitted changes", False: "clean", None: "not a git checkout"}
+        lines += ["", f"Made at commit {(made['commit'] or 'unknown')[:12]} ({state[made['dirty']]}), "
+                  f"torch {made['torch']}, "
                   f"Python {made['python']}, CPU {made['cpu']}: {len(result['runs'])} runs in "
                   f"{result['wall_s']['total'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
@@ -377,10 +381,9 @@ def plot(result, prefix):
         rs = [r for r in runs if r["arm"] == label]  # every seed's point, spread across the bar
         spread = np.linspace(-0.35, 0.35, len(rs)) * width if len(rs) > 1 else np.zeros(1)
         for j, key in enumerate(keys):
-            y = [100 * (np.mean(list(r["exact_match"].values())) if key == "mean" else r["exact_match"][key])
-                 for r in rs]
-            ax.scatter(x[j] + spread, y, s=6, color=bars.patches[0].get_facecolor(), edgecolors="black",
-                       linewidths=0.3, alpha=1.0, zorder=3)
+            y = [100 * v for r in rs for _, v in em_items(r, [key])]
+            ax.scatter(x[j] + spread, y, s=6, color=bars.patches[0].get_facecolor(),
+                       edgecolors="black", linewidths=0.3, alpha=1.0, zorder=3)
     ax.set_xticks(range(len(keys)), keys)
     ax.set_ylabel("exact match (%): mean ± 95% CI, a point per seed")
     ax.legend(fontsize=8)
@@ -400,13 +403,14 @@ def plot(result, prefix):
                  for k, v in em_items(r, [key]) if (r["seed"], key) in base]
             ax.scatter(x[j] + np.linspace(-0.3, 0.3, len(d)) * width, d, s=6, color=color, zorder=3)
             stat = arms[label][key]["vs"][ref]
-            ax.errorbar(x[j], 100 * stat["mean"], 100 * (stat["ci"] or 0), fmt="_", color="black", capsize=3,
-                        markersize=12, label="mean ± 95% CI" if i == j == 0 else None)
+            ax.errorbar(x[j], 100 * stat["mean"], 100 * (stat["ci"] or 0), fmt="_", color="black",
+                        capsize=3, markersize=12, label="mean ± 95% CI" if i == j == 0 else None)
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xticks(range(len(keys)), keys)
     ax.set_ylabel(f"exact match − {ref} (points)")
     for i, label in enumerate(others):
-        ax.scatter([], [], s=12, color=f"C{labels.index(label)}", label=f"{label} − {ref}, a point per seed")
+        ax.scatter([], [], s=12, color=f"C{labels.index(label)}",
+                   label=f"{label} − {ref}, a point per seed")
     ax.legend(fontsize=7)
     written.append(save(fig, prefix + "_paired.png"))
 
@@ -441,8 +445,8 @@ def plot(result, prefix):
 
 def em_items(run, keys):
     """(key, exact match) of a run for the tasks and 'mean' among keys."""
-    return [(key, float(np.mean(list(run["exact_match"].values()))) if key == "mean" else run["exact_match"][key])
-            for key in keys]
+    em = run["exact_match"]
+    return [(key, float(np.mean(list(em.values()))) if key == "mean" else em[key]) for key in keys]
 
 
 def save(fig, path):

@@ -43,7 +43,8 @@ def test_table_is_rendered_from_the_json():
 
 
 def test_seed_lists_and_provenance_line(monkeypatch):
-    assert compare.parse_seeds("1-3,9") == [1, 2, 3, 9] and compare.compact([1, 2, 3, 5, 7, 8]) == "1–3, 5, 7, 8"
+    assert compare.parse_seeds("1-3,9") == [1, 2, 3, 9]
+    assert compare.compact([1, 2, 3, 5, 7, 8]) == "1–3, 5, 7, 8"
     monkeypatch.setattr(compare, "seeds", [1, 2, 3, 4, 5, 6])
     monkeypatch.setattr(compare, "arm_seeds", ["full: 1-3,9"])
     assert compare.seeds_by_arm(["full", "LoRA"]) == {"full": [1, 2, 3], "LoRA": [1, 2, 3, 4, 5, 6]}
@@ -51,13 +52,15 @@ def test_seed_lists_and_provenance_line(monkeypatch):
     with pytest.raises(compare.UserError, match="arm_seeds"):
         compare.seeds_by_arm(["full", "LoRA"])
     made = compare.provenance()  # this checkout: a commit of 40 hex digits, the running torch
-    assert len(made["commit"] or "x" * 40) == 40 and made["torch"] == torch.__version__ and made["cpu"]
+    assert len(made["commit"] or "x" * 40) == 40 and made["torch"] == torch.__version__
+    assert made["cpu"]
     stat = dict(mean=0.5, ci=0.1, sd=0.1, min=0.4, max=0.6, n=3, vs={})
+    arms = {label: {"add": stat, "mean": stat} for label in ("LoRA", "full")}
     result = {"settings": {"baseline": "LoRA", "full_arm": "", "seeds": [1, 2, 3, 4], "max_iters": 10},
               "seeds_by_arm": {"LoRA": [1, 2, 3, 4], "full": [1, 2]}, "runs": [{}] * 6,
-              "provenance": dict(commit="0123456789abcdef", dirty=False, torch="2.0", python="3.11", cpu="CPU X"),
-              "wall_s": {"total": 90.0},
-              "summary": {"tasks": ["add"], "arms": {label: {"add": stat, "mean": stat} for label in ("LoRA", "full")}}}
+              "provenance": dict(commit="0123456789abcdef", dirty=False, torch="2.0", python="3.11",
+                                 cpu="CPU X"),
+              "wall_s": {"total": 90.0}, "summary": {"tasks": ["add"], "arms": arms}}
     table = compare.render_tables(result)
     assert "over seeds 1–4 (full: seeds 1, 2) (10 steps each)" in table
     assert "Made at commit 0123456789ab (clean), torch 2.0, Python 3.11, CPU CPU X: 6 runs in 1.5 min." in table
