@@ -20,9 +20,13 @@ REGENERATE = ("python compare.py && python compare.py config/compare_ablation.py
 def first_difference(expected, got):
     for label in expected:
         for key, values in expected[label].items():
-            if got.get(label, {}).get(key) != values:
-                return f"{label} {key}: committed {values!r}, now {got.get(label, {}).get(key)!r}"
-    return "arms differ: committed %s, now %s" % (list(expected), list(got))
+            now = got.get(label, {}).get(key)
+            if now != values:
+                if isinstance(values, list) and isinstance(now, list) and len(now) == len(values):
+                    i = next(i for i, (a, b) in enumerate(zip(values, now)) if a != b)
+                    return f"{label} {key}[{i}]: committed {values[i]!r}, now {now[i]!r}"
+                return f"{label} {key}: committed {values!r}, now {now!r}"
+    return f"arms differ: committed {list(expected)}, now {list(got)}"
 
 
 def test_training_arithmetic_is_the_evidence_s(tmp_path, monkeypatch):
