@@ -286,9 +286,10 @@ def summarize(runs, labels):
         return [r[key] for r in rs] if all(r.get(key) is not None for r in rs) else None
 
     summary = {}
-    for label, rs in by_arm.items():
+    for label, all_rs in by_arm.items():
         arm = {}
-        for key in tasks + ["mean", *SCALARS]:
+        for key in tasks + ["mean", *SCALARS]:  # φ: the seeds the full arm ran
+            rs = [r for r in all_rs if key in tasks or key == "mean" or r.get(key) is not None] or all_rs
             v = values(rs, key)
             if v is None:
                 continue
@@ -328,7 +329,7 @@ def render_tables(result):
     rows = [(task, task, 100, 1) for task in s["tasks"]] + [("**mean**", "mean", 100, 1), ("sd of the mean over seeds", "sd", 100, 1)]
     rows += [("val loss", "val_loss", 1, 3), ("train loss (last 10%)", "train_loss", 1, 3),
              ("effective rank of ΔW", "effective_rank", 1, 1), ("top-1 share σ₁/Σσ", "top1_share", 1, 3),
-             ("φ(k,k) to full", "phi", 1, 3)]
+             ("φ(k,k) to full (its seeds)", "phi", 1, 3)]
     for name, key, scale, digits in rows:
         if key == "sd":
             cells = [f"{arms[label]['mean']['sd'] * scale:.1f}" if arms[label]["mean"]["sd"] is not None else "" for label in labels]
