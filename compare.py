@@ -4,7 +4,7 @@ match as mean ± 95% confidence interval, the paired difference to the baseline 
 data order, same base; the arms differ only in the finetune), the §5 figures of ΔW (analyze.py:
 effective rank, top-1 share, φ to full fine-tuning) with their spread, and plots.
 
-    python compare.py                              # full, LoRA r=32, MultiLoRA 4x8; 5 seeds each
+    python compare.py                              # LoRA r=32, MultiLoRA 4x8: seeds 1-20; full: 1-5
     python compare.py config/compare_ablation.py   # MultiLoRA's two ideas apart: n and the init
     python compare.py --seeds=1,2 --max_iters=50 --out_dir=out/quick --out_prefix=out/quick/compare
 
@@ -13,6 +13,7 @@ Writes out_dir/<arm>/seed<k>/ (train.py's out_dir for that run, with its train.l
     <out_prefix>.md           the tables in markdown, rendered from the JSON alone (also printed)
     <out_prefix>_scores.png, _spectra.png, _val_loss.png   when matplotlib is installed
     python compare.py --render=docs/compare.json   # print the tables of a written JSON, train nothing
+    python compare.py --numerics=docs/numerics.json  # the fingerprint tests/test_numerics.py checks
 
 Statistics: for k seeds, mean ± t_{0.975, k-1}·sd/√k (Student's t). The test set is fixed, so the
 interval is over seeds (initialization and data order), not over test examples. A paired difference
