@@ -4,7 +4,7 @@ match as mean ± 95% confidence interval, the paired difference to the baseline 
 data order, same base; the arms differ only in the finetune), the §5 figures of ΔW (analyze.py:
 effective rank, top-1 share, φ to full fine-tuning) with their spread, and plots.
 
-    python compare.py                              # full, LoRA r=32, MultiLoRA 4x8; 5 seeds each
+    python compare.py                              # LoRA r=32, MultiLoRA 4x8: seeds 1-20; full: 1-5
     python compare.py config/compare_ablation.py   # MultiLoRA's two ideas apart: n and the init
     python compare.py --seeds=1,2 --max_iters=50 --out_dir=out/quick --out_prefix=out/quick/compare
 
@@ -13,6 +13,7 @@ Writes out_dir/<arm>/seed<k>/ (train.py's out_dir for that run, with its train.l
     <out_prefix>.md           the tables in markdown, rendered from the JSON alone (also printed)
     <out_prefix>_scores.png, _spectra.png, _val_loss.png   when matplotlib is installed
     python compare.py --render=docs/compare.json   # print the tables of a written JSON, train nothing
+    python compare.py --numerics=docs/numerics.json  # the fingerprint tests/test_numerics.py checks
 
 Statistics: for k seeds, mean ± t_{0.975, k-1}·sd/√k (Student's t). The test set is fixed, so the
 interval is over seeds (initialization and data order), not over test examples. A paired difference
@@ -21,6 +22,7 @@ is arm minus baseline per seed, and its interval is the same formula over those 
 
 import json
 import os
+import platform
 import re
 import shlex
 import subprocess
@@ -29,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 import analyze
 import util
@@ -49,7 +52,8 @@ baseline = S(Rule("'LoRA r=32' if an arm has that label, else the first arm",
 full_arm = S(Rule("'full' if an arm has that label, else ''",
                   lambda s: "full" if "full" in _labels(s) else ""),
              None, "φ is measured against this arm's ΔW of the same seed ('' = no φ)")
-seeds = S([1, 2, 3, 4, 5], "[0, inf)")
+seeds = S(list(range(1, 21)), "[0, inf)", "20: a ±10-point MultiLoRA − LoRA interval (docs/evidence.md)")
+arm_seeds = S(["full: 1-5"], None, "'label: seeds' for an arm run on fewer seeds than --seeds, e.g. 'full: 1-5'")
 ckpt_dir = S("data/tiny_base", None, "the base every run starts from (and analyze.py's reference)")
 max_iters = S(500, "[1, inf)", 'the budget of every run (the suite was calibrated at it: README)')
 eval_interval = S(100, "[1, inf)", 'validation-loss points of the curves')
@@ -60,7 +64,9 @@ overwrite = S(False, None, 'replace runs already in out_dir (without it or reuse
 out_dir = S("out/compare", None)
 out_prefix = S("docs/compare", None)
 phi_dim = S(32, "[1, inf)", "analyze.py's φ(k, k), k = min(rank, phi_dim)")
-render = S("", None, 'a written JSON: print its tables and stop')
+render = S("", None, 'a written JSON: print its tables (and with --plots=True redraw its plots) and stop')
+plots = S(False, None, 'with --render: redraw the plots beside that JSON')
+numerics = S("", None, "write the numerics fingerprint (a few steps of each arm, seed 1) to this JSON and stop")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
@@ -92,6 +98,68 @@ def parse_arm(spec):
 
 def slug(label):
     return re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()
+
+
+def parse_seeds(text):
+    """'1-5' or '1,2,7' or '1-3,9' -> [1, 2, 3, 9]."""
+    out = []
+    for part in text.replace(" ", "").split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise UserError(f"arm_seeds: expected seeds like '1-5' or '1,2,7', got {text!r}")
+        out += list(range(int(first), int(last or first) + 1))
+    return out
+
+
+def seeds_by_arm(labels):
+    """{label: its seeds}: --seeds, or fewer of them where arm_seeds says so."""
+    chosen = {label: list(seeds) for label in labels}
+    for spec in arm_seeds:
+        label, _, text = spec.rpartition(":")
+        label = label.strip()
+        if label not in chosen:
+            raise UserError(f"arm_seeds: expected 'label: seeds' with a label of {labels}, got {spec!r}")
+        chosen[label] = [s for s in seeds if s in parse_seeds(text)]  # those of --seeds it names
+    return chosen
+
+
+def compact(values):
+    """[1, 2, 3, 5] -> '1–3, 5'."""
+    parts, values = [], sorted(values)
+    for v in values:
+        if parts and v == parts[-1][1] + 1:
+            parts[-1][1] = v
+        else:
+            parts.append([v, v])
+    return ", ".join(f"{a}" if a == b else f"{a}–{b}" if b > a + 1 else f"{a}, {b}" for a, b in parts)
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo on Linux), which the kernels' rounding may depend on."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance():
+    """What the numbers were made with: the commit (and whether tracked files differed from it), the
+    torch version and the CPU model. Runs on another CPU or torch may round differently and, on this
+    suite, a rounding difference can grow into the other outcome of a task (learned or not)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                  capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    return dict(commit=commit, dirty=dirty, torch=torch.__version__, python=platform.python_version(),
+                cpu=cpu_model())
 
 # -----------------------------------------------------------------------------
 # the runs
@@ -162,6 +230,48 @@ def spectrum_figures(run_dirs):
     return figures
 
 # -----------------------------------------------------------------------------
+# the numerics fingerprint: a few steps of each arm through the same train() as the evidence
+
+FINGERPRINT_STEPS = 24  # past the configs' 20 warmup steps, so the schedule is the evidence's kind
+FINGERPRINT_ARGS = ["--log_interval=1", "--exact_match_examples=5"]
+
+
+def fingerprint(specs, work_dir, base, steps=FINGERPRINT_STEPS):
+    """{label: {train_loss per step, val_loss at 0 and at the end, exact_match}} of seed 1 of every arm,
+    `steps` steps each from `base`, the evidence's command otherwise (tests/test_numerics.py compares
+    it bit for bit with docs/numerics.json: a change to the training arithmetic shows here first)."""
+    global out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
+    saved = out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
+    out_dir, max_iters, eval_interval, reuse, overwrite = work_dir, steps, steps, False, False
+    train_args, ckpt_dir = FINGERPRINT_ARGS, base
+    try:
+        with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
+            dirs = {label: pool.submit(train, label, args, 1) for label, args in specs}
+            records = {label: read_metrics(f.result()) for label, f in dirs.items()}
+    finally:
+        out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir = saved
+    return {label: dict(train_loss=[r["train_loss"] for r in rs if "train_loss" in r],
+                        val_loss=[r["val_loss"] for r in rs if "val_loss" in r],
+                        exact_match=rs[-1].get("exact_match")) for label, rs in records.items()}
+
+
+def write_fingerprint(specs, path):
+    """--numerics=path: the fingerprint of the arms (no train_args: the evidence's commands) and
+    what it was made with."""
+    import tempfile
+    if train_args:
+        raise UserError("numerics: expected no train_args (the fingerprint is of the evidence's "
+                        f"commands), got {train_args}")
+    with tempfile.TemporaryDirectory() as work_dir:
+        losses = fingerprint(specs, work_dir, ckpt_dir)
+    result = dict(provenance=provenance(), arms=[f"{label}: {shlex.join(args)}" for label, args in specs],
+                  steps=FINGERPRINT_STEPS, train_args=FINGERPRINT_ARGS, ckpt_dir=ckpt_dir,
+                  fingerprint=losses)
+    util.write_text(path, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}: {', '.join(losses)}, {FINGERPRINT_STEPS} steps of seed 1 each")
+
+
+# -----------------------------------------------------------------------------
 # the summary: what the JSON holds and the tables show
 
 SCALARS = ("val_loss", "train_loss", "effective_rank", "top1_share", "phi")
@@ -182,9 +292,10 @@ def summarize(runs, labels):
         return [r[key] for r in rs] if all(r.get(key) is not None for r in rs) else None
 
     summary = {}
-    for label, rs in by_arm.items():
+    for label, all_rs in by_arm.items():
         arm = {}
-        for key in tasks + ["mean", *SCALARS]:
+        for key in tasks + ["mean", *SCALARS]:  # φ: the seeds the full arm ran
+            rs = [r for r in all_rs if key in tasks or key == "mean" or r.get(key) is not None] or all_rs
             v = values(rs, key)
             if v is None:
                 continue
@@ -213,13 +324,18 @@ def render_tables(result):
     pairs = [(label, ref) for ref in (result["settings"]["baseline"], result["settings"]["full_arm"])
              for label in labels if ref in arms[label]["mean"]["vs"]]
     head = ["", *labels, *[f"{label} − {ref}" for label, ref in pairs]]
-    lines = [f"Exact match (%) and figures of ΔW, mean ± 95% CI over seeds {result['settings']['seeds']} "
-             f"({max_iters_of(result)} steps each); the last columns are paired differences (same seed).", "",
+    by_arm = result.get("seeds_by_arm") or {label: result["settings"]["seeds"] for label in labels}
+    fewer = [f"{label}: seeds {compact(by_arm[label])}" for label in labels
+             if len(by_arm[label]) < len(result["settings"]["seeds"])]
+    over = compact(result["settings"]["seeds"]) + (" (" + "; ".join(fewer) + ")" if fewer else "")
+    lines = [f"Exact match (%) and figures of ΔW, mean ± 95% CI over seeds {over} "
+             f"({max_iters_of(result)} steps each); the last columns are paired differences (same "
+             "seed, over the seeds both arms ran).", "",
              "| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     rows = [(task, task, 100, 1) for task in s["tasks"]] + [("**mean**", "mean", 100, 1), ("sd of the mean over seeds", "sd", 100, 1)]
     rows += [("val loss", "val_loss", 1, 3), ("train loss (last 10%)", "train_loss", 1, 3),
              ("effective rank of ΔW", "effective_rank", 1, 1), ("top-1 share σ₁/Σσ", "top1_share", 1, 3),
-             ("φ(k,k) to full", "phi", 1, 3)]
+             ("φ(k,k) to full (its seeds)", "phi", 1, 3)]
     for name, key, scale, digits in rows:
         if key == "sd":
             cells = [f"{arms[label]['mean']['sd'] * scale:.1f}" if arms[label]["mean"]["sd"] is not None else "" for label in labels]
@@ -232,6 +348,13 @@ def render_tables(result):
     lines += ["", "Per task, the range of the arms' mean exact match (%): " + ", ".join(
         f"{task} {min(arms[l][task]['mean'] for l in labels) * 100:.1f}–{max(arms[l][task]['mean'] for l in labels) * 100:.1f}"
         for task in s["tasks"]) + "."]
+    made = result.get("provenance")
+    if made:
+        state = {True: "with uncommitted changes", False: "clean", None: "not a git checkout"}
+        lines += ["", f"Made at commit {(made['commit'] or 'unknown')[:12]} ({state[made['dirty']]}), "
+                  f"torch {made['torch']}, "
+                  f"Python {made['python']}, CPU {made['cpu']}: {len(result['runs'])} runs in "
+                  f"{result['wall_s']['total'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -260,11 +383,43 @@ def plot(result, prefix):
     for i, label in enumerate(labels):
         m = [100 * arms[label][k]["mean"] for k in keys]
         e = [100 * (arms[label][k]["ci"] or 0) for k in keys]
-        ax.bar(np.arange(len(keys)) + (i - (len(labels) - 1) / 2) * width, m, width, yerr=e, capsize=2, label=label)
+        x = np.arange(len(keys)) + (i - (len(labels) - 1) / 2) * width
+        bars = ax.bar(x, m, width, yerr=e, capsize=2, label=label, alpha=0.6)
+        rs = [r for r in runs if r["arm"] == label]  # every seed's point, spread across the bar
+        spread = np.linspace(-0.35, 0.35, len(rs)) * width if len(rs) > 1 else np.zeros(1)
+        for j, key in enumerate(keys):
+            y = [100 * v for r in rs for _, v in em_items(r, [key])]
+            ax.scatter(x[j] + spread, y, s=6, color=bars.patches[0].get_facecolor(),
+                       edgecolors="black", linewidths=0.3, alpha=1.0, zorder=3)
     ax.set_xticks(range(len(keys)), keys)
-    ax.set_ylabel("exact match (%), mean ± 95% CI")
+    ax.set_ylabel("exact match (%): mean ± 95% CI, a point per seed")
     ax.legend(fontsize=8)
     written.append(save(fig, prefix + "_scores.png"))
+
+    # the paired differences to the baseline (same seed), a point per seed, mean ± 95% CI
+    ref = result["settings"]["baseline"]
+    others = [label for label in labels if ref in arms[label]["mean"]["vs"]]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.8 / max(len(others), 1)
+    base = {(r["seed"], key): v for r in runs if r["arm"] == ref for key, v in em_items(r, keys)}
+    for i, label in enumerate(others):
+        x = np.arange(len(keys)) + (i - (len(others) - 1) / 2) * width
+        color = f"C{labels.index(label)}"
+        for j, key in enumerate(keys):
+            d = [100 * (v - base[r["seed"], key]) for r in runs if r["arm"] == label
+                 for k, v in em_items(r, [key]) if (r["seed"], key) in base]
+            ax.scatter(x[j] + np.linspace(-0.3, 0.3, len(d)) * width, d, s=6, color=color, zorder=3)
+            stat = arms[label][key]["vs"][ref]
+            ax.errorbar(x[j], 100 * stat["mean"], 100 * (stat["ci"] or 0), fmt="_", color="black",
+                        capsize=3, markersize=12, label="mean ± 95% CI" if i == j == 0 else None)
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylabel(f"exact match − {ref} (points)")
+    for i, label in enumerate(others):
+        ax.scatter([], [], s=12, color=f"C{labels.index(label)}",
+                   label=f"{label} − {ref}, a point per seed")
+    ax.legend(fontsize=7)
+    written.append(save(fig, prefix + "_paired.png"))
 
     # normalized spectrum of ΔW, mean and min-max band over seeds
     if any(r.get("normalized") for r in runs):
@@ -295,6 +450,12 @@ def plot(result, prefix):
     return written
 
 
+def em_items(run, keys):
+    """(key, exact match) of a run for the tasks and 'mean' among keys."""
+    em = run["exact_match"]
+    return [(key, float(np.mean(list(em.values()))) if key == "mean" else em[key]) for key in keys]
+
+
 def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -308,25 +469,36 @@ def main(argv=None):
     globals().update(settings)
     if render:
         with open(render) as f:
-            print(render_tables(json.load(f)), end="")
+            result = json.load(f)
+        print(render_tables(result), end="")
+        if plots:
+            print("wrote " + ", ".join(plot(result, os.path.splitext(render)[0])))
         return
     specs = [parse_arm(a) for a in arms]
     labels = [label for label, _ in specs]
     if len(set(labels)) != len(labels) or baseline not in labels or (full_arm and full_arm not in labels):
         raise UserError(f"arms: expected distinct labels including baseline={baseline!r} and full_arm={full_arm!r}, got {labels}")
+    if numerics:
+        return write_fingerprint(specs, numerics)
+    by_arm = seeds_by_arm(labels)
+    made_with = provenance()  # before any run: the commit the runs are made from
     workers = jobs or os.cpu_count() or 1
     t0 = time.time()
-    print(f"{len(specs)} arms x {len(seeds)} seeds = {len(specs) * len(seeds)} runs, {workers} at a time, in {out_dir}")
+    n_runs = sum(map(len, by_arm.values()))
+    print(f"{len(specs)} arms, {n_runs} runs, {workers} at a time, in {out_dir}")
     with ThreadPoolExecutor(workers) as pool:
-        futures = {(label, seed): pool.submit(train, label, args, seed) for seed in seeds for label, args in specs}
+        futures = {(label, seed): pool.submit(train, label, args, seed)
+                   for seed in seeds for label, args in specs if seed in by_arm[label]}
         run_dirs = {key: f.result() for key, f in futures.items()}
     t_train = time.time() - t0
     runs = []
     for seed in seeds:
-        figures = spectrum_figures({label: run_dirs[label, seed] for label in labels})
-        for label in labels:
+        here = [label for label in labels if seed in by_arm[label]]
+        figures = spectrum_figures({label: run_dirs[label, seed] for label in here})
+        for label in here:
             runs.append(dict(arm=label, seed=seed, **run_figures(run_dirs[label, seed]), **figures[label]))
-    result = dict(settings=settings, summary=summarize(runs, labels), runs=runs,
+    result = dict(settings=settings, provenance=made_with, seeds_by_arm=by_arm,
+                  summary=summarize(runs, labels), runs=runs,
                   wall_s=dict(train=t_train, total=time.time() - t0))
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
     util.write_text(out_prefix + ".json", json.dumps(result, indent=1))

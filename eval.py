@@ -1,5 +1,6 @@
 """
-Evaluate a base model, or a base model plus an adapter, on the tasks the MultiLoRA paper reports.
+Evaluate a base model, or a base model plus an adapter, on benchmarks like those the MultiLoRA
+paper reports (its exact list is not confirmed here).
 
     python eval.py --ckpt_dir=DIR [--adapter=FILE] --task=NAME [--data=PATH] [--out=FILE.json]
     python eval.py --help                       # every setting, its default and allowed values

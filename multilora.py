@@ -59,7 +59,7 @@ class MultiLoRALinear(nn.Module):
         self.in_features, self.out_features = d_in, d_out
         self.n_loras, self.lora_rank, self.lora_alpha = n_loras, lora_rank, lora_alpha
         self.lora_dropout, self.scaling, self.init = lora_dropout, scaling, init
-        self.scale = lora_alpha / lora_rank  # α/r, per module (the paper's and PEFT's convention)
+        self.scale = lora_alpha / lora_rank  # α/r, per module (as PEFT and MTL-LoRA's MultiLoRA)
         self.weight = base.weight
         self.weight.requires_grad_(False)
         device, nr = device or base.weight.device, n_loras * lora_rank  # FSDP: a meta base, real adapters

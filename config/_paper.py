@@ -1,7 +1,12 @@
 # Included by the config/llama*_{alpaca,mixture}_{multilora,lora,full}.py arm files; not a runnable config by itself.
-# The paper's setups: LLaMA-7B or Llama-3-8B fine-tuned on Alpaca alone or on the multi-task mixture,
-# with MultiLoRA, LoRA of the same parameter budget, or full fine-tuning. Each arm file sets _model,
-# _data, finetune and out_dir, then runs this file, which sets everything else. One node of 8 GPUs:
+# Our setups for real models, in the spirit of the MultiLoRA paper (arXiv 2311.11501), not its
+# recipe. What we know of the paper is its abstract and a summary of its claims. From there: LLaMA
+# 7B to 65B; MultiLoRA against LoRA and full fine-tuning; about 2.5% extra parameters; training data
+# mixing instruction following, natural language understanding and world knowledge. Ours, not
+# confirmed as the paper's: n=5, r=32, the q,k,v,o targets, α, the learning rates, epochs, batch and
+# the mixture (Alpaca, MMLU, GSM8K, Dolly: no natural-language-understanding set). Llama-3-8B (April
+# 2024) postdates the paper (November 2023). Each arm file sets _model, _data, finetune and
+# out_dir, then runs this file, which sets everything else. One node of 8 GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py config/<model>_<data>_<finetune>.py
 # Prepare the data with the model's tokenizer first (LLaMA-7B: checkpoints/llama-7b into data/*/llama;
 # Llama-3-8B: checkpoints/Meta-Llama-3-8B into data/*/llama3); Alpaca alone needs only the first line:
@@ -18,8 +23,8 @@ _data_tags = {"llama7b": "llama", "llama3_8b": "llama3",  # data/<dataset>/<tag>
               "llama65b": "llama", "llama2_70b": "llama", "llama3_70b": "llama3"}  # LLaMA 1 and 2 share one
 ckpt_dir = _ckpt_dirs[_model]
 
-# data: Alpaca alone (instruction following), or the multi-task mixture: Alpaca + MMLU (auxiliary train)
-# + GSM8K + Dolly, mixed in proportion to size
+# data (ours): Alpaca alone (instruction following), or our mixture: Alpaca + MMLU (auxiliary
+# train, world knowledge) + GSM8K + Dolly, mixed in proportion to size; the paper's: not confirmed
 _dataset_names = {"alpaca": ["alpaca"], "mixture": ["alpaca", "mmlu", "gsm8k", "dolly"]}[_data]
 datasets = [f"data/{_name}/{_data_tags[_model]}" for _name in _dataset_names]
 mixture = "proportional"
@@ -37,8 +42,9 @@ grad_clip = 1.0
 # fine-tuning arm
 if finetune == "multilora":
     lora_targets = ["q", "k", "v", "o"]
-    n_loras = 5              # n·r = 160 on q,k,v,o is about 2.5% extra parameters on LLaMA-7B, the paper's
-    lora_rank = 32           # figure; which n, r and projections the paper used is not confirmed
+    n_loras = 5              # ours: n·r = 160 on q,k,v,o is about 2.5% extra parameters on
+    lora_rank = 32           # LLaMA-7B, the abstract's figure; the paper's n, r, α, projections:
+    # not confirmed
     lora_alpha = 64.0
 elif finetune == "lora":
     lora_targets = ["q", "k", "v", "o"]

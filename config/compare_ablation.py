@@ -1,10 +1,12 @@
 # compare.py's ablation: MultiLoRA's two ideas apart, at a fixed total rank n·r = 32 on q,k,v,o.
 #   python compare.py config/compare_ablation.py
-# Horizontal scaling: n = 1, 2, 4, 8 modules of rank 32/n, all with the paper's init (random A and B,
-# s = 0). The init: at n = 1 the paper's init is the only change from LoRA r=32; at n = 4 LoRA's init
+# Horizontal scaling: n = 1, 2, 4, 8 modules of rank 32/n, all with MultiLoRA's init ("paper init":
+# random A and B, s = 0, as MTL-LoRA's public reimplementation draws them; the paper's own code is
+# not confirmed). The init: at n = 1 it is the only change from LoRA r=32; at n = 4 LoRA's init
 # (B = 0, no s; train.py --lora_init=lora) leaves only the horizontal scaling.
-# α/r is applied per module, as in the paper and PEFT: ΔW = (α/r)·Σ s_i ⊙ B_i·A_i. Every arm has
-# α = 2r, so α/r = 2 for every n (LoRA r=32 has α = 64), and no arm gets a larger step from its scale.
+# α/r is applied per module, as in PEFT and MTL-LoRA's reimplementation (the paper's choice is not
+# confirmed): ΔW = (α/r)·Σ s_i ⊙ B_i·A_i. Every arm has α = 2r, so α/r = 2 for every n (LoRA r=32
+# has α = 64), and no arm gets a larger step from its scale.
 arms = [
     "LoRA r=32: config/tasks_lora.py",
     "paper init 1x32: config/tasks_multilora.py --n_loras=1 --lora_rank=32 --lora_alpha=64",
@@ -21,3 +23,4 @@ seeds = [1, 2, 3]
 out_dir = "out/compare"
 reuse = True
 out_prefix = "docs/compare_ablation"
+arm_seeds = []  # every arm on every seed (the default names the comparison's full arm)

@@ -42,6 +42,30 @@ def test_table_is_rendered_from_the_json():
     assert "add 50.0–60.0" in table
 
 
+def test_seed_lists_and_provenance_line(monkeypatch):
+    assert compare.parse_seeds("1-3,9") == [1, 2, 3, 9]
+    assert compare.compact([1, 2, 3, 5, 7, 8]) == "1–3, 5, 7, 8"
+    monkeypatch.setattr(compare, "seeds", [1, 2, 3, 4, 5, 6])
+    monkeypatch.setattr(compare, "arm_seeds", ["full: 1-3,9"])
+    assert compare.seeds_by_arm(["full", "LoRA"]) == {"full": [1, 2, 3], "LoRA": [1, 2, 3, 4, 5, 6]}
+    monkeypatch.setattr(compare, "arm_seeds", ["fully: 1-3"])
+    with pytest.raises(compare.UserError, match="arm_seeds"):
+        compare.seeds_by_arm(["full", "LoRA"])
+    made = compare.provenance()  # this checkout: a commit of 40 hex digits, the running torch
+    assert len(made["commit"] or "x" * 40) == 40 and made["torch"] == torch.__version__
+    assert made["cpu"]
+    stat = dict(mean=0.5, ci=0.1, sd=0.1, min=0.4, max=0.6, n=3, vs={})
+    arms = {label: {"add": stat, "mean": stat} for label in ("LoRA", "full")}
+    result = {"settings": {"baseline": "LoRA", "full_arm": "", "seeds": [1, 2, 3, 4], "max_iters": 10},
+              "seeds_by_arm": {"LoRA": [1, 2, 3, 4], "full": [1, 2]}, "runs": [{}] * 6,
+              "provenance": dict(commit="0123456789abcdef", dirty=False, torch="2.0", python="3.11",
+                                 cpu="CPU X"),
+              "wall_s": {"total": 90.0}, "summary": {"tasks": ["add"], "arms": arms}}
+    table = compare.render_tables(result)
+    assert "over seeds 1–4 (full: seeds 1, 2) (10 steps each)" in table
+    assert "Made at commit 0123456789ab (clean), torch 2.0, Python 3.11, CPU CPU X: 6 runs in 1.5 min." in table
+
+
 def test_lora_init_with_n_modules_is_lora_of_rank_n_r():
     """The ablation's 'horizontal scaling alone' arm: LoRA's init with 4 modules of rank 8 and α/r = 2
     starts from the same A (the same draws) and B = 0 as LoRA r=32 with α/r = 2, so the two compute
