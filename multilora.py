@@ -119,7 +119,7 @@ class MultiLoRALinear(nn.Module):
             return
         merged = self.weight.float() + self.delta_weight()
         if not torch.isfinite(merged).all():  # PEFT's safe_merge check: never write NaN/inf into W0
-            raise UserError(f"MultiLoRALinear.merge: lora weights: merged weight is not finite")
+            raise UserError("MultiLoRALinear.merge: lora weights: merged weight is not finite")
         self.weight.copy_(merged.to(self.weight.dtype))
         self.merged = True
 

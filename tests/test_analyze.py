@@ -187,7 +187,6 @@ def test_analyze_files_end_to_end(tmp_path):
 
 
 def test_analyze_user_errors(tmp_path):
-    import llama
     with pytest.raises(UserError, match="ckpt_dir: expected a path"):
         analyze.main(["--adapters=a.safetensors"])
     with pytest.raises(UserError, match="adapters: expected at least one adapter file, or --full"):

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import llama
-import multilora
 import dataset
 import train
 

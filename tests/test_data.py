@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 
 import dataset
-import llama
 from util import UserError
-import util
 from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,6 @@ import torch
 import llama
 from conftest import ROOT, SHARED
 from util import UserError
-import util
 import checkpoint
 from tokenizer import load_tokenizer, check_tokenizer
 

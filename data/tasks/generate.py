@@ -42,7 +42,6 @@ sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
 from configurator import S  # noqa: E402
 import dataset  # noqa: E402
-import llama  # noqa: E402
 import util
 from tokenizer import load_tokenizer
 
