@@ -207,3 +207,54 @@ def test_sample_past_2_24_logits():
         if "top_k" in kw:  # each row's token is among its top_k
             kth = torch.topk(logits, kw["top_k"]).values[:, -1]
             assert bool((logits.gather(1, out[:, None])[:, 0] >= kth).all())
+
+
+# -----------------------------------------------------------------------------
+# plan.py's activation count against what autograd keeps
+
+def saved_bytes(model, s, x, y, positions=None, segments=None):
+    """Bytes of the distinct storages autograd saves for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() and st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    bf16 = s["dtype"] == "bfloat16"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        train.token_loss_sum(model, x, y, positions, segments)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("finetune,dtype,ckpt,pack,targets", [
+    ("multilora", "float32", False, False, "q,k,v,o"),
+    ("multilora", "bfloat16", False, True, "v,gate,down"),
+    ("lora", "bfloat16", True, False, "q,k,v,o"),
+    ("full", "float32", False, True, "q,k,v,o"),
+    ("full", "bfloat16", True, False, "q,k,v,o"),
+])
+def test_plan_activations_equal_autograd_saved(finetune, dtype, ckpt, pack, targets):
+    c = llama.LlamaConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=352,
+                          vocab_size=300)
+    s = plan_settings(finetune=finetune, dtype=dtype, activation_checkpointing=ckpt, pack=pack,
+                      lora_targets=targets, n_loras=2, lora_rank=4, lora_scaling="channel")
+    B, T = 2, 24
+    torch.manual_seed(0)
+    model = llama.Llama(c).to(torch.float32 if finetune == "full" else getattr(torch, dtype))
+    train.adapt(model, finetune, dict(targets=s["lora_targets"], n_loras=2, lora_rank=4,
+                                      lora_alpha=16, lora_dropout=0.0, scaling="channel", init=""))
+    model.checkpoint_blocks, model.loss_chunk = ckpt, 7
+    model.train()
+    x, y = torch.randint(0, c.vocab_size, (B, T)), torch.randint(0, c.vocab_size, (B, T))
+    positions = segments = None
+    if pack:  # two packed examples a row
+        positions = torch.cat([torch.arange(T // 2), torch.arange(T - T // 2)])[None].expand(B, T)
+        segments = (torch.arange(T) >= T // 2).long()[None].expand(B, T)
+    act = 4 if dtype == "float32" else 2
+    resid = 4 if finetune == "full" else act
+    kept = plan.activation_bytes(c, s, B, T, act, resid)[0]
+    assert kept == saved_bytes(model, s, x, y, positions, segments)
