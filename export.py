@@ -26,7 +26,6 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
 import checkpoint
 import multilora
@@ -128,7 +127,8 @@ def export_peft(ckpt_dir, adapter, out_dir, base_name=""):
     tensors, config = peft_adapter(model, base_name or os.path.normpath(ckpt_dir))
     os.makedirs(out_dir, exist_ok=True)
     with util.atomic_write(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}  # tensor by tensor
+        checkpoint.write_safetensors(tmp, specs, tensors.get, metadata={"format": "pt"})
     util.write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
     checkpoint.write_tokenizer_files(out_dir, ckpt_dir, model.config.max_seq_len)
 

@@ -143,7 +143,6 @@ def random_tensor(c, index, key, shape, dtype, seed):
 
 
 def write_hf(c, out, torch_dtype, shard_bytes, seed):
-    from safetensors.torch import save_file
     shapes = tensor_shapes(c)
     nbytes = [math.prod(shape) * torch_dtype.itemsize for _, shape in shapes]
     groups, size = [[]], 0  # tensor indices per shard, in order
@@ -158,13 +157,13 @@ def write_hf(c, out, torch_dtype, shard_bytes, seed):
     hf_key = lambda key: key if key == "lm_head.weight" else "model." + key
     weight_map = {}
     for name, group in zip(names, groups):
-        tensors = {hf_key(shapes[i][0]): random_tensor(c, i, *shapes[i], torch_dtype, seed)
-                   for i in group}
+        at = {hf_key(shapes[i][0]): i for i in group}  # each tensor drawn as it is written
+        specs = {k: (torch_dtype, shapes[i][1]) for k, i in at.items()}
+        take = lambda k: random_tensor(c, at[k], *shapes[at[k]], torch_dtype, seed)  # noqa: E731
         with util.atomic_write(os.path.join(out, name)) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
+            checkpoint.write_safetensors(tmp, specs, take, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(at, name))
         print(f"wrote {name} ({sum(nbytes[i] for i in group) / 2**30:.2f} GiB)", flush=True)
-        del tensors
     if len(names) > 1:
         index = {"metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map}
         util.write_text(os.path.join(out, "model.safetensors.index.json"),
