@@ -211,8 +211,12 @@ def shard(raw_model, device_type, world_size):
     # all-gather in the compute dtype (one dtype per group, base and adapters), reduce gradients in fp32
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
         if dtype != "float32" else MixedPrecisionPolicy()
-    for block in raw_model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    # the input embedding as a group of its own (when untied): gathered only for its own forward, not
+    # held by the root group (which stays gathered from forward to backward) through the whole step
+    tied = raw_model.config.tie_embeddings
+    units = list(raw_model.layers) + ([] if tied else [raw_model.embed_tokens])
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
 
 
