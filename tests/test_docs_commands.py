@@ -78,6 +78,7 @@ RUN_SMALL = {
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead
 SOURCES = {f"data/{n}/prepare.py": f"_docs/src/{n}" for n in ("alpaca", "dolly", "gsm8k", "mmlu")}
+SOURCES["data/text/prepare.py"] = "_docs/src/text/corpus.txt"  # one document per line
 ADAPTER = "_docs/multilora.safetensors"
 # --key=VALUE where VALUE is a placeholder or a path that is not there: the test file for the key
 SWAPS = {
@@ -419,6 +420,7 @@ def write_world(repo):
     def jsonl(records):
         return "".join(json.dumps(r) + "\n" for r in records)
 
+    write("src/text/corpus.txt", "".join(f"Once upon a time there were {i} cats.\n" for i in range(40)))
     write(
         "src/alpaca/alpaca_data.json",
         json.dumps(

@@ -472,10 +472,10 @@ def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
 def test_bench_smoke(monkeypatch):
     """bench.py's MultiLoRA part runs end to end on a tiny model (figures are not checked: no timing asserts)."""
     import bench
-    for k, v in dict(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=64, batch_size=2, seq_len=8,
+    for k, v in dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64, batch_size=2, seq_len=8,
                      steps=1, warmup=1, rounds=2, memory_ns=[1, 2]).items():
         monkeypatch.setattr(bench, k, v)
-    base, cpu = bench.make_base(), torch.device("cpu")
+    base, cpu = bench.make_base(64), torch.device("cpu")
     r = bench.bench_throughput(base, cpu, torch.float32)
     assert r["ratio vs lora r=32"] > 0 and r["multilora n=4 r=8"]["trainable"] == 4 * (4 * 8 * 64 + 4 * 32)
     m = bench.bench_memory(base, cpu, torch.float32)
