@@ -3,10 +3,10 @@ Write a random-weight LLaMA checkpoint of a real shape, so that anyone can measu
 and speed at 7B-70B without downloading weights (docs/scaling.md). Files are written one shard at a
 time and each tensor is drawn in slices, so memory stays at one shard whatever the model's size.
 
-    python random_llama.py --preset=llama2-7b --dtype=bfloat16 --out_dir=/tmp/llama2-7b
-    python random_llama.py --preset=llama3-8b --n_layers=2 --out_dir=/tmp/l3-2  # a flag overrides
-    python random_llama.py --dim=2048 --n_layers=8 --vocab_size=32000 --out_dir=/tmp/l2g
-    python random_llama.py --preset=llama2-7b --layout=meta --meta_shards=2 --out_dir=/tmp/l7-meta
+    python random_llama.py --preset=llama2-7b --dtype=bfloat16 --out_dir=out/llama2-7b
+    python random_llama.py --preset=llama3-8b --n_layers=2 --out_dir=out/l3-2  # a flag overrides
+    python random_llama.py --dim=2048 --n_layers=8 --vocab_size=32000 --out_dir=out/l2g
+    python random_llama.py --preset=llama2-7b --layout=meta --meta_shards=2 --out_dir=out/l7-meta
 
 layout=hf: config.json + model.safetensors, or model-0000k-of-0000n.safetensors shards of about
 shard_gib each + model.safetensors.index.json. layout=meta: params.json + consolidated.NN.pth, one

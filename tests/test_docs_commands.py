@@ -74,7 +74,8 @@ RUN_SMALL = {
     "data/tasks/generate.py": [],
     # a preset's shape at a few KB: the flags override the preset's values
     "random_llama.py": ["--dim=64", "--n_layers=1", "--n_heads=2", "--n_kv_heads=2",
-                        "--hidden_dim=128", "--vocab_size=256", "--max_seq_len=64"],
+                        "--hidden_dim=128", "--vocab_size=4096", "--max_seq_len=256"],
+    "plan.py": ["--nproc=2"],  # the paper configs' reduced accumulation is for 2 processes
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead
 SOURCES = {f"data/{n}/prepare.py": f"_docs/src/{n}" for n in ("alpaca", "dolly", "gsm8k", "mmlu")}
@@ -122,6 +123,8 @@ ALLOWED = [
     (r"--device=cuda", "needs a CUDA GPU: refused in one line without one", "error"),
     (r"config/tiny_base_pretrain\.py", "rebuilds the committed data/tiny_base (how it was made): "
      "refused in one line without --overwrite=True, as any run's files are", "error"),
+    (r"compare\.py --numerics", "writes the fingerprint at the evidence's own size (its train_args "
+     "are refused by design); tests/test_numerics.py runs the same arithmetic", "error"),
 ]
 MODE_SETTINGS = {"bench.py": "mode", "eval.py": "task", "export.py": "format"}
 SCRIPTS = [

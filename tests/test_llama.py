@@ -442,7 +442,7 @@ def test_bench_generate_and_load_smoke(monkeypatch, tmp_path):
     """bench.py's generate and load modes run end to end on tiny shapes; the greedy tokens of
     llama.generate equal transformers' generate (speed is not asserted: no timing in tests)."""
     import bench
-    for k, v in dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=128,
+    for k, v in dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=[128],
                      gen_batch=2, gen_prompt_len=5, gen_tokens=6, rounds=1, load_gb=0.0, load_dim=64).items():
         monkeypatch.setattr(bench, k, v)
     assert bench.bench_generate(str(tmp_path / "g"))["same_tokens"]
