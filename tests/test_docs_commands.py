@@ -74,7 +74,7 @@ RUN_SMALL = {
     "data/tasks/generate.py": [],
     # a preset's shape at a few KB: the flags override the preset's values
     "random_llama.py": ["--dim=64", "--n_layers=1", "--n_heads=2", "--n_kv_heads=2",
-                        "--hidden_dim=128", "--vocab_size=4096", "--max_seq_len=256"],
+                        "--hidden_dim=128", "--vocab_size=768", "--max_seq_len=256"],  # data/tasks' vocabulary
     "plan.py": ["--nproc=2"],  # the paper configs' reduced accumulation is for 2 processes
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead
