@@ -30,22 +30,36 @@ from configurator import S, configure, declared
 from util import UserError
 
 # -----------------------------------------------------------------------------
-ckpt_dir = S("", lambda v, s: None if v else "a path (required)",
-             "base model (HF or Meta layout) the adapters and the full fine-tune start from")
-adapters = S([], lambda v, s: None if v or s["full"] else "at least one adapter file, or --full",
-             "adapter files (multilora.py's save_adapter format), comma-separated")
+ckpt_dir = S(
+    "",
+    lambda v, s: None if v else "a path (required)",
+    "base model (HF or Meta layout) the adapters and the full fine-tune start from",
+)
+adapters = S(
+    [],
+    lambda v, s: None if v or s["full"] else "at least one adapter file, or --full",
+    "adapter files (multilora.py's save_adapter format), comma-separated",
+)
 full = S("", None, "full fine-tuning checkpoint dir of the same base (optional)")
-out_dir = S("analysis", lambda v, s: f"a folder ({v} is a file)" if os.path.isfile(v) else None,
-            "summary.json and the plots go here")
+out_dir = S(
+    "analysis",
+    lambda v, s: f"a folder ({v} is a file)" if os.path.isfile(v) else None,
+    "summary.json and the plots go here",
+)
 top_k = S(64, "[1, inf)", "singular values per matrix kept in the JSON and drawn in the plots")
 phi_dim = S(32, "[1, inf)", "φ(i, j) is computed for i, j <= phi_dim")
-device = S(util.default_device(), util.check_device, "where the dense SVDs of the full fine-tuning ΔW run (fp64)")
+device = S(
+    util.default_device(),
+    util.check_device,
+    "where the dense SVDs of the full fine-tuning ΔW run (fp64)",
+)
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # -----------------------------------------------------------------------------
 # the math (pure functions on tensors; tested on synthetic ΔW with a known spectrum)
+
 
 def svd_dense(delta):
     """Singular values (descending) and left singular vectors of a dense ΔW (d_out, d_in), in fp64."""
@@ -81,22 +95,33 @@ def spectrum_stats(sigma, rank=None):
         sigma[rank:] = 0
     total = sigma.sum().item()
     if total <= 0:
-        return dict(normalized=[0.0] * len(sigma), cumulative_energy=[0.0] * len(sigma),
-                    effective_rank=None, top1_share=None, rank=0, frobenius=0.0)
+        return dict(
+            normalized=[0.0] * len(sigma),
+            cumulative_energy=[0.0] * len(sigma),
+            effective_rank=None,
+            top1_share=None,
+            rank=0,
+            frobenius=0.0,
+        )
     p = sigma / total
     nz = p[p > 0]
     entropy = -(nz * nz.log()).sum().item()
     energy = sigma.square().cumsum(0) / sigma.square().sum()
-    return dict(normalized=p.tolist(), cumulative_energy=energy.tolist(),
-                effective_rank=math.exp(entropy), top1_share=p[0].item(),
-                rank=int((sigma > 0).sum()), frobenius=sigma.square().sum().sqrt().item())
+    return dict(
+        normalized=p.tolist(),
+        cumulative_energy=energy.tolist(),
+        effective_rank=math.exp(entropy),
+        top1_share=p[0].item(),
+        rank=int((sigma > 0).sum()),
+        frobenius=sigma.square().sum().sqrt().item(),
+    )
 
 
 def subspace_similarity(U, V):
     """φ(i, j) = ||U[:, :i]ᵀ V[:, :j]||_F² / min(i, j) for all i <= U.shape[1], j <= V.shape[1]
     (U, V with orthonormal columns). Returns (I, J) fp64: entry [i-1, j-1] is φ(i, j), in [0, 1]."""
-    M = (U.double().t() @ V.double()).square()           # (I, J): squared cosines of directions
-    cum = M.cumsum(0).cumsum(1)                           # [i-1, j-1] = ||U_iᵀ V_j||_F²
+    M = (U.double().t() @ V.double()).square()  # (I, J): squared cosines of directions
+    cum = M.cumsum(0).cumsum(1)  # [i-1, j-1] = ||U_iᵀ V_j||_F²
     i = torch.arange(1, M.shape[0] + 1, dtype=torch.float64)[:, None]
     j = torch.arange(1, M.shape[1] + 1, dtype=torch.float64)[None, :]
     return cum / torch.minimum(i, j)
@@ -116,12 +141,18 @@ def summarize_method(spectra, top_k, full_vectors=None, phi_dim=32):
         rank = numerical_rank(sigma, shape)
         stats = spectrum_stats(sigma, rank)
         k = min(top_k, len(sigma))
-        entry = dict(shape=list(shape), rank=rank, effective_rank=stats["effective_rank"],
-                     top1_share=stats["top1_share"], frobenius=stats["frobenius"],
-                     singular_values=sigma[:k].tolist(), normalized=stats["normalized"][:k],
-                     cumulative_energy=stats["cumulative_energy"][:k])
+        entry = dict(
+            shape=list(shape),
+            rank=rank,
+            effective_rank=stats["effective_rank"],
+            top1_share=stats["top1_share"],
+            frobenius=stats["frobenius"],
+            singular_values=sigma[:k].tolist(),
+            normalized=stats["normalized"][:k],
+            cumulative_energy=stats["cumulative_energy"][:k],
+        )
         if full_vectors is not None and name in full_vectors and rank > 0:
-            phi = subspace_similarity(U[:, :min(rank, phi_dim)], full_vectors[name][:, :phi_dim])
+            phi = subspace_similarity(U[:, : min(rank, phi_dim)], full_vectors[name][:, :phi_dim])
             entry["phi"] = phi.tolist()
         matrices[name] = entry
         for group in (layer_type(name), "all"):
@@ -139,18 +170,21 @@ def summarize_method(spectra, top_k, full_vectors=None, phi_dim=32):
 
     by_type = {}
     for group, entries in groups.items():
-        g = dict(n_matrices=len(entries),
-                 effective_rank=mean([e["effective_rank"] for e in entries]),
-                 top1_share=mean([e["top1_share"] for e in entries]),
-                 rank=mean([e["rank"] for e in entries]),
-                 normalized=mean_curve([e["normalized"] for e in entries]),
-                 cumulative_energy=mean_curve([e["cumulative_energy"] for e in entries]))
+        g = dict(
+            n_matrices=len(entries),
+            effective_rank=mean([e["effective_rank"] for e in entries]),
+            top1_share=mean([e["top1_share"] for e in entries]),
+            rank=mean([e["rank"] for e in entries]),
+            normalized=mean_curve([e["normalized"] for e in entries]),
+            cumulative_energy=mean_curve([e["cumulative_energy"] for e in entries]),
+        )
         phis = [torch.tensor(e["phi"]) for e in entries if "phi" in e]
         if phis:
             I, J = min(p.shape[0] for p in phis), min(p.shape[1] for p in phis)
             g["phi"] = torch.stack([p[:I, :J] for p in phis]).mean(0).tolist()
         by_type[group] = g
     return dict(matrices=matrices, by_layer_type=by_type)
+
 
 # -----------------------------------------------------------------------------
 # ΔW from files
@@ -173,7 +207,9 @@ def adapter_spectra(ckpt_dir, path):
 
 def checkpoint_dir(path):
     """train.py with finetune=full writes its weights to out_dir/hf: accept out_dir too."""
-    if os.path.isdir(os.path.join(path, "hf")) and not os.path.exists(os.path.join(path, "config.json")):
+    if os.path.isdir(os.path.join(path, "hf")) and not os.path.exists(
+        os.path.join(path, "config.json")
+    ):
         return os.path.join(path, "hf")
     return path
 
@@ -184,20 +220,28 @@ def full_spectra(ckpt_dir, full_dir, names, keep=64, device="cpu"):
     base = checkpoint.load_model(ckpt_dir).state_dict()
     full = checkpoint.load_model(checkpoint_dir(full_dir)).state_dict()
     if not names:
-        names = [k[:-len(".weight")] for k in base if k.endswith(".weight") and layer_type(k[:-len(".weight")]) in PROJECTIONS]
+        names = [
+            k[: -len(".weight")]
+            for k in base
+            if k.endswith(".weight") and layer_type(k[: -len(".weight")]) in PROJECTIONS
+        ]
     spectra = {}
     for name in names:
         key = name + ".weight"
         if key not in full or full[key].shape != base[key].shape:
-            raise UserError(f"--full={full_dir}: {key}: expected shape {list(base[key].shape)} as in --ckpt_dir={ckpt_dir}, "
-                            f"got {list(full[key].shape) if key in full else 'no such tensor'}")
+            raise UserError(
+                f"--full={full_dir}: {key}: expected shape {list(base[key].shape)} as in --ckpt_dir={ckpt_dir}, "
+                f"got {list(full[key].shape) if key in full else 'no such tensor'}"
+            )
         delta = full[key].float() - base[key].float()
         S, U = svd_dense(delta.to(device))
         spectra[name] = (S.cpu(), U[:, :keep].cpu(), tuple(delta.shape))
     return spectra
 
+
 # -----------------------------------------------------------------------------
 # the run
+
 
 def method_label(settings, path, taken):
     """'lora', 'multilora' (from the file's settings), or the file name when that is already taken."""
@@ -212,32 +256,47 @@ def analyze(config):
     methods = {}
     for path in config["adapters"]:
         settings, spectra = adapter_spectra(config["ckpt_dir"], path.strip())
-        methods[method_label(settings, path, methods)] = dict(file=path.strip(), settings=settings, spectra=spectra)
+        methods[method_label(settings, path, methods)] = dict(
+            file=path.strip(), settings=settings, spectra=spectra
+        )
     full_vectors = None
     if config["full"]:
         names = sorted({name for m in methods.values() for name in m["spectra"]})
-        spectra = full_spectra(config["ckpt_dir"], config["full"], names, config["phi_dim"], config["device"])
+        spectra = full_spectra(
+            config["ckpt_dir"], config["full"], names, config["phi_dim"], config["device"]
+        )
         full_vectors = {name: U for name, (_, U, _) in spectra.items()}
-        methods["full"] = dict(file=checkpoint_dir(config["full"]), settings=dict(finetune="full"), spectra=spectra)
+        methods["full"] = dict(
+            file=checkpoint_dir(config["full"]), settings=dict(finetune="full"), spectra=spectra
+        )
     summary = dict(base=config["ckpt_dir"], settings=config, methods={})
     for label, m in methods.items():
         reference = full_vectors if label != "full" else None
-        summary["methods"][label] = dict(file=m["file"], settings=m["settings"],
-                                         **summarize_method(m["spectra"], config["top_k"], reference, config["phi_dim"]))
+        summary["methods"][label] = dict(
+            file=m["file"],
+            settings=m["settings"],
+            **summarize_method(m["spectra"], config["top_k"], reference, config["phi_dim"]),
+        )
     return summary
 
 
 def print_summary(summary):
-    print(f"{'method':<12} {'layer':<10} {'matrices':>8} {'rank':>7} {'eff. rank':>9} {'top-1':>7} {'φ(k,k)':>7}")
+    print(
+        f"{'method':<12} {'layer':<10} {'matrices':>8} {'rank':>7} {'eff. rank':>9} {'top-1':>7} {'φ(k,k)':>7}"
+    )
     for label, m in summary["methods"].items():
         for group, g in m["by_layer_type"].items():
             k = len(g.get("phi", []))  # rows of φ: i <= min(rank, phi_dim) <= columns
             phi = f"{g['phi'][k - 1][k - 1]:7.3f}" if k else f"{'':>7}"
             er, top1 = g["effective_rank"], g["top1_share"]
-            print(f"{label:<12} {group:<10} {g['n_matrices']:>8} {g['rank']:>7.1f} "
-                  f"{er if er is None else f'{er:9.2f}':>9} {top1 if top1 is None else f'{top1:7.3f}':>7} {phi}")
-    print("eff. rank = exp(entropy of σ/Σσ); top-1 = σ_1/Σσ; φ(k,k) = subspace similarity of the top k = "
-          "min(rank, phi_dim) directions to full fine-tuning's; means over the layers")
+            print(
+                f"{label:<12} {group:<10} {g['n_matrices']:>8} {g['rank']:>7.1f} "
+                f"{er if er is None else f'{er:9.2f}':>9} {top1 if top1 is None else f'{top1:7.3f}':>7} {phi}"
+            )
+    print(
+        "eff. rank = exp(entropy of σ/Σσ); top-1 = σ_1/Σσ; φ(k,k) = subspace similarity of the top k = "
+        "min(rank, phi_dim) directions to full fine-tuning's; means over the layers"
+    )
 
 
 def plot(summary, out_dir):
@@ -246,16 +305,21 @@ def plot(summary, out_dir):
     [] without matplotlib."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        print("note: matplotlib is not installed: no plots (pip install matplotlib); summary.json has the numbers")
+        print(
+            "note: matplotlib is not installed: no plots (pip install matplotlib); summary.json has the numbers"
+        )
         return []
     written = []
     methods = summary["methods"]
     groups = [g for g in next(iter(methods.values()))["by_layer_type"] if g != "all"]
-    fig, axes = plt.subplots(2, len(groups), figsize=(3.2 * len(groups), 6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        2, len(groups), figsize=(3.2 * len(groups), 6), squeeze=False, layout="constrained"
+    )
     for col, group in enumerate(groups):
         for label, m in methods.items():
             g = m["by_layer_type"].get(group)
@@ -280,10 +344,19 @@ def plot(summary, out_dir):
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     written.append(path)
-    with_phi = [(label, m) for label, m in methods.items() if any("phi" in g for g in m["by_layer_type"].values())]
+    with_phi = [
+        (label, m)
+        for label, m in methods.items()
+        if any("phi" in g for g in m["by_layer_type"].values())
+    ]
     if with_phi:
-        fig, axes = plt.subplots(len(with_phi), len(groups), figsize=(3.2 * len(groups) + 1, 3 * len(with_phi)),
-                                 squeeze=False, layout="constrained")
+        fig, axes = plt.subplots(
+            len(with_phi),
+            len(groups),
+            figsize=(3.2 * len(groups) + 1, 3 * len(with_phi)),
+            squeeze=False,
+            layout="constrained",
+        )
         for row, (label, m) in enumerate(with_phi):
             for col, group in enumerate(groups):
                 ax = axes[row, col]
@@ -292,8 +365,15 @@ def plot(summary, out_dir):
                     ax.axis("off")
                     continue
                 phi = g["phi"]
-                im = ax.imshow(phi, vmin=0, vmax=1, cmap="viridis", origin="lower", aspect="auto",
-                               extent=(0.5, len(phi[0]) + 0.5, 0.5, len(phi) + 0.5))
+                im = ax.imshow(
+                    phi,
+                    vmin=0,
+                    vmax=1,
+                    cmap="viridis",
+                    origin="lower",
+                    aspect="auto",
+                    extent=(0.5, len(phi[0]) + 0.5, 0.5, len(phi) + 0.5),
+                )
                 ax.set_title(f"{label}: {group}", fontsize=9)
                 ax.set_xlabel("j (full fine-tuning)")
                 ax.set_ylabel(f"i ({label})")

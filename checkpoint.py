@@ -15,6 +15,7 @@ Every file is checked at the boundary: JSON value types, safetensors headers (dt
 the stored bytes, offsets inside the file), names and shapes against the config. A problem is one
 UserError naming the file. .pth files load with weights_only=True: no pickled code runs.
 """
+
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from util import UserError, atomic_write, write_text
 
 # -----------------------------------------------------------------------------
 # config files
+
 
 def _read_json(path):
     try:
@@ -54,11 +56,16 @@ def _getter(cfg, path):
             return default
         if kind is float and type(value) is int:
             return float(value)
-        positive = default is KeyError  # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0
+        positive = (
+            default is KeyError
+        )  # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0
         if type(value) is not kind or (kind is int and value < positive):
-            raise UserError(f"{path}: {key}: expected a{' positive' * positive * (kind is int)} {kind.__name__}, "
-                            f"got {value!r}")
+            raise UserError(
+                f"{path}: {key}: expected a{' positive' * positive * (kind is int)} {kind.__name__}, "
+                f"got {value!r}"
+            )
         return value
+
     return get
 
 
@@ -75,24 +82,43 @@ def config_from_hf(cfg, path="config.json"):
     rope = get("rope_scaling", dict, None) or get("rope_parameters", dict, None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
-        raise UserError(f"{path}: rope_scaling: rope type {rope_type!r} is not supported (default or llama3)")
+        raise UserError(
+            f"{path}: rope_scaling: rope type {rope_type!r} is not supported (default or llama3)"
+        )
     if rope_type == "llama3":
-        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        for key in (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ):
             if not isinstance(rope.get(key), (int, float)) or isinstance(rope.get(key), bool):
-                raise UserError(f"{path}: rope_scaling.{key}: expected a number, got {rope.get(key)!r}")
+                raise UserError(
+                    f"{path}: rope_scaling.{key}: expected a number, got {rope.get(key)!r}"
+                )
     eos = cfg.get("eos_token_id", 2)
     eos = eos if isinstance(eos, list) else [eos if eos is not None else 2]
     if not all(type(e) is int for e in eos):
-        raise UserError(f"{path}: eos_token_id: expected an int or a list of ints, got {cfg.get('eos_token_id')!r}")
-    return _config(path,
-        dim=get("hidden_size", int), n_layers=get("num_hidden_layers", int), n_heads=get("num_attention_heads", int),
-        n_kv_heads=get("num_key_value_heads", int, 0), head_dim=get("head_dim", int, 0),
-        hidden_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
+        raise UserError(
+            f"{path}: eos_token_id: expected an int or a list of ints, got {cfg.get('eos_token_id')!r}"
+        )
+    return _config(
+        path,
+        dim=get("hidden_size", int),
+        n_layers=get("num_hidden_layers", int),
+        n_heads=get("num_attention_heads", int),
+        n_kv_heads=get("num_key_value_heads", int, 0),
+        head_dim=get("head_dim", int, 0),
+        hidden_dim=get("intermediate_size", int),
+        vocab_size=get("vocab_size", int),
         norm_eps=get("rms_norm_eps", float, 1e-6),
         rope_theta=get("rope_theta", float, None) or rope.get("rope_theta") or 10000.0,
         rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
-        max_seq_len=get("max_position_embeddings", int, 4096), tie_embeddings=get("tie_word_embeddings", bool, False),
-        bos_id=get("bos_token_id", int, 1), eos_id=eos)
+        max_seq_len=get("max_position_embeddings", int, 4096),
+        tie_embeddings=get("tie_word_embeddings", bool, False),
+        bos_id=get("bos_token_id", int, 1),
+        eos_id=eos,
+    )
 
 
 def config_from_meta(params, vocab_size, path="params.json"):
@@ -107,39 +133,74 @@ def config_from_meta(params, vocab_size, path="params.json"):
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
     rope_scaling = None
     if get("use_scaled_rope", bool, False):  # Llama 3.1 / 3.2
-        rope_scaling = {"rope_type": "llama3", "factor": get("rope_scaling_factor", float, 8.0),
-                        "low_freq_factor": 1.0, "high_freq_factor": get("high_freq_factor", float, 4.0),
-                        "original_max_position_embeddings": 8192}
+        rope_scaling = {
+            "rope_type": "llama3",
+            "factor": get("rope_scaling_factor", float, 8.0),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": get("high_freq_factor", float, 4.0),
+            "original_max_position_embeddings": 8192,
+        }
     llama3 = vocab_size >= 128000
-    return _config(path,
-        dim=dim, n_layers=get("n_layers", int), n_heads=get("n_heads", int), n_kv_heads=get("n_kv_heads", int, 0),
-        hidden_dim=hidden, vocab_size=vocab_size, norm_eps=get("norm_eps", float, 1e-5),
-        rope_theta=get("rope_theta", float, 10000.0), rope_scaling=rope_scaling,
-        max_seq_len=get("max_seq_len", int, 8192 if llama3 else 4096), tie_embeddings=False,  # Meta: output.weight
-        bos_id=128000 if llama3 else 1, eos_id=[128001, 128008, 128009] if llama3 else [2])
+    return _config(
+        path,
+        dim=dim,
+        n_layers=get("n_layers", int),
+        n_heads=get("n_heads", int),
+        n_kv_heads=get("n_kv_heads", int, 0),
+        hidden_dim=hidden,
+        vocab_size=vocab_size,
+        norm_eps=get("norm_eps", float, 1e-5),
+        rope_theta=get("rope_theta", float, 10000.0),
+        rope_scaling=rope_scaling,
+        max_seq_len=get("max_seq_len", int, 8192 if llama3 else 4096),
+        tie_embeddings=False,  # Meta: output.weight
+        bos_id=128000 if llama3 else 1,
+        eos_id=[128001, 128008, 128009] if llama3 else [2],
+    )
 
 
 def config_to_hf(c, torch_dtype="float32"):
     """The config.json that transformers' LlamaForCausalLM reads."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
-        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-        "vocab_size": c.vocab_size, "max_position_embeddings": c.max_seq_len,
-        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-        "rope_scaling": c.rope_scaling, "tie_word_embeddings": c.tie_embeddings,
-        "bos_token_id": c.bos_id, "eos_token_id": c.eos_id[0] if len(c.eos_id) == 1 else c.eos_id,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": torch_dtype,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": c.dim,
+        "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_seq_len,
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": c.bos_id,
+        "eos_token_id": c.eos_id[0] if len(c.eos_id) == 1 else c.eos_id,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
     }
+
 
 # -----------------------------------------------------------------------------
 # safetensors: 8 bytes little-endian header length, then a JSON header {name: {"dtype", "shape",
 # "data_offsets": [begin, end]}, "__metadata__": {...}}, then the bytes (github.com/huggingface/safetensors)
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-          "U8": torch.uint8, "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")  # model and adapter weights are floating point
 
 
@@ -152,7 +213,9 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
             head = f.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
             if n is None or n > size - 8:
-                raise UserError(f"{path}: truncated or corrupt safetensors file (no complete header)")
+                raise UserError(
+                    f"{path}: truncated or corrupt safetensors file (no complete header)"
+                )
             header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{path}: corrupt safetensors file (header is not JSON)") from None
@@ -160,21 +223,32 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
         raise UserError(f"{path}: corrupt safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     for name, t in header.items():
-        ok = isinstance(t, dict) and isinstance(t.get("shape"), list) and isinstance(t.get("data_offsets"), list) \
-            and len(t["data_offsets"]) == 2 and all(type(x) is int and x >= 0 for x in t["shape"] + t["data_offsets"])
+        ok = (
+            isinstance(t, dict)
+            and isinstance(t.get("shape"), list)
+            and isinstance(t.get("data_offsets"), list)
+            and len(t["data_offsets"]) == 2
+            and all(type(x) is int and x >= 0 for x in t["shape"] + t["data_offsets"])
+        )
         if not ok:
             raise UserError(f"{path}: tensor {name}: corrupt header entry {t!r}")
         if t.get("dtype") not in dtypes:
-            raise UserError(f"{path}: tensor {name}: dtype {t.get('dtype')!r}, expected one of {', '.join(dtypes)}")
+            raise UserError(
+                f"{path}: tensor {name}: dtype {t.get('dtype')!r}, expected one of {', '.join(dtypes)}"
+            )
         begin, end = t["data_offsets"]
         numel = 1
         for d in t["shape"]:
             numel *= d
         if end - begin != numel * DTYPES[t["dtype"]].itemsize:
-            raise UserError(f"{path}: tensor {name}: {t['dtype']} {t['shape']} needs "
-                            f"{numel * DTYPES[t['dtype']].itemsize} bytes, the header gives it {end - begin}")
+            raise UserError(
+                f"{path}: tensor {name}: {t['dtype']} {t['shape']} needs "
+                f"{numel * DTYPES[t['dtype']].itemsize} bytes, the header gives it {end - begin}"
+            )
         if 8 + n + end > size:
-            raise UserError(f"{path}: truncated safetensors file ({size} bytes, tensor {name} ends at {8 + n + end})")
+            raise UserError(
+                f"{path}: truncated safetensors file ({size} bytes, tensor {name} ends at {8 + n + end})"
+            )
     return header, metadata, 8 + n
 
 
@@ -213,8 +287,11 @@ def write_safetensors(path, specs, take, metadata=None):
     for name in sorted(specs):
         dtype, shape = specs[name]
         nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": DTYPE_NAMES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -225,8 +302,9 @@ def write_safetensors(path, specs, take, metadata=None):
         for name in sorted(specs):
             t = take(name)
             if t.dtype != specs[name][0] or tuple(t.shape) != tuple(specs[name][1]):
-                raise ValueError(f"{path}: {name}: got {t.dtype} {list(t.shape)}, "
-                                 f"the header says {specs[name]}")
+                raise ValueError(
+                    f"{path}: {name}: got {t.dtype} {list(t.shape)}, the header says {specs[name]}"
+                )
             if t.numel():
                 f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
             del t
@@ -236,11 +314,15 @@ def _torch_load(path):
     try:  # weights_only: tensors and plain containers only, never pickled code
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # a torch pickle fails in many ways; report the file, not the internals
-        raise UserError(f"{path}: cannot read torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        raise UserError(
+            f"{path}: cannot read torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        ) from None
+
 
 # -----------------------------------------------------------------------------
 # the two layouts: each gives (config, tensors) where tensors() yields (HF key, Stored) in file order.
 # A Stored tensor is read on demand, rows [a, b) at a time: FSDP ranks read only the rows they hold.
+
 
 class Stored:
     """One tensor of a checkpoint in llama.py's names and layout: shape, dtype, file (for messages)
@@ -265,9 +347,12 @@ def _safetensors_tensor(path, entry, data_start):
             while done < len(buf):  # one read(2) returns at most 2 GiB
                 n = f.readinto(buf[done:])
                 if not n:
-                    raise UserError(f"{path}: file ends inside tensor data (it changed while being read)")
+                    raise UserError(
+                        f"{path}: file ends inside tensor data (it changed while being read)"
+                    )
                 done += n
         return out
+
     return Stored(shape, dtype, path, read)
 
 
@@ -278,7 +363,9 @@ def _safetensors_tensors(path):
     return {name: _safetensors_tensor(path, entry, start) for name, entry in order}
 
 
-def _torch_tensor(path, t):  # a memory-mapped tensor of a .pth file: a row slice touches those rows only
+def _torch_tensor(
+    path, t
+):  # a memory-mapped tensor of a .pth file: a row slice touches those rows only
     return Stored(t.shape, t.dtype, path, lambda a, b: t[a:b])
 
 
@@ -289,26 +376,37 @@ def _concat(parts, dim, file):
     first, other = parts[0].shape, 1 - dim
     for p in parts:
         if len(p.shape) != 2 or p.shape[other] != first[other] or p.dtype != parts[0].dtype:
-            raise UserError(f"{p.file}: tensor of shape {list(p.shape)} {p.dtype} does not fit "
-                            f"{parts[0].file}'s {list(first)} {parts[0].dtype}")
+            raise UserError(
+                f"{p.file}: tensor of shape {list(p.shape)} {p.dtype} does not fit "
+                f"{parts[0].file}'s {list(first)} {parts[0].dtype}"
+            )
     shape = list(first)
     shape[dim] = sum(p.shape[dim] for p in parts)
     if dim == 1:
-        return Stored(shape, parts[0].dtype, file, lambda a, b: torch.cat([p.read(a, b) for p in parts], 1))
+        return Stored(
+            shape, parts[0].dtype, file, lambda a, b: torch.cat([p.read(a, b) for p in parts], 1)
+        )
     offsets = [0]
     for p in parts:
         offsets.append(offsets[-1] + p.shape[0])
 
     def read(a, b):
-        pieces = [p.read(max(a, lo) - lo, min(b, hi) - lo)
-                  for p, lo, hi in zip(parts, offsets, offsets[1:]) if max(a, lo) < min(b, hi)]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else parts[0].read(0, 0)
+        pieces = [
+            p.read(max(a, lo) - lo, min(b, hi) - lo)
+            for p, lo, hi in zip(parts, offsets, offsets[1:])
+            if max(a, lo) < min(b, hi)
+        ]
+        return (
+            pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else parts[0].read(0, 0)
+        )
+
     return Stored(shape, parts[0].dtype, file, read)
 
 
 def _permuted(stored, rows):
     """stored with its rows reordered: row i is stored row rows[i]. A range of rows is read as the
     runs of consecutive stored rows it needs (whole heads: one run), so no row is read twice."""
+
     def read(a, b):
         out = torch.empty((max(b - a, 0), *stored.shape[1:]), dtype=stored.dtype)
         wanted = rows[a:b]
@@ -316,9 +414,12 @@ def _permuted(stored, rows):
         src = wanted[order].tolist()
         if src:
             starts = [0] + [i for i in range(1, len(src)) if src[i] != src[i - 1] + 1]
-            pieces = [stored.read(src[i], src[j - 1] + 1) for i, j in zip(starts, starts[1:] + [len(src)])]
+            pieces = [
+                stored.read(src[i], src[j - 1] + 1) for i, j in zip(starts, starts[1:] + [len(src)])
+            ]
             out[order] = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return out
+
     return Stored(stored.shape, stored.dtype, stored.file, read)
 
 
@@ -329,13 +430,17 @@ def _hf_source(ckpt_dir):
     if os.path.exists(index_path):
         index = _read_json(index_path)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
             raise UserError(f"{index_path}: weight_map: expected an object of file names")
         files = sorted(set(weight_map.values()))
     elif os.path.exists(os.path.join(ckpt_dir, "model.safetensors")):
         files = ["model.safetensors"]
     else:
-        raise UserError(f"{ckpt_dir}: config.json but no model.safetensors or model.safetensors.index.json")
+        raise UserError(
+            f"{ckpt_dir}: config.json but no model.safetensors or model.safetensors.index.json"
+        )
     paths = [os.path.join(ckpt_dir, f) for f in files]
     for p in paths:  # fail before reading anything
         if not os.path.exists(p):
@@ -345,26 +450,41 @@ def _hf_source(ckpt_dir):
     def tensors():
         for p in paths:
             for key, stored in _safetensors_tensors(p).items():
-                if not key.endswith("rotary_emb.inv_freq"):  # old files carry RoPE buffers: recomputed
+                if not key.endswith(
+                    "rotary_emb.inv_freq"
+                ):  # old files carry RoPE buffers: recomputed
                     yield key.removeprefix("model."), stored
+
     return config, tensors
 
 
 # Meta key -> HF key (without "model."); docs/formats.md
-META_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-              "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-              "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm",
-              "ffn_norm": "post_attention_layernorm"}
-ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")  # split on dim 1; the others on dim 0
+META_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+ROW_PARALLEL = (
+    "attention.wo.weight",
+    "feed_forward.w2.weight",
+)  # split on dim 1; the others on dim 0
 
 
 def meta_to_hf(key, stored, config):
     """Rename a Meta key and permute wq/wk rows from interleaved RoPE pairs (2j, 2j+1) to HF's
     rotate_half pairs (j, j + hd/2)."""
     if key in ("tok_embeddings.weight", "norm.weight", "output.weight"):
-        return {"tok_embeddings.weight": "embed_tokens.weight", "norm.weight": "norm.weight",
-                "output.weight": "lm_head.weight"}[key], stored
+        return {
+            "tok_embeddings.weight": "embed_tokens.weight",
+            "norm.weight": "norm.weight",
+            "output.weight": "lm_head.weight",
+        }[key], stored
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", key)
     if not m or m.group(2) not in META_NAMES:
         return key, stored  # reported as unexpected by the caller
@@ -386,7 +506,9 @@ def _meta_source(ckpt_dir):
     sts = [n for n in names if re.fullmatch(r"consolidated(\.\d+)?\.safetensors", n)]
     files = [os.path.join(ckpt_dir, n) for n in pths or sts]
     if not files:
-        raise UserError(f"{ckpt_dir}: params.json but no consolidated.NN.pth or consolidated.safetensors")
+        raise UserError(
+            f"{ckpt_dir}: params.json but no consolidated.NN.pth or consolidated.safetensors"
+        )
     for i in range(len(files)):
         if pths and f"consolidated.{i:02d}.pth" not in pths:
             raise UserError(f"{ckpt_dir}: missing shard consolidated.{i:02d}.pth")
@@ -400,7 +522,9 @@ def _meta_source(ckpt_dir):
     shapes = [s["tok_embeddings.weight"].shape for s in shards]
     # LLaMA 1/2 split the embedding on dim 1 (each shard holds every row), Llama 3 on dim 0
     split_rows = len(shapes) > 1 and shapes[0][1] == params.get("dim")
-    config = config_from_meta(params, sum(s[0] for s in shapes) if split_rows else shapes[0][0], params_path)
+    config = config_from_meta(
+        params, sum(s[0] for s in shapes) if split_rows else shapes[0][0], params_path
+    )
     where = files[0] if len(files) == 1 else f"{ckpt_dir}/consolidated.*"
 
     def tensors():
@@ -414,9 +538,15 @@ def _meta_source(ckpt_dir):
             if len(parts) == 1 or len(parts[0].shape) == 1:
                 stored = parts[0]  # norms are replicated on every shard
             else:
-                dim = 1 if key.endswith(ROW_PARALLEL) or (key == "tok_embeddings.weight" and not split_rows) else 0
+                dim = (
+                    1
+                    if key.endswith(ROW_PARALLEL)
+                    or (key == "tok_embeddings.weight" and not split_rows)
+                    else 0
+                )
                 stored = _concat(parts, dim, where)
             yield meta_to_hf(key, stored, config)
+
     return config, tensors
 
 
@@ -428,8 +558,10 @@ def checkpoint_layout(ckpt_dir):
         return "hf"
     if os.path.exists(os.path.join(ckpt_dir, "params.json")):
         return "meta"
-    raise UserError(f"{ckpt_dir}: neither a Hugging Face checkpoint (config.json + *.safetensors) "
-                    f"nor a Meta one (params.json + consolidated.*)")
+    raise UserError(
+        f"{ckpt_dir}: neither a Hugging Face checkpoint (config.json + *.safetensors) "
+        f"nor a Meta one (params.json + consolidated.*)"
+    )
 
 
 def _source(ckpt_dir):
@@ -440,8 +572,10 @@ def read_config(ckpt_dir):
     """The LlamaConfig of a checkpoint directory, from its config and headers only."""
     return _source(ckpt_dir)[0]
 
+
 # -----------------------------------------------------------------------------
 # loading and saving
+
 
 def load_model(ckpt_dir, dtype=torch.float32, device="cpu"):
     """Build the model on the meta device (no memory), then fill it one tensor at a time from the
@@ -482,18 +616,26 @@ def _fill(model, config, tensors, ckpt_dir, device):
             continue
         p = expected[key]
         if stored.shape != tuple(p.shape):
-            raise UserError(f"{stored.file}: tensor {key} has shape {list(stored.shape)}, expected "
-                            f"{list(p.shape)} from the config in {ckpt_dir}")
+            raise UserError(
+                f"{stored.file}: tensor {key} has shape {list(stored.shape)}, expected "
+                f"{list(p.shape)} from the config in {ckpt_dir}"
+            )
         mesh = getattr(p, "device_mesh", None)
-        a, b = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size()) if mesh else (0, p.shape[0])
+        a, b = (
+            shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size()) if mesh else (0, p.shape[0])
+        )
         rows = stored.read(a, b)
         n_bytes += rows.numel() * rows.element_size()
         value = rows.to(device=device, dtype=p.dtype)
         _check_finite(value, rows, key, stored.file)
         if mesh:
             if value.shape != _local(p).shape:
-                raise RuntimeError(f"{key}: FSDP's shard has shape {list(_local(p).shape)}, not rows [{a}, {b})")
-            value = type(p).from_local(value, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+                raise RuntimeError(
+                    f"{key}: FSDP's shard has shape {list(_local(p).shape)}, not rows [{a}, {b})"
+                )
+            value = type(p).from_local(
+                value, mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+            )
         filled = nn.Parameter(value, requires_grad=p.requires_grad)
         for name in names[p]:
             module_name, _, param_name = name.rpartition(".")
@@ -501,10 +643,18 @@ def _fill(model, config, tensors, ckpt_dir, device):
         seen.add(key)
     missing = sorted(set(expected) - seen)
     if unexpected or missing:
+
         def some(keys):
             return ", ".join(keys[:4]) + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
-        problem = "; ".join(p for p in (missing and f"missing keys {some(missing)}",
-                                        unexpected and f"unexpected keys {some(unexpected)}") if p)
+
+        problem = "; ".join(
+            p
+            for p in (
+                missing and f"missing keys {some(missing)}",
+                unexpected and f"unexpected keys {some(unexpected)}",
+            )
+            if p
+        )
         raise UserError(f"{ckpt_dir}: {problem}")
     return n_bytes
 
@@ -519,14 +669,26 @@ def _check_finite(value, rows, key, file):
     if math.isfinite(value.sum()) or torch.isfinite(value).all():
         return
     if torch.isfinite(rows).all():
-        raise UserError(f"{file}: tensor {key}: values beyond {value.dtype}'s range; "
-                        f"load it in float32 or bfloat16")
-    raise UserError(f"{file}: tensor {key} holds NaN or inf: the checkpoint is damaged (or was saved "
-                    f"from a run that diverged)")
+        raise UserError(
+            f"{file}: tensor {key}: values beyond {value.dtype}'s range; "
+            f"load it in float32 or bfloat16"
+        )
+    raise UserError(
+        f"{file}: tensor {key} holds NaN or inf: the checkpoint is damaged (or was saved "
+        f"from a run that diverged)"
+    )
 
 
-def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=None, step=None,
-                       gather=None, writer=True):
+def save_hf_checkpoint(
+    model,
+    out_dir,
+    tokenizer_path=None,
+    dtype=None,
+    config=None,
+    step=None,
+    gather=None,
+    writer=True,
+):
     """Write config.json + model.safetensors (+ tokenizer.model), the layout transformers reads.
     `model` is a Llama or a state dict with this model's keys (then pass `config`); step: the training
     step, kept in model.safetensors' metadata. The file is written one tensor at a time (each is
@@ -535,13 +697,17 @@ def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=N
     collective per tensor, in file order) and only the writer (rank 0) gets tensors and writes."""
     config = config or model.config
     state = model if isinstance(model, dict) else model.state_dict()
-    state = {"model." + k if k != "lm_head.weight" else k: v for k, v in state.items()
-             if not (config.tie_embeddings and k == "lm_head.weight")}
+    state = {
+        "model." + k if k != "lm_head.weight" else k: v
+        for k, v in state.items()
+        if not (config.tie_embeddings and k == "lm_head.weight")
+    }
     gather = gather or (lambda t: t.detach().cpu())
 
     def take(name):
         t = gather(state[name])
         return None if t is None else (t.to(dtype) if dtype else t).contiguous()
+
     if not writer:
         for name in sorted(state):
             take(name)
@@ -552,7 +718,9 @@ def save_hf_checkpoint(model, out_dir, tokenizer_path=None, dtype=None, config=N
     with atomic_write(os.path.join(out_dir, "model.safetensors")) as tmp:
         metadata = {"format": "pt", **({"step": str(step)} if step is not None else {})}
         write_safetensors(tmp, specs, take, metadata)
-    write_text(os.path.join(out_dir, "config.json"), json.dumps(config_to_hf(config, dtype_name), indent=2))
+    write_text(
+        os.path.join(out_dir, "config.json"), json.dumps(config_to_hf(config, dtype_name), indent=2)
+    )
     if tokenizer_path:
         write_tokenizer_files(out_dir, tokenizer_path, config.max_seq_len)
 
@@ -569,6 +737,7 @@ def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
     special_tokens_map.json written here. A Llama 3 tiktoken file without them gets none: write its
     tokenizer.json with transformers. Files already in out_dir are left as they are."""
     from tokenizer import load_tokenizer
+
     folder = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
     model_file = tokenizer_path
     if os.path.isdir(tokenizer_path):
@@ -588,10 +757,18 @@ def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
     if tok.kind != "sentencepiece":
         return
     sp = tok.sp
-    special = dict(bos_token=sp.id_to_piece(sp.bos_id()), eos_token=sp.id_to_piece(sp.eos_id()),
-                   unk_token=sp.id_to_piece(sp.unk_id()))
-    config = dict(tokenizer_class="LlamaTokenizer", **special, add_bos_token=True,
-                  add_eos_token=False, **({"model_max_length": max_seq_len} if max_seq_len else {}))
+    special = dict(
+        bos_token=sp.id_to_piece(sp.bos_id()),
+        eos_token=sp.id_to_piece(sp.eos_id()),
+        unk_token=sp.id_to_piece(sp.unk_id()),
+    )
+    config = dict(
+        tokenizer_class="LlamaTokenizer",
+        **special,
+        add_bos_token=True,
+        add_eos_token=False,
+        **({"model_max_length": max_seq_len} if max_seq_len else {}),
+    )
     write_text(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(config, indent=2) + "\n")
     if "special_tokens_map.json" not in written:
         path = os.path.join(out_dir, "special_tokens_map.json")

@@ -4,6 +4,7 @@ rows at a time, forward and backward, so that no (N, V) logits tensor exists who
 128,256: the fp32 logits of 8 × 2,048 tokens alone take 8 GB). Llama.forward(..., targets=) uses it;
 docs/bench_vocab.md has the measurements.
 """
+
 import torch
 
 
@@ -26,16 +27,18 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, dtype):
         # hidden (N, D) final-normed states, weight (V, D) lm_head's, targets (N,) -> losses (N,) fp32
-        w = weight.to(dtype)  # autocast's cast, done once: a no-op when the weight is already in dtype
+        w = weight.to(
+            dtype
+        )  # autocast's cast, done once: a no-op when the weight is already in dtype
         losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # d loss_i / d h_i
         for s in range(0, len(hidden), chunk):
-            z = (hidden[s:s + chunk].to(dtype) @ w.t()).float()  # (C, V)
-            t = targets[s:s + chunk]
+            z = (hidden[s : s + chunk].to(dtype) @ w.t()).float()  # (C, V)
+            t = targets[s : s + chunk]
             lse = z.logsumexp(-1, keepdim=True)
-            losses[s:s + chunk] = (lse - z.gather(-1, t[:, None]))[:, 0]
+            losses[s : s + chunk] = (lse - z.gather(-1, t[:, None]))[:, 0]
             if grad_h is not None:
-                grad_h[s:s + chunk] = grad_logits_(z, lse, t).to(dtype) @ w
+                grad_h[s : s + chunk] = grad_logits_(z, lse, t).to(dtype) @ w
         ctx.save_for_backward(hidden if ctx.needs_input_grad[1] else None, weight, targets, grad_h)
         ctx.chunk, ctx.dtype = chunk, dtype
         return losses
@@ -46,14 +49,16 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         if grad_h is not None:
             grad_h = grad_h * grad_losses[:, None].to(grad_h.dtype)
         grad_w = None
-        if ctx.needs_input_grad[1]:  # summed over the chunks in fp32, as autocast's matmul would give it
+        if ctx.needs_input_grad[
+            1
+        ]:  # summed over the chunks in fp32, as autocast's matmul would give it
             w = weight.to(ctx.dtype)
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
             for s in range(0, len(hidden), ctx.chunk):
-                h = hidden[s:s + ctx.chunk].to(ctx.dtype)
+                h = hidden[s : s + ctx.chunk].to(ctx.dtype)
                 z = (h @ w.t()).float()
-                g = grad_logits_(z, z.logsumexp(-1, keepdim=True), targets[s:s + ctx.chunk])
-                g = g.mul_(grad_losses[s:s + ctx.chunk, None]).to(ctx.dtype)
+                g = grad_logits_(z, z.logsumexp(-1, keepdim=True), targets[s : s + ctx.chunk])
+                g = g.mul_(grad_losses[s : s + ctx.chunk, None]).to(ctx.dtype)
                 # in place when the dtypes allow (fp32): no (V, D) temporary
                 grad_w.addmm_(g.t(), h) if g.dtype == grad_w.dtype else grad_w.add_(g.t() @ h)
             grad_w = grad_w.to(weight.dtype)

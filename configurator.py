@@ -25,6 +25,7 @@ included, before the script reads or writes anything; a bad one is one line nami
 config file, the key and what was expected. Config files are Python (they are code you run, as a
 script is); their top-level names that don't start with "_" and hold a setting's type are settings.
 """
+
 import ast
 import math
 import os
@@ -43,6 +44,7 @@ class Setting:
 
 class Rule:
     """A default that is a function of the final settings: Rule("text for --help", function)."""
+
     def __init__(self, text, function):
         self.text, self.function = text, function
 
@@ -75,7 +77,9 @@ def check_type(where, key, value, default):
         return float(value)
     if expected in (list, tuple) and isinstance(value, (list, tuple)):
         kind = type(default[0]) if default else None
-        if kind is None or all(type(v) is kind or (kind is float and type(v) is int) for v in value):
+        if kind is None or all(
+            type(v) is kind or (kind is float and type(v) is int) for v in value
+        ):
             return expected(kind(v) if kind is float else v for v in value)
     elif type(value) is expected:
         return value
@@ -96,7 +100,9 @@ def parse_value(where, key, text, default):
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise UserError(f"{where}: {key}: expected {type(default).__name__} like {default!r}, got {text!r}") from None
+        raise UserError(
+            f"{where}: {key}: expected {type(default).__name__} like {default!r}, got {text!r}"
+        ) from None
     return check_type(where, key, value, default)
 
 
@@ -118,7 +124,13 @@ def check_allowed(key, value, allowed, final):
     bound = lambda b: final[b] if b in final else float(b)  # noqa: E731
     lo_v, hi_v = bound(lo), bound(hi)
     for v in values:
-        if math.isnan(v) or v < lo_v or v > hi_v or (left == "(" and v == lo_v) or (right == ")" and v == hi_v):
+        if (
+            math.isnan(v)
+            or v < lo_v
+            or v > hi_v
+            or (left == "(" and v == lo_v)
+            or (right == ")" and v == hi_v)
+        ):
             names = f" ({lo} = {lo_v})" * (lo in final) + f" ({hi} = {hi_v})" * (hi in final)
             return f"a value in {allowed}{names}"
     return None
@@ -127,8 +139,13 @@ def check_allowed(key, value, allowed, final):
 def help_text(settings, script):
     lines = [f"usage: python {script} [config/file.py ...] [--key=value ...]", "", "settings:"]
     for k, s in settings.items():
-        allowed = "" if s.allowed is None or callable(s.allowed) else \
-            f" {{{'|'.join(map(str, s.allowed))}}}" if isinstance(s.allowed, tuple) else f" {s.allowed}"
+        allowed = (
+            ""
+            if s.allowed is None or callable(s.allowed)
+            else f" {{{'|'.join(map(str, s.allowed))}}}"
+            if isinstance(s.allowed, tuple)
+            else f" {s.allowed}"
+        )
         rule = isinstance(s.default, Rule)
         default = f" (default: {s.default.text})" if rule else f"={s.default!r}"
         lines.append(f"  --{k}{default}{allowed}" + (f"  # {s.help}" if s.help else ""))
@@ -138,8 +155,11 @@ def help_text(settings, script):
 def configure(settings, argv, script=None):
     """settings: {name: Setting, or a plain default}; argv: config files and --key=value, applied in
     order. Returns {name: final value}. --help (or -h) prints the settings and exits."""
-    settings = {k: v if isinstance(v, Setting) else Setting(v) for k, v in settings.items()
-                if isinstance(v, Setting) or (not k.startswith("_") and isinstance(v, TYPES))}
+    settings = {
+        k: v if isinstance(v, Setting) else Setting(v)
+        for k, v in settings.items()
+        if isinstance(v, Setting) or (not k.startswith("_") and isinstance(v, TYPES))
+    }
     # each setting's type is its default's; a rule's, that of its value on the other defaults
     typed = resolve(settings, {k: s.default for k, s in settings.items()})
     final, source = dict(typed), {}
@@ -152,18 +172,24 @@ def configure(settings, argv, script=None):
             if key not in settings:
                 raise unknown(arg, key, settings)
             if not has_value and not isinstance(final[key], bool):
-                raise UserError(f"{arg}: expected --{key}=value (a bare --{key} only for true/false settings)")
+                raise UserError(
+                    f"{arg}: expected --{key}=value (a bare --{key} only for true/false settings)"
+                )
             final[key] = parse_value(arg, key, text if has_value else "True", typed[key])
             source[key] = arg
         else:
             if not os.path.isfile(arg):
-                raise UserError(f"{arg}: no such config file (arguments are config files or --key=value)")
+                raise UserError(
+                    f"{arg}: no such config file (arguments are config files or --key=value)"
+                )
             namespace = {}
             try:
                 with open(arg) as f:
                     exec(compile(f.read(), arg, "exec"), namespace)
             except Exception as e:
-                raise UserError(f"{arg}: could not run the config file: {type(e).__name__}: {e}") from None
+                raise UserError(
+                    f"{arg}: could not run the config file: {type(e).__name__}: {e}"
+                ) from None
             for key, value in namespace.items():
                 if key.startswith("_") or not isinstance(value, TYPES):
                     continue  # imports, helpers and _private names are not settings
@@ -177,11 +203,18 @@ def configure(settings, argv, script=None):
         if expected:
             where = f"{source[key]}: " if key in source else ""
             rule = isinstance(s.default, Rule)
-            default = "" if key in source else f" (its default, {s.default})" if rule else \
-                " (its default)"
+            default = (
+                ""
+                if key in source
+                else f" (its default, {s.default})"
+                if rule
+                else " (its default)"
+            )
             raise UserError(f"{where}{key}: expected {expected}, got {final[key]!r}{default}")
     return final
 
 
 def unknown(where, key, settings):
-    return UserError(f"{where}: {key}: unknown setting; known settings: {', '.join(sorted(settings))}")
+    return UserError(
+        f"{where}: {key}: unknown setting; known settings: {', '.join(sorted(settings))}"
+    )

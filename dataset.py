@@ -84,13 +84,19 @@ def exact_match(prediction, response):
 # -----------------------------------------------------------------------------
 # writing and reading the prepared format
 
+
 def _atomic_write(path, write_fn, mode="wb"):
-    with atomic_write(path) as tmp, open(tmp, mode) as f:  # util's: all or nothing, umask permissions
+    with (
+        atomic_write(path) as tmp,
+        open(tmp, mode) as f,
+    ):  # util's: all or nothing, umask permissions
         write_fn(f)
 
 
 def write_jsonl(path, records):
-    _atomic_write(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "w")
+    _atomic_write(
+        path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "w"
+    )
 
 
 def write_dataset(out_dir, splits, meta, raw=None):
@@ -102,7 +108,10 @@ def write_dataset(out_dir, splits, meta, raw=None):
     if os.path.exists(os.path.join(out_dir, "meta.json")):
         os.remove(os.path.join(out_dir, "meta.json"))
     meta = dict(meta)
-    tasks = list(meta.get("tasks") or sorted({task for examples in splits.values() for task, _, _ in examples}))
+    tasks = list(
+        meta.get("tasks")
+        or sorted({task for examples in splits.values() for task, _, _ in examples})
+    )
     token_dtype = np.uint16 if meta["vocab_size"] <= 65535 else np.uint32
     counts = {split: dict(c) for split, c in meta.get("counts", {}).items()}
     for split, examples in splits.items():
@@ -118,8 +127,12 @@ def write_dataset(out_dir, splits, meta, raw=None):
         per_task = {t: 0 for t in tasks}
         for task, _, _ in examples:
             per_task[task] += 1
-        counts.setdefault(split, {}).update(examples=len(examples), tokens=int(sum(lengths)),
-                                            target_tokens=int(arrays["mask"].sum()), per_task=per_task)
+        counts.setdefault(split, {}).update(
+            examples=len(examples),
+            tokens=int(sum(lengths)),
+            target_tokens=int(arrays["mask"].sum()),
+            per_task=per_task,
+        )
     for split, records in (raw or {}).items():
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), records)
     meta.update(format=FORMAT, tasks=tasks, template="alpaca", counts=counts)
@@ -139,27 +152,58 @@ class PreparedSplit:
         for name, kinds in (("tokens", "u"), ("mask", "u"), ("offsets", "iu"), ("task", "u")):
             path = os.path.join(data_dir, f"{split}_{name}.npy")
             if not os.path.exists(path):
-                have = sorted(f[:-len("_tokens.npy")] for f in os.listdir(data_dir) if f.endswith("_tokens.npy"))
-                raise UserError(f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})")
+                have = sorted(
+                    f[: -len("_tokens.npy")]
+                    for f in os.listdir(data_dir)
+                    if f.endswith("_tokens.npy")
+                )
+                raise UserError(
+                    f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})"
+                )
             try:  # allow_pickle=False: a received dataset runs no pickled code
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
             except ValueError as e:
-                raise UserError(f"{path}: not a readable .npy file ({e}); prepare it again") from None
+                raise UserError(
+                    f"{path}: not a readable .npy file ({e}); prepare it again"
+                ) from None
             if array.ndim != 1 or array.dtype.kind not in kinds:
-                raise UserError(f"{path}: expected a 1-d integer array, got {array.dtype} of shape {array.shape}")
+                raise UserError(
+                    f"{path}: expected a 1-d integer array, got {array.dtype} of shape {array.shape}"
+                )
             setattr(self, name, array)
         n, where = len(self.task), os.path.join(data_dir, split)
-        if len(self.offsets) != n + 1 or len(self.mask) != len(self.tokens) or self.offsets[-1] != len(self.tokens):
-            raise UserError(f"{data_dir}: {split}: arrays disagree (tokens {len(self.tokens)}, mask "
-                            f"{len(self.mask)}, offsets {len(self.offsets)}, task {n}); prepare it again")
+        if (
+            len(self.offsets) != n + 1
+            or len(self.mask) != len(self.tokens)
+            or self.offsets[-1] != len(self.tokens)
+        ):
+            raise UserError(
+                f"{data_dir}: {split}: arrays disagree (tokens {len(self.tokens)}, mask "
+                f"{len(self.mask)}, offsets {len(self.offsets)}, task {n}); prepare it again"
+            )
         self.lengths = np.diff(self.offsets)  # (n,) tokens per example
-        bad = [(f"{where}_offsets.npy", "offsets: expected 0 first and at least 2 tokens (BOS, EOS) per example",
-                self.offsets[0] != 0 or (n and self.lengths.min() < 2)),
-               (f"{where}_tokens.npy", f"token ids: expected < vocab_size {self.meta['vocab_size']} (meta.json)",
-                len(self.tokens) and self.tokens.max() >= self.meta["vocab_size"]),
-               (f"{where}_mask.npy", "mask: expected only 0 and 1", len(self.mask) and self.mask.max() > 1),
-               (f"{where}_task.npy", f"task ids: expected < {len(self.tasks)} (the tasks in meta.json)",
-                n and self.task.max() >= len(self.tasks))]
+        bad = [
+            (
+                f"{where}_offsets.npy",
+                "offsets: expected 0 first and at least 2 tokens (BOS, EOS) per example",
+                self.offsets[0] != 0 or (n and self.lengths.min() < 2),
+            ),
+            (
+                f"{where}_tokens.npy",
+                f"token ids: expected < vocab_size {self.meta['vocab_size']} (meta.json)",
+                len(self.tokens) and self.tokens.max() >= self.meta["vocab_size"],
+            ),
+            (
+                f"{where}_mask.npy",
+                "mask: expected only 0 and 1",
+                len(self.mask) and self.mask.max() > 1,
+            ),
+            (
+                f"{where}_task.npy",
+                f"task ids: expected < {len(self.tasks)} (the tasks in meta.json)",
+                n and self.task.max() >= len(self.tasks),
+            ),
+        ]
         for path, expected, failed in bad:
             if failed:
                 raise UserError(f"{path}: {expected}; prepare it again")
@@ -170,26 +214,39 @@ class PreparedSplit:
     def example(self, i):
         """-> (ids int64 array, mask uint8 array, task index)"""
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-        return np.asarray(self.tokens[start:end], dtype=np.int64), np.asarray(self.mask[start:end]), int(self.task[i])
+        return (
+            np.asarray(self.tokens[start:end], dtype=np.int64),
+            np.asarray(self.mask[start:end]),
+            int(self.task[i]),
+        )
 
 
 def read_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
-        raise UserError(f"{path}: no such file (a prepared dataset needs meta.json; run the prepare script)")
+        raise UserError(
+            f"{path}: no such file (a prepared dataset needs meta.json; run the prepare script)"
+        )
     with open(path) as f:
         try:
             meta = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path}: format: expected {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        raise UserError(
+            f"{path}: format: expected {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}"
+        )
     vocab_size = meta.get("vocab_size")
     for key, ok, expected in (
-            ("vocab_size", type(vocab_size) is int and vocab_size > 0, "a positive int"),
-            ("tasks", isinstance(meta.get("tasks"), list) and all(isinstance(t, str) for t in meta["tasks"]), "a list of names"),
-            ("bos_id", type(meta.get("bos_id")) is int and 0 <= meta["bos_id"], "a token id"),
-            ("eos_id", type(meta.get("eos_id")) is int and 0 <= meta["eos_id"], "a token id")):
+        ("vocab_size", type(vocab_size) is int and vocab_size > 0, "a positive int"),
+        (
+            "tasks",
+            isinstance(meta.get("tasks"), list) and all(isinstance(t, str) for t in meta["tasks"]),
+            "a list of names",
+        ),
+        ("bos_id", type(meta.get("bos_id")) is int and 0 <= meta["bos_id"], "a token id"),
+        ("eos_id", type(meta.get("eos_id")) is int and 0 <= meta["eos_id"], "a token id"),
+    ):
         if not ok:
             raise UserError(f"{path}: {key}: expected {expected}, got {meta.get(key)!r}")
     return meta
@@ -208,14 +265,19 @@ def read_examples(data_dir, split):
 # reading sources: every problem stops with one line naming the file and line (nothing is skipped,
 # so a prepared dataset is always the whole source or nothing)
 
+
 def _check_fields(where, record, fields):
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in fields:
         if field not in record:
-            raise UserError(f"{where}: missing field {field!r} (expected fields: {', '.join(fields)})")
+            raise UserError(
+                f"{where}: missing field {field!r} (expected fields: {', '.join(fields)})"
+            )
         if not isinstance(record[field], str):
-            raise UserError(f"{where}: field {field!r}: expected a string, got {type(record[field]).__name__}")
+            raise UserError(
+                f"{where}: field {field!r}: expected a string, got {type(record[field]).__name__}"
+            )
 
 
 def _open_text(path):
@@ -234,13 +296,17 @@ def _open_text(path):
 def read_jsonl(path, fields):
     """-> [(line_number, record)] for a file with one JSON object per line (blank lines allowed)."""
     records = []
-    for number, line in enumerate(_open_text(path).split("\n"), 1):  # not splitlines(): U+2028 is no line end here
+    for number, line in enumerate(
+        _open_text(path).split("\n"), 1
+    ):  # not splitlines(): U+2028 is no line end here
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})") from None
+            raise UserError(
+                f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})"
+            ) from None
         _check_fields(f"{path}:{number}", record, fields)
         records.append((number, record))
     return records
@@ -268,14 +334,18 @@ def read_json_records(path, fields):
         try:
             record, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+            raise UserError(
+                f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
+            ) from None
         _check_fields(f"{path}:{line_of(pos)}", record, fields)
         records.append((line_of(pos), record))
         pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":
             pos = skip_space(pos + 1)
         elif pos >= len(text) or text[pos] != "]":
-            raise UserError(f"{path}:{line_of(pos)}: not valid JSON: expected ',' or ']' after record {len(records)}")
+            raise UserError(
+                f"{path}:{line_of(pos)}: not valid JSON: expected ',' or ']' after record {len(records)}"
+            )
     if pos >= len(text):
         raise UserError(f"{path}:{line_of(pos)}: not valid JSON: the array is not closed with ']'")
     if not records:
@@ -286,8 +356,15 @@ def read_json_records(path, fields):
 def read_records(path, task, fields):
     """Instruction records from a JSON array or JSON-lines file. fields: {our field: the source's
     field} for "instruction" and "response", and "input" unless the source has none (then "")."""
-    return [dict(task=task, instruction=r[fields["instruction"]], input=r[fields["input"]] if "input" in fields else "",
-                 response=r[fields["response"]]) for _, r in read_json_records(path, tuple(fields.values()))]
+    return [
+        dict(
+            task=task,
+            instruction=r[fields["instruction"]],
+            input=r[fields["input"]] if "input" in fields else "",
+            response=r[fields["response"]],
+        )
+        for _, r in read_json_records(path, tuple(fields.values()))
+    ]
 
 
 def read_csv(path, header, n_columns):
@@ -298,9 +375,13 @@ def read_csv(path, header, n_columns):
     for row in reader:
         if not (line == 1 and row == list(header)) and row:
             if len(row) != n_columns:
-                raise UserError(f"{path}:{line}: expected {n_columns} columns ({', '.join(header)}), got {len(row)}")
+                raise UserError(
+                    f"{path}:{line}: expected {n_columns} columns ({', '.join(header)}), got {len(row)}"
+                )
             rows.append((line, row))
-        line = reader.line_num + 1  # a quoted field may span lines: the next row starts after this one
+        line = (
+            reader.line_num + 1
+        )  # a quoted field may span lines: the next row starts after this one
     if not rows:
         raise UserError(f"{path}: empty file (no examples)")
     return rows
@@ -314,7 +395,9 @@ def source_file(source, name, ext):
         return os.path.join(source, name)
     found = sorted(f for f in os.listdir(source) if f.endswith(ext))
     if len(found) != 1:
-        raise UserError(f"--source={source}: expected {name} or a single *{ext} file, found {found or 'none'}")
+        raise UserError(
+            f"--source={source}: expected {name} or a single *{ext} file, found {found or 'none'}"
+        )
     return os.path.join(source, found[0])
 
 
@@ -328,7 +411,9 @@ def download(url, path):
         with urllib.request.urlopen(url, timeout=60) as response:
             _atomic_write(path, lambda f: f.write(response.read()))
     except OSError as e:  # URLError, HTTPError, timeouts
-        raise UserError(f"{url}: download failed ({e}); pass --source=PATH to use a local copy") from None
+        raise UserError(
+            f"{url}: download failed ({e}); pass --source=PATH to use a local copy"
+        ) from None
     return path
 
 
@@ -336,14 +421,31 @@ def download(url, path):
 # the pipeline shared by the prepare scripts
 
 PREPARE_SETTINGS = dict(
-    source=S("", lambda v, s: v and not os.path.exists(v) and "an existing file or directory",
-             "local file or directory in the source's own format; empty = download it"),
-    tokenizer=S("", lambda v, s: None if v else "a path (required)",
-                "the base model's tokenizer.model, or its checkpoint directory"),
-    out_dir=S("", lambda v, s: os.path.isfile(v) and f"a folder ({v} is a file)",
-              "where the prepared files go (each script defaults to its own directory)"),
-    max_len=S(512, "[2, inf)", "examples longer than this many tokens (BOS + prompt + response + EOS) are dropped"),
-    val_fraction=S(0.05, "[0, 1)", "share of the training examples held out as the val split (when the source has none)"),
+    source=S(
+        "",
+        lambda v, s: v and not os.path.exists(v) and "an existing file or directory",
+        "local file or directory in the source's own format; empty = download it",
+    ),
+    tokenizer=S(
+        "",
+        lambda v, s: None if v else "a path (required)",
+        "the base model's tokenizer.model, or its checkpoint directory",
+    ),
+    out_dir=S(
+        "",
+        lambda v, s: os.path.isfile(v) and f"a folder ({v} is a file)",
+        "where the prepared files go (each script defaults to its own directory)",
+    ),
+    max_len=S(
+        512,
+        "[2, inf)",
+        "examples longer than this many tokens (BOS + prompt + response + EOS) are dropped",
+    ),
+    val_fraction=S(
+        0.05,
+        "[0, 1)",
+        "share of the training examples held out as the val split (when the source has none)",
+    ),
     seed=S(1337, None, "for choosing the val examples"),
 )
 PREPARE_DEFAULTS = {k: s.default for k, s in PREPARE_SETTINGS.items()}  # for callers of prepare()
@@ -364,25 +466,47 @@ def prepare(name, splits, config, tok):
         splits["train"] = [r for i, r in enumerate(train) if i not in val_index]
         splits["val"] = [r for i, r in enumerate(train) if i in val_index]
     encoded, kept, counts = {}, {}, {}
-    for split, records in sorted(splits.items(), key=lambda kv: ["train", "val", "test"].index(kv[0])):
+    for split, records in sorted(
+        splits.items(), key=lambda kv: ["train", "val", "test"].index(kv[0])
+    ):
         encoded[split], kept[split] = [], []
         for r in records:
-            example = encode_document(tok, r["text"], config["max_len"]) if "text" in r else \
-                encode_example(tok, r["instruction"], r["input"], r["response"], config["max_len"])
+            example = (
+                encode_document(tok, r["text"], config["max_len"])
+                if "text" in r
+                else encode_example(
+                    tok, r["instruction"], r["input"], r["response"], config["max_len"]
+                )
+            )
             if example is not None:
                 encoded[split].append((r["task"], *example))
                 kept[split].append({k: r[k] for k in FIELDS} if "text" not in r else None)
         counts[split] = {"dropped_over_long": len(records) - len(kept[split])}
         if records and not kept[split]:
-            raise UserError(f"--max_len={config['max_len']}: every {split} example is longer; raise it")
+            raise UserError(
+                f"--max_len={config['max_len']}: every {split} example is longer; raise it"
+            )
     out_dir = config["out_dir"]
-    meta = write_dataset(out_dir, encoded, dict(
-        name=name, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-        tokenizer=config["tokenizer"], max_len=config["max_len"], tasks=config.get("tasks"), counts=counts),
-        {split: records for split, records in kept.items() if None not in records})
+    meta = write_dataset(
+        out_dir,
+        encoded,
+        dict(
+            name=name,
+            vocab_size=tok.vocab_size,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            tokenizer=config["tokenizer"],
+            max_len=config["max_len"],
+            tasks=config.get("tasks"),
+            counts=counts,
+        ),
+        {split: records for split, records in kept.items() if None not in records},
+    )
     for split, c in meta["counts"].items():
-        print(f"{name} {split}: {c['examples']} examples, {c['tokens']} tokens ({c['target_tokens']} targets), "
-              f"{c['dropped_over_long']} dropped as longer than max_len={config['max_len']}")
+        print(
+            f"{name} {split}: {c['examples']} examples, {c['tokens']} tokens ({c['target_tokens']} targets), "
+            f"{c['dropped_over_long']} dropped as longer than max_len={config['max_len']}"
+        )
     print(f"wrote {out_dir}")
     return meta
 
@@ -393,8 +517,15 @@ def prepare_main(name, read_source, urls, out_dir, argv, **settings):
     out_dir when no --source is given, read_source(path, config) -> {split: [records]}, prepare()."""
     out_dir_setting = PREPARE_SETTINGS["out_dir"]
     out_dir = os.path.relpath(out_dir)  # data/<name> from the repository root, as --help shows it
-    config = configurator.configure({**PREPARE_SETTINGS, **settings, "out_dir": configurator.S(
-        out_dir, out_dir_setting.allowed, out_dir_setting.help)}, argv, os.path.join(out_dir, "prepare.py"))
+    config = configurator.configure(
+        {
+            **PREPARE_SETTINGS,
+            **settings,
+            "out_dir": configurator.S(out_dir, out_dir_setting.allowed, out_dir_setting.help),
+        },
+        argv,
+        os.path.join(out_dir, "prepare.py"),
+    )
     tok = load_tokenizer(config["tokenizer"])
     source = config["source"]
     if not source:
@@ -407,8 +538,9 @@ def prepare_main(name, read_source, urls, out_dir, argv, **settings):
 # -----------------------------------------------------------------------------
 # training batches: prepared splits, a task mixture, packed micro-batches (train.py, eval.py, bench.py)
 
-IGNORE = -100  # target id of positions without loss (prompt, padding): F.cross_entropy's ignore_index
-
+IGNORE = (
+    -100
+)  # target id of positions without loss (prompt, padding): F.cross_entropy's ignore_index
 
 
 def load_splits(dataset_dirs, split):
@@ -424,8 +556,10 @@ def load_splits(dataset_dirs, split):
             raise UserError(f"{d}: {split} split is empty")
         for key in ("vocab_size", "bos_id", "eos_id"):
             if s.meta.get(key) != splits[0].meta.get(key) if splits else False:
-                raise UserError(f"{d}: meta.json: {key} is {s.meta.get(key)!r} but {dataset_dirs[0]} has "
-                                f"{splits[0].meta.get(key)!r}; all datasets must be made with one tokenizer")
+                raise UserError(
+                    f"{d}: meta.json: {key} is {s.meta.get(key)!r} but {dataset_dirs[0]} has "
+                    f"{splits[0].meta.get(key)!r}; all datasets must be made with one tokenizer"
+                )
         splits.append(s)
     return splits
 
@@ -550,9 +684,12 @@ def micro_batches(splits, rows, batch_size, rank, world_size, pad_id, device, pa
     same global batch in the same micro-batches. -> ([collate's (x, y, positions, segments)], target
     tokens, input tokens without padding), the counts taken on the host so that they cost no device
     synchronization."""
-    groups = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     per_rank = len(groups) // world_size
-    examples = [[splits[d].example(i)[:2] for d, i in g] for g in groups[rank * per_rank:(rank + 1) * per_rank]]
+    examples = [
+        [splits[d].example(i)[:2] for d, i in g]
+        for g in groups[rank * per_rank : (rank + 1) * per_rank]
+    ]
     n_targets = sum(int(mask[1:].sum()) for g in examples for _, mask in g)
     n_tokens = sum(len(ids) - 1 for g in examples for ids, _ in g)
     return [collate(g, pad_id, device, pack) for g in examples], n_targets, n_tokens

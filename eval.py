@@ -88,21 +88,44 @@ def check_out(path, settings):
     folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):  # folders that do not exist yet are created
         folder = os.path.dirname(folder)
-    return None if os.path.isdir(folder) and os.access(folder, os.W_OK) else \
-        f"a file in a writable folder ({folder} is not one)"
+    return (
+        None
+        if os.path.isdir(folder) and os.access(folder, os.W_OK)
+        else f"a file in a writable folder ({folder} is not one)"
+    )
 
 
-ckpt_dir = S("", lambda v, s: None if v else "a path (required)", "base model (HF or Meta layout, with tokenizer.model)")
+ckpt_dir = S(
+    "",
+    lambda v, s: None if v else "a path (required)",
+    "base model (HF or Meta layout, with tokenizer.model)",
+)
 adapter = S("", None, "adapter file from train.py (merged into the weights for evaluation)")
 task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
-data = S("", check_data, "exact_match, loss: prepared dataset dirs, comma-separated (default data/tasks); "
-         "mmlu: MMLU's CSV folder (dev/, test/) or a prepared one; mc: a JSONL file; gsm8k: test.jsonl, "
-         "its folder or a prepared one")
-split = S("", None, "prepared dataset split (default test for exact_match, val for loss) or MMLU split (test)")
+data = S(
+    "",
+    check_data,
+    "exact_match, loss: prepared dataset dirs, comma-separated (default data/tasks); "
+    "mmlu: MMLU's CSV folder (dev/, test/) or a prepared one; mc: a JSONL file; gsm8k: test.jsonl, "
+    "its folder or a prepared one",
+)
+split = S(
+    "",
+    None,
+    "prepared dataset split (default test for exact_match, val for loss) or MMLU split (test)",
+)
 shots = S(0, check_shots, "few-shot examples (mmlu: from dev/, gsm8k: from train.jsonl)")
-mc_format = S("", ("", "raw", "cloze", "letter", "instruction"), "multiple-choice prompt; empty = letter for mmlu, raw for mc")
+mc_format = S(
+    "",
+    ("", "raw", "cloze", "letter", "instruction"),
+    "multiple-choice prompt; empty = letter for mmlu, raw for mc",
+)
 subjects = S("", None, "mmlu: comma-separated subjects (default all in the split)")
-limit = S(0, "[0, inf)", "evaluate only the first N items (per task for exact_match and loss, per subject for mmlu); 0 = all")
+limit = S(
+    0,
+    "[0, inf)",
+    "evaluate only the first N items (per task for exact_match and loss, per subject for mmlu); 0 = all",
+)
 max_new_tokens = S(0, "[0, inf)", "generation budget; 0 = 64 for exact_match, 256 for gsm8k")
 batch_size = S(8, "[1, inf)", "sequences per forward")
 device = S(util.default_device(), util.check_device, "cpu, cuda, cuda:N or mps")
@@ -124,8 +147,11 @@ class Progress:
         if now - self.last >= self.every:
             rate = done / (now - self.start)
             eta = (self.total - done) / rate if rate > 0 else float("inf")
-            print(f"{self.label}: {done}/{self.total} ({now - self.start:.0f}s, ~{eta:.0f}s left)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{self.label}: {done}/{self.total} ({now - self.start:.0f}s, ~{eta:.0f}s left)",
+                file=sys.stderr,
+                flush=True,
+            )
             self.last = now
 
 
@@ -141,8 +167,10 @@ def evaluating(model):
     finally:
         model.train(was_training)
 
+
 # -----------------------------------------------------------------------------
 # log-likelihood of continuations (multiple choice)
+
 
 def encode_pair(tokenizer, context, continuation):
     """(context ids with BOS, continuation ids) for raw text: the whole text is encoded once and split
@@ -171,7 +199,9 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
         if not cont:
             raise UserError("empty continuation")
         if len(cont) >= max_len:
-            raise UserError(f"continuation of {len(cont)} tokens does not fit the model's context of {max_len}")
+            raise UserError(
+                f"continuation of {len(cont)} tokens does not fit the model's context of {max_len}"
+            )
         seq = (list(ctx) + list(cont))[-max_len:]  # keep the newest tokens when too long
         seqs.append((seq, len(cont)))
     # each distinct sequence is scored once, so equal choices (e.g. two that encode to the same
@@ -183,7 +213,7 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
     order = sorted(set(first.values()), key=lambda i: -len(seqs[i][0]))
     results = [None] * len(seqs)
     for start in range(0, len(order), batch_size):
-        batch = [seqs[i] for i in order[start:start + batch_size]]
+        batch = [seqs[i] for i in order[start : start + batch_size]]
         T = max(len(s) for s, _ in batch)
         tokens = torch.zeros((len(batch), T), dtype=torch.long)
         targets = torch.zeros((len(batch), T), dtype=torch.long)  # targets[:, t] = tokens[:, t + 1]
@@ -191,12 +221,14 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
         for row, (s, n_cont) in enumerate(batch):
             L = len(s)
             tokens[row, :L] = torch.tensor(s)
-            targets[row, :L - 1] = tokens[row, 1:L]
+            targets[row, : L - 1] = tokens[row, 1:L]
             # the continuation's tokens [L-n, L) are predicted at positions [L-n-1, L-1)
-            at[row, L - n_cont - 1:L - 1] = True
+            at[row, L - n_cont - 1 : L - 1] = True
         # logits only where a continuation token is predicted: (N, V), rows in (batch row, position) order
         logits = model(tokens.to(device), logits_at=at.to(device))
-        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[at].to(device)[:, None])[:, 0]  # (N,)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[at].to(device)[:, None])[
+            :, 0
+        ]  # (N,)
         for row, part in enumerate(logp.split([n_cont for _, n_cont in batch])):
             results[order[start + row]] = (part.sum().item(), len(part))
         if progress:
@@ -213,8 +245,8 @@ def score_multiple_choice(model, items, batch_size=8, label="mc"):
     k = 0
     for item in items:
         n = len(item["pairs"])
-        item["logprobs"] = [s for s, _ in scores[k:k + n]]
-        item["n_tokens"] = [t for _, t in scores[k:k + n]]
+        item["logprobs"] = [s for s, _ in scores[k : k + n]]
+        item["n_tokens"] = [t for _, t in scores[k : k + n]]
         k += n
         norm = [s / t for s, t in zip(item["logprobs"], item["n_tokens"])]
         item["pred"] = max(range(n), key=lambda c: (item["logprobs"][c], -c))
@@ -229,7 +261,9 @@ def mc_item(tokenizer, question, choices, answer, mc_format, subject="", shots=(
     """One multiple-choice item in one of the three prompt formats (see the file's docstring).
     shots: [(question, choices, answer)] solved examples put before the question."""
     if len(choices) > len(LETTERS) and mc_format in ("letter", "instruction"):
-        raise UserError(f"{question[:40]!r}: {len(choices)} choices: at most {len(LETTERS)} can be lettered")
+        raise UserError(
+            f"{question[:40]!r}: {len(choices)} choices: at most {len(LETTERS)} can be lettered"
+        )
 
     def lettered(q, cs):
         return q + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(cs))
@@ -238,14 +272,29 @@ def mc_item(tokenizer, question, choices, answer, mc_format, subject="", shots=(
     if mc_format == "instruction":
         # exactly data/mmlu/prepare.py's training examples, encoded like dataset.encode_example:
         # prompt and response separately, each shot followed by its answer and a blank line
-        instruction = (f"The following is a multiple choice question{about}. "
-                       f"Answer with the letter of the correct choice.")
-        text = "".join(dataset.format_prompt(instruction, lettered(q, cs)) + LETTERS[a] + "\n\n" for q, cs, a in shots)
-        ctx = tokenizer.encode(text + dataset.format_prompt(instruction, lettered(question, choices)), bos=True)
-        return dict(pairs=[(ctx, tokenizer.encode(LETTERS[i])) for i in range(len(choices))], answer=answer)
+        instruction = (
+            f"The following is a multiple choice question{about}. "
+            f"Answer with the letter of the correct choice."
+        )
+        text = "".join(
+            dataset.format_prompt(instruction, lettered(q, cs)) + LETTERS[a] + "\n\n"
+            for q, cs, a in shots
+        )
+        ctx = tokenizer.encode(
+            text + dataset.format_prompt(instruction, lettered(question, choices)), bos=True
+        )
+        return dict(
+            pairs=[(ctx, tokenizer.encode(LETTERS[i])) for i in range(len(choices))], answer=answer
+        )
     if mc_format == "letter":
-        header = f"The following are multiple choice questions (with answers){about}.\n\n" if subject else ""
-        text = header + "".join(lettered(q, cs) + f"\nAnswer: {LETTERS[a]}\n\n" for q, cs, a in shots)
+        header = (
+            f"The following are multiple choice questions (with answers){about}.\n\n"
+            if subject
+            else ""
+        )
+        text = header + "".join(
+            lettered(q, cs) + f"\nAnswer: {LETTERS[a]}\n\n" for q, cs, a in shots
+        )
         context = text + lettered(question, choices) + "\nAnswer:"
         continuations = [f" {LETTERS[i]}" for i in range(len(choices))]
     elif mc_format == "cloze":
@@ -258,8 +307,10 @@ def mc_item(tokenizer, question, choices, answer, mc_format, subject="", shots=(
     # (the context's ids can differ between choices when a choice merges with its last token)
     return dict(pairs=[encode_pair(tokenizer, context, c) for c in continuations], answer=answer)
 
+
 # -----------------------------------------------------------------------------
 # generation tasks (exact match, GSM8K)
+
 
 def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=8, label="generate"):
     """Greedy continuations (decoded text, EOS excluded) of BOS + encode(prompt) for each prompt, in
@@ -268,12 +319,14 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=8, labe
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out, progress = [None] * len(ids), Progress(label, len(ids))
     for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         longest = max(len(ids[i]) for i in index)
         room = model.config.max_seq_len - longest
         if room < 1:
-            raise UserError(f"prompt {index[0]} has {longest} tokens: no room to generate in the model's "
-                            f"context of {model.config.max_seq_len}")
+            raise UserError(
+                f"prompt {index[0]} has {longest} tokens: no room to generate in the model's "
+                f"context of {model.config.max_seq_len}"
+            )
         new = llama.generate(model, tokenizer, [ids[i] for i in index], min(max_new_tokens, room))
         for i, tokens in zip(index, new):
             out[i] = tokenizer.decode(tokens)
@@ -285,15 +338,21 @@ def exact_match_details(model, tokenizer, examples, max_new_tokens=64, batch_siz
     """examples: [{"task", "instruction", "input", "response"}] -> [{"task", "prediction", "correct"}]."""
     prompts = [dataset.format_prompt(e["instruction"], e["input"]) for e in examples]
     with evaluating(model):
-        predictions = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, "exact_match")
-    return [dict(task=e["task"], prediction=p, correct=dataset.exact_match(p, e["response"]))
-            for e, p in zip(examples, predictions)]
+        predictions = generate_texts(
+            model, tokenizer, prompts, max_new_tokens, batch_size, "exact_match"
+        )
+    return [
+        dict(task=e["task"], prediction=p, correct=dataset.exact_match(p, e["response"]))
+        for e, p in zip(examples, predictions)
+    ]
 
 
 def score_exact_match(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
     """{task: accuracy in [0, 1]} of greedy generation from the training prompt (dataset.format_prompt)
     against the reference response, whitespace at the ends ignored (dataset.exact_match)."""
-    return accuracy_by(exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size), "task")
+    return accuracy_by(
+        exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size), "task"
+    )
 
 
 def exact_match_report(base, tuned, per_task):
@@ -303,7 +362,11 @@ def exact_match_report(base, tuned, per_task):
         before = f"{100 * base[name]:5.1f}%" if name in base else "    ?"
         print(f"  {name:<24} base {before} -> tuned {100 * tuned[name]:5.1f}%")
     mean = lambda s: sum(s.values()) / max(len(s), 1)  # noqa: E731
-    return {"exact_match": mean(tuned), **{f"exact_match/{k}": v for k, v in tuned.items()}, "exact_match_base": mean(base)}
+    return {
+        "exact_match": mean(tuned),
+        **{f"exact_match/{k}": v for k, v in tuned.items()},
+        "exact_match_base": mean(base),
+    }
 
 
 def accuracy_by(details, key, correct="correct"):
@@ -356,11 +419,21 @@ def gsm8k_details(model, tokenizer, records, shots=(), max_new_tokens=256, batch
     for r, text in zip(records, texts):
         text = text.split("### Instruction:", 1)[0]
         pred, ref = extract_gsm8k_answer(text), extract_gsm8k_answer(r["answer"])
-        details.append(dict(task="gsm8k", prediction=text, pred=pred, ref=ref, correct=pred is not None and pred == ref))
+        details.append(
+            dict(
+                task="gsm8k",
+                prediction=text,
+                pred=pred,
+                ref=ref,
+                correct=pred is not None and pred == ref,
+            )
+        )
     return details
+
 
 # -----------------------------------------------------------------------------
 # validation loss on prepared datasets
+
 
 def loss_table(model, data_dirs, split, limit=0, batch_size=8, pad_id=0):
     """Mean cross-entropy on the response tokens (mask = 1: response + EOS) per task of the prepared
@@ -369,25 +442,40 @@ def loss_table(model, data_dirs, split, limit=0, batch_size=8, pad_id=0):
     splits = dataset.load_splits(data_dirs, split)
     for d, s in zip(data_dirs, splits):
         if s.meta["vocab_size"] != model.config.vocab_size:
-            raise UserError(f"{os.path.join(d, 'meta.json')}: vocab_size: prepared with {s.meta['tokenizer']} "
-                            f"({s.meta['vocab_size']} tokens), the model has {model.config.vocab_size}: "
-                            f"prepare it again with the model's tokenizer")
+            raise UserError(
+                f"{os.path.join(d, 'meta.json')}: vocab_size: prepared with {s.meta['tokenizer']} "
+                f"({s.meta['vocab_size']} tokens), the model has {model.config.vocab_size}: "
+                f"prepare it again with the model's tokenizer"
+            )
         if s.lengths.max() - 1 > model.config.max_seq_len:
-            raise UserError(f"{d}: an example of {s.lengths.max()} tokens is longer than the model's "
-                            f"context of {model.config.max_seq_len}")
+            raise UserError(
+                f"{d}: an example of {s.lengths.max()} tokens is longer than the model's "
+                f"context of {model.config.max_seq_len}"
+            )
     names, pools = dataset.task_pools(splits)
     pools = [p[:limit] if limit else p for p in pools]
     with evaluating(model):
         overall, per_task = train.evaluate(model, splits, pools, limit, batch_size, pad_id)
     # target tokens of each task: the mask over each example's tokens after the first
     cumulative = [np.concatenate([[0], np.cumsum(s.mask, dtype=np.int64)]) for s in splits]
-    tokens = [int(sum(cumulative[d][splits[d].offsets[i + 1]] - cumulative[d][splits[d].offsets[i] + 1]
-                      for d, i in pool)) for pool in pools]
-    rows = {name: dict(tokens=k, loss=loss, perplexity=math.exp(loss))
-            for name, k, loss in zip(names, tokens, per_task) if k}
+    tokens = [
+        int(
+            sum(
+                cumulative[d][splits[d].offsets[i + 1]] - cumulative[d][splits[d].offsets[i] + 1]
+                for d, i in pool
+            )
+        )
+        for pool in pools
+    ]
+    rows = {
+        name: dict(tokens=k, loss=loss, perplexity=math.exp(loss))
+        for name, k, loss in zip(names, tokens, per_task)
+        if k
+    }
     if not rows:
         raise UserError(f"{','.join(data_dirs)}: {split}: no response tokens to score")
     return dict(rows, all=dict(tokens=sum(tokens), loss=overall, perplexity=math.exp(overall)))
+
 
 # -----------------------------------------------------------------------------
 # reading the benchmark files
@@ -419,50 +507,73 @@ def prepared_mmlu(data_dir, split):
             choices.insert(0, choice)
         about = re.search(r"question about (.+)\. Answer with", r["instruction"])
         if not sep or r["response"] not in LETTERS[:4]:
-            raise UserError(f"{data_dir}/{split}.jsonl:{line}: expected an example data/mmlu/prepare.py writes")
+            raise UserError(
+                f"{data_dir}/{split}.jsonl:{line}: expected an example data/mmlu/prepare.py writes"
+            )
         subject = about.group(1).replace(" ", "_") if about else "all"
         rows.setdefault(subject, []).append((text, choices, LETTERS.index(r["response"])))
     return rows
 
 
-def mmlu_items(tokenizer, data_dir, split="test", shots=0, mc_format="letter", subjects="", limit=0):
+def mmlu_items(
+    tokenizer, data_dir, split="test", shots=0, mc_format="letter", subjects="", limit=0
+):
     """MMLU as mc items with a "subject"; shots come from dev/{subject}_dev.csv (the first `shots`).
     data_dir: the CSV release, or a folder data/mmlu/prepare.py wrote (no dev/: 0-shot only)."""
     if os.path.exists(os.path.join(data_dir, "meta.json")):
         if shots:
-            raise UserError(f"--shots={shots}: {data_dir} is a prepared folder, which keeps no dev/ examples: "
-                            f"give MMLU's CSV folder (with dev/) for few-shot evaluation")
+            raise UserError(
+                f"--shots={shots}: {data_dir} is a prepared folder, which keeps no dev/ examples: "
+                f"give MMLU's CSV folder (with dev/) for few-shot evaluation"
+            )
         prepared = prepared_mmlu(data_dir, split)
         wanted = [s.strip() for s in subjects.split(",") if s.strip()] or sorted(prepared)
         unknown = [s for s in wanted if s not in prepared]
         if unknown or not wanted:
-            raise UserError(f"--subjects: {', '.join(unknown) or 'none'} not in {data_dir}/{split}.jsonl "
-                            f"(has: {', '.join(sorted(prepared)) or 'none'})")
+            raise UserError(
+                f"--subjects: {', '.join(unknown) or 'none'} not in {data_dir}/{split}.jsonl "
+                f"(has: {', '.join(sorted(prepared)) or 'none'})"
+            )
         items = []
         for subject in wanted:
-            for index, (question, choices, answer) in enumerate(prepared[subject][:limit or None]):
+            for index, (question, choices, answer) in enumerate(prepared[subject][: limit or None]):
                 item = mc_item(tokenizer, question, choices, answer, mc_format, subject)
                 item.update(subject=subject, index=index)
                 items.append(item)
         return items
     folder = os.path.join(data_dir, split)
     if not os.path.isdir(folder) and os.path.isdir(os.path.join(data_dir, "data", split)):
-        data_dir, folder = os.path.join(data_dir, "data"), os.path.join(data_dir, "data", split)  # the release's data/
+        data_dir, folder = (
+            os.path.join(data_dir, "data"),
+            os.path.join(data_dir, "data", split),
+        )  # the release's data/
     if not os.path.isdir(folder):
-        raise UserError(f"--data={data_dir}: expected a folder {split}/ of {{subject}}_{split}.csv files")
-    have = sorted(f[:-len(f"_{split}.csv")] for f in os.listdir(folder) if f.endswith(f"_{split}.csv"))
+        raise UserError(
+            f"--data={data_dir}: expected a folder {split}/ of {{subject}}_{split}.csv files"
+        )
+    have = sorted(
+        f[: -len(f"_{split}.csv")] for f in os.listdir(folder) if f.endswith(f"_{split}.csv")
+    )
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] or have
     unknown = [s for s in wanted if s not in have]
     if unknown or not wanted:
-        raise UserError(f"--subjects: {', '.join(unknown) or 'none'} not in {folder} (has: {', '.join(have) or 'none'})")
+        raise UserError(
+            f"--subjects: {', '.join(unknown) or 'none'} not in {folder} (has: {', '.join(have) or 'none'})"
+        )
     if not 0 <= shots <= 5:
         raise UserError(f"--shots: MMLU's dev split has 5 examples per subject, got {shots}")
     items = []
     for subject in wanted:
-        shot_rows = read_mmlu(os.path.join(data_dir, "dev", f"{subject}_dev.csv"))[:shots] if shots else []
+        shot_rows = (
+            read_mmlu(os.path.join(data_dir, "dev", f"{subject}_dev.csv"))[:shots] if shots else []
+        )
         if len(shot_rows) < shots:
-            raise UserError(f"{data_dir}/dev/{subject}_dev.csv: {len(shot_rows)} examples, --shots={shots}")
-        for index, (question, choices, answer) in enumerate(read_mmlu(os.path.join(folder, f"{subject}_{split}.csv"), limit)):
+            raise UserError(
+                f"{data_dir}/dev/{subject}_dev.csv: {len(shot_rows)} examples, --shots={shots}"
+            )
+        for index, (question, choices, answer) in enumerate(
+            read_mmlu(os.path.join(folder, f"{subject}_{split}.csv"), limit)
+        ):
             item = mc_item(tokenizer, question, choices, answer, mc_format, subject, shot_rows)
             item.update(subject=subject, index=index)
             items.append(item)
@@ -472,15 +583,25 @@ def mmlu_items(tokenizer, data_dir, split="test", shots=0, mc_format="letter", s
 def mc_items(tokenizer, path, mc_format="cloze", limit=0):
     """A JSONL file of {"question", "choices": [text], "answer": index} as mc items."""
     items = []
-    for line, r in dataset.read_jsonl(path, ()):  # () : the fields are not all strings, checked here
+    for line, r in dataset.read_jsonl(
+        path, ()
+    ):  # () : the fields are not all strings, checked here
         missing = [k for k in ("question", "choices", "answer") if k not in r]
         if missing or not isinstance(r["question"], str):
-            raise UserError(f"{path}:{line}: expected {{\"question\": text, \"choices\": [text], \"answer\": index}}"
-                            + (f", missing {', '.join(missing)}" if missing else ""))
-        if not isinstance(r["choices"], list) or len(r["choices"]) < 2 or not all(isinstance(c, str) for c in r["choices"]):
+            raise UserError(
+                f'{path}:{line}: expected {{"question": text, "choices": [text], "answer": index}}'
+                + (f", missing {', '.join(missing)}" if missing else "")
+            )
+        if (
+            not isinstance(r["choices"], list)
+            or len(r["choices"]) < 2
+            or not all(isinstance(c, str) for c in r["choices"])
+        ):
             raise UserError(f"{path}:{line}: choices: expected a list of at least 2 strings")
         if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
-            raise UserError(f"{path}:{line}: answer: expected an index 0..{len(r['choices']) - 1}, got {r['answer']!r}")
+            raise UserError(
+                f"{path}:{line}: answer: expected an index 0..{len(r['choices']) - 1}, got {r['answer']!r}"
+            )
         item = mc_item(tokenizer, r["question"], r["choices"], r["answer"], mc_format)
         item.update(subject=str(r.get("subject", "all")), index=len(items))
         items.append(item)
@@ -492,15 +613,21 @@ def gsm8k_records(path, limit=0, split="test"):
     if os.path.isdir(path):
         path = os.path.join(path, f"{split}.jsonl")
     rows = dataset.read_jsonl(path, ())
-    prepared = bool(rows) and isinstance(rows[0][1], dict) and "question" not in rows[0][1] \
+    prepared = (
+        bool(rows)
+        and isinstance(rows[0][1], dict)
+        and "question" not in rows[0][1]
         and "instruction" in rows[0][1]
+    )
     fields = ("instruction", "response") if prepared else ("question", "answer")
     for line, r in rows:
         dataset._check_fields(f"{path}:{line}", r, fields)
-    return [dict(question=r[fields[0]], answer=r[fields[1]]) for _, r in rows][:limit or None]
+    return [dict(question=r[fields[0]], answer=r[fields[1]]) for _, r in rows][: limit or None]
+
 
 # -----------------------------------------------------------------------------
 # the command line
+
 
 def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
     """Base model (+ adapter merged into its weights) and tokenizer, in eval mode."""
@@ -518,12 +645,17 @@ def truncation(items, context, shots):
     score is not a few-shot score. -> (questions truncated, shots exceed the context)."""
     truncated = sum(any(len(c) + len(x) > context for c, x in i["pairs"]) for i in items)
     if truncated:
-        what = (f"{truncated} of {len(items)} questions are longer than the model's context of {context} "
-                f"tokens and lose their oldest tokens")
+        what = (
+            f"{truncated} of {len(items)} questions are longer than the model's context of {context} "
+            f"tokens and lose their oldest tokens"
+        )
         if shots:
-            print(f"warning: --shots={shots}: the few-shot prompts exceed the context: {what}, the shots "
-                  f"first, so this is not a {shots}-shot score; use fewer shots or a model with a longer "
-                  f"context", file=sys.stderr)
+            print(
+                f"warning: --shots={shots}: the few-shot prompts exceed the context: {what}, the shots "
+                f"first, so this is not a {shots}-shot score; use fewer shots or a model with a longer "
+                f"context",
+                file=sys.stderr,
+            )
         else:
             print(f"note: {what}", file=sys.stderr)
     return truncated, bool(truncated and shots)
@@ -535,8 +667,10 @@ def check_room(tokenizer, prompts, context, shots):
     longest = max((len(tokenizer.encode(p, bos=True)) for p in prompts), default=0)
     if longest >= context:
         fix = f"the {shots} shots take most of it: use fewer --shots, " if shots else ""
-        raise UserError(f"prompts of up to {longest} tokens leave no room to answer in the model's context "
-                        f"of {context}: {fix}or use a model with a longer context (max_seq_len)")
+        raise UserError(
+            f"prompts of up to {longest} tokens leave no room to answer in the model's context "
+            f"of {context}: {fix}or use a model with a longer context (max_seq_len)"
+        )
 
 
 def print_table(title, rows, columns):
@@ -547,8 +681,15 @@ def print_table(title, rows, columns):
         cells = []
         for c in columns:
             v = row.get(c)
-            cells.append(f"{'':>13}" if v is None else f"{100 * v:12.2f}%" if c.startswith("accuracy")
-                         else f"{v:13.4f}" if isinstance(v, float) else f"{v:>13}")
+            cells.append(
+                f"{'':>13}"
+                if v is None
+                else f"{100 * v:12.2f}%"
+                if c.startswith("accuracy")
+                else f"{v:13.4f}"
+                if isinstance(v, float)
+                else f"{v:>13}"
+            )
         print(f"{name:<{width}}  " + "  ".join(cells))
 
 
@@ -556,64 +697,135 @@ def run(config):
     """Evaluate as the settings say (checked by configure); returns the result dict that --out writes."""
     task = config["task"]
     data = config["data"] or "data/tasks"
-    model, tokenizer = load(config["ckpt_dir"], config["adapter"], config["device"], config["dtype"])
-    result = dict(task=task, ckpt_dir=config["ckpt_dir"], adapter=config["adapter"], data=data, settings=config)
+    model, tokenizer = load(
+        config["ckpt_dir"], config["adapter"], config["device"], config["dtype"]
+    )
+    result = dict(
+        task=task,
+        ckpt_dir=config["ckpt_dir"],
+        adapter=config["adapter"],
+        data=data,
+        settings=config,
+    )
     limit, batch_size = config["limit"], config["batch_size"]
     if task in ("mmlu", "mc"):
         mc_format = config["mc_format"] or ("letter" if task == "mmlu" else "raw")
         if task == "mmlu":
-            items = mmlu_items(tokenizer, data, config["split"] or "test", config["shots"], mc_format,
-                               config["subjects"], limit)
+            items = mmlu_items(
+                tokenizer,
+                data,
+                config["split"] or "test",
+                config["shots"],
+                mc_format,
+                config["subjects"],
+                limit,
+            )
         else:
             items = mc_items(tokenizer, data, mc_format, limit)
         truncated, shots_cut = truncation(items, model.config.max_seq_len, config["shots"])
         with evaluating(model):
             score_multiple_choice(model, items, batch_size, task)
         for item in items:
-            item["correct"], item["correct_norm"] = item["pred"] == item["answer"], item["pred_norm"] == item["answer"]
+            item["correct"], item["correct_norm"] = (
+                item["pred"] == item["answer"],
+                item["pred_norm"] == item["answer"],
+            )
         acc, acc_norm = accuracy_by(items, "subject"), accuracy_by(items, "subject", "correct_norm")
-        per = {s: dict(n=sum(i["subject"] == s for i in items), accuracy=acc[s], accuracy_norm=acc_norm[s]) for s in acc}
-        overall = dict(n=len(items), accuracy=sum(i["correct"] for i in items) / len(items),
-                       accuracy_norm=sum(i["correct_norm"] for i in items) / len(items))
-        result.update(overall, mc_format=mc_format, shots=config["shots"], truncated=truncated,
-                      shots_exceed_context=shots_cut, per_subject=per, details=[
-            {k: i[k] for k in ("subject", "index", "answer", "pred", "pred_norm", "logprobs", "n_tokens")} for i in items])
+        per = {
+            s: dict(
+                n=sum(i["subject"] == s for i in items), accuracy=acc[s], accuracy_norm=acc_norm[s]
+            )
+            for s in acc
+        }
+        overall = dict(
+            n=len(items),
+            accuracy=sum(i["correct"] for i in items) / len(items),
+            accuracy_norm=sum(i["correct_norm"] for i in items) / len(items),
+        )
+        result.update(
+            overall,
+            mc_format=mc_format,
+            shots=config["shots"],
+            truncated=truncated,
+            shots_exceed_context=shots_cut,
+            per_subject=per,
+            details=[
+                {
+                    k: i[k]
+                    for k in (
+                        "subject",
+                        "index",
+                        "answer",
+                        "pred",
+                        "pred_norm",
+                        "logprobs",
+                        "n_tokens",
+                    )
+                }
+                for i in items
+            ],
+        )
         rows = dict(per, **({"all (questions)": overall} if len(per) > 1 else {}))
         if len(per) > 1:
             result["accuracy_macro"] = sum(p["accuracy"] for p in per.values()) / len(per)
-        print_table(f"{task} {mc_format} {config['shots']}-shot", rows, ("n", "accuracy", "accuracy_norm"))
+        print_table(
+            f"{task} {mc_format} {config['shots']}-shot", rows, ("n", "accuracy", "accuracy_norm")
+        )
     elif task in ("exact_match", "gsm8k"):
         if task == "exact_match":
             examples, seen = [], {}
-            rows = [e for d in data.split(",") for e in dataset.read_examples(d, config["split"] or "test")]
+            rows = [
+                e
+                for d in data.split(",")
+                for e in dataset.read_examples(d, config["split"] or "test")
+            ]
             for e in rows:  # the first `limit` of each task
                 seen[e["task"]] = seen.get(e["task"], 0) + 1
                 if not limit or seen[e["task"]] <= limit:
                     examples.append(e)
-            details = exact_match_details(model, tokenizer, examples, config["max_new_tokens"] or 64, batch_size)
+            details = exact_match_details(
+                model, tokenizer, examples, config["max_new_tokens"] or 64, batch_size
+            )
         else:
             records = gsm8k_records(data, limit, config["split"] or "test")
             shots = []
             if config["shots"]:
-                train = os.path.join(os.path.dirname(data) if os.path.isfile(data) else data, "train.jsonl")
-                shots = gsm8k_records(train)[:config["shots"]]
-            prefix = "".join(dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in shots)
-            check_room(tokenizer, [prefix + dataset.format_prompt(r["question"]) for r in records],
-                       model.config.max_seq_len, len(shots))
-            details = gsm8k_details(model, tokenizer, records, shots, config["max_new_tokens"] or 256, batch_size)
+                train = os.path.join(
+                    os.path.dirname(data) if os.path.isfile(data) else data, "train.jsonl"
+                )
+                shots = gsm8k_records(train)[: config["shots"]]
+            prefix = "".join(
+                dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in shots
+            )
+            check_room(
+                tokenizer,
+                [prefix + dataset.format_prompt(r["question"]) for r in records],
+                model.config.max_seq_len,
+                len(shots),
+            )
+            details = gsm8k_details(
+                model, tokenizer, records, shots, config["max_new_tokens"] or 256, batch_size
+            )
         if not details:
             raise UserError(f"--data={data}: no examples")
         acc = accuracy_by(details, "task")
         per = {t: dict(n=sum(d["task"] == t for d in details), accuracy=a) for t, a in acc.items()}
         overall = dict(n=len(details), accuracy=sum(d["correct"] for d in details) / len(details))
         result.update(overall, per_task=per, details=details)
-        print_table(task, dict(per, **({"all (examples)": overall} if len(per) > 1 else {})), ("n", "accuracy"))
+        print_table(
+            task,
+            dict(per, **({"all (examples)": overall} if len(per) > 1 else {})),
+            ("n", "accuracy"),
+        )
     else:  # loss
         split = config["split"] or "val"
         per = loss_table(model, data.split(","), split, limit, batch_size, tokenizer.pad_id)
         result.update(per.pop("all"), per_task=per)
-        print_table(f"loss {split}", dict(per, all={k: result[k] for k in ("tokens", "loss", "perplexity")}),
-                    ("tokens", "loss", "perplexity"))
+        print_table(
+            f"loss {split}",
+            dict(per, all={k: result[k] for k in ("tokens", "loss", "perplexity")}),
+            ("tokens", "loss", "perplexity"),
+        )
     return result
 
 

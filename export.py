@@ -39,12 +39,19 @@ ckpt_dir = S("", required, "base checkpoint (HF or Meta layout)")
 adapter = S("", required, "adapter .safetensors written by train.py")
 out_dir = S("", required, "a new or empty folder, outside ckpt_dir")
 format = S("hf", ("hf", "peft"), "hf: merged full checkpoint; peft: a LoRA adapter for the base")
-dtype = S("auto", ("auto", "float32", "bfloat16", "float16"), "hf format: weights dtype (auto = the base's)")
-base_name = S("", None, "peft format: the base as adapter_config.json names it, a hub id or a path "
-              "(empty = --ckpt_dir as given)")
+dtype = S(
+    "auto",
+    ("auto", "float32", "bfloat16", "float16"),
+    "hf format: weights dtype (auto = the base's)",
+)
+base_name = S(
+    "",
+    None,
+    "peft format: the base as adapter_config.json names it, a hub id or a path "
+    "(empty = --ckpt_dir as given)",
+)
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
-
 
 
 def peft_adapter(model, base_model_name_or_path=""):
@@ -56,19 +63,30 @@ def peft_adapter(model, base_model_name_or_path=""):
             prefix = f"base_model.model.model.{name}"
             if m.lora_s is None:  # plain LoRA: PEFT's own form
                 lora_B, rank, alpha = m.lora_B, m.lora_rank, m.lora_alpha
-            else:                 # MultiLoRA: the rank-(n·r) identity, scale folded into B
+            else:  # MultiLoRA: the rank-(n·r) identity, scale folded into B
                 lora_B, rank = m.folded_B(), m.n_loras * m.lora_rank
                 alpha = rank
             tensors[f"{prefix}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
             tensors[f"{prefix}.lora_B.weight"] = lora_B.detach().float().contiguous().cpu()
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": rank, "lora_alpha": alpha, "lora_dropout": settings["lora_dropout"],
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": settings["lora_dropout"],
         "target_modules": [multilora.TARGET_MODULES[t].split(".")[-1] for t in settings["targets"]],
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
     }
     return tensors, config
 
@@ -78,7 +96,9 @@ def check_out_dir(ckpt_dir, out_dir):
     the base's own files would overwrite them (config.json, model.safetensors)."""
     real_out, real_ckpt = os.path.realpath(out_dir), os.path.realpath(ckpt_dir)
     if os.path.commonpath([real_out, real_ckpt]) == real_ckpt:
-        raise UserError(f"--out_dir={out_dir}: inside --ckpt_dir={ckpt_dir}; export to a folder of its own")
+        raise UserError(
+            f"--out_dir={out_dir}: inside --ckpt_dir={ckpt_dir}; export to a folder of its own"
+        )
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir}: exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):

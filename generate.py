@@ -27,15 +27,22 @@ ckpt_dir = S("data/tiny_base", None, "base model: HF (config.json) or Meta (para
 tokenizer = S("", None, "tokenizer.model path; empty = the one in ckpt_dir")
 adapter = S("", None, "an adapter.safetensors written by train.py / multilora.py")
 merge = S(True, None, "merge the adapter into the weights (no inference overhead)")
-prompt = S("### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3 0 3\n\n### Response:\n|"
-           "### Instruction:\nWhich number is bigger?\n\n### Input:\n597 and 853\n\n### Response:\n|"
-           "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6 1 4\n\n### Response:\n",
-           None, "prompts separated by |; \\n in them is a newline, as in --prompt_file")
-prompt_file = S("", None, "UTF-8, a prompt per line (a newline in it written \\n); replaces --prompt")
+prompt = S(
+    "### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3 0 3\n\n### Response:\n|"
+    "### Instruction:\nWhich number is bigger?\n\n### Input:\n597 and 853\n\n### Response:\n|"
+    "### Instruction:\nWrite the digits in reverse order.\n\n### Input:\n8 7 6 1 4\n\n### Response:\n",
+    None,
+    "prompts separated by |; \\n in them is a newline, as in --prompt_file",
+)
+prompt_file = S(
+    "", None, "UTF-8, a prompt per line (a newline in it written \\n); replaces --prompt"
+)
 max_new_tokens = S(60, "[1, inf)", "tokens to generate per prompt at most")
 temperature = S(0.0, "[0, inf)", "0 = greedy")
 top_k = S(0, "[0, inf)", "sample from the k most likely tokens; 0 = off")
-top_p = S(1.0, "(0, 1]", "sample from the smallest set of tokens with this much probability; 1 = off")
+top_p = S(
+    1.0, "(0, 1]", "sample from the smallest set of tokens with this much probability; 1 = off"
+)
 seed = S(1337, None, "sampling seed")
 dtype = S("float32", ("float32", "bfloat16", "float16"), "weights dtype")
 device = S(util.default_device(), util.check_device, "cpu, cuda, cuda:N or mps")
@@ -52,10 +59,11 @@ def main(argv):
         try:
             lines = data.decode("utf-8").split("\n")
         except UnicodeDecodeError as e:
-            line = data[:e.start].count(b"\n") + 1
-            bad = data[e.start:e.start + 1]
-            raise util.UserError(f"{prompt_file}: line {line}: not UTF-8 (byte {bad!r}); "
-                                 f"save the prompts as UTF-8") from None
+            line = data[: e.start].count(b"\n") + 1
+            bad = data[e.start : e.start + 1]
+            raise util.UserError(
+                f"{prompt_file}: line {line}: not UTF-8 (byte {bad!r}); save the prompts as UTF-8"
+            ) from None
         prompts = [line.rstrip("\r").replace("\\n", "\n") for line in lines if line.strip()]
         if not prompts:
             raise util.UserError(f"{prompt_file}: no prompts in file")
@@ -68,16 +76,28 @@ def main(argv):
     t_load = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    outputs = llama.generate(model, tok, prompts, max_new_tokens, temperature=temperature,
-                             top_k=top_k or None, top_p=top_p, seed=seed)
+    outputs = llama.generate(
+        model,
+        tok,
+        prompts,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p,
+        seed=seed,
+    )
     elapsed = time.perf_counter() - t1
     for p, out in zip(prompts, outputs):
         if len(prompts) > 1:
             print("-" * 40)
-        print(tok.decode(tok.encode(p) + out))  # decoded together, so word boundaries come out right
+        print(
+            tok.decode(tok.encode(p) + out)
+        )  # decoded together, so word boundaries come out right
     n_new = sum(len(o) for o in outputs)
-    print(f"loaded in {t_load:.2f}s; {n_new} tokens in {elapsed:.2f}s ({n_new / max(elapsed, 1e-9):.1f} tokens/s)",
-          file=sys.stderr)
+    print(
+        f"loaded in {t_load:.2f}s; {n_new} tokens in {elapsed:.2f}s ({n_new / max(elapsed, 1e-9):.1f} tokens/s)",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -37,17 +37,17 @@ import train
 from configurator import configure
 
 # -----------------------------------------------------------------------------
-dim = 2048              # Llama 3.2 1B's shape (1.24B parameters with the tied 128k embedding)
+dim = 2048  # Llama 3.2 1B's shape (1.24B parameters with the tied 128k embedding)
 n_layers = 16
 n_heads = 32
 n_kv_heads = 8
 hidden_dim = 8192
 vocab_size = 128256
-step_tokens = 16384     # tokens per training step: our LLaMA recipe's 8 × 2,048
-steps = 10              # timed steps per arm (after warmup)
+step_tokens = 16384  # tokens per training step: our LLaMA recipe's 8 × 2,048
+steps = 10  # timed steps per arm (after warmup)
 warmup = 3
-loss_chunk = 256        # train.py's default
-peak_flops = 989e12     # stated dense bf16 peak of an H100/H200 SXM (NVIDIA's datasheet), for MFU
+loss_chunk = 256  # train.py's default
+peak_flops = 989e12  # stated dense bf16 peak of an H100/H200 SXM (NVIDIA's datasheet), for MFU
 seed = 0
 # -----------------------------------------------------------------------------
 
@@ -61,8 +61,17 @@ def build(config, dtype=torch.float32, finetune=None, **lora):
     model.to(dtype)
     model.loss_chunk = loss_chunk
     if finetune:
-        train.adapt(model, finetune, dict(targets=["q", "k", "v", "o"], lora_alpha=16.0, lora_dropout=0.0,
-                                          scaling="channel", **lora))
+        train.adapt(
+            model,
+            finetune,
+            dict(
+                targets=["q", "k", "v", "o"],
+                lora_alpha=16.0,
+                lora_dropout=0.0,
+                scaling="channel",
+                **lora,
+            ),
+        )
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
@@ -77,7 +86,7 @@ def examples(n_tokens, seed):
     while total < n_tokens:
         n = int(np.clip(np.exp(rng.normal(math.log(81), 0.57)), 8, 513))
         mask = np.zeros(n, dtype=np.uint8)
-        mask[n // 3:] = 1
+        mask[n // 3 :] = 1
         out.append((rng.integers(3, vocab_size, n), mask))
         total += n - 1
     return out
@@ -85,44 +94,69 @@ def examples(n_tokens, seed):
 
 def check_precision(config):
     model = build(config)
-    x = torch.randint(3, vocab_size, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+    x = torch.randint(
+        3, vocab_size, (2, 512), device="cuda", generator=torch.Generator("cuda").manual_seed(seed)
+    )
     with torch.no_grad():
         ref = model(x).float()  # fp32 weights, fp32 matmuls (TF32 is off by default for matmuls)
-        print(f"  {'bf16 run':36s} {'max |Δ|':>8s} {'‖Δ‖/‖ref‖':>10s} {'top-1 same':>10s} {'Δ loss':>9s}")
-        for label, dtype in (("autocast, fp32 weights (full)", torch.float32),
-                             ("autocast, bf16 weights (LoRA arms)", torch.bfloat16)):
+        print(
+            f"  {'bf16 run':36s} {'max |Δ|':>8s} {'‖Δ‖/‖ref‖':>10s} {'top-1 same':>10s} {'Δ loss':>9s}"
+        )
+        for label, dtype in (
+            ("autocast, fp32 weights (full)", torch.float32),
+            ("autocast, bf16 weights (LoRA arms)", torch.bfloat16),
+        ):
             model.to(dtype)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 z = model(x).float()
             d = z - ref
-            loss_gap = (F.cross_entropy(z[:, :-1].flatten(0, 1), x[:, 1:].flatten())
-                        - F.cross_entropy(ref[:, :-1].flatten(0, 1), x[:, 1:].flatten())).item()
-            print(f"  {label:36s} {d.abs().max().item():8.4f} {(d.norm() / ref.norm()).item():10.2e} "
-                  f"{(z.argmax(-1) == ref.argmax(-1)).float().mean().item():10.1%} {loss_gap:+9.2e}")
+            loss_gap = (
+                F.cross_entropy(z[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+                - F.cross_entropy(ref[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+            ).item()
+            print(
+                f"  {label:36s} {d.abs().max().item():8.4f} {(d.norm() / ref.norm()).item():10.2e} "
+                f"{(z.argmax(-1) == ref.argmax(-1)).float().mean().item():10.1%} {loss_gap:+9.2e}"
+            )
 
 
 def sdpa_kernels(fn):
     """Names of the scaled_dot_product_attention implementations that fn() ran, forward and backward."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sorted({e.key.removeprefix("aten::_scaled_dot_product_") for e in prof.key_averages()
-                   if e.key.startswith("aten::_scaled_dot_product_")})
+    return sorted(
+        {
+            e.key.removeprefix("aten::_scaled_dot_product_")
+            for e in prof.key_averages()
+            if e.key.startswith("aten::_scaled_dot_product_")
+        }
+    )
 
 
 def check_attention(config):
     model = build(config, torch.bfloat16, "lora", n_loras=1, lora_rank=32)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     ex = examples(4096, seed)
-    for label, pack in (("unpacked (right-padded, causal)", False), ("packed (block-diagonal mask)", True)):
+    for label, pack in (
+        ("unpacked (right-padded, causal)", False),
+        ("packed (block-diagonal mask)", True),
+    ):
         x, y, positions, segments = dataset.collate(ex, 0, "cuda", pack=pack)
 
         def step():
             with autocast:
-                loss = model(x, positions=positions, segments=segments, logits_at=y != dataset.IGNORE,
-                             targets=y[y != dataset.IGNORE]).sum()
+                loss = model(
+                    x,
+                    positions=positions,
+                    segments=segments,
+                    logits_at=y != dataset.IGNORE,
+                    targets=y[y != dataset.IGNORE],
+                ).sum()
             loss.backward()
             torch.cuda.synchronize()
+
         print(f"  {label:32s} rows {tuple(x.shape)}: {', '.join(sdpa_kernels(step))}")
 
 
@@ -133,10 +167,14 @@ def check_speed(config):
     n_tokens = sum(len(ids) - 1 for ids, _ in ex)
     row_len = batches[0][0].shape[1]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    print(f"  {n_tokens:,} tokens per step in {batches[0][0].shape[0]} packed rows of {row_len}; MFU against "
-          f"{peak_flops:.3g} FLOP/s")
-    for label, finetune, lora in (("LoRA r=32", "lora", dict(n_loras=1, lora_rank=32)),
-                                  ("MultiLoRA n=4 r=8", "multilora", dict(n_loras=4, lora_rank=8))):
+    print(
+        f"  {n_tokens:,} tokens per step in {batches[0][0].shape[0]} packed rows of {row_len}; MFU against "
+        f"{peak_flops:.3g} FLOP/s"
+    )
+    for label, finetune, lora in (
+        ("LoRA r=32", "lora", dict(n_loras=1, lora_rank=32)),
+        ("MultiLoRA n=4 r=8", "multilora", dict(n_loras=4, lora_rank=8)),
+    ):
         model = build(config, torch.bfloat16, finetune, **lora)
         optimizer = train.make_optimizer(model, 1e-4, 0.0, (0.9, 0.999), "cuda")
         for i in range(warmup + steps):
@@ -161,7 +199,9 @@ def check_memory(config):
 
     def chunked():  # train.py's loss: lm_head + cross-entropy loss_chunk targets at a time
         with autocast:
-            loss = model(x, positions=positions, segments=segments, logits_at=at, targets=y[at]).sum()
+            loss = model(
+                x, positions=positions, segments=segments, logits_at=at, targets=y[at]
+            ).sum()
         loss.backward()
 
     def whole():  # the (N, V) logits at once, kept by autograd with their softmax
@@ -169,9 +209,14 @@ def check_memory(config):
             logits = model(x, positions=positions, segments=segments, logits_at=at)
         F.cross_entropy(logits.float(), y[at], reduction="sum").backward()
 
-    print(f"  LoRA r=32, {int(at.sum()):,} targets, vocab {vocab_size:,}: (N, V) fp32 logits = "
-          f"{int(at.sum()) * vocab_size * 4 / 2**30:.1f} GiB")
-    for label, fn in ((f"chunked (loss_chunk={loss_chunk})", chunked), ("unchunked (whole logits)", whole)):
+    print(
+        f"  LoRA r=32, {int(at.sum()):,} targets, vocab {vocab_size:,}: (N, V) fp32 logits = "
+        f"{int(at.sum()) * vocab_size * 4 / 2**30:.1f} GiB"
+    )
+    for label, fn in (
+        (f"chunked (loss_chunk={loss_chunk})", chunked),
+        ("unchunked (whole logits)", whole),
+    ):
         fn()  # once untimed: lazily allocated state
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -185,16 +230,32 @@ def check_memory(config):
 def check_ddp():
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
+
     with socket.socket() as s:  # a free port on localhost for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
-                            device_id=torch.device("cuda:0"))
+    dist.init_process_group(
+        "nccl",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+        device_id=torch.device("cuda:0"),
+    )
     try:
-        config = llama.LlamaConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=512, vocab_size=vocab_size,
-                                   max_seq_len=1024, tie_embeddings=True)
+        config = llama.LlamaConfig(
+            dim=256,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            hidden_dim=512,
+            vocab_size=vocab_size,
+            max_seq_len=1024,
+            tie_embeddings=True,
+        )
         ex = examples(2048, seed + 1)
-        batches = [dataset.collate(ex[i::2], 0, "cuda", pack=True) for i in range(2)]  # two micro-steps
+        batches = [
+            dataset.collate(ex[i::2], 0, "cuda", pack=True) for i in range(2)
+        ]  # two micro-steps
         n_targets = sum(int(m[1:].sum()) for _, m in ex)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
         losses = {}
@@ -202,38 +263,61 @@ def check_ddp():
             raw = build(config, torch.bfloat16, "multilora", n_loras=4, lora_rank=8)
             model = DDP(raw, device_ids=[0]) if label == "ddp" else raw
             optimizer = train.make_optimizer(model, 1e-3, 0.0, (0.9, 0.999), "cuda")
-            losses[label] = [train.train_step(model, optimizer, batches, n_targets, 1, autocast, None, 1.0,
-                                              ddp=label == "ddp").item() / n_targets for _ in range(3)]
+            losses[label] = [
+                train.train_step(
+                    model, optimizer, batches, n_targets, 1, autocast, None, 1.0, ddp=label == "ddp"
+                ).item()
+                / n_targets
+                for _ in range(3)
+            ]
         t = torch.ones(1, device="cuda")
         dist.all_reduce(t)
         gap = max(abs(a - b) for a, b in zip(losses["ddp"], losses["plain"]))
-        print(f"  NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, all_reduce ok ({t.item():.0f}); "
-              f"DDP losses {', '.join(f'{v:.4f}' for v in losses['ddp'])}; max gap to no DDP {gap:.1e}")
+        print(
+            f"  NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, all_reduce ok ({t.item():.0f}); "
+            f"DDP losses {', '.join(f'{v:.4f}' for v in losses['ddp'])}; max gap to no DDP {gap:.1e}"
+        )
     finally:
         dist.destroy_process_group()
 
 
 def main(argv=None):
-    settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))}
+    settings = {
+        k: v
+        for k, v in globals().items()
+        if not k.startswith("_") and isinstance(v, (int, float, str))
+    }
     globals().update(configure(settings, sys.argv[1:] if argv is None else argv))
     if not torch.cuda.is_available():
         print("gpu_check: skipped, no CUDA device")
         return 0
     t_start = time.perf_counter()
-    config = llama.LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                               hidden_dim=hidden_dim, vocab_size=vocab_size, rope_theta=500000.0,
-                               max_seq_len=2048, tie_embeddings=True)
+    config = llama.LlamaConfig(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        hidden_dim=hidden_dim,
+        vocab_size=vocab_size,
+        rope_theta=500000.0,
+        max_seq_len=2048,
+        tie_embeddings=True,
+    )
     with torch.device("meta"):  # counted without allocating
         n_params = llama.Llama(config).num_params()
-    print(f"gpu_check on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda}); "
-          f"random weights, {n_params / 1e9:.2f}B parameters: dim {dim}, {n_layers} layers, {n_heads} heads, "
-          f"{n_kv_heads} kv heads, hidden {hidden_dim}, vocab {vocab_size:,}; stated peak {peak_flops:.3g} FLOP/s")
+    print(
+        f"gpu_check on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda}); "
+        f"random weights, {n_params / 1e9:.2f}B parameters: dim {dim}, {n_layers} layers, {n_heads} heads, "
+        f"{n_kv_heads} kv heads, hidden {hidden_dim}, vocab {vocab_size:,}; stated peak {peak_flops:.3g} FLOP/s"
+    )
     failed = []
-    for name, check in (("1. precision: bf16 logits against fp32", lambda: check_precision(config)),
-                        ("2. attention kernels", lambda: check_attention(config)),
-                        ("3. training speed", lambda: check_speed(config)),
-                        ("4. peak memory of a training step", lambda: check_memory(config)),
-                        ("5. DDP, 1 process, NCCL", check_ddp)):
+    for name, check in (
+        ("1. precision: bf16 logits against fp32", lambda: check_precision(config)),
+        ("2. attention kernels", lambda: check_attention(config)),
+        ("3. training speed", lambda: check_speed(config)),
+        ("4. peak memory of a training step", lambda: check_memory(config)),
+        ("5. DDP, 1 process, NCCL", check_ddp),
+    ):
         print(name, flush=True)
         t0 = time.perf_counter()
         try:
@@ -243,7 +327,10 @@ def main(argv=None):
             failed.append(name)
         torch.cuda.empty_cache()
         print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
-    print(f"gpu_check: {time.perf_counter() - t_start:.0f} s, " + (f"FAILED: {'; '.join(failed)}" if failed else "all ran"))
+    print(
+        f"gpu_check: {time.perf_counter() - t_start:.0f} s, "
+        + (f"FAILED: {'; '.join(failed)}" if failed else "all ran")
+    )
     return 1 if failed else 0
 
 

@@ -18,14 +18,15 @@ from util import UserError
 # -----------------------------------------------------------------------------
 # config
 
+
 @dataclass
 class LlamaConfig:
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
-    n_kv_heads: int = 0          # 0 = n_heads (multi-head attention); fewer = grouped-query attention
-    head_dim: int = 0            # 0 = dim // n_heads; Llama 3.2 / Mistral-Nemo style configs set it
-    hidden_dim: int = 11008      # SwiGLU feed-forward width
+    n_kv_heads: int = 0  # 0 = n_heads (multi-head attention); fewer = grouped-query attention
+    head_dim: int = 0  # 0 = dim // n_heads; Llama 3.2 / Mistral-Nemo style configs set it
+    hidden_dim: int = 11008  # SwiGLU feed-forward width
     vocab_size: int = 32000
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -42,13 +43,16 @@ class LlamaConfig:
                 raise UserError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise UserError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise UserError(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
         if isinstance(self.eos_id, int):
             self.eos_id = [self.eos_id]
 
 
 # -----------------------------------------------------------------------------
 # the model
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -67,7 +71,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config):
     """Inverse frequencies θ^(-2j/hd), j = 0..hd/2-1, with Llama 3.1's scaling when configured."""
     hd = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd))
+    inv_freq = 1.0 / (
+        config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd)
+    )
     rs = config.rope_scaling
     if rs:  # "llama3" scaling, formula of the Llama 3.1 release (docs/formats.md)
         factor, lo_f, hi_f = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
@@ -75,8 +81,11 @@ def rope_inv_freq(config):
         wavelen = 2 * math.pi / inv_freq
         smooth = (orig / wavelen - lo_f) / (hi_f - lo_f)
         scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > orig / lo_f, inv_freq / factor,
-                               torch.where(wavelen < orig / hi_f, inv_freq, scaled))
+        inv_freq = torch.where(
+            wavelen > orig / lo_f,
+            inv_freq / factor,
+            torch.where(wavelen < orig / hi_f, inv_freq, scaled),
+        )
     return inv_freq
 
 
@@ -98,17 +107,19 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start_pos, mask):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if self.cache_k is not None:
-            self.cache_k[:B, :, start_pos:start_pos + T] = k
-            self.cache_v[:B, :, start_pos:start_pos + T] = v
-            k = self.cache_k[:B, :, :start_pos + T]  # (B, Hkv, S, hd), S = start_pos + T
-            v = self.cache_v[:B, :, :start_pos + T]
+            self.cache_k[:B, :, start_pos : start_pos + T] = k
+            self.cache_v[:B, :, start_pos : start_pos + T] = v
+            k = self.cache_k[:B, :, : start_pos + T]  # (B, Hkv, S, hd), S = start_pos + T
+            v = self.cache_v[:B, :, : start_pos + T]
         # grouped-query attention: each group of H/Hkv query heads shares one key/value head
         gqa = self.n_heads != self.n_kv_heads
         if gqa and mask is not None and T > 1:
@@ -120,7 +131,9 @@ class Attention(nn.Module):
             gqa = False
         # a plain bool: under torch.compile T > 1 is symbolic, and bool() of it stays symbolic
         causal = True if mask is None and T > 1 else False  # noqa: SIM210
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -158,12 +171,23 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.inv_freq = rope_inv_freq(config)  # a plain tensor: not in the state dict, never on meta
-        self.checkpoint_blocks = False         # activation checkpointing per block (train.py sets it)
-        self.loss_chunk = 256                  # target tokens per chunk of the loss (train.py sets it)
+        self.inv_freq = rope_inv_freq(
+            config
+        )  # a plain tensor: not in the state dict, never on meta
+        self.checkpoint_blocks = False  # activation checkpointing per block (train.py sets it)
+        self.loss_chunk = 256  # target tokens per chunk of the loss (train.py sets it)
 
-    def forward(self, tokens, start_pos=0, positions=None, key_valid=None, last_only=False, logits_at=None,
-                segments=None, targets=None):
+    def forward(
+        self,
+        tokens,
+        start_pos=0,
+        positions=None,
+        key_valid=None,
+        last_only=False,
+        logits_at=None,
+        segments=None,
+        targets=None,
+    ):
         """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, or (N, V) at the N True
         positions of logits_at (B, T) bool (train.py: the loss targets only, so lm_head and the
         softmax skip prompt and padding positions).
@@ -185,8 +209,8 @@ class Llama(nn.Module):
         device = tokens.device
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=device)[None]  # (1, T)
-        freqs = positions[..., None].float() * self.inv_freq.to(device)             # (B|1, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                            # (B|1, 1, T, hd)
+        freqs = positions[..., None].float() * self.inv_freq.to(device)  # (B|1, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B|1, 1, T, hd)
         cos, sin = emb.cos(), emb.sin()
         mask = None
         if key_valid is not None or (start_pos > 0 and T > 1):
@@ -201,17 +225,28 @@ class Llama(nn.Module):
         h = self.embed_tokens(tokens)  # (B, T, D)
         if segments is not None:
             if start_pos > 0 or mask is not None:
-                raise ValueError("segments: packed rows are whole sequences (no KV cache, no key_valid)")
+                raise ValueError(
+                    "segments: packed rows are whole sequences (no KV cache, no key_valid)"
+                )
             # block-diagonal causal mask (B, 1, T, T), made additive (0 / -inf) once here in the
             # dtype attention runs in: a bool mask would be converted, and saved for the backward
             # pass, by every layer's scaled_dot_product_attention
-            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() & \
-                (segments[:, None, :, None] == segments[:, None, None, :])
-            dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else h.dtype
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() & (
+                segments[:, None, :, None] == segments[:, None, None, :]
+            )
+            dtype = (
+                torch.get_autocast_dtype(device.type)
+                if torch.is_autocast_enabled(device.type)
+                else h.dtype
+            )
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+                ~allowed, float("-inf")
+            )
         for layer in self.layers:
             if self.checkpoint_blocks and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, start_pos, mask, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(
+                    layer, h, cos, sin, start_pos, mask, use_reentrant=False
+                )
             else:
                 h = layer(h, cos, sin, start_pos, mask)
         if last_only:
@@ -219,7 +254,9 @@ class Llama(nn.Module):
         elif logits_at is not None:
             h = h[logits_at]  # (N, D)
         if targets is not None:
-            return chunked_cross_entropy(self.norm(h), self.lm_head.weight, targets, self.loss_chunk)
+            return chunked_cross_entropy(
+                self.norm(h), self.lm_head.weight, targets, self.loss_chunk
+            )
         return self.lm_head(self.norm(h))
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
@@ -228,8 +265,12 @@ class Llama(nn.Module):
         c = self.config
         shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
         for layer in self.layers:
-            layer.self_attn.cache_k = torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device)
-            layer.self_attn.cache_v = torch.zeros(shape, dtype=dtype or w.dtype, device=device or w.device)
+            layer.self_attn.cache_k = torch.zeros(
+                shape, dtype=dtype or w.dtype, device=device or w.device
+            )
+            layer.self_attn.cache_v = torch.zeros(
+                shape, dtype=dtype or w.dtype, device=device or w.device
+            )
 
     def clear_cache(self):
         for layer in self.layers:
@@ -254,6 +295,7 @@ class Llama(nn.Module):
 # -----------------------------------------------------------------------------
 # generation
 
+
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
     """logits (B, V) -> next token ids (B,). temperature 0 is greedy."""
     if temperature <= 0:
@@ -273,8 +315,17 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-             seed=None, stop_at_eos=True):
+def generate(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    seed=None,
+    stop_at_eos=True,
+):
     """Continue each prompt (a string, encoded with BOS, or a list of token ids); returns the new
     tokens of each, without the EOS. Prompts of different lengths are left-padded and share one
     KV cache; each row gets its own RoPE positions and never attends to padding."""
@@ -283,15 +334,17 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=N
     B, L = len(ids), max(len(p) for p in ids)
     total = L + max_new_tokens
     if total > model.config.max_seq_len:
-        raise UserError(f"prompt of {L} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-                        f"context of {model.config.max_seq_len} tokens")
+        raise UserError(
+            f"prompt of {L} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {model.config.max_seq_len} tokens"
+        )
     if min(len(p) for p in ids) == 0:
         raise UserError("empty prompt")
     tokens = torch.full((B, total), tokenizer.pad_id, dtype=torch.long, device=device)
     key_valid = torch.zeros((B, total), dtype=torch.bool, device=device)
     for i, p in enumerate(ids):
-        tokens[i, L - len(p):L] = torch.tensor(p, dtype=torch.long)
-        key_valid[i, L - len(p):] = True
+        tokens[i, L - len(p) : L] = torch.tensor(p, dtype=torch.long)
+        key_valid[i, L - len(p) :] = True
     positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, total)
     padded = not bool(key_valid[:, :L].all())
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -300,7 +353,9 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=N
     out = [[] for _ in range(B)]
     model.setup_cache(B, total)
     try:
-        logits = model(tokens[:, :L], 0, positions[:, :L], key_valid[:, :L] if padded else None, last_only=True)
+        logits = model(
+            tokens[:, :L], 0, positions[:, :L], key_valid[:, :L] if padded else None, last_only=True
+        )
         for cur in range(L, total):
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             is_stop = torch.isin(nxt, stop) if stop_at_eos else torch.zeros_like(done)
@@ -311,8 +366,12 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_k=N
             if bool(done.all()) or cur == total - 1:
                 break
             tokens[:, cur] = nxt
-            logits = model(tokens[:, cur:cur + 1], cur, positions[:, cur:cur + 1],
-                           key_valid[:, :cur + 1] if padded else None)
+            logits = model(
+                tokens[:, cur : cur + 1],
+                cur,
+                positions[:, cur : cur + 1],
+                key_valid[:, : cur + 1] if padded else None,
+            )
     finally:
         model.clear_cache()
     return out

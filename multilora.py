@@ -23,13 +23,19 @@ from util import UserError, atomic_write
 
 # short target names -> module paths inside one llama.py layer (HF names without "model.")
 TARGET_MODULES = {
-    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
 }
 ADAPTER_FORMAT = "multilora-adapter-v1"
 
 # -----------------------------------------------------------------------------
 # the layer
+
 
 class MultiLoRALinear(nn.Module):
     """A frozen bias-free nn.Linear plus n parallel LoRA modules, computed as one rank-(n·r) product.
@@ -41,33 +47,57 @@ class MultiLoRALinear(nn.Module):
       lora_s  (n, d_out) for scaling="channel", (n, 1) for "scalar"; fp32, zero-init; absent for LoRA
     """
 
-    def __init__(self, base, n_loras=4, lora_rank=8, lora_alpha=16, lora_dropout=0.0,
-                 scaling="channel", init="multilora", device=None):
+    def __init__(
+        self,
+        base,
+        n_loras=4,
+        lora_rank=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        scaling="channel",
+        init="multilora",
+        device=None,
+    ):
         super().__init__()
         if not isinstance(base, nn.Linear) or base.bias is not None:
             raise UserError(f"MultiLoRALinear: base: expected a bias-free nn.Linear, got {base!r}")
         if init not in ("multilora", "lora"):
             raise UserError(f"MultiLoRALinear: init: expected 'multilora' or 'lora', got {init!r}")
         if scaling not in ("channel", "scalar"):
-            raise UserError(f"MultiLoRALinear: scaling: expected 'channel' or 'scalar', got {scaling!r}")
+            raise UserError(
+                f"MultiLoRALinear: scaling: expected 'channel' or 'scalar', got {scaling!r}"
+            )
         if n_loras < 1 or lora_rank < 1:
-            raise UserError(f"MultiLoRALinear: n_loras, lora_rank: expected >= 1, got {n_loras}, {lora_rank}")
+            raise UserError(
+                f"MultiLoRALinear: n_loras, lora_rank: expected >= 1, got {n_loras}, {lora_rank}"
+            )
         d_out, d_in = base.weight.shape
         if n_loras * lora_rank > min(d_in, d_out):
-            raise UserError(f"MultiLoRALinear: n_loras*lora_rank: expected <= min(d_in, d_out) = "
-                            f"{min(d_in, d_out)}, got {n_loras}*{lora_rank} = {n_loras * lora_rank}")
+            raise UserError(
+                f"MultiLoRALinear: n_loras*lora_rank: expected <= min(d_in, d_out) = "
+                f"{min(d_in, d_out)}, got {n_loras}*{lora_rank} = {n_loras * lora_rank}"
+            )
         self.in_features, self.out_features = d_in, d_out
         self.n_loras, self.lora_rank, self.lora_alpha = n_loras, lora_rank, lora_alpha
         self.lora_dropout, self.scaling, self.init = lora_dropout, scaling, init
         self.scale = lora_alpha / lora_rank  # α/r, per module (as PEFT and MTL-LoRA's MultiLoRA)
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        device, nr = device or base.weight.device, n_loras * lora_rank  # FSDP: a meta base, real adapters
+        device, nr = (
+            device or base.weight.device,
+            n_loras * lora_rank,
+        )  # FSDP: a meta base, real adapters
         self.lora_A = nn.Parameter(torch.empty(nr, d_in, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.empty(d_out, nr, device=device, dtype=torch.float32))
         if init == "multilora":
-            self.lora_s = nn.Parameter(torch.empty(n_loras, d_out if scaling == "channel" else 1,
-                                                   device=device, dtype=torch.float32))
+            self.lora_s = nn.Parameter(
+                torch.empty(
+                    n_loras,
+                    d_out if scaling == "channel" else 1,
+                    device=device,
+                    dtype=torch.float32,
+                )
+            )
         else:
             self.lora_s = None
         self.merged = False
@@ -79,10 +109,10 @@ class MultiLoRALinear(nn.Module):
             # Kaiming-uniform with a=√5 (nn.Linear's default, LoRA's and PEFT's A init): bound = 1/√fan_in.
             # Each module gets its own draw; for B_i the fan-in is r, not n·r, so init block by block.
             for i in range(self.n_loras):
-                nn.init.kaiming_uniform_(self.lora_A[i * r:(i + 1) * r], a=math.sqrt(5))
+                nn.init.kaiming_uniform_(self.lora_A[i * r : (i + 1) * r], a=math.sqrt(5))
             if self.init == "multilora":
                 for i in range(self.n_loras):  # paper: B random too; s = 0 keeps ΔW = 0 at step 0
-                    nn.init.kaiming_uniform_(self.lora_B[:, i * r:(i + 1) * r], a=math.sqrt(5))
+                    nn.init.kaiming_uniform_(self.lora_B[:, i * r : (i + 1) * r], a=math.sqrt(5))
                 self.lora_s.zero_()
             else:
                 self.lora_B.zero_()  # LoRA: B = 0 keeps ΔW = 0 at step 0
@@ -132,12 +162,16 @@ class MultiLoRALinear(nn.Module):
         self.merged = False
 
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, init={self.init}, "
-                f"n_loras={self.n_loras}, lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, "
-                f"scaling={self.scaling if self.lora_s is not None else None}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, init={self.init}, "
+            f"n_loras={self.n_loras}, lora_rank={self.lora_rank}, lora_alpha={self.lora_alpha}, "
+            f"scaling={self.scaling if self.lora_s is not None else None}, merged={self.merged}"
+        )
+
 
 # -----------------------------------------------------------------------------
 # adapting a model
+
 
 def is_lora_key(name):
     return name.rsplit(".", 1)[-1].startswith("lora_")
@@ -148,8 +182,18 @@ def adapter_modules(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
 
 
-def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_loras=4, lora_rank=8,
-                lora_alpha=16, lora_dropout=0.0, scaling="channel", init="", device=None):
+def adapt_model(
+    model,
+    finetune="multilora",
+    targets=("q", "k", "v", "o"),
+    n_loras=4,
+    lora_rank=8,
+    lora_alpha=16,
+    lora_dropout=0.0,
+    scaling="channel",
+    init="",
+    device=None,
+):
     """Wrap the chosen projections of every layer in MultiLoRALinear, freeze everything else.
     targets: names from q,k,v,o,gate,up,down (a list or a "q,k,v,o" string). finetune="lora" means
     plain LoRA (n_loras is then 1). The adapters draw from torch's global RNG. Returns the settings
@@ -165,12 +209,21 @@ def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_lor
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     unknown = [t for t in targets if t not in TARGET_MODULES]
     if unknown or not targets:
-        raise UserError(f"adapt_model: targets: expected names from {','.join(TARGET_MODULES)}, got {list(targets)}")
+        raise UserError(
+            f"adapt_model: targets: expected names from {','.join(TARGET_MODULES)}, got {list(targets)}"
+        )
     targets = [t for t in TARGET_MODULES if t in targets]  # canonical order, no duplicates
     if finetune == "lora":
         n_loras = 1
-    settings = dict(finetune=finetune, targets=targets, n_loras=int(n_loras), lora_rank=int(lora_rank),
-                    lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), scaling=scaling)
+    settings = dict(
+        finetune=finetune,
+        targets=targets,
+        n_loras=int(n_loras),
+        lora_rank=int(lora_rank),
+        lora_alpha=lora_alpha,
+        lora_dropout=float(lora_dropout),
+        scaling=scaling,
+    )
     if init and init != finetune:
         settings["init"] = init  # only when it is not the finetune's own: files stay as they were
     suffixes = tuple("." + TARGET_MODULES[t] for t in targets)
@@ -182,8 +235,16 @@ def adapt_model(model, finetune="multilora", targets=("q", "k", "v", "o"), n_lor
     for name in to_wrap:
         parent_name, child_name = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        layer = MultiLoRALinear(getattr(parent, child_name), n_loras, lora_rank, lora_alpha, lora_dropout,
-                                scaling, init=settings.get("init", finetune), device=device)
+        layer = MultiLoRALinear(
+            getattr(parent, child_name),
+            n_loras,
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            scaling,
+            init=settings.get("init", finetune),
+            device=device,
+        )
         setattr(parent, child_name, layer)
     model.adapter_settings = settings
     model.base_sample = base_sample(model)  # the base as it is now, for the adapter file
@@ -212,12 +273,16 @@ def delta_weights(model):
     """{module_name: ΔW (d_out, d_in) fp32} for every adapted projection (for the SVD analysis)."""
     return {name: m.delta_weight().detach() for name, m in adapter_modules(model)}
 
+
 # -----------------------------------------------------------------------------
 # adapter files: safetensors with only the lora_ tensors, settings + base fingerprint in the metadata
 
+
 def base_fingerprint(model):
     """Hash of the base model's parameter names and shapes (the adapter's lora_ keys excluded)."""
-    lines = [f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters() if not is_lora_key(name)]
+    lines = [
+        f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters() if not is_lora_key(name)
+    ]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
@@ -244,7 +309,9 @@ def base_sample(model, n=8):
         first = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size())[0] * row
         mine = (index >= first) & (index < first + local.numel())
         values = torch.zeros(n, dtype=torch.float64, device=local.device)
-        values[mine.to(local.device)] = local.reshape(-1)[(index[mine] - first).to(local.device)].double()
+        values[mine.to(local.device)] = local.reshape(-1)[
+            (index[mine] - first).to(local.device)
+        ].double()
         torch.distributed.all_reduce(values, group=mesh.get_group())  # one rank holds each entry
         sample += values.float().tolist()
     return sample
@@ -252,9 +319,14 @@ def base_sample(model, n=8):
 
 def same_base_sample(recorded, here):
     """Whether two base samples are of the same weights: equal to bf16 precision (1%)."""
-    return isinstance(recorded, list) and len(recorded) == len(here) and all(
-        isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6
-        for a, b in zip(recorded, here))
+    return (
+        isinstance(recorded, list)
+        and len(recorded) == len(here)
+        and all(
+            isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6
+            for a, b in zip(recorded, here)
+        )
+    )
 
 
 def base_summary(model):
@@ -273,10 +345,14 @@ def save_adapter(model, path, settings=None, state=None, step=None):
     settings = settings or model.adapter_settings
     state = adapter_state_dict(model) if state is None else state
     tensors = {k: v.float().contiguous().cpu() for k, v in state.items()}
-    metadata = {"format": ADAPTER_FORMAT, "settings": json.dumps(settings, sort_keys=True),
-                "base_fingerprint": base_fingerprint(model), "base_summary": base_summary(model),
-                "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model)),
-                **({"step": str(step)} if step is not None else {})}
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "settings": json.dumps(settings, sort_keys=True),
+        "base_fingerprint": base_fingerprint(model),
+        "base_summary": base_summary(model),
+        "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model)),
+        **({"step": str(step)} if step is not None else {}),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path) as tmp:  # sorted keys: the same adapter gives the same bytes
         specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
@@ -286,7 +362,10 @@ def save_adapter(model, path, settings=None, state=None, step=None):
 SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
 ADAPTER_SETTINGS = {  # what an adapter file's metadata.settings must hold: key -> (expected, test)
     "finetune": ("'multilora' or 'lora'", lambda v: v in ("multilora", "lora")),
-    "targets": ("a list of names from q,k,v,o,gate,up,down", lambda v: isinstance(v, list) and set(v) <= set(TARGET_MODULES)),
+    "targets": (
+        "a list of names from q,k,v,o,gate,up,down",
+        lambda v: isinstance(v, list) and set(v) <= set(TARGET_MODULES),
+    ),
     "n_loras": ("an int >= 1", lambda v: type(v) is int and v >= 1),
     "lora_rank": ("an int >= 1", lambda v: type(v) is int and v >= 1),
     "lora_alpha": ("a number", lambda v: type(v) in (int, float) and math.isfinite(v)),
@@ -308,11 +387,15 @@ def load_adapter(path, model=None, any_base=False):
         if not torch.isfinite(v).all():
             raise UserError(f"{path}: {k}: not finite (NaN or inf): the run that wrote it diverged")
     if metadata.get("format") != ADAPTER_FORMAT:
-        raise UserError(f"{path}: metadata.format: expected {ADAPTER_FORMAT!r}, got {metadata.get('format')!r}")
+        raise UserError(
+            f"{path}: metadata.format: expected {ADAPTER_FORMAT!r}, got {metadata.get('format')!r}"
+        )
     try:
         settings = json.loads(metadata["settings"])
     except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: metadata.settings: expected a JSON object of adapter settings") from None
+        raise UserError(
+            f"{path}: metadata.settings: expected a JSON object of adapter settings"
+        ) from None
     for k, (expected, ok) in ADAPTER_SETTINGS.items():
         value = settings.get(k) if isinstance(settings, dict) else None
         if not ok(value):
@@ -325,9 +408,11 @@ def load_adapter(path, model=None, any_base=False):
 def check_adapter(path, state, settings, metadata, model, any_base=False):
     want, have = metadata.get("base_fingerprint"), base_fingerprint(model)
     if want != have:
-        raise UserError(f"{path}: base_fingerprint: adapter was made for a base with "
-                        f"{metadata.get('base_summary', '?')} (fingerprint {want}), this model has "
-                        f"{base_summary(model)} (fingerprint {have})")
+        raise UserError(
+            f"{path}: base_fingerprint: adapter was made for a base with "
+            f"{metadata.get('base_summary', '?')} (fingerprint {want}), this model has "
+            f"{base_summary(model)} (fingerprint {have})"
+        )
     try:
         sample = json.loads(metadata.get("base_sample") or "null")
     except ValueError:
@@ -335,15 +420,19 @@ def check_adapter(path, state, settings, metadata, model, any_base=False):
     here = getattr(model, "base_sample", None) or base_sample(model)
     # files without a sample (older ones) are checked by shape only
     if not any_base and sample is not None and not same_base_sample(sample, here):
-        raise UserError(f"{path}: base_sample: the adapter was trained on a base of the same "
-                        f"shapes but other weights; pass any_base=True (--adapter_any_base=True) "
-                        f"if you mean to apply it anyway")
+        raise UserError(
+            f"{path}: base_sample: the adapter was trained on a base of the same "
+            f"shapes but other weights; pass any_base=True (--adapter_any_base=True) "
+            f"if you mean to apply it anyway"
+        )
     current = getattr(model, "adapter_settings", None)
     if current is not None:
         for k in SETTINGS_THAT_MUST_MATCH:
             if settings.get(k) != current.get(k):
-                raise UserError(f"{path}: settings.{k}: model is adapted with {k}={current.get(k)!r}, "
-                                f"adapter file has {k}={settings.get(k)!r}")
+                raise UserError(
+                    f"{path}: settings.{k}: model is adapted with {k}={current.get(k)!r}, "
+                    f"adapter file has {k}={settings.get(k)!r}"
+                )
         expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model).items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
         for k in sorted(set(expected) | set(got)):
@@ -355,10 +444,15 @@ def apply_adapter(model, path, merge=False, any_base=False):
     """Adapt a base model with the file's settings (unless already adapted with the same ones), load
     the adapter into it, and merge it into the frozen weights if merge (zero inference overhead).
     Returns the settings."""
-    state, settings = load_adapter(path, model, any_base)  # checks the base before the model is touched
+    state, settings = load_adapter(
+        path, model, any_base
+    )  # checks the base before the model is touched
     if getattr(model, "adapter_settings", None) is None:
-        adapt_model(model, **{k: settings[k] for k in SETTINGS_THAT_MUST_MATCH + ("lora_dropout",)},
-                    init=settings.get("init", ""))
+        adapt_model(
+            model,
+            **{k: settings[k] for k in SETTINGS_THAT_MUST_MATCH + ("lora_dropout",)},
+            init=settings.get("init", ""),
+        )
         check_adapter(path, state, settings, {"base_fingerprint": base_fingerprint(model)}, model)
     unmerge_adapters(model)
     params = dict(model.named_parameters())

@@ -25,6 +25,7 @@ With FSDP each parameter is split on dim 0 as fully_shard splits it: ceil(rows /
 The micro-batch is batch_size rows of seq_len tokens, every token a target (the worst case); with
 pack=True and more than one row, the block-diagonal mask (B, 1, T, T) counts too.
 """
+
 import math
 import os
 
@@ -48,7 +49,7 @@ def parse_bytes(text):
     t = text.strip().lower()
     for unit, size in units.items():
         if t.endswith(unit):
-            t, scale = t[:-len(unit)], size
+            t, scale = t[: -len(unit)], size
             break
     else:
         scale = 1
@@ -61,14 +62,27 @@ def parse_bytes(text):
 
 OWN = {  # plan.py's own settings, next to train.py's
     "nproc": S(1, "[1, inf)", "processes (GPUs) of the run: torchrun's --nproc_per_node x nodes"),
-    "device_memory": S("80GiB", lambda v, s: parse_bytes(v) is None and "a size like 80GiB, 80GB, 24e9",
-                       "memory of one device (GPU), to say whether the run fits"),
-    "headroom": S(0.1, "[0, 1)", "share of device_memory kept free: CUDA context, NCCL buffers, the "
-                  "caching allocator's fragmentation"),
-    "model": S("", ("",) + tuple(random_llama.PRESETS), "a published shape instead of ckpt_dir's "
-               "config (no checkpoint needed)"),
-    "seq_len": S(0, "[0, inf)", "tokens per row (0 = the longest example of the datasets, else "
-                 "the model's max_seq_len)"),
+    "device_memory": S(
+        "80GiB",
+        lambda v, s: parse_bytes(v) is None and "a size like 80GiB, 80GB, 24e9",
+        "memory of one device (GPU), to say whether the run fits",
+    ),
+    "headroom": S(
+        0.1,
+        "[0, 1)",
+        "share of device_memory kept free: CUDA context, NCCL buffers, the "
+        "caching allocator's fragmentation",
+    ),
+    "model": S(
+        "",
+        ("",) + tuple(random_llama.PRESETS),
+        "a published shape instead of ckpt_dir's config (no checkpoint needed)",
+    ),
+    "seq_len": S(
+        0,
+        "[0, inf)",
+        "tokens per row (0 = the longest example of the datasets, else the model's max_seq_len)",
+    ),
 }
 
 
@@ -87,24 +101,34 @@ def model_config(s):
         return random_llama.preset_config(s["model"]), f"preset {s['model']}"
     if s["init_from"] == "scratch":
         meta = dataset_meta(s["datasets"][0])
-        return llama.LlamaConfig(dim=s["dim"], n_layers=s["n_layers"], n_heads=s["n_heads"],
-                                 n_kv_heads=s["n_kv_heads"], hidden_dim=s["hidden_dim"],
-                                 vocab_size=meta["vocab_size"], max_seq_len=s["max_seq_len"],
-                                 tie_embeddings=s["tie_embeddings"]), "init_from=scratch"
+        return llama.LlamaConfig(
+            dim=s["dim"],
+            n_layers=s["n_layers"],
+            n_heads=s["n_heads"],
+            n_kv_heads=s["n_kv_heads"],
+            hidden_dim=s["hidden_dim"],
+            vocab_size=meta["vocab_size"],
+            max_seq_len=s["max_seq_len"],
+            tie_embeddings=s["tie_embeddings"],
+        ), "init_from=scratch"
     if not os.path.isdir(s["ckpt_dir"]):
-        raise UserError(f"{s['ckpt_dir']}: checkpoint directory not found (ckpt_dir); to plan for a "
-                        f"published shape without it, give --model=one of {','.join(random_llama.PRESETS)}")
+        raise UserError(
+            f"{s['ckpt_dir']}: checkpoint directory not found (ckpt_dir); to plan for a "
+            f"published shape without it, give --model=one of {','.join(random_llama.PRESETS)}"
+        )
     return checkpoint.read_config(s["ckpt_dir"]), s["ckpt_dir"]
 
 
 def dataset_meta(folder):
     import dataset
+
     return dataset.read_meta(folder)
 
 
 def longest_example(datasets):
     """The longest training example (tokens) of the prepared datasets, or None if one is missing."""
     import dataset
+
     try:
         return max(int(d.lengths.max()) - 1 for d in dataset.load_splits(datasets, "train"))
     except UserError:
@@ -116,10 +140,19 @@ def adapted_model(c, s):
     with torch.device("meta"):
         model = llama.Llama(c)
     if s["finetune"] != "full":
-        multilora.adapt_model(model, s["finetune"], **{
-            "targets": s["lora_targets"], "n_loras": s["n_loras"], "lora_rank": s["lora_rank"],
-            "lora_alpha": s["lora_alpha"], "lora_dropout": s["lora_dropout"],
-            "scaling": s["lora_scaling"], "init": s["lora_init"]})
+        multilora.adapt_model(
+            model,
+            s["finetune"],
+            **{
+                "targets": s["lora_targets"],
+                "n_loras": s["n_loras"],
+                "lora_rank": s["lora_rank"],
+                "lora_alpha": s["lora_alpha"],
+                "lora_dropout": s["lora_dropout"],
+                "scaling": s["lora_scaling"],
+                "init": s["lora_init"],
+            },
+        )
     return model
 
 
@@ -144,10 +177,19 @@ def activation_bytes(c, s, B, T, act, resid):
     kv_saved = q if mask and c.n_heads != c.n_kv_heads else kv  # GQA with a mask: full-width k, v
     rope_rows = B if s["pack"] else 1  # packed rows carry their own positions: (B, 1, T, hd)
     trains = lambda *names: full or bool(adapted & set(names))  # noqa: E731
-    widths = {"q": (D, q), "k": (D, kv), "v": (D, kv), "o": (q, D), "gate": (D, I), "up": (D, I),
-              "down": (I, D)}
+    widths = {
+        "q": (D, q),
+        "k": (D, kv),
+        "v": (D, kv),
+        "o": (q, D),
+        "gate": (D, I),
+        "up": (D, I),
+        "down": (I, D),
+    }
 
-    def norm(n):  # RMSNorm: the fp32 input (pow, mul) and rsqrt; + the normalized x if weight trains
+    def norm(
+        n,
+    ):  # RMSNorm: the fp32 input (pow, mul) and rsqrt; + the normalized x if weight trains
         return n * D * 4 + n * 4 + (n * D * 4 if full else 0)
 
     def layer(first):
@@ -158,8 +200,15 @@ def activation_bytes(c, s, B, T, act, resid):
         y_g = qkv_g  # SDPA's output
         mid_g = g_in or y_g or trains("o")  # the residual stream after attention
         gate_g, up_g = mid_g or trains("gate"), mid_g or trains("up")
-        needs_grad = {"q": g_in, "k": g_in, "v": g_in, "o": y_g, "gate": mid_g, "up": mid_g,
-                      "down": gate_g or up_g}
+        needs_grad = {
+            "q": g_in,
+            "k": g_in,
+            "v": g_in,
+            "o": y_g,
+            "gate": mid_g,
+            "up": mid_g,
+            "down": gate_g or up_g,
+        }
         b = norm(M) if g_in else 0
         # the normed x, input of q, k, v: one copy, or under autocast with fp32 weights (full) one
         # cast per projection (autocast caches the casts of weights, not of activations)
@@ -216,20 +265,30 @@ def plan(s, c, nproc=None, seq_len=None):
             trainable += n
         else:
             frozen += n
-    out = {"base weights": frozen * base_bytes, "trainable weights (fp32)": trainable * 4,
-           "gradients (fp32)": trainable * 4 * (2 if nproc > 1 and not fsdp else 1),
-           "AdamW moments (2 x fp32)": trainable * 8}
+    out = {
+        "base weights": frozen * base_bytes,
+        "trainable weights (fp32)": trainable * 4,
+        "gradients (fp32)": trainable * 4 * (2 if nproc > 1 and not fsdp else 1),
+        "AdamW moments (2 x fp32)": trainable * 8,
+    }
     if fsdp:  # gathered parameters (in the all-gather dtype) on top of the shards
+
         def gathered(params):
-            size = sum(p.numel() * (param_bytes or (4 if full or p.requires_grad else base_bytes))
-                       for p in params)
-            grads = sum(p.numel() * ((param_bytes or 4) + 4) for p in params if full or p.requires_grad)
+            size = sum(
+                p.numel() * (param_bytes or (4 if full or p.requires_grad else base_bytes))
+                for p in params
+            )
+            grads = sum(
+                p.numel() * ((param_bytes or 4) + 4) for p in params if full or p.requires_grad
+            )
             return size, grads
+
         blocks = {id(p) for p in model.layers.parameters()}
         root_size, root_grads = gathered(p for p in model.parameters() if id(p) not in blocks)
         block_size, block_grads = gathered(model.layers[0].parameters())
-        out["FSDP unsharded (root + 2 blocks)"] = root_size + 2 * block_size + block_grads + \
-            (root_grads if full else 0)
+        out["FSDP unsharded (root + 2 blocks)"] = (
+            root_size + 2 * block_size + block_grads + (root_grads if full else 0)
+        )
     B = s["batch_size"]
     T = seq_len or s["seq_len"] or c.max_seq_len
     kept, one_layer, _ = activation_bytes(c, s, B, T, act, resid)
@@ -252,27 +311,34 @@ def report(s, c, source, seq_note):
     if s["finetune"] == "full":
         trainable = base_total
     how = "FSDP (sharded)" if fsdp else "DDP (replicated)" if nproc > 1 else "1 process"
-    lines = [f"model: {source}: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads "
-             f"({c.n_kv_heads} kv), hidden {c.hidden_dim}, vocab {c.vocab_size}: "
-             f"{base_total / 1e9:.2f}B parameters",
-             f"finetune={s['finetune']}: {trainable / 1e6:,.1f}M trainable; base in "
-             f"{s['dtype'] if s['finetune'] != 'full' else 'float32'}, autocast {s['dtype']}",
-             f"per process: {nproc} x {how}, micro-batch {s['batch_size']} rows x "
-             f"{s['seq_len'] or c.max_seq_len} tokens ({seq_note}), activation checkpointing "
-             f"{'on' if s['activation_checkpointing'] else 'off'}"]
+    lines = [
+        f"model: {source}: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads "
+        f"({c.n_kv_heads} kv), hidden {c.hidden_dim}, vocab {c.vocab_size}: "
+        f"{base_total / 1e9:.2f}B parameters",
+        f"finetune={s['finetune']}: {trainable / 1e6:,.1f}M trainable; base in "
+        f"{s['dtype'] if s['finetune'] != 'full' else 'float32'}, autocast {s['dtype']}",
+        f"per process: {nproc} x {how}, micro-batch {s['batch_size']} rows x "
+        f"{s['seq_len'] or c.max_seq_len} tokens ({seq_note}), activation checkpointing "
+        f"{'on' if s['activation_checkpointing'] else 'off'}",
+    ]
     for k, v in terms.items():
         lines.append(f"  {k:<34} {v / GiB:9.2f} GiB")
     total = sum(terms.values())
     lines.append(f"  {'total':<34} {total / GiB:9.2f} GiB")
     other = dict(s, activation_checkpointing=not s["activation_checkpointing"])
     other_total = sum(plan(other, c)[0].values())
-    lines.append(f"  (activation checkpointing {'off' if s['activation_checkpointing'] else 'on'}: "
-                 f"{other_total / GiB:.2f} GiB)")
+    lines.append(
+        f"  (activation checkpointing {'off' if s['activation_checkpointing'] else 'on'}: "
+        f"{other_total / GiB:.2f} GiB)"
+    )
     usable = device_memory * (1 - s["headroom"])
-    verdict = f"fits in {s['device_memory']} ({100 * total / device_memory:.0f}% of it; " \
-        f"{100 * s['headroom']:.0f}% kept free)" if total <= usable else \
-        f"does not fit in {s['device_memory']}: {(total - usable) / GiB:.2f} GiB over " \
+    verdict = (
+        f"fits in {s['device_memory']} ({100 * total / device_memory:.0f}% of it; "
+        f"{100 * s['headroom']:.0f}% kept free)"
+        if total <= usable
+        else f"does not fit in {s['device_memory']}: {(total - usable) / GiB:.2f} GiB over "
         f"(with {100 * s['headroom']:.0f}% kept free)"
+    )
     lines.append(verdict)
     return "\n".join(lines), total, total <= usable
 
@@ -280,15 +346,20 @@ def report(s, c, source, seq_note):
 def main(argv):
     s = configure(plan_settings(), argv, "plan.py")
     if s["gradient_accumulation_steps"] % s["nproc"]:
-        raise UserError(f"gradient_accumulation_steps: expected a multiple of the {s['nproc']} "
-                        f"processes (nproc), got {s['gradient_accumulation_steps']}")
+        raise UserError(
+            f"gradient_accumulation_steps: expected a multiple of the {s['nproc']} "
+            f"processes (nproc), got {s['gradient_accumulation_steps']}"
+        )
     c, source = model_config(s)
     note = "seq_len"
     if not s["seq_len"]:
         longest = longest_example(s["datasets"])
         s = dict(s, seq_len=min(longest, c.max_seq_len) if longest else c.max_seq_len)
-        note = "the longest example of the datasets" if longest else \
-            "the model's max_seq_len: datasets not found; give --seq_len"
+        note = (
+            "the longest example of the datasets"
+            if longest
+            else "the model's max_seq_len: datasets not found; give --seq_len"
+        )
     text, _, _ = report(s, c, source, note)
     print(text)
 

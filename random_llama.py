@@ -16,6 +16,7 @@ one (llama.Llama.init_weights' rule), drawn per tensor from its own seed: the va
 on the shard size. config.json and the index are written last: an interrupted run leaves no
 loadable folder.
 """
+
 import json
 import math
 import os
@@ -32,34 +33,58 @@ from util import UserError
 # published shapes (Meta's params.json / the HF config.json of each release); hidden_dim as Meta's
 # model.py computes it: int(2·4·dim/3), times ffn_dim_multiplier, rounded up to multiple_of
 PRESETS = {
-    "llama-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, norm_eps=1e-6,
-                     max_seq_len=2048),
-    "llama-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-6,
-                      max_seq_len=2048),
-    "llama-30b": dict(dim=6656, n_layers=60, n_heads=52, hidden_dim=17920, norm_eps=1e-6,
-                      max_seq_len=2048),
-    "llama-65b": dict(dim=8192, n_layers=80, n_heads=64, hidden_dim=22016, norm_eps=1e-5,
-                      max_seq_len=2048),
+    "llama-7b": dict(
+        dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, norm_eps=1e-6, max_seq_len=2048
+    ),
+    "llama-13b": dict(
+        dim=5120, n_layers=40, n_heads=40, hidden_dim=13824, norm_eps=1e-6, max_seq_len=2048
+    ),
+    "llama-30b": dict(
+        dim=6656, n_layers=60, n_heads=52, hidden_dim=17920, norm_eps=1e-6, max_seq_len=2048
+    ),
+    "llama-65b": dict(
+        dim=8192, n_layers=80, n_heads=64, hidden_dim=22016, norm_eps=1e-5, max_seq_len=2048
+    ),
     "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008),
     "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, hidden_dim=13824),
     "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672),
-    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                      vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
-    "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
-                       vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
+    "llama3-8b": dict(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        hidden_dim=14336,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
+    "llama3-70b": dict(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        hidden_dim=28672,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_seq_len=8192,
+    ),
 }
 DEFAULTS = dict(n_kv_heads=0, vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
 
 # -----------------------------------------------------------------------------
-out_dir = S("", lambda v, s: not v and "a path (required): a new or empty folder",
-            "where the checkpoint goes")
+out_dir = S(
+    "",
+    lambda v, s: not v and "a path (required): a new or empty folder",
+    "where the checkpoint goes",
+)
 preset = S("", ("",) + tuple(PRESETS), "a published shape; the shape flags below override it")
 dim = S(0, "[0, inf)", "model width (0 = the preset's; without a preset: required)")
 n_layers = S(0, "[0, inf)", "blocks (0 = the preset's)")
 n_heads = S(0, "[0, inf)", "query heads (0 = the preset's, else dim // 128)")
 n_kv_heads = S(0, "[0, inf)", "key/value heads (0 = the preset's, else n_heads)")
-hidden_dim = S(0, "[0, inf)", "SwiGLU width (0 = the preset's, else from multiple_of and "
-               "ffn_dim_multiplier)")
+hidden_dim = S(
+    0, "[0, inf)", "SwiGLU width (0 = the preset's, else from multiple_of and ffn_dim_multiplier)"
+)
 multiple_of = S(256, "[1, inf)", "hidden_dim rounds up to this (when computed)")
 ffn_dim_multiplier = S(1.0, "(0, inf)", "hidden_dim multiplier (when computed; 70B: 1.3)")
 vocab_size = S(0, "[0, inf)", "vocabulary (0 = the preset's, else 32000)")
@@ -67,8 +92,11 @@ rope_theta = S(0.0, "[0, inf)", "RoPE base (0 = the preset's, else 10000)")
 max_seq_len = S(0, "[0, inf)", "context length (0 = the preset's, else 4096)")
 tie_embeddings = S(False, None, "lm_head shares the embedding (no lm_head.weight in the files)")
 dtype = S("bfloat16", ("bfloat16", "float32", "float16"), "weights dtype")
-layout = S("hf", ("hf", "meta"),
-           "hf: config.json + safetensors shards; meta: params.json + consolidated.NN.pth")
+layout = S(
+    "hf",
+    ("hf", "meta"),
+    "hf: config.json + safetensors shards; meta: params.json + consolidated.NN.pth",
+)
 shard_gib = S(4.0, "(0, inf)", "layout=hf: start a new shard file past this many GiB")
 meta_shards = S(1, "[1, inf)", "layout=meta: model-parallel files (Meta's 7B 1, 13B 2, 70B 8)")
 tokenizer = S("", None, "a tokenizer.model to copy into out_dir (its size must be vocab_size)")
@@ -89,8 +117,16 @@ def model_config(settings):
     """The LlamaConfig of the settings: a preset's shape with explicit flags on top."""
     s = settings
     fields = dict(DEFAULTS, **PRESETS.get(s["preset"], {}))
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
-                "rope_theta", "max_seq_len"):
+    for key in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "hidden_dim",
+        "vocab_size",
+        "rope_theta",
+        "max_seq_len",
+    ):
         if s[key]:
             fields[key] = s[key]
     if "dim" not in fields or "n_layers" not in fields:
@@ -112,15 +148,17 @@ def tensor_shapes(c):
     shapes = [("embed_tokens.weight", (c.vocab_size, c.dim))]
     for i in range(c.n_layers):
         p = f"layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (c.dim,)),
-                   (p + "self_attn.q_proj.weight", (c.n_heads * hd, c.dim)),
-                   (p + "self_attn.k_proj.weight", (c.n_kv_heads * hd, c.dim)),
-                   (p + "self_attn.v_proj.weight", (c.n_kv_heads * hd, c.dim)),
-                   (p + "self_attn.o_proj.weight", (c.dim, c.n_heads * hd)),
-                   (p + "post_attention_layernorm.weight", (c.dim,)),
-                   (p + "mlp.gate_proj.weight", (c.hidden_dim, c.dim)),
-                   (p + "mlp.up_proj.weight", (c.hidden_dim, c.dim)),
-                   (p + "mlp.down_proj.weight", (c.dim, c.hidden_dim))]
+        shapes += [
+            (p + "input_layernorm.weight", (c.dim,)),
+            (p + "self_attn.q_proj.weight", (c.n_heads * hd, c.dim)),
+            (p + "self_attn.k_proj.weight", (c.n_kv_heads * hd, c.dim)),
+            (p + "self_attn.v_proj.weight", (c.n_kv_heads * hd, c.dim)),
+            (p + "self_attn.o_proj.weight", (c.dim, c.n_heads * hd)),
+            (p + "post_attention_layernorm.weight", (c.dim,)),
+            (p + "mlp.gate_proj.weight", (c.hidden_dim, c.dim)),
+            (p + "mlp.up_proj.weight", (c.hidden_dim, c.dim)),
+            (p + "mlp.down_proj.weight", (c.dim, c.hidden_dim)),
+        ]
     shapes.append(("norm.weight", (c.dim,)))
     if not c.tie_embeddings:
         shapes.append(("lm_head.weight", (c.vocab_size, c.dim)))
@@ -138,7 +176,7 @@ def random_tensor(c, index, key, shape, dtype, seed):
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     rows = max(1, (1 << 24) // shape[1])
     for r in range(0, shape[0], rows):
-        out[r:r + rows] = torch.randn(out[r:r + rows].shape, generator=g).mul_(std)
+        out[r : r + rows] = torch.randn(out[r : r + rows].shape, generator=g).mul_(std)
     return out
 
 
@@ -152,8 +190,11 @@ def write_hf(c, out, torch_dtype, shard_bytes, seed):
             size = 0
         groups[-1].append(i)
         size += n
-    names = ["model.safetensors"] if len(groups) == 1 else \
-        [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
+    )
     hf_key = lambda key: key if key == "lm_head.weight" else "model." + key
     weight_map = {}
     for name, group in zip(names, groups):
@@ -166,8 +207,9 @@ def write_hf(c, out, torch_dtype, shard_bytes, seed):
         print(f"wrote {name} ({sum(nbytes[i] for i in group) / 2**30:.2f} GiB)", flush=True)
     if len(names) > 1:
         index = {"metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map}
-        util.write_text(os.path.join(out, "model.safetensors.index.json"),
-                        json.dumps(index, indent=2))
+        util.write_text(
+            os.path.join(out, "model.safetensors.index.json"), json.dumps(index, indent=2)
+        )
     config = checkpoint.config_to_hf(c, str(torch_dtype).removeprefix("torch."))
     util.write_text(os.path.join(out, "config.json"), json.dumps(config, indent=2))
     return sum(nbytes)
@@ -177,8 +219,11 @@ def hf_to_meta(key, w, c):
     """HF key and tensor -> Meta's: the inverse of checkpoint.meta_to_hf (wq/wk rows back to
     interleaved RoPE pairs)."""
     if key in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
-        return {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
-                "lm_head.weight": "output.weight"}[key], w
+        return {
+            "embed_tokens.weight": "tok_embeddings.weight",
+            "norm.weight": "norm.weight",
+            "lm_head.weight": "output.weight",
+        }[key], w
     layer, _, rest = key.removeprefix("layers.").partition(".")
     meta = {v: k for k, v in checkpoint.META_NAMES.items()}[rest.removesuffix(".weight")]
     if meta in ("attention.wq", "attention.wk"):
@@ -192,11 +237,19 @@ def meta_ffn_fields(c):
     """params.json's multiple_of (and ffn_dim_multiplier) that give hidden_dim back: the published
     ones where they do (LLaMA: 256; Llama 2/3 70B: 1.3 and 4096; Llama 3 8B: 1.3 and 1024)."""
     exact = c.hidden_dim / int(8 * c.dim / 3)
-    for fields in ({"multiple_of": 256}, {"ffn_dim_multiplier": 1.3, "multiple_of": 1024},
-                   {"ffn_dim_multiplier": 1.3, "multiple_of": 4096}, {"multiple_of": c.hidden_dim},
-                   {"ffn_dim_multiplier": exact, "multiple_of": c.hidden_dim}):
-        if checkpoint.config_from_meta(dict(fields, dim=c.dim, n_layers=1, n_heads=1),
-                                       c.vocab_size).hidden_dim == c.hidden_dim:
+    for fields in (
+        {"multiple_of": 256},
+        {"ffn_dim_multiplier": 1.3, "multiple_of": 1024},
+        {"ffn_dim_multiplier": 1.3, "multiple_of": 4096},
+        {"multiple_of": c.hidden_dim},
+        {"ffn_dim_multiplier": exact, "multiple_of": c.hidden_dim},
+    ):
+        if (
+            checkpoint.config_from_meta(
+                dict(fields, dim=c.dim, n_layers=1, n_heads=1), c.vocab_size
+            ).hidden_dim
+            == c.hidden_dim
+        ):
             return fields
     raise UserError(f"hidden_dim {c.hidden_dim}: no multiple_of gives it back from dim {c.dim}")
 
@@ -208,8 +261,9 @@ def write_meta(c, out, torch_dtype, n_files, seed):
     if c.tie_embeddings:
         raise UserError("--layout=meta: Meta's files hold output.weight; drop --tie_embeddings")
     if c.n_kv_heads * c.head_dim % n_files or c.dim % n_files or c.hidden_dim % n_files:
-        raise UserError(f"--meta_shards={n_files}: the kv width, dim and hidden_dim must divide "
-                        f"by it")
+        raise UserError(
+            f"--meta_shards={n_files}: the kv width, dim and hidden_dim must divide by it"
+        )
     llama3 = c.vocab_size >= 128000
     if llama3 and c.vocab_size % n_files:
         raise UserError(f"--meta_shards={n_files}: vocab_size {c.vocab_size} must divide by it")
@@ -219,8 +273,9 @@ def write_meta(c, out, torch_dtype, n_files, seed):
         for i, (key, shape) in enumerate(shapes):
             name, w = hf_to_meta(key, random_tensor(c, i, key, shape, torch_dtype, seed), c)
             if w.dim() == 2 and n_files > 1:
-                rows_whole = name.endswith(checkpoint.ROW_PARALLEL) or \
-                    (name == "tok_embeddings.weight" and not llama3)
+                rows_whole = name.endswith(checkpoint.ROW_PARALLEL) or (
+                    name == "tok_embeddings.weight" and not llama3
+                )
                 w = w.chunk(n_files, dim=1 if rows_whole else 0)[k].clone()
             state[name] = w
         path = os.path.join(out, f"consolidated.{k:02d}.pth")
@@ -229,10 +284,16 @@ def write_meta(c, out, torch_dtype, n_files, seed):
         total += sum(t.numel() * t.element_size() for t in state.values())
         print(f"wrote consolidated.{k:02d}.pth", flush=True)
         del state
-    params = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
-              "n_kv_heads": c.n_kv_heads,
-              "vocab_size": c.vocab_size, "norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-              "max_seq_len": c.max_seq_len}
+    params = {
+        "dim": c.dim,
+        "n_layers": c.n_layers,
+        "n_heads": c.n_heads,
+        "n_kv_heads": c.n_kv_heads,
+        "vocab_size": c.vocab_size,
+        "norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_seq_len": c.max_seq_len,
+    }
     params.update(meta_ffn_fields(c))
     util.write_text(os.path.join(out, "params.json"), json.dumps(params, indent=2))
     return total
@@ -247,10 +308,13 @@ def main(argv):
     torch_dtype = getattr(torch, settings["dtype"])
     if settings["tokenizer"]:
         from tokenizer import load_tokenizer
+
         n = load_tokenizer(settings["tokenizer"]).vocab_size
         if n != c.vocab_size:
-            raise UserError(f"--tokenizer={settings['tokenizer']}: {n} tokens, the model has "
-                            f"vocab_size {c.vocab_size}")
+            raise UserError(
+                f"--tokenizer={settings['tokenizer']}: {n} tokens, the model has "
+                f"vocab_size {c.vocab_size}"
+            )
     os.makedirs(out, exist_ok=True)
     if settings["layout"] == "hf":
         total = write_hf(c, out, torch_dtype, int(settings["shard_gib"] * 2**30), settings["seed"])
@@ -260,9 +324,11 @@ def main(argv):
         with util.atomic_write(os.path.join(out, "tokenizer.model")) as tmp:
             shutil.copyfile(settings["tokenizer"], tmp)
     params = sum(math.prod(shape) for _, shape in tensor_shapes(c))
-    print(f"wrote {out}: {params / 1e9:.3f}B parameters, {total / 2**30:.2f} GiB "
-          f"{settings['dtype']} (dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads, "
-          f"{c.n_kv_heads} kv heads, hidden {c.hidden_dim}, vocab {c.vocab_size})")
+    print(
+        f"wrote {out}: {params / 1e9:.3f}B parameters, {total / 2**30:.2f} GiB "
+        f"{settings['dtype']} (dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads, "
+        f"{c.n_kv_heads} kv heads, hidden {c.hidden_dim}, vocab {c.vocab_size})"
+    )
 
 
 if __name__ == "__main__":

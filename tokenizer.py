@@ -2,17 +2,30 @@
 The tokenizer that ships beside a LLaMA checkpoint as tokenizer.model: SentencePiece (LLaMA 1/2,
 Mistral) or a tiktoken BPE file (Llama 3; needs the optional package tiktoken), told apart by content.
 """
+
 import os
 import re
 
 from util import UserError
 
 # Llama 3's pre-tokenizer pattern and special tokens, from Meta's llama3 tokenizer.py release
-_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
-                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
-                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
 
 
 class Tokenizer:
@@ -32,6 +45,7 @@ class Tokenizer:
 
     def _init_sentencepiece(self, path):
         import sentencepiece
+
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.Load(path)
@@ -48,14 +62,22 @@ class Tokenizer:
             import tiktoken
             from tiktoken.load import load_tiktoken_bpe
         except ImportError:
-            raise UserError(f"{path}: a Llama 3 (tiktoken) tokenizer needs the optional package "
-                            f"'tiktoken': pip install tiktoken") from None
+            raise UserError(
+                f"{path}: a Llama 3 (tiktoken) tokenizer needs the optional package "
+                f"'tiktoken': pip install tiktoken"
+            ) from None
         ranks = load_tiktoken_bpe(path)
         n = len(ranks)
-        specials = _LLAMA3_SPECIAL + [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(_LLAMA3_SPECIAL) + 2)]
+        specials = _LLAMA3_SPECIAL + [
+            f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(_LLAMA3_SPECIAL) + 2)
+        ]
         special_ids = {tok: n + i for i, tok in enumerate(specials)}
-        self.enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=_LLAMA3_PATTERN,
-                                     mergeable_ranks=ranks, special_tokens=special_ids)
+        self.enc = tiktoken.Encoding(
+            name=os.path.basename(path),
+            pat_str=_LLAMA3_PATTERN,
+            mergeable_ranks=ranks,
+            special_tokens=special_ids,
+        )
         self.kind = "tiktoken"
         self.vocab_size = n + len(specials)
         self.bos_id = special_ids["<|begin_of_text|>"]
@@ -64,7 +86,11 @@ class Tokenizer:
         self.stop_ids = {self.eos_id, special_ids["<|eot_id|>"], special_ids["<|eom_id|>"]}
 
     def encode(self, text, bos=False, eos=False):
-        ids = self.sp.encode(text) if self.kind == "sentencepiece" else self.enc.encode(text, disallowed_special=())
+        ids = (
+            self.sp.encode(text)
+            if self.kind == "sentencepiece"
+            else self.enc.encode(text, disallowed_special=())
+        )
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids):
@@ -83,5 +109,7 @@ def load_tokenizer(path):
 
 def check_tokenizer(tokenizer, config, ckpt_dir=""):
     if tokenizer.vocab_size != config.vocab_size:
-        raise UserError(f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
-                        f"{ckpt_dir} has vocab_size {config.vocab_size}")
+        raise UserError(
+            f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} tokens but the model "
+            f"{ckpt_dir} has vocab_size {config.vocab_size}"
+        )

@@ -2,6 +2,7 @@
 What every script shares: the error a user can fix, the command-line wrapper that prints it as one
 line, the one way files are written (atomically), and the lock that keeps two runs out of one folder.
 """
+
 import fcntl
 import importlib.util
 import os
@@ -39,7 +40,9 @@ def atomic_write(path):
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; a serving account must read them
+        os.chmod(
+            tmp, 0o666 & ~umask
+        )  # some writers create 0600 files; a serving account must read them
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -66,7 +69,9 @@ def lock_folder(folder):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
-        raise UserError(f"{folder}: another process is using this folder (it holds {folder}/.lock)") from None
+        raise UserError(
+            f"{folder}: another process is using this folder (it holds {folder}/.lock)"
+        ) from None
     return f  # keep a reference: closing the file releases the lock
 
 
@@ -85,14 +90,22 @@ def check_device(name, settings=None):
         return None
     if kind == "cuda" and torch.cuda.is_available():
         index = name[5:]
-        return None if index == "" or (index.isdigit() and int(index) < torch.cuda.device_count()) else \
-            f"cuda or cuda:N with N < {torch.cuda.device_count()}"
+        return (
+            None
+            if index == "" or (index.isdigit() and int(index) < torch.cuda.device_count())
+            else f"cuda or cuda:N with N < {torch.cuda.device_count()}"
+        )
     if kind == "mps" and torch.backends.mps.is_available():
         return None
-    return "cpu" + ", cuda" * torch.cuda.is_available() + " (no CUDA device here)" * (not torch.cuda.is_available())
+    return (
+        "cpu"
+        + ", cuda" * torch.cuda.is_available()
+        + " (no CUDA device here)" * (not torch.cuda.is_available())
+    )
 
 
 # training telemetry: the model FLOPs utilization (MFU) and the memory train.py logs
+
 
 def flops_per_token(config, trainable, finetune, seq_len):
     """Training FLOPs per token (PaLM appendix B / nanoGPT's estimate_mfu): the forward pass costs 2

@@ -16,11 +16,20 @@
 #   python data/dolly/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/dolly/llama
 
 # model: LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary) or Llama-3-8B (128k tiktoken vocabulary, GQA)
-_ckpt_dirs = {"llama7b": "checkpoints/llama-7b", "llama3_8b": "checkpoints/Meta-Llama-3-8B",
-              "llama65b": "checkpoints/llama-65b", "llama2_70b": "checkpoints/Llama-2-70b-hf",
-              "llama3_70b": "checkpoints/Meta-Llama-3-70B"}  # 65B/70B: config/llama*_70b_*.py, llama65b_*
-_data_tags = {"llama7b": "llama", "llama3_8b": "llama3",  # data/<dataset>/<tag>: prepared with that tokenizer
-              "llama65b": "llama", "llama2_70b": "llama", "llama3_70b": "llama3"}  # LLaMA 1 and 2 share one
+_ckpt_dirs = {
+    "llama7b": "checkpoints/llama-7b",
+    "llama3_8b": "checkpoints/Meta-Llama-3-8B",
+    "llama65b": "checkpoints/llama-65b",
+    "llama2_70b": "checkpoints/Llama-2-70b-hf",
+    "llama3_70b": "checkpoints/Meta-Llama-3-70B",
+}  # 65B/70B: config/llama*_70b_*.py, llama65b_*
+_data_tags = {
+    "llama7b": "llama",
+    "llama3_8b": "llama3",  # data/<dataset>/<tag>: prepared with that tokenizer
+    "llama65b": "llama",
+    "llama2_70b": "llama",
+    "llama3_70b": "llama3",
+}  # LLaMA 1 and 2 share one
 ckpt_dir = _ckpt_dirs[_model]
 
 # data (ours): Alpaca alone (instruction following), or our mixture: Alpaca + MMLU (auxiliary
@@ -32,9 +41,9 @@ mixture = "proportional"
 batch_size = 4
 gradient_accumulation_steps = 32
 if _data == "alpaca":
-    max_iters = 1200            # 52k examples, 3 epochs at 128 examples per step
+    max_iters = 1200  # 52k examples, 3 epochs at 128 examples per step
 else:
-    max_iters = 4000            # about 3 epochs of the ~175k-example mixture at 128 examples per step
+    max_iters = 4000  # about 3 epochs of the ~175k-example mixture at 128 examples per step
 warmup_iters = 50
 beta2 = 0.999
 grad_clip = 1.0
@@ -42,16 +51,16 @@ grad_clip = 1.0
 # fine-tuning arm
 if finetune == "multilora":
     lora_targets = ["q", "k", "v", "o"]
-    n_loras = 5              # ours: n·r = 160 on q,k,v,o is about 2.5% extra parameters on
-    lora_rank = 32           # LLaMA-7B, the abstract's figure; the paper's n, r, α, projections:
+    n_loras = 5  # ours: n·r = 160 on q,k,v,o is about 2.5% extra parameters on
+    lora_rank = 32  # LLaMA-7B, the abstract's figure; the paper's n, r, α, projections:
     # not confirmed
     lora_alpha = 64.0
 elif finetune == "lora":
     lora_targets = ["q", "k", "v", "o"]
-    lora_rank = 160          # the same rank (and parameter budget) as MultiLoRA's n·r = 5·32
-    lora_alpha = 320.0       # the same scale α/r = 2 as the MultiLoRA arm
+    lora_rank = 160  # the same rank (and parameter budget) as MultiLoRA's n·r = 5·32
+    lora_alpha = 320.0  # the same scale α/r = 2 as the MultiLoRA arm
 if finetune == "full":
-    fsdp = True              # fp32 weights, gradients and AdamW state (16 bytes/parameter) need sharding
+    fsdp = True  # fp32 weights, gradients and AdamW state (16 bytes/parameter) need sharding
     activation_checkpointing = True
     learning_rate = 2e-5
     min_lr = 2e-6

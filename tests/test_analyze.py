@@ -31,9 +31,13 @@ def test_dense_svd_returns_the_known_spectrum():
     U, delta, _ = synthetic(sigma)
     S, U_hat = analyze.svd_dense(delta.float())
     assert analyze.numerical_rank(S, delta.shape) == 5
-    torch.testing.assert_close(S[:5], torch.tensor(sigma, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        S[:5], torch.tensor(sigma, dtype=torch.float64), rtol=1e-5, atol=1e-6
+    )
     # same directions up to sign: |Uᵀ Û| = I on the top 5
-    torch.testing.assert_close((U.t() @ U_hat[:, :5]).abs(), torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        (U.t() @ U_hat[:, :5]).abs(), torch.eye(5, dtype=torch.float64), atol=1e-5, rtol=0
+    )
 
 
 def test_factored_svd_equals_dense_svd():
@@ -42,7 +46,9 @@ def test_factored_svd_equals_dense_svd():
     S_f, U_f = analyze.svd_factored(B, A)
     S_d, U_d = analyze.svd_dense(B @ A)
     torch.testing.assert_close(S_f, S_d[:6], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close((U_f.t() @ U_d[:, :6]).abs(), torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        (U_f.t() @ U_d[:, :6]).abs(), torch.eye(6, dtype=torch.float64), atol=1e-5, rtol=0
+    )
     # rank-deficient B·A: the extra singular values are 0 up to round-off
     B[:, 5] = B[:, 4]
     A[5] = 0
@@ -96,13 +102,13 @@ def test_subspace_similarity_identical_and_orthogonal():
 
 def test_subspace_similarity_partial_overlap_by_formula():
     Q = orthonormal(32, 6, seed=7)
-    U = Q[:, :4]                           # directions 0..3
+    U = Q[:, :4]  # directions 0..3
     V = torch.cat([Q[:, 2:4], Q[:, 4:6]], 1)  # directions 2, 3 then 4, 5
     phi = analyze.subspace_similarity(U, V)
     # ||U_iᵀ V_j||_F² counts the shared directions among the first i of U and first j of V
-    assert phi[3, 1].item() == pytest.approx(2 / 2)   # U_4 ⊃ {2,3} = V_2
+    assert phi[3, 1].item() == pytest.approx(2 / 2)  # U_4 ⊃ {2,3} = V_2
     assert phi[3, 3].item() == pytest.approx(2 / 4)
-    assert phi[1, 3].item() == pytest.approx(0.0)     # U_2 = {0,1}
+    assert phi[1, 3].item() == pytest.approx(0.0)  # U_2 = {0,1}
 
 
 def test_summarize_method_with_full_reference():
@@ -126,14 +132,18 @@ def test_summarize_method_with_full_reference():
 # -----------------------------------------------------------------------------
 # from files: a base checkpoint, adapter files and a "full fine-tune" whose ΔW is known
 
+
 def make_run(tmp_path):
     """Base checkpoint; a MultiLoRA adapter with random (trained-looking) A, B, s; a LoRA adapter; and
     a full checkpoint = base + the MultiLoRA ΔW on its matrices, so full fine-tuning's top subspace is
     exactly MultiLoRA's."""
     import llama
     import multilora
+
     torch.manual_seed(0)
-    config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=40, max_seq_len=32)
+    config = llama.LlamaConfig(
+        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48, vocab_size=40, max_seq_len=32
+    )
     model = llama.Llama(config)
     model.init_weights()
     base_dir = tmp_path / "base"
@@ -141,7 +151,9 @@ def make_run(tmp_path):
     files = {}
     for finetune, n_loras in (("multilora", 2), ("lora", 1)):
         adapted = checkpoint.load_model(str(base_dir))
-        multilora.adapt_model(adapted, finetune=finetune, targets=("q", "v"), n_loras=n_loras, lora_rank=3)
+        multilora.adapt_model(
+            adapted, finetune=finetune, targets=("q", "v"), n_loras=n_loras, lora_rank=3
+        )
         with torch.no_grad():
             for name, p in adapted.named_parameters():
                 if multilora.is_lora_key(name):
@@ -161,23 +173,43 @@ def make_run(tmp_path):
 def test_analyze_files_end_to_end(tmp_path):
     base_dir, files, full_dir, deltas = make_run(tmp_path)
     out = tmp_path / "analysis"
-    summary = analyze.main([f"--ckpt_dir={base_dir}", f"--adapters={files['multilora']},{files['lora']}",
-                            f"--full={full_dir}", f"--out_dir={out}", "--top_k=10", "--phi_dim=8"])
+    summary = analyze.main(
+        [
+            f"--ckpt_dir={base_dir}",
+            f"--adapters={files['multilora']},{files['lora']}",
+            f"--full={full_dir}",
+            f"--out_dir={out}",
+            "--top_k=10",
+            "--phi_dim=8",
+        ]
+    )
     saved = json.loads((out / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert set(saved["methods"]) == {"multilora", "lora", "full"}
     ml, lora, full = (saved["methods"][k] for k in ("multilora", "lora", "full"))
-    assert set(ml["matrices"]) == set(deltas) == {f"layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}
+    assert (
+        set(ml["matrices"])
+        == set(deltas)
+        == {f"layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qv"}
+    )
     assert set(ml["by_layer_type"]) == {"q_proj", "v_proj", "all"}
     for name, delta in deltas.items():
         expected = torch.linalg.svdvals(delta.double())
         m = ml["matrices"][name]
         assert m["rank"] == 6 and lora["matrices"][name]["rank"] == 3  # n·r = 2·3 and r = 3
-        torch.testing.assert_close(torch.tensor(m["singular_values"][:6], dtype=torch.float64), expected[:6],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.tensor(m["singular_values"][:6], dtype=torch.float64),
+            expected[:6],
+            rtol=1e-5,
+            atol=1e-6,
+        )
         # full fine-tuning's ΔW is MultiLoRA's (up to fp32 round-off of W_base + ΔW - W_base)
-        torch.testing.assert_close(torch.tensor(full["matrices"][name]["singular_values"][:6], dtype=torch.float64),
-                                   expected[:6], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(
+            torch.tensor(full["matrices"][name]["singular_values"][:6], dtype=torch.float64),
+            expected[:6],
+            rtol=1e-3,
+            atol=1e-4,
+        )
         assert full["matrices"][name]["rank"] >= 6
         phi = torch.tensor(m["phi"])
         assert phi.shape == (6, 8) and phi[5, 5].item() == pytest.approx(1.0, abs=1e-4)
@@ -193,4 +225,10 @@ def test_analyze_user_errors(tmp_path):
         analyze.main(["--ckpt_dir=x"])
     base_dir, files, _, _ = make_run(tmp_path)
     with pytest.raises(UserError, match="adapter file not found"):
-        analyze.main([f"--ckpt_dir={base_dir}", f"--adapters={tmp_path}/nope.safetensors", f"--out_dir={tmp_path}/o"])
+        analyze.main(
+            [
+                f"--ckpt_dir={base_dir}",
+                f"--adapters={tmp_path}/nope.safetensors",
+                f"--out_dir={tmp_path}/o",
+            ]
+        )

@@ -15,19 +15,47 @@ pytest.importorskip("peft")
 
 
 def test_bench_json_lines():
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--json_lines", "--dim=32", "--n_layers=1",
-                        "--n_heads=2", "--hidden_dim=64", "--vocab_size=64", "--train_batch=8", "--train_max_len=256",
-                        "--rounds=1", "--warmup=1", "--threads=1",
-                        "--layouts=packed,padded", "--train_arms=multilora,lora,full"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench.py"),
+            "--json_lines",
+            "--dim=32",
+            "--n_layers=1",
+            "--n_heads=2",
+            "--hidden_dim=64",
+            "--vocab_size=64",
+            "--train_batch=8",
+            "--train_max_len=256",
+            "--rounds=1",
+            "--warmup=1",
+            "--threads=1",
+            "--layouts=packed,padded",
+            "--train_arms=multilora,lora,full",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     keys = {"impl", "finetune", "n_loras", "lora_rank", "tokens_per_s", "peak_mem_bytes", "layout"}
     assert rows and all(keys <= set(row) for row in rows)
     by = {(row["impl"], row["finetune"], row["layout"]): row for row in rows}
-    assert {("ours", "multilora", "packed"), ("ours", "lora", "packed"), ("ours", "full", "packed"),
-            ("ours", "lora", "padded"), ("peft", "lora", "packed"), ("peft", "lora", "padded")} <= set(by)
-    assert by[("ours", "lora", "packed")]["lora_rank"] == by[("peft", "lora", "padded")]["lora_rank"] == 32
+    assert {
+        ("ours", "multilora", "packed"),
+        ("ours", "lora", "packed"),
+        ("ours", "full", "packed"),
+        ("ours", "lora", "padded"),
+        ("peft", "lora", "packed"),
+        ("peft", "lora", "padded"),
+    } <= set(by)
+    assert (
+        by[("ours", "lora", "packed")]["lora_rank"]
+        == by[("peft", "lora", "padded")]["lora_rank"]
+        == 32
+    )
     # packing puts the same tokens in fewer positions
     assert by[("ours", "lora", "packed")]["positions"] < by[("ours", "lora", "padded")]["positions"]
     assert len({row["tokens"] for row in rows}) == 1

@@ -20,13 +20,33 @@ def relative_error(a, b):
 
 def make_model(tie, finetune):
     torch.manual_seed(0)
-    config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=V,
-                               max_seq_len=64, tie_embeddings=tie)
+    config = llama.LlamaConfig(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=64,
+        vocab_size=V,
+        max_seq_len=64,
+        tie_embeddings=tie,
+    )
     model = llama.Llama(config)
     model.init_weights()
-    train.adapt(model, finetune, dict(targets=["q", "v", "up"], n_loras=3 if finetune == "multilora" else 1,
-                                      lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, scaling="channel"))
-    for p in model.parameters():  # LoRA's B starts at zero: move it, so that every gradient is non-trivial
+    train.adapt(
+        model,
+        finetune,
+        dict(
+            targets=["q", "v", "up"],
+            n_loras=3 if finetune == "multilora" else 1,
+            lora_rank=4,
+            lora_alpha=8.0,
+            lora_dropout=0.0,
+            scaling="channel",
+        ),
+    )
+    for p in (
+        model.parameters()
+    ):  # LoRA's B starts at zero: move it, so that every gradient is non-trivial
         if p.requires_grad:
             p.data.add_(0.02 * torch.randn_like(p))
     return model
@@ -49,7 +69,9 @@ def grads(model, x, y, at, chunk):
         model.loss_chunk = chunk
         loss = model(x, logits_at=at, targets=y[at]).sum()
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -59,7 +81,9 @@ def test_loss_and_every_gradient_equal_unchunked(tie, finetune):
     x, y, at = batch()
     n = int(at.sum())
     loss_ref, grads_ref = grads(model, x, y, at, None)
-    assert ("lm_head.weight" in grads_ref or "embed_tokens.weight" in grads_ref) == (finetune == "full")
+    assert ("lm_head.weight" in grads_ref or "embed_tokens.weight" in grads_ref) == (
+        finetune == "full"
+    )
     # chunks dividing N or not, one chunk, more rows than N. (Chunks of one or two rows differ by up
     # to ~1e-6 here: a matrix-vector kernel rounds differently from the matrix-matrix one.)
     for chunk in (7, n // 2, n, n + 5):
@@ -122,7 +146,9 @@ def test_train_step_uses_it():
     x, y, at = batch()
     y = torch.where(at, y, dataset.IGNORE)
     with torch.no_grad():
-        ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=dataset.IGNORE, reduction="sum")
+        ref = F.cross_entropy(
+            model(x).flatten(0, 1), y.flatten(), ignore_index=dataset.IGNORE, reduction="sum"
+        )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     for chunk in (3, 1000):
         model.loss_chunk = chunk
@@ -133,6 +159,7 @@ def test_train_step_uses_it():
 def peak_allocated(fn):
     """Peak of the bytes torch allocates on the CPU while fn() runs: bench.py's measure."""
     import bench
+
     return bench.peak_bytes(fn, torch.device("cpu"))
 
 
@@ -145,7 +172,9 @@ def test_no_whole_logits():
     w = torch.randn(V_big, D, requires_grad=True)  # a trained lm_head: both gradients
     t = torch.randint(0, V_big, (N,))
     whole = N * V_big * 4
-    chunked = peak_allocated(lambda: llama.chunked_cross_entropy(h, w, t, chunk_size=64).sum().backward())
+    chunked = peak_allocated(
+        lambda: llama.chunked_cross_entropy(h, w, t, chunk_size=64).sum().backward()
+    )
     plain = peak_allocated(lambda: F.cross_entropy(h @ w.t(), t, reduction="sum").backward())
     assert plain > 2 * whole
     # the weight's gradient (V·D) and a few (64, V) blocks, far below one (N, V) tensor

@@ -1,5 +1,6 @@
 """compare.py: the interval arithmetic against hand-computed cases, the JSON -> table rendering, and
 two runs with the same seeds giving the same numbers (a tiny budget; about a minute on 2 cores)."""
+
 import json
 import os
 
@@ -15,7 +16,9 @@ def test_mean_ci_by_hand():
     # 1..5: mean 3, sd = √2.5 = 1.5811, se = sd/√5 = 0.70711, t(0.975, 4 df) = 2.776 -> 1.9629
     s = compare.mean_ci([1, 2, 3, 4, 5])
     assert s["mean"] == 3 and s["min"] == 1 and s["max"] == 5 and s["n"] == 5
-    assert s["sd"] == pytest.approx(1.58114, abs=1e-5) and s["ci"] == pytest.approx(1.96293, abs=1e-4)
+    assert s["sd"] == pytest.approx(1.58114, abs=1e-5) and s["ci"] == pytest.approx(
+        1.96293, abs=1e-4
+    )
     one = compare.mean_ci([0.7])
     assert one["mean"] == 0.7 and one["ci"] is None and one["sd"] is None
 
@@ -29,12 +32,23 @@ def test_paired_difference_by_hand():
 
 
 def test_table_is_rendered_from_the_json():
-    stat = lambda m, ci, diff=None: dict(mean=m, ci=ci, sd=0.01, min=m, max=m, n=2, vs={"LoRA": diff} if diff else {})
-    result = {"settings": {"baseline": "LoRA", "full_arm": "", "seeds": [1, 2], "max_iters": 10},
-              "summary": {"tasks": ["add"], "arms": {
-                  "LoRA": {"add": stat(0.5, 0.1), "mean": stat(0.5, 0.1)},
-                  "Multi": {"add": stat(0.6, 0.05, stat(0.1, 0.02)), "mean": stat(0.6, 0.05, stat(0.1, 0.02)),
-                            "effective_rank": stat(16.25, 1.0, stat(4.0, 0.5))}}}}
+    stat = lambda m, ci, diff=None: dict(
+        mean=m, ci=ci, sd=0.01, min=m, max=m, n=2, vs={"LoRA": diff} if diff else {}
+    )
+    result = {
+        "settings": {"baseline": "LoRA", "full_arm": "", "seeds": [1, 2], "max_iters": 10},
+        "summary": {
+            "tasks": ["add"],
+            "arms": {
+                "LoRA": {"add": stat(0.5, 0.1), "mean": stat(0.5, 0.1)},
+                "Multi": {
+                    "add": stat(0.6, 0.05, stat(0.1, 0.02)),
+                    "mean": stat(0.6, 0.05, stat(0.1, 0.02)),
+                    "effective_rank": stat(16.25, 1.0, stat(4.0, 0.5)),
+                },
+            },
+        },
+    }
     table = compare.render_tables(result)
     assert "| add | 50.0 ± 10.0 | 60.0 ± 5.0 | 10.0 ± 2.0 |" in table
     assert "| **mean** | 50.0 ± 10.0 | 60.0 ± 5.0 | 10.0 ± 2.0 |" in table
@@ -56,14 +70,22 @@ def test_seed_lists_and_provenance_line(monkeypatch):
     assert made["cpu"]
     stat = dict(mean=0.5, ci=0.1, sd=0.1, min=0.4, max=0.6, n=3, vs={})
     arms = {label: {"add": stat, "mean": stat} for label in ("LoRA", "full")}
-    result = {"settings": {"baseline": "LoRA", "full_arm": "", "seeds": [1, 2, 3, 4], "max_iters": 10},
-              "seeds_by_arm": {"LoRA": [1, 2, 3, 4], "full": [1, 2]}, "runs": [{}] * 6,
-              "provenance": dict(commit="0123456789abcdef", dirty=False, torch="2.0", python="3.11",
-                                 cpu="CPU X"),
-              "wall_s": {"total": 90.0}, "summary": {"tasks": ["add"], "arms": arms}}
+    result = {
+        "settings": {"baseline": "LoRA", "full_arm": "", "seeds": [1, 2, 3, 4], "max_iters": 10},
+        "seeds_by_arm": {"LoRA": [1, 2, 3, 4], "full": [1, 2]},
+        "runs": [{}] * 6,
+        "provenance": dict(
+            commit="0123456789abcdef", dirty=False, torch="2.0", python="3.11", cpu="CPU X"
+        ),
+        "wall_s": {"total": 90.0},
+        "summary": {"tasks": ["add"], "arms": arms},
+    }
     table = compare.render_tables(result)
     assert "over seeds 1–4 (full: seeds 1, 2) (10 steps each)" in table
-    assert "Made at commit 0123456789ab (clean), torch 2.0, Python 3.11, CPU CPU X: 6 runs in 1.5 min." in table
+    assert (
+        "Made at commit 0123456789ab (clean), torch 2.0, Python 3.11, CPU CPU X: 6 runs in 1.5 min."
+        in table
+    )
 
 
 def test_lora_init_with_n_modules_is_lora_of_rank_n_r():
@@ -84,11 +106,22 @@ def test_lora_init_with_n_modules_is_lora_of_rank_n_r():
 
 
 def test_same_seeds_same_numbers(tmp_path, monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # paths are the repository's
+    monkeypatch.chdir(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    )  # paths are the repository's
+
     def run(name):
-        compare.main([f"--out_dir={tmp_path / name}", f"--out_prefix={tmp_path / name / 'compare'}", "--seeds=1,2",
-                      "--max_iters=3", "--eval_interval=3", "--jobs=2",
-                      "--train_args=--exact_match_examples=2,--eval_examples=4,--batch_size=8,--warmup_iters=1"])
+        compare.main(
+            [
+                f"--out_dir={tmp_path / name}",
+                f"--out_prefix={tmp_path / name / 'compare'}",
+                "--seeds=1,2",
+                "--max_iters=3",
+                "--eval_interval=3",
+                "--jobs=2",
+                "--train_args=--exact_match_examples=2,--eval_examples=4,--batch_size=8,--warmup_iters=1",
+            ]
+        )
         with open(tmp_path / name / "compare.json") as f:
             result = json.load(f)
         for r in result["runs"]:
@@ -97,8 +130,12 @@ def test_same_seeds_same_numbers(tmp_path, monkeypatch):
 
     first, second = run("a"), run("b")
     assert first["runs"] == second["runs"] and first["summary"] == second["summary"]
-    assert [(r["arm"], r["seed"]) for r in first["runs"]] == [(a, s) for s in (1, 2) for a in ("full", "LoRA r=32", "MultiLoRA 4x8")]
-    assert first["runs"][1]["phi"] is not None and first["runs"][0]["phi"] is None  # φ of LoRA to full, not of full
+    assert [(r["arm"], r["seed"]) for r in first["runs"]] == [
+        (a, s) for s in (1, 2) for a in ("full", "LoRA r=32", "MultiLoRA 4x8")
+    ]
+    assert (
+        first["runs"][1]["phi"] is not None and first["runs"][0]["phi"] is None
+    )  # φ of LoRA to full, not of full
     table = open(tmp_path / "a" / "compare.md").read()
     assert table == compare.render_tables(json.load(open(tmp_path / "a" / "compare.json")))
     assert os.path.isdir(tmp_path / "a" / "lora-r-32" / "seed2")

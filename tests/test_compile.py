@@ -30,7 +30,12 @@ def batches(rng, n):
         examples = []
         for _ in range(rng.randint(2, 9)):
             length, prompt = rng.randint(4, 40), rng.randint(1, 3)
-            examples.append(([rng.randrange(3, 64) for _ in range(length)], [0] * prompt + [1] * (length - prompt)))
+            examples.append(
+                (
+                    [rng.randrange(3, 64) for _ in range(length)],
+                    [0] * prompt + [1] * (length - prompt),
+                )
+            )
         out.append(dataset.collate(examples, 0, "cpu", pack=True))
     return out
 
@@ -39,8 +44,16 @@ def test_compiled_model_compiles_a_bounded_number_of_graphs(dynamo_counters, mon
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     monkeypatch.setattr(train, "compile", True)
     monkeypatch.setattr(train, "fsdp", False)
-    config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=64,
-                               max_seq_len=64, tie_embeddings=True)
+    config = llama.LlamaConfig(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=64,
+        vocab_size=64,
+        max_seq_len=64,
+        tie_embeddings=True,
+    )
     torch.manual_seed(0)
     model = llama.Llama(config)
     model.init_weights()
@@ -52,7 +65,9 @@ def test_compiled_model_compiles_a_bounded_number_of_graphs(dynamo_counters, mon
         shapes.add((x.shape, int((y != dataset.IGNORE).sum())))
         loss = train.token_loss_sum(compiled, x, y, positions, segments)
         loss.backward()
-        assert loss.item() == pytest.approx(train.token_loss_sum(model, x, y, positions, segments).item(), rel=1e-5)
+        assert loss.item() == pytest.approx(
+            train.token_loss_sum(model, x, y, positions, segments).item(), rel=1e-5
+        )
     assert len(shapes) == 8
     # the model's graphs (up to the data-dependent selection of the targets, then after it), traced
     # once for all shapes; the chunked loss runs eager (its loop over chunks would compile per count)

@@ -55,9 +55,18 @@ TINY_BENCH = [
     "--load_dim=64",
     "--repeats=1",
 ]
-TRAIN_SMALL = ["--max_iters=20", "--batch_size=4", "--eval_examples=4", "--exact_match_examples=2",
-               # init_from=scratch's shape (a pretrained base's comes from its files)
-               "--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--hidden_dim=128"]
+TRAIN_SMALL = [
+    "--max_iters=20",
+    "--batch_size=4",
+    "--eval_examples=4",
+    "--exact_match_examples=2",
+    # init_from=scratch's shape (a pretrained base's comes from its files)
+    "--dim=64",
+    "--n_layers=2",
+    "--n_heads=4",
+    "--n_kv_heads=2",
+    "--hidden_dim=128",
+]
 RUN_SMALL = {
     "train.py": TRAIN_SMALL,
     "generate.py": ["--max_new_tokens=4"],
@@ -73,8 +82,15 @@ RUN_SMALL = {
     ],
     "data/tasks/generate.py": [],
     # a preset's shape at a few KB: the flags override the preset's values
-    "random_llama.py": ["--dim=64", "--n_layers=1", "--n_heads=2", "--n_kv_heads=2",
-                        "--hidden_dim=128", "--vocab_size=768", "--max_seq_len=256"],  # data/tasks' vocabulary
+    "random_llama.py": [
+        "--dim=64",
+        "--n_layers=1",
+        "--n_heads=2",
+        "--n_kv_heads=2",
+        "--hidden_dim=128",
+        "--vocab_size=768",
+        "--max_seq_len=256",
+    ],  # data/tasks' vocabulary
     "plan.py": ["--nproc=2"],  # the paper configs' reduced accumulation is for 2 processes
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead
@@ -121,10 +137,18 @@ ALLOWED = [
     ),
     (r"--nnodes=[2-9]", "a multi-node launch waits for its other machines", "skip"),
     (r"--device=cuda", "needs a CUDA GPU: refused in one line without one", "error"),
-    (r"config/tiny_base_pretrain\.py", "rebuilds the committed data/tiny_base (how it was made): "
-     "refused in one line without --overwrite=True, as any run's files are", "error"),
-    (r"compare\.py --numerics", "writes the fingerprint at the evidence's own size (its train_args "
-     "are refused by design); tests/test_numerics.py runs the same arithmetic", "error"),
+    (
+        r"config/tiny_base_pretrain\.py",
+        "rebuilds the committed data/tiny_base (how it was made): "
+        "refused in one line without --overwrite=True, as any run's files are",
+        "error",
+    ),
+    (
+        r"compare\.py --numerics",
+        "writes the fingerprint at the evidence's own size (its train_args "
+        "are refused by design); tests/test_numerics.py runs the same arithmetic",
+        "error",
+    ),
 ]
 MODE_SETTINGS = {"bench.py": "mode", "eval.py": "task", "export.py": "format"}
 SCRIPTS = [
@@ -228,17 +252,27 @@ def mode_commands():
                 else ["--ckpt_dir=data/tiny_base", f"--adapter={ADAPTER}", "--out_dir=DIR"]
             )
             out.append(["python", script, f"--{key}={choice}", *base])
-    out.append(["python", "analyze.py", "--full=_docs/full", "--ckpt_dir=data/tiny_base",
-                f"--adapters={SWAPS['adapters']}", "--out_dir=DIR"])
+    out.append(
+        [
+            "python",
+            "analyze.py",
+            "--full=_docs/full",
+            "--ckpt_dir=data/tiny_base",
+            f"--adapters={SWAPS['adapters']}",
+            "--out_dir=DIR",
+        ]
+    )
     out.append(["python", "generate.py", f"--adapter={ADAPTER}"])
     return out
 
 
 def dedup(words):
     """What makes two shown commands the same run: their words less `--key=...` left out."""
+
     def dropped(w):
         key, _, value = w[2:].partition("=")
         return is_placeholder(value) and key not in SWAPS
+
     return tuple(w for w in words if not dropped(w))
 
 
@@ -271,8 +305,10 @@ def all_commands():
 
     def covered(c):
         wanted = [w.split("=")[0] if w.startswith(("--adapter", "--full")) else w for w in c[2:3]]
-        return any(s[1] == c[1] and all(any(a.startswith(w) for a in s[2:]) for w in wanted)
-                   for s in shown)
+        return any(
+            s[1] == c[1] and all(any(a.startswith(w) for a in s[2:]) for w in wanted) for s in shown
+        )
+
     scripts += [("mode setting", c) for c in mode_commands() if not covered(c)]
     groups["scripts"] = [
         (where, c) for where, c in scripts if not (dedup(c) in seen or seen.add(dedup(c)))
@@ -423,7 +459,10 @@ def write_world(repo):
     def jsonl(records):
         return "".join(json.dumps(r) + "\n" for r in records)
 
-    write("src/text/corpus.txt", "".join(f"Once upon a time there were {i} cats.\n" for i in range(40)))
+    write(
+        "src/text/corpus.txt",
+        "".join(f"Once upon a time there were {i} cats.\n" for i in range(40)),
+    )
     write(
         "src/alpaca/alpaca_data.json",
         json.dumps(

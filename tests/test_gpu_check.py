@@ -10,7 +10,13 @@ from conftest import ROOT
 
 def test_skips_cleanly_without_cuda():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no device visible, even on a GPU machine
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "gpu_check.py")], capture_output=True, text=True,
-                       cwd=ROOT, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "gpu_check: skipped, no CUDA device"

@@ -21,15 +21,32 @@ CONFIGS = {
     # name: transformers LlamaConfig kwargs (dim 64: Meta's FFN rule gives 192 with multiple_of 32)
     "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
     "gqa_tied": dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
-    "llama3_rope_head_dim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=500000.0,
-                                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "llama3_rope_head_dim": dict(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
 }
 
 
 def hf_model(name, seed=0, vocab_size=96):
-    kwargs = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, vocab_size=vocab_size,
-                  max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1)
+    kwargs = dict(
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=0.1,
+    )
     kwargs.update(CONFIGS[name])
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
@@ -66,11 +83,17 @@ def test_hf_layout_matches_transformers(tmp_path, name, sharded):
 
 # --- Meta's layout, written here from the HF weights as formats.md describes
 
-_HF_TO_META = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-               "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
-               "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-               "post_attention_layernorm": "ffn_norm"}
+_HF_TO_META = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
 
 
 def to_meta_state(ref):
@@ -91,7 +114,11 @@ def to_meta_state(ref):
         layer, rest = k.split(".")[1], ".".join(k.split(".")[2:-1])
         if rest in ("self_attn.q_proj", "self_attn.k_proj"):
             heads = c.num_attention_heads if rest == "self_attn.q_proj" else c.num_key_value_heads
-            w = w.view(heads, 2, hd // 2, w.shape[1]).transpose(1, 2).reshape(heads * hd, w.shape[1])
+            w = (
+                w.view(heads, 2, hd // 2, w.shape[1])
+                .transpose(1, 2)
+                .reshape(heads * hd, w.shape[1])
+            )
         out[f"layers.{layer}.{_HF_TO_META[rest]}.weight"] = w.clone()
     return out
 
@@ -116,9 +143,17 @@ def split_for_model_parallel(state, n, embed_dim):
 
 def write_meta(ref, out_dir, n_shards=1, fmt="pth", embed_dim=1):
     c = ref.config
-    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
-              "n_kv_heads": c.num_key_value_heads, "vocab_size": -1, "multiple_of": 32,
-              "norm_eps": c.rms_norm_eps, "rope_theta": 10000.0, "max_seq_len": 256}
+    params = {
+        "dim": c.hidden_size,
+        "n_layers": c.num_hidden_layers,
+        "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads,
+        "vocab_size": -1,
+        "multiple_of": 32,
+        "norm_eps": c.rms_norm_eps,
+        "rope_theta": 10000.0,
+        "max_seq_len": 256,
+    }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "params.json"), "w") as f:
         json.dump(params, f)
@@ -128,18 +163,24 @@ def write_meta(ref, out_dir, n_shards=1, fmt="pth", embed_dim=1):
             torch.save(s, os.path.join(out_dir, f"consolidated.{i:02d}.pth"))
         else:
             from safetensors.torch import save_file
+
             save_file(s, os.path.join(out_dir, "consolidated.safetensors"))
 
 
 @pytest.mark.parametrize("name", ["mha_untied", "gqa_tied"])
-@pytest.mark.parametrize("n_shards,fmt,embed_dim", [(1, "pth", 1), (2, "pth", 1), (2, "pth", 0),
-                                                      (1, "safetensors", 1)])
+@pytest.mark.parametrize(
+    "n_shards,fmt,embed_dim", [(1, "pth", 1), (2, "pth", 1), (2, "pth", 0), (1, "safetensors", 1)]
+)
 def test_meta_layout_matches_hf_layout(tmp_path, name, n_shards, fmt, embed_dim):
     ref = hf_model(name)
     ref.save_pretrained(tmp_path / "hf")
     write_meta(ref, tmp_path / "meta", n_shards, fmt, embed_dim)
-    torch.testing.assert_close(our_logits(str(tmp_path / "meta"), TOKENS),
-                               our_logits(str(tmp_path / "hf"), TOKENS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        our_logits(str(tmp_path / "meta"), TOKENS),
+        our_logits(str(tmp_path / "hf"), TOKENS),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_meta_scaled_rope_matches_hf_llama3_scaling(tmp_path):
@@ -155,16 +196,34 @@ def test_meta_scaled_rope_matches_hf_llama3_scaling(tmp_path):
     assert cfg["rope_parameters"]["original_max_position_embeddings"] == 8192
     # head_dim 32 with dim 64 and 4 heads is not expressible in params.json: compare with a plain MHA shape
     ref2 = hf_model("mha_untied")
-    ref2.config.rope_parameters.update(rope_theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                       high_freq_factor=4.0, original_max_position_embeddings=8192)
+    ref2.config.rope_parameters.update(
+        rope_theta=500000.0,
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
     ref2.save_pretrained(tmp_path / "hf2")
     write_meta(ref2, tmp_path / "meta2")
-    (tmp_path / "meta2" / "params.json").write_text(json.dumps(
-        dict(json.loads((tmp_path / "meta2" / "params.json").read_text()), rope_theta=500000.0, use_scaled_rope=True)))
+    (tmp_path / "meta2" / "params.json").write_text(
+        json.dumps(
+            dict(
+                json.loads((tmp_path / "meta2" / "params.json").read_text()),
+                rope_theta=500000.0,
+                use_scaled_rope=True,
+            )
+        )
+    )
     long_tokens = torch.randint(3, 96, (1, 200), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(our_logits(str(tmp_path / "meta2"), long_tokens),
-                               reference_logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf2"),
-                                                long_tokens), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        our_logits(str(tmp_path / "meta2"), long_tokens),
+        reference_logits(
+            transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf2"), long_tokens
+        ),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -177,6 +236,7 @@ def test_load_in_requested_dtype(tmp_path, dtype):
 
 
 # --- KV cache and batching
+
 
 def random_model(name="gqa_tied", seed=0):
     ref = hf_model(name, seed)
@@ -193,9 +253,11 @@ def test_kv_cache_decoding_equals_full_forward():
     with torch.no_grad():
         full = model(tokens)
         model.setup_cache(1, 32)
-        chunk = model(tokens[:, :10], start_pos=0)           # prefill of 10 ...
-        steps = [model(tokens[:, t:t + 1], start_pos=t) for t in range(10, 18)]  # ... one at a time ...
-        tail = model(tokens[:, 18:24], start_pos=18)         # ... and a chunk at an offset
+        chunk = model(tokens[:, :10], start_pos=0)  # prefill of 10 ...
+        steps = [
+            model(tokens[:, t : t + 1], start_pos=t) for t in range(10, 18)
+        ]  # ... one at a time ...
+        tail = model(tokens[:, 18:24], start_pos=18)  # ... and a chunk at an offset
         model.clear_cache()
     torch.testing.assert_close(torch.cat([chunk, *steps, tail], dim=1), full, atol=1e-5, rtol=0)
 
@@ -216,7 +278,11 @@ def test_packed_rows_give_each_sequence_its_own_logits():
         start = 0
         for k, i in enumerate(row):
             n = len(seqs[i])
-            x[r, start:start + n], positions[r, start:start + n], segments[r, start:start + n] = seqs[i], torch.arange(n), k
+            (
+                x[r, start : start + n],
+                positions[r, start : start + n],
+                segments[r, start : start + n],
+            ) = seqs[i], torch.arange(n), k
             start += n
     with torch.no_grad():
         packed = model(x, positions=positions, segments=segments)
@@ -240,6 +306,7 @@ def test_packed_mask_is_built_once_and_saved_once():
         if t.dim() == 4 and t.shape[-2:] == (T, T):  # a (B|1, 1|H, T, T) mask
             storages.add(t.untyped_storage().data_ptr())
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         model(x, positions=positions, segments=segments).sum()
     assert model.config.n_layers > 1 and len(storages) == 1
@@ -270,7 +337,7 @@ def test_generation_stops_at_eos():
     tok = FakeTokenizer()
     tok.eos_id = full[0][3]  # pretend the 4th token the first prompt produces is EOS
     out = llama.generate(model, tok, [[1, 5, 6], [1, 9]], 10)
-    cut = [f[:f.index(tok.eos_id)] if tok.eos_id in f else f for f in full]
+    cut = [f[: f.index(tok.eos_id)] if tok.eos_id in f else f for f in full]
     assert out == cut and len(out[0]) <= 3
 
 
@@ -281,8 +348,18 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy():
     b = llama.generate(model, FakeTokenizer(), p, 10, temperature=1.0, seed=7, stop_at_eos=False)
     assert a == b
     greedy = llama.generate(model, FakeTokenizer(), p, 10, stop_at_eos=False)
-    assert llama.generate(model, FakeTokenizer(), p, 10, temperature=1.0, top_k=1, seed=1, stop_at_eos=False) == greedy
-    assert llama.generate(model, FakeTokenizer(), p, 10, temperature=1.0, top_p=1e-6, seed=1, stop_at_eos=False) == greedy
+    assert (
+        llama.generate(
+            model, FakeTokenizer(), p, 10, temperature=1.0, top_k=1, seed=1, stop_at_eos=False
+        )
+        == greedy
+    )
+    assert (
+        llama.generate(
+            model, FakeTokenizer(), p, 10, temperature=1.0, top_p=1e-6, seed=1, stop_at_eos=False
+        )
+        == greedy
+    )
 
 
 def test_top_p_keeps_smallest_nucleus():
@@ -294,9 +371,11 @@ def test_top_p_keeps_smallest_nucleus():
 
 # --- tokenizers
 
+
 def test_sentencepiece_tokenizer(tiny_tokenizer_path):
     tok = load_tokenizer(tiny_tokenizer_path)
     import sentencepiece
+
     sp = sentencepiece.SentencePieceProcessor(model_file=tiny_tokenizer_path)
     text = "hello world, 123"
     assert tok.encode(text, bos=True, eos=True) == [1] + sp.encode(text) + [2]
@@ -306,6 +385,7 @@ def test_sentencepiece_tokenizer(tiny_tokenizer_path):
 
 def write_tiktoken_file(path):
     import base64
+
     with open(path, "w") as f:  # the 256 single bytes as a (merge-free) BPE: a valid tiktoken file
         for i in range(256):
             f.write(f"{base64.b64encode(bytes([i])).decode()} {i}\n")
@@ -330,9 +410,15 @@ def test_tiktoken_missing_names_the_package(tmp_path, monkeypatch):
 
 # --- bad input: one line naming the file and the problem, exit status 2, no traceback
 
+
 def run_generate(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args, "--max_new_tokens=4"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "generate.py"), *args, "--max_new_tokens=4"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     return r.returncode, r.stderr.strip()
 
 
@@ -341,6 +427,7 @@ def good_ckpt(tmp_path, tiny_tokenizer_path):
     ref = hf_model("gqa_tied", vocab_size=64)
     ref.save_pretrained(tmp_path / "ckpt")
     import shutil
+
     shutil.copy(tiny_tokenizer_path, tmp_path / "ckpt" / "tokenizer.model")
     return tmp_path / "ckpt"
 
@@ -354,8 +441,12 @@ def corrupt(case, ckpt, tmp_path):
         (tmp_path / "empty").mkdir()
         return tmp_path / "empty", "neither a Hugging Face checkpoint"
     if case == "missing_shard":
-        hf_model("gqa_tied", vocab_size=64).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
-        shard = sorted(p for p in os.listdir(tmp_path / "sharded") if p.endswith(".safetensors"))[-1]
+        hf_model("gqa_tied", vocab_size=64).save_pretrained(
+            tmp_path / "sharded", max_shard_size="40KB"
+        )
+        shard = sorted(p for p in os.listdir(tmp_path / "sharded") if p.endswith(".safetensors"))[
+            -1
+        ]
         os.remove(tmp_path / "sharded" / shard)
         return tmp_path / "sharded", f"{shard}: missing shard"
     if case == "truncated":
@@ -373,23 +464,37 @@ def corrupt(case, ckpt, tmp_path):
         return ckpt, "tensor layers.0.mlp.down_proj.weight has shape [64, 192], expected [64, 128]"
     if case in ("missing_key", "unexpected_key"):
         from safetensors.torch import load_file, save_file
+
         state = load_file(st)
         if case == "missing_key":
             del state["model.layers.1.post_attention_layernorm.weight"]
         else:
             state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(3)
         save_file(state, st)
-        return ckpt, ("missing keys layers.1.post_attention_layernorm.weight" if case == "missing_key"
-                      else "unexpected keys layers.0.self_attn.q_norm.weight")
+        return ckpt, (
+            "missing keys layers.1.post_attention_layernorm.weight"
+            if case == "missing_key"
+            else "unexpected keys layers.0.self_attn.q_norm.weight"
+        )
     if case == "tokenizer_vocab":
         from conftest import train_sentencepiece
+
         train_sentencepiece(ckpt / "tokenizer.model", vocab_size=80)
         return ckpt, "tokenizer has 80 tokens but the model"
     raise AssertionError(case)
 
 
-BAD_CASES = ["missing_dir", "no_layout", "missing_shard", "truncated", "corrupt_header", "wrong_shape",
-             "missing_key", "unexpected_key", "tokenizer_vocab"]
+BAD_CASES = [
+    "missing_dir",
+    "no_layout",
+    "missing_shard",
+    "truncated",
+    "corrupt_header",
+    "wrong_shape",
+    "missing_key",
+    "unexpected_key",
+    "tokenizer_vocab",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -416,9 +521,19 @@ def test_prompt_longer_than_context(good_ckpt):
 
 
 def test_generate_cli_runs_and_reports_speed(good_ckpt):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), f"--ckpt_dir={good_ckpt}",
-                        "--prompt=hello|the quick brown fox", "--max_new_tokens=5"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "generate.py"),
+            f"--ckpt_dir={good_ckpt}",
+            "--prompt=hello|the quick brown fox",
+            "--max_new_tokens=5",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("hello") >= 1 and "tokens/s" in r.stderr
 
@@ -426,11 +541,35 @@ def test_generate_cli_runs_and_reports_speed(good_ckpt):
 STORIES = os.path.join(SHARED, "models", "stories260K")
 
 
-@pytest.mark.skipif(not os.path.isdir(STORIES), reason="../shared/models/stories260K not present (only on the team's machines)")
+@pytest.mark.skipif(
+    not os.path.isdir(STORIES),
+    reason="../shared/models/stories260K not present (only on the team's machines)",
+)
 @pytest.mark.parametrize("layout", ["hf", "meta"])
 def test_stories260k_known_greedy_tokens(layout):
     """The real pretrained checkpoint reproduces its published greedy token ids (README there)."""
-    known = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337]
+    known = [
+        403,
+        407,
+        261,
+        378,
+        432,
+        383,
+        286,
+        261,
+        376,
+        298,
+        315,
+        421,
+        395,
+        317,
+        426,
+        338,
+        401,
+        396,
+        267,
+        337,
+    ]
     model = checkpoint.load_model(os.path.join(STORIES, layout))
     tok = load_tokenizer(os.path.join(STORIES, layout))
     prompt = tok.encode("Once upon a time", bos=True)
@@ -442,8 +581,21 @@ def test_bench_generate_and_load_smoke(monkeypatch, tmp_path):
     """bench.py's generate and load modes run end to end on tiny shapes; the greedy tokens of
     llama.generate equal transformers' generate (speed is not asserted: no timing in tests)."""
     import bench
-    for k, v in dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=[128],
-                     gen_batch=2, gen_prompt_len=5, gen_tokens=6, rounds=1, load_gb=0.0, load_dim=64).items():
+
+    for k, v in dict(
+        dim=64,
+        n_layers=1,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=128,
+        vocab_size=[128],
+        gen_batch=2,
+        gen_prompt_len=5,
+        gen_tokens=6,
+        rounds=1,
+        load_gb=0.0,
+        load_dim=64,
+    ).items():
         monkeypatch.setattr(bench, k, v)
     assert bench.bench_generate(str(tmp_path / "g"))["same_tokens"]
     r = bench.bench_load(str(tmp_path / "l"))

@@ -28,18 +28,21 @@ def loop_forward(layer, x):
     r = layer.lora_rank
     h = x @ layer.weight.t()
     for i in range(layer.n_loras):
-        A_i = layer.lora_A[i * r:(i + 1) * r]  # (r, d_in)
-        B_i = layer.lora_B[:, i * r:(i + 1) * r]  # (d_out, r)
+        A_i = layer.lora_A[i * r : (i + 1) * r]  # (r, d_in)
+        B_i = layer.lora_B[:, i * r : (i + 1) * r]  # (d_out, r)
         s_i = layer.lora_s[i] if layer.lora_s is not None else 1.0  # (d_out,) or (1,)
         h = h + layer.scale * s_i * ((x @ A_i.t()) @ B_i.t())
     return h
+
 
 # -----------------------------------------------------------------------------
 # the layer alone
 
 
-@pytest.mark.parametrize("init,n,scaling", [("multilora", 4, "channel"), ("multilora", 3, "scalar"),
-                                            ("lora", 1, "channel")])
+@pytest.mark.parametrize(
+    "init,n,scaling",
+    [("multilora", 4, "channel"), ("multilora", 3, "scalar"), ("lora", 1, "channel")],
+)
 def test_init_output_equals_base_exactly(init, n, scaling):
     torch.manual_seed(0)
     base, layer = make_layer(n_loras=n, lora_rank=2, lora_alpha=4, scaling=scaling, init=init)
@@ -57,7 +60,7 @@ def test_init_distributions():
     assert A.abs().max() <= 1 / math.sqrt(d_in) and A.abs().max() > 0.9 / math.sqrt(d_in)
     assert B.abs().max() <= 1 / math.sqrt(r) and B.abs().max() > 0.9 / math.sqrt(r)
     assert abs(B.std().item() - 1 / math.sqrt(3 * r)) < 0.05 / math.sqrt(r)
-    blocks = [B[:, i * r:(i + 1) * r] for i in range(n)]
+    blocks = [B[:, i * r : (i + 1) * r] for i in range(n)]
     assert all(not torch.equal(blocks[0], b) for b in blocks[1:])  # each module its own draw
     assert layer.lora_s.shape == (n, d_out) and torch.all(layer.lora_s == 0)
     assert layer.lora_A.dtype == layer.lora_B.dtype == layer.lora_s.dtype == torch.float32
@@ -152,10 +155,13 @@ def test_layer_refuses_bad_settings():
     base = nn.Linear(16, 8, bias=False)
     with pytest.raises(multilora.UserError, match="n_loras\\*lora_rank"):
         MultiLoRALinear(base, n_loras=3, lora_rank=4)  # 12 > min(16, 8)
-    horizontal = MultiLoRALinear(base, n_loras=2, lora_rank=2, init="lora")  # the ablation's LoRA init, n > 1
+    horizontal = MultiLoRALinear(
+        base, n_loras=2, lora_rank=2, init="lora"
+    )  # the ablation's LoRA init, n > 1
     assert horizontal.lora_s is None and not horizontal.lora_B.any()
     with pytest.raises(multilora.UserError, match="scaling"):
         MultiLoRALinear(base, n_loras=2, lora_rank=2, scaling="row")
+
 
 # -----------------------------------------------------------------------------
 # on a model: a small random transformers LlamaForCausalLM saved to disk, loaded with checkpoint.load_model
@@ -171,10 +177,19 @@ HF_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 
 def save_random_hf_llama(out_dir, hidden=64, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=101,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out_dir)
     return str(out_dir)
 
@@ -186,7 +201,10 @@ def base_dir(tmp_path_factory):
 
 def hf_model(path):
     from transformers import LlamaForCausalLM
-    return LlamaForCausalLM.from_pretrained(path).float().eval()  # no dtype kwarg: its name changed in 4.56
+
+    return (
+        LlamaForCausalLM.from_pretrained(path).float().eval()
+    )  # no dtype kwarg: its name changed in 4.56
 
 
 def tokens(seed=1, B=2, T=12):
@@ -199,7 +217,9 @@ def perturb(model, seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if multilora.is_lora_key(name):
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1))
+                p.copy_(
+                    torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1)
+                )
 
 
 def train_steps(model, steps=3):
@@ -218,13 +238,18 @@ def test_adapt_model_init_equals_base_and_counts(base_dir):
     with torch.no_grad():
         ref = model(x)
     n, r = 4, 4
-    settings = multilora.adapt_model(model, targets="q,k,v,o,gate,up,down", n_loras=n, lora_rank=r, lora_alpha=8)
+    settings = multilora.adapt_model(
+        model, targets="q,k,v,o,gate,up,down", n_loras=n, lora_rank=r, lora_alpha=8
+    )
     assert settings["targets"] == list(ALL_TARGETS) and settings["n_loras"] == n
     assert torch.equal(model(x), ref)
     # base keys unchanged: the base checkpoint's state dict loads into the adapted model
     assert "layers.0.self_attn.q_proj.weight" in model.state_dict()
-    assert set(multilora.adapter_state_dict(model)) >= {"layers.1.mlp.down_proj.lora_A",
-                                                        "layers.1.mlp.down_proj.lora_B", "layers.1.mlp.down_proj.lora_s"}
+    assert set(multilora.adapter_state_dict(model)) >= {
+        "layers.1.mlp.down_proj.lora_A",
+        "layers.1.mlp.down_proj.lora_B",
+        "layers.1.mlp.down_proj.lora_s",
+    }
     # trainable = per layer Σ over the 7 projections of n·r·(d_in + d_out) + n·d_out
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64), (64, 96)]  # (d_out, d_in)
     expected = 2 * sum(n * r * (d_in + d_out) + n * d_out for d_out, d_in in shapes)
@@ -244,7 +269,9 @@ def test_adapt_model_init_equals_base_and_counts(base_dir):
 
 
 def test_adapt_model_refuses():
-    model = llama.Llama(llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50))
+    model = llama.Llama(
+        llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50)
+    )
     with pytest.raises(UserError, match="targets"):
         multilora.adapt_model(model, targets=("q", "qkv"))
     with pytest.raises(UserError, match="n_loras\\*lora_rank"):
@@ -253,11 +280,14 @@ def test_adapt_model_refuses():
 
 def test_lora_n1_equals_peft(base_dir):
     from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(0)
     model = checkpoint.load_model(base_dir)
     multilora.adapt_model(model, finetune="lora", targets=ALL_TARGETS, lora_rank=4, lora_alpha=8)
     perturb(model)  # B ≠ 0, else both sides are trivially the base
-    ref = get_peft_model(hf_model(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=HF_NAMES, lora_dropout=0.0))
+    ref = get_peft_model(
+        hf_model(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=HF_NAMES, lora_dropout=0.0)
+    )
     ref_modules = dict(ref.named_modules())
     with torch.no_grad():
         for name, m in multilora.adapter_modules(model):
@@ -272,8 +302,12 @@ def test_lora_n1_equals_peft(base_dir):
     (theirs * g).sum().backward()
     for name, m in multilora.adapter_modules(model):
         peft_layer = ref_modules[f"base_model.model.model.{name}"]
-        torch.testing.assert_close(m.lora_A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(m.lora_B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            m.lora_A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            m.lora_B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-5
+        )
 
 
 def test_merge_unmerge_model(base_dir):
@@ -288,7 +322,9 @@ def test_merge_unmerge_model(base_dir):
         multilora.merge_adapters(model)  # guarded: no double merge
         merged = model(x)
         torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
-        assert not torch.allclose(model.layers[0].self_attn.q_proj.weight, W0["layers.0.self_attn.q_proj.weight"])
+        assert not torch.allclose(
+            model.layers[0].self_attn.q_proj.weight, W0["layers.0.self_attn.q_proj.weight"]
+        )
         multilora.unmerge_adapters(model)
         for k, v in W0.items():
             torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=1e-6)
@@ -312,23 +348,27 @@ def test_merge_bf16_tolerance(base_dir):
     fp32 = logits[torch.float32][0]
     unmerged, merged = logits[torch.bfloat16]
     diff = (merged - unmerged).abs().max().item()
-    print(f"bf16: merged vs unmerged {diff:.2e}, unmerged vs fp32 {(unmerged - fp32).abs().max().item():.2e}, "
-          f"merged vs fp32 {(merged - fp32).abs().max().item():.2e}, max |logit| {fp32.abs().max().item():.2f}")
+    print(
+        f"bf16: merged vs unmerged {diff:.2e}, unmerged vs fp32 {(unmerged - fp32).abs().max().item():.2e}, "
+        f"merged vs fp32 {(merged - fp32).abs().max().item():.2e}, max |logit| {fp32.abs().max().item():.2f}"
+    )
     assert diff < 2e-2
     assert (merged - fp32).abs().max() <= 1.5 * (unmerged - fp32).abs().max()
 
 
 def test_save_load_roundtrip_exact(base_dir, tmp_path):
     model = checkpoint.load_model(base_dir)
-    settings = multilora.adapt_model(model, targets="q,v,down", n_loras=2, lora_rank=4, lora_alpha=16,
-                                     scaling="scalar")
+    settings = multilora.adapt_model(
+        model, targets="q,v,down", n_loras=2, lora_rank=4, lora_alpha=16, scaling="scalar"
+    )
     perturb(model)
     path = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, path, settings)
     fresh = checkpoint.load_model(base_dir)
     assert multilora.apply_adapter(fresh, path) == settings
-    for (k, a), (k2, b) in zip(multilora.adapter_state_dict(model).items(),
-                                multilora.adapter_state_dict(fresh).items()):
+    for (k, a), (k2, b) in zip(
+        multilora.adapter_state_dict(model).items(), multilora.adapter_state_dict(fresh).items()
+    ):
         assert k == k2 and torch.equal(a, b)
     x = tokens()
     assert torch.equal(model(x), fresh(x))
@@ -348,7 +388,9 @@ def test_refuses_wrong_base_or_settings(base_dir, tmp_path):
     other_base = save_random_hf_llama(tmp_path / "other", hidden=32)
     with pytest.raises(UserError) as e:
         multilora.apply_adapter(checkpoint.load_model(other_base), path)
-    assert "base_fingerprint" in str(e.value) and "dim=64" in str(e.value) and "\n" not in str(e.value)
+    assert (
+        "base_fingerprint" in str(e.value) and "dim=64" in str(e.value) and "\n" not in str(e.value)
+    )
     other = checkpoint.load_model(base_dir)
     multilora.adapt_model(other, n_loras=2, lora_rank=4)
     with pytest.raises(UserError, match="settings.n_loras") as e:
@@ -375,14 +417,20 @@ def test_refuses_same_shapes_other_weights_unless_asked(base_dir, tmp_path):
     other = checkpoint.load_model(base_dir)
     with torch.no_grad():
         other.embed_tokens.weight.add_(0.1)  # same shapes, other weights: another base
-    with pytest.raises(UserError, match=r"base_sample: the adapter was trained on a base of the same shapes but other weights"):
+    with pytest.raises(
+        UserError,
+        match=r"base_sample: the adapter was trained on a base of the same shapes but other weights",
+    ):
         multilora.apply_adapter(other, path)
     multilora.apply_adapter(other, path, any_base=True)  # the user means it
-    multilora.apply_adapter(checkpoint.load_model(base_dir, dtype=torch.bfloat16), path)  # same base, bf16
+    multilora.apply_adapter(
+        checkpoint.load_model(base_dir, dtype=torch.bfloat16), path
+    )  # same base, bf16
 
 
 def write_adapter(path, tensors, metadata):
     from safetensors.torch import save_file
+
     save_file(tensors, path, metadata=metadata)
     return path
 
@@ -396,16 +444,28 @@ def test_refuses_bad_adapter_files(base_dir, tmp_path):
     _, metadata, _ = checkpoint.read_safetensors_header(good)
     key = sorted(state)[0]
     nan = dict(state, **{key: state[key].clone().fill_(float("nan"))})
-    with pytest.raises(UserError, match=rf"{key}: not finite \(NaN or inf\): the run that wrote it diverged"):
+    with pytest.raises(
+        UserError, match=rf"{key}: not finite \(NaN or inf\): the run that wrote it diverged"
+    ):
         multilora.load_adapter(write_adapter(str(tmp_path / "nan.safetensors"), nan, metadata))
     ints = dict(state, **{key: state[key].to(torch.int32)})
-    with pytest.raises(UserError, match=rf"tensor {re.escape(key)}: dtype 'I32', expected one of F64, F32, F16, BF16"):
+    with pytest.raises(
+        UserError,
+        match=rf"tensor {re.escape(key)}: dtype 'I32', expected one of F64, F32, F16, BF16",
+    ):
         multilora.load_adapter(write_adapter(str(tmp_path / "int.safetensors"), ints, metadata))
     settings = json.loads(metadata["settings"])
-    for k, bad, expected in (("lora_alpha", "16", "a number"), ("n_loras", 0, "an int >= 1"),
-                             ("targets", ["q", "x"], "a list of names"), ("scaling", None, "'channel' or 'scalar'")):
+    for k, bad, expected in (
+        ("lora_alpha", "16", "a number"),
+        ("n_loras", 0, "an int >= 1"),
+        ("targets", ["q", "x"], "a list of names"),
+        ("scaling", None, "'channel' or 'scalar'"),
+    ):
         meta = dict(metadata, settings=json.dumps(dict(settings, **{k: bad})))
-        with pytest.raises(UserError, match=rf"metadata.settings.{k}: expected {expected}.*got {re.escape(repr(bad))}"):
+        with pytest.raises(
+            UserError,
+            match=rf"metadata.settings.{k}: expected {expected}.*got {re.escape(repr(bad))}",
+        ):
             multilora.load_adapter(write_adapter(str(tmp_path / f"{k}.safetensors"), state, meta))
 
 
@@ -417,17 +477,29 @@ def test_adapter_file_follows_the_umask(base_dir, tmp_path):
         multilora.save_adapter(model, str(tmp_path / "a.safetensors"))
     finally:
         os.umask(old)
-    assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o644  # readable by a serving account
+    assert (
+        os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o644
+    )  # readable by a serving account
     assert os.listdir(tmp_path) == ["a.safetensors"]  # no temporary file left
 
 
-@pytest.mark.parametrize("finetune,scaling", [("multilora", "channel"), ("multilora", "scalar"), ("lora", "channel")])
+@pytest.mark.parametrize(
+    "finetune,scaling", [("multilora", "channel"), ("multilora", "scalar"), ("lora", "channel")]
+)
 def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
     from peft import PeftModel
+
     torch.manual_seed(0)
     model = checkpoint.load_model(base_dir)
-    multilora.adapt_model(model, finetune=finetune, targets=ALL_TARGETS, n_loras=4, lora_rank=4,
-                          lora_alpha=8, scaling=scaling)
+    multilora.adapt_model(
+        model,
+        finetune=finetune,
+        targets=ALL_TARGETS,
+        n_loras=4,
+        lora_rank=4,
+        lora_alpha=8,
+        scaling=scaling,
+    )
     train_steps(model)  # a trained adapter: A, B and s all moved away from their init
     adapter = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, adapter)
@@ -453,31 +525,63 @@ def test_hf_export_equals_ours(base_dir, tmp_path):
     export.export_hf(base_dir, adapter, out)
     x = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(hf_model(out)(input_ids=x).logits, model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            hf_model(out)(input_ids=x).logits, model(x), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
     import subprocess
+
     model = checkpoint.load_model(save_random_hf_llama(tmp_path / "other", hidden=32))
     multilora.adapt_model(model, n_loras=2, lora_rank=4)
     adapter = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, adapter)
     root = os.path.join(os.path.dirname(__file__), "..")
-    p = subprocess.run([sys.executable, os.path.join(root, "export.py"), f"--ckpt_dir={base_dir}",
-                        f"--adapter={adapter}", f"--out_dir={tmp_path / 'out'}", "--format=peft"],
-                       capture_output=True, text=True, cwd=root)
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "base_fingerprint" in p.stderr, p.stderr
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(root, "export.py"),
+            f"--ckpt_dir={base_dir}",
+            f"--adapter={adapter}",
+            f"--out_dir={tmp_path / 'out'}",
+            "--format=peft",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "base_fingerprint" in p.stderr, (
+        p.stderr
+    )
 
 
 def test_bench_smoke(monkeypatch):
     """bench.py's MultiLoRA part runs end to end on a tiny model (figures are not checked: no timing asserts)."""
     import bench
-    for k, v in dict(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=48, vocab_size=64, batch_size=2, seq_len=8,
-                     steps=1, warmup=1, rounds=2, memory_ns=[1, 2]).items():
+
+    for k, v in dict(
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=48,
+        vocab_size=64,
+        batch_size=2,
+        seq_len=8,
+        steps=1,
+        warmup=1,
+        rounds=2,
+        memory_ns=[1, 2],
+    ).items():
         monkeypatch.setattr(bench, k, v)
     base, cpu = bench.make_base(64), torch.device("cpu")
     r = bench.bench_throughput(base, cpu, torch.float32)
-    assert r["ratio vs lora r=32"] > 0 and r["multilora n=4 r=8"]["trainable"] == 4 * (4 * 8 * 64 + 4 * 32)
+    assert r["ratio vs lora r=32"] > 0 and r["multilora n=4 r=8"]["trainable"] == 4 * (
+        4 * 8 * 64 + 4 * 32
+    )
     m = bench.bench_memory(base, cpu, torch.float32)
     assert m["n=2"]["peak_bytes"] > m["n=1"]["peak_bytes"] > 0
-    assert m["n=2"]["param_and_adamw_growth_bytes"] == 12 * (m["n=2"]["adapter_params"] - m["n=1"]["adapter_params"])
+    assert m["n=2"]["param_and_adamw_growth_bytes"] == 12 * (
+        m["n=2"]["adapter_params"] - m["n=1"]["adapter_params"]
+    )

@@ -5,6 +5,7 @@ evidence (docs/compare*.json). On this suite a rounding difference of 1e-7 can g
 outcome of a task (learned or not), so a change to the training arithmetic makes the evidence stale:
 this test says so in the commit that makes it. Kernels may round differently on another CPU model or
 torch version: there the test skips and says why. About a minute on 2 cores."""
+
 import json
 import os
 
@@ -13,8 +14,10 @@ import pytest
 import compare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REGENERATE = ("python compare.py && python compare.py config/compare_ablation.py && "
-              "python compare.py --numerics=docs/numerics.json")
+REGENERATE = (
+    "python compare.py && python compare.py config/compare_ablation.py && "
+    "python compare.py --numerics=docs/numerics.json"
+)
 
 
 def first_difference(expected, got):
@@ -34,19 +37,32 @@ def test_training_arithmetic_is_the_evidence_s(tmp_path, monkeypatch):
         committed = json.load(f)
     made, here = committed["provenance"], compare.provenance()
     if (made["cpu"], made["torch"]) != (here["cpu"], here["torch"]):
-        pytest.skip(f"docs/numerics.json was made on CPU {made['cpu']!r} with torch {made['torch']}; this "
-                    f"is CPU {here['cpu']!r} with torch {here['torch']}, whose kernels may round differently")
+        pytest.skip(
+            f"docs/numerics.json was made on CPU {made['cpu']!r} with torch {made['torch']}; this "
+            f"is CPU {here['cpu']!r} with torch {here['torch']}, whose kernels may round differently"
+        )
     monkeypatch.chdir(ROOT)  # the configs' paths are the repository's
     defaults = {k: s.default for k, s in compare.SETTINGS.items()}
-    assert committed["steps"] == compare.FINGERPRINT_STEPS and committed["ckpt_dir"] == defaults["ckpt_dir"]
-    assert committed["arms"] == defaults["arms"] and committed["train_args"] == compare.FINGERPRINT_ARGS
-    got = compare.fingerprint([compare.parse_arm(a) for a in committed["arms"]], str(tmp_path),
-                              defaults["ckpt_dir"])
+    assert (
+        committed["steps"] == compare.FINGERPRINT_STEPS
+        and committed["ckpt_dir"] == defaults["ckpt_dir"]
+    )
+    assert (
+        committed["arms"] == defaults["arms"]
+        and committed["train_args"] == compare.FINGERPRINT_ARGS
+    )
+    got = compare.fingerprint(
+        [compare.parse_arm(a) for a in committed["arms"]], str(tmp_path), defaults["ckpt_dir"]
+    )
     if got != committed["fingerprint"]:
-        pytest.fail(f"the training arithmetic changed: regenerate the evidence ({REGENERATE}) in the same "
-                    f"commit. First difference: {first_difference(committed['fingerprint'], got)}",
-                    pytrace=False)
+        pytest.fail(
+            f"the training arithmetic changed: regenerate the evidence ({REGENERATE}) in the same "
+            f"commit. First difference: {first_difference(committed['fingerprint'], got)}",
+            pytrace=False,
+        )
     # and the fingerprint is one: each arm's losses move step by step, and the arms differ
     for label, f in got.items():
-        assert len(f["train_loss"]) == compare.FINGERPRINT_STEPS and len(set(f["train_loss"])) > 1, label
+        assert (
+            len(f["train_loss"]) == compare.FINGERPRINT_STEPS and len(set(f["train_loss"])) > 1
+        ), label
     assert len({tuple(f["train_loss"]) for f in got.values()}) == len(got)

@@ -26,14 +26,18 @@ from configurator import configure
 # published totals (Meta's model cards / HF configs), in parameters
 PUBLISHED = {"llama2-7b": 6.74e9, "llama3-8b": 8.03e9, "llama2-70b": 68.98e9, "llama3-70b": 70.55e9}
 SHAPES = {  # written out here, not read from random_llama: the presets are checked against these
-    "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008,
-                      vocab_size=32000),
-    "llama3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                      vocab_size=128256),
-    "llama2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
-                       vocab_size=32000),
-    "llama3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
-                       vocab_size=128256),
+    "llama2-7b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000
+    ),
+    "llama3-8b": dict(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=128256
+    ),
+    "llama2-70b": dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=32000
+    ),
+    "llama3-70b": dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672, vocab_size=128256
+    ),
 }
 N, R, TARGETS = 5, 32, ("q", "k", "v", "o")
 
@@ -41,8 +45,15 @@ N, R, TARGETS = 5, 32, ("q", "k", "v", "o")
 def shapes(D, L, H, KV, I, V):
     """{module: (d_in, d_out)} of one layer, and the parameter total, by hand (untied lm_head)."""
     hd = D // H
-    mods = {"q": (D, H * hd), "k": (D, KV * hd), "v": (D, KV * hd), "o": (H * hd, D),
-            "gate": (D, I), "up": (D, I), "down": (I, D)}
+    mods = {
+        "q": (D, H * hd),
+        "k": (D, KV * hd),
+        "v": (D, KV * hd),
+        "o": (H * hd, D),
+        "gate": (D, I),
+        "up": (D, I),
+        "down": (I, D),
+    }
     per_layer = sum(a * b for a, b in mods.values()) + 2 * D  # + two RMSNorm weights
     return mods, 2 * V * D + L * per_layer + D  # embedding, lm_head, blocks, final norm
 
@@ -72,8 +83,9 @@ def test_adapters_metadata_flops_at_real_shape(meta_model, tmp_path):
         model = llama.Llama(c)  # a fresh one: adapt_model changes it
     D, L, H, KV, I, V = c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size
     mods, total = shapes(D, L, H, KV, I, V)
-    settings = multilora.adapt_model(model, "multilora", targets=",".join(TARGETS), n_loras=N,
-                                     lora_rank=R, scaling="channel")
+    settings = multilora.adapt_model(
+        model, "multilora", targets=",".join(TARGETS), n_loras=N, lora_rank=R, scaling="channel"
+    )
     # per module: A (n·r, d_in), B (d_out, n·r), s (n, d_out) for scaling=channel
     want = L * sum(N * R * (mods[t][0] + mods[t][1]) + N * mods[t][1] for t in TARGETS)
     trainable, base = multilora.count_trainable(model)
@@ -84,14 +96,17 @@ def test_adapters_metadata_flops_at_real_shape(meta_model, tmp_path):
     names = [("embed_tokens.weight", (V, D))]
     for i in range(L):
         p = f"layers.{i}."
-        names += [(p + "self_attn.q_proj.weight", (H * (D // H), D)),
-                  (p + "self_attn.k_proj.weight", (KV * (D // H), D)),
-                  (p + "self_attn.v_proj.weight", (KV * (D // H), D)),
-                  (p + "self_attn.o_proj.weight", (D, H * (D // H))),
-                  (p + "mlp.gate_proj.weight", (I, D)), (p + "mlp.up_proj.weight", (I, D)),
-                  (p + "mlp.down_proj.weight", (D, I)),
-                  (p + "input_layernorm.weight", (D,)),
-                  (p + "post_attention_layernorm.weight", (D,))]
+        names += [
+            (p + "self_attn.q_proj.weight", (H * (D // H), D)),
+            (p + "self_attn.k_proj.weight", (KV * (D // H), D)),
+            (p + "self_attn.v_proj.weight", (KV * (D // H), D)),
+            (p + "self_attn.o_proj.weight", (D, H * (D // H))),
+            (p + "mlp.gate_proj.weight", (I, D)),
+            (p + "mlp.up_proj.weight", (I, D)),
+            (p + "mlp.down_proj.weight", (D, I)),
+            (p + "input_layernorm.weight", (D,)),
+            (p + "post_attention_layernorm.weight", (D,)),
+        ]
     names += [("norm.weight", (D,)), ("lm_head.weight", (V, D))]
     got = [(n, tuple(p.shape)) for n, p in model.named_parameters() if "lora_" not in n]
     assert sorted(got) == sorted(names)  # the same names and shapes; the hash follows model order
@@ -101,20 +116,33 @@ def test_adapters_metadata_flops_at_real_shape(meta_model, tmp_path):
     multilora.save_adapter(model, path, state={}, step=3)  # the metadata alone: no real tensors
     _, meta, _ = read_safetensors_header(path)
     assert meta["format"] == multilora.ADAPTER_FORMAT and meta["step"] == "3"
-    assert json.loads(meta["settings"]) == dict(finetune="multilora", targets=list(TARGETS),
-                                                n_loras=N, lora_rank=R, lora_alpha=16,
-                                                lora_dropout=0.0, scaling="channel") == settings
+    assert (
+        json.loads(meta["settings"])
+        == dict(
+            finetune="multilora",
+            targets=list(TARGETS),
+            n_loras=N,
+            lora_rank=R,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            scaling="channel",
+        )
+        == settings
+    )
     assert meta["base_fingerprint"] == fp
-    assert meta["base_summary"] == (f"dim={D} n_layers={L} n_heads={H} n_kv_heads={KV} "
-                                    f"hidden_dim={I} vocab_size={V}")
+    assert meta["base_summary"] == (
+        f"dim={D} n_layers={L} n_heads={H} n_kv_heads={KV} hidden_dim={I} vocab_size={V}"
+    )
     assert json.loads(meta["base_sample"]) == []  # a weightless base has no values to sample
 
     # FLOPs: 4 per frozen matmul weight (forward + input gradients), 6 per trained one,
     # + attention 12·L·H·hd·T; matmul weights = all but the embedding table and the norms
     T = 4096
     matmul = total - V * D - (2 * L + 1) * D
-    assert util.flops_per_token(c, trainable, "multilora", T) == \
-        4 * matmul + 6 * trainable + 12 * L * H * (D // H) * T
+    assert (
+        util.flops_per_token(c, trainable, "multilora", T)
+        == 4 * matmul + 6 * trainable + 12 * L * H * (D // H) * T
+    )
     assert util.flops_per_token(c, total, "full", T) == 6 * matmul + 12 * L * D * T
 
 
@@ -126,10 +154,19 @@ def plan_settings(**over):
 @pytest.mark.parametrize("name,nproc", [("llama2-7b", 1), ("llama3-70b", 8)])
 def test_plan_weights_and_optimizer_by_hand(name, nproc):
     c = random_llama.preset_config(name)
-    s = plan_settings(model=name, finetune="multilora", n_loras=N, lora_rank=R,
-                      lora_targets=",".join(TARGETS), dtype="bfloat16", nproc=nproc,
-                      fsdp=nproc > 1, batch_size=1, seq_len=512,
-                      gradient_accumulation_steps=nproc)
+    s = plan_settings(
+        model=name,
+        finetune="multilora",
+        n_loras=N,
+        lora_rank=R,
+        lora_targets=",".join(TARGETS),
+        dtype="bfloat16",
+        nproc=nproc,
+        fsdp=nproc > 1,
+        batch_size=1,
+        seq_len=512,
+        gradient_accumulation_steps=nproc,
+    )
     terms, _ = plan.plan(s, c)
     D, L, H, KV, I, V = c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size
     mods, _ = shapes(D, L, H, KV, I, V)
@@ -137,10 +174,14 @@ def test_plan_weights_and_optimizer_by_hand(name, nproc):
     def local(rows, cols):  # FSDP2 shards dim 0: ceil(rows / N) rows on each rank (padded)
         return math.ceil(rows / nproc) * cols
 
-    frozen = 2 * local(V, D) + local(D, 1) + L * (
-        sum(local(d_out, d_in) for d_in, d_out in mods.values()) + 2 * local(D, 1))
-    lora = L * sum(local(N * R, mods[t][0]) + local(mods[t][1], N * R) + local(N, mods[t][1])
-                   for t in TARGETS)
+    frozen = (
+        2 * local(V, D)
+        + local(D, 1)
+        + L * (sum(local(d_out, d_in) for d_in, d_out in mods.values()) + 2 * local(D, 1))
+    )
+    lora = L * sum(
+        local(N * R, mods[t][0]) + local(mods[t][1], N * R) + local(N, mods[t][1]) for t in TARGETS
+    )
     assert terms["base weights"] == 2 * frozen  # bf16
     assert terms["trainable weights (fp32)"] == 4 * lora
     assert terms["gradients (fp32)"] == 4 * lora
@@ -153,12 +194,22 @@ def test_plan_weights_and_optimizer_by_hand(name, nproc):
 # -----------------------------------------------------------------------------
 # a real model past 2^24 embedding entries, trained one step; sampling past 2^24 logits
 
+
 def test_embedding_past_2_24_trains_and_loads(tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    c = llama.LlamaConfig(dim=576, n_layers=2, n_heads=9, n_kv_heads=3, hidden_dim=64,
-                          vocab_size=32000, max_seq_len=128, bos_id=1, eos_id=[2])
-    assert c.vocab_size * c.dim > 2 ** 24
+    c = llama.LlamaConfig(
+        dim=576,
+        n_layers=2,
+        n_heads=9,
+        n_kv_heads=3,
+        hidden_dim=64,
+        vocab_size=32000,
+        max_seq_len=128,
+        bos_id=1,
+        eos_id=[2],
+    )
+    assert c.vocab_size * c.dim > 2**24
     torch.manual_seed(0)
     base = llama.Llama(c)
     base.init_weights()
@@ -170,18 +221,32 @@ def test_embedding_past_2_24_trains_and_loads(tmp_path, monkeypatch):
     with open(data / "meta.json", "w") as f:
         json.dump(dict(meta, vocab_size=32000), f)
     out = tmp_path / "out"
-    train.main([f"--ckpt_dir={tmp_path / 'base'}", f"--datasets={data}", f"--out_dir={out}",
-                "--finetune=multilora", "--n_loras=2", "--lora_rank=2", "--max_iters=1",
-                "--batch_size=2", "--gradient_accumulation_steps=1", "--eval_interval=1",
-                "--eval_examples=0", "--exact_match_examples=0", "--learning_rate=1e-2",
-                "--warmup_iters=0", "--threads=0"])
+    train.main(
+        [
+            f"--ckpt_dir={tmp_path / 'base'}",
+            f"--datasets={data}",
+            f"--out_dir={out}",
+            "--finetune=multilora",
+            "--n_loras=2",
+            "--lora_rank=2",
+            "--max_iters=1",
+            "--batch_size=2",
+            "--gradient_accumulation_steps=1",
+            "--eval_interval=1",
+            "--eval_examples=0",
+            "--exact_match_examples=0",
+            "--learning_rate=1e-2",
+            "--warmup_iters=0",
+            "--threads=0",
+        ]
+    )
     path = str(out / "adapter.safetensors")
     _, meta, _ = read_safetensors_header(path)
     # the recorded sample: 8 evenly spaced entries at integer positions, found here by hand
     emb = base.embed_tokens.weight.detach().reshape(-1)
     n = emb.numel()
     want = [float(emb[i * (n - 1) // 7]) for i in range(8)]
-    assert (n - 1) == 18431999 and 7 * (n - 1) // 7 > 2 ** 24  # the last positions are past 2^24
+    assert (n - 1) == 18431999 and 7 * (n - 1) // 7 > 2**24  # the last positions are past 2^24
     assert json.loads(meta["base_sample"])[:8] == pytest.approx(want, rel=0, abs=0)
 
     model = checkpoint.load_model(str(tmp_path / "base"))  # base_sample checked against this model
@@ -195,7 +260,7 @@ def test_embedding_past_2_24_trains_and_loads(tmp_path, monkeypatch):
 
 def test_sample_past_2_24_logits():
     B, V = 131, 128256
-    assert B * V > 2 ** 24
+    assert B * V > 2**24
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(B, V, generator=g)
     logits[-1, V - 1] = 50.0  # the last row's best: flat index B·V - 1, past 2^24
@@ -212,6 +277,7 @@ def test_sample_past_2_24_logits():
 # -----------------------------------------------------------------------------
 # plan.py's activation count against what autograd keeps
 
+
 def saved_bytes(model, s, x, y, positions=None, segments=None):
     """Bytes of the distinct storages autograd saves for backward (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -224,29 +290,54 @@ def saved_bytes(model, s, x, y, positions=None, segments=None):
         return t
 
     bf16 = s["dtype"] == "bfloat16"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+    ):
         train.token_loss_sum(model, x, y, positions, segments)
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("finetune,dtype,ckpt,pack,targets", [
-    ("multilora", "float32", False, False, "q,k,v,o"),
-    ("multilora", "bfloat16", False, True, "v,gate,down"),
-    ("lora", "bfloat16", True, False, "q,k,v,o"),
-    ("full", "float32", False, True, "q,k,v,o"),
-    ("full", "bfloat16", True, False, "q,k,v,o"),
-])
+@pytest.mark.parametrize(
+    "finetune,dtype,ckpt,pack,targets",
+    [
+        ("multilora", "float32", False, False, "q,k,v,o"),
+        ("multilora", "bfloat16", False, True, "v,gate,down"),
+        ("lora", "bfloat16", True, False, "q,k,v,o"),
+        ("full", "float32", False, True, "q,k,v,o"),
+        ("full", "bfloat16", True, False, "q,k,v,o"),
+    ],
+)
 def test_plan_activations_equal_autograd_saved(finetune, dtype, ckpt, pack, targets):
-    c = llama.LlamaConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=352,
-                          vocab_size=300)
-    s = plan_settings(finetune=finetune, dtype=dtype, activation_checkpointing=ckpt, pack=pack,
-                      lora_targets=targets, n_loras=2, lora_rank=4, lora_scaling="channel")
+    c = llama.LlamaConfig(
+        dim=128, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=300
+    )
+    s = plan_settings(
+        finetune=finetune,
+        dtype=dtype,
+        activation_checkpointing=ckpt,
+        pack=pack,
+        lora_targets=targets,
+        n_loras=2,
+        lora_rank=4,
+        lora_scaling="channel",
+    )
     B, T = 2, 24
     torch.manual_seed(0)
     model = llama.Llama(c).to(torch.float32 if finetune == "full" else getattr(torch, dtype))
-    train.adapt(model, finetune, dict(targets=s["lora_targets"], n_loras=2, lora_rank=4,
-                                      lora_alpha=16, lora_dropout=0.0, scaling="channel", init=""))
+    train.adapt(
+        model,
+        finetune,
+        dict(
+            targets=s["lora_targets"],
+            n_loras=2,
+            lora_rank=4,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            scaling="channel",
+            init="",
+        ),
+    )
     model.checkpoint_blocks, model.loss_chunk = ckpt, 7
     model.train()
     x, y = torch.randint(0, c.vocab_size, (B, T)), torch.randint(0, c.vocab_size, (B, T))

@@ -34,9 +34,18 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
     """A random 2-layer GQA LLaMA with the test tokenizer, and a 3-task instruction dataset."""
     root = tmp_path_factory.mktemp("train")
     tok = load_tokenizer(tiny_tokenizer_path)
-    config = llama.LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                               vocab_size=tok.vocab_size, max_seq_len=128, tie_embeddings=True,
-                               bos_id=tok.bos_id, eos_id=[tok.eos_id])
+    config = llama.LlamaConfig(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=64,
+        vocab_size=tok.vocab_size,
+        max_seq_len=128,
+        tie_embeddings=True,
+        bos_id=tok.bos_id,
+        eos_id=[tok.eos_id],
+    )
     torch.manual_seed(0)
     model = llama.Llama(config)
     model.init_weights()
@@ -58,7 +67,11 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
         records, encoded = [], []
         for i in range(n):
             # reverse is twice as frequent in train: proportional and equal mixtures differ
-            task = ["reverse", "upper", "add", "reverse"][i % 4] if split == "train" else ["reverse", "upper", "add"][i % 3]
+            task = (
+                ["reverse", "upper", "add", "reverse"][i % 4]
+                if split == "train"
+                else ["reverse", "upper", "add"][i % 3]
+            )
             instruction, inp, response = example(task)
             ids, mask = dataset.encode_example(tok, instruction, inp, response, 64)
             encoded.append((task, ids, mask))
@@ -66,17 +79,40 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
         splits[split] = encoded
         os.makedirs(root / "data", exist_ok=True)
         dataset.write_jsonl(str(root / "data" / f"{split}.jsonl"), records)
-    meta = dict(vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, tokenizer=tiny_tokenizer_path,
-                max_len=64)
+    meta = dict(
+        vocab_size=tok.vocab_size,
+        bos_id=tok.bos_id,
+        eos_id=tok.eos_id,
+        tokenizer=tiny_tokenizer_path,
+        max_len=64,
+    )
     dataset.write_dataset(str(root / "data"), splits, meta)
-    return {"root": root, "base": str(root / "base"), "data": str(root / "data"), "tokenizer": tiny_tokenizer_path}
+    return {
+        "root": root,
+        "base": str(root / "base"),
+        "data": str(root / "data"),
+        "tokenizer": tiny_tokenizer_path,
+    }
 
 
 def base_args(tiny, out_dir, **overrides):
-    settings = dict(ckpt_dir=tiny["base"], datasets=tiny["data"], out_dir=str(out_dir), exact_match_examples=0,
-                    n_loras=2, lora_rank=2, batch_size=2, gradient_accumulation_steps=2, log_interval=1,
-                    eval_interval=3, max_iters=6, learning_rate=1e-2, warmup_iters=1, eval_examples=0,
-                    threads=0)  # 0: leave torch's thread count alone (in-process runs share pytest's)
+    settings = dict(
+        ckpt_dir=tiny["base"],
+        datasets=tiny["data"],
+        out_dir=str(out_dir),
+        exact_match_examples=0,
+        n_loras=2,
+        lora_rank=2,
+        batch_size=2,
+        gradient_accumulation_steps=2,
+        log_interval=1,
+        eval_interval=3,
+        max_iters=6,
+        learning_rate=1e-2,
+        warmup_iters=1,
+        eval_examples=0,
+        threads=0,
+    )  # 0: leave torch's thread count alone (in-process runs share pytest's)
     settings.update(overrides)
     return [f"--{k}={v}" for k, v in settings.items()]
 
@@ -84,15 +120,32 @@ def base_args(tiny, out_dir, **overrides):
 def run(args, nproc=0, env=None, check=True, prelude=""):
     """train.py in a subprocess (under torchrun with nproc processes when nproc > 0). prelude: Python
     run in that process before train.main (a test wraps a function there to crash on cue)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc else [sys.executable]
-    script = ["-c", f"import sys, util, train\n{prelude}\nutil.run_cli(train.main)"] if prelude else ["train.py"]
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc
+        else [sys.executable]
+    )
+    script = (
+        ["-c", f"import sys, util, train\n{prelude}\nutil.run_cli(train.main)"]
+        if prelude
+        else ["train.py"]
+    )
+    full_env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
     full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    p = subprocess.run(launcher + script + args, cwd=ROOT, env=full_env, capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run(
+        launcher + script + args,
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -107,6 +160,7 @@ def adapter(out_dir):
 
 # -----------------------------------------------------------------------------
 # distributed: the same global batch on 1 or 2 processes gives the same run
+
 
 @pytest.fixture(scope="module")
 def single_run(tiny, tmp_path_factory):
@@ -135,31 +189,40 @@ def test_two_processes_match_one(tiny, single_run, tmp_path, mode):
 # -----------------------------------------------------------------------------
 # checkpoints: SIGKILL between checkpoints and inside a checkpoint write, then resume
 
+
 def test_kill_and_resume_is_exact(tiny, tmp_path):
     # dropout on, so the RNG state must come back too; checkpoints at 3, 6 and 7
     args = dict(max_iters=7, lora_dropout=0.1)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     run(base_args(tiny, whole, **args))
 
-    kill_after_5_steps = ("import os, signal\nstep, n = train.train_step, [0]\n"
-                          "def killing_step(*a, **k):\n    out = step(*a, **k)\n    n[0] += 1\n"
-                          "    if n[0] == 5: os.kill(os.getpid(), signal.SIGKILL)\n    return out\n"
-                          "train.train_step = killing_step")
+    kill_after_5_steps = (
+        "import os, signal\nstep, n = train.train_step, [0]\n"
+        "def killing_step(*a, **k):\n    out = step(*a, **k)\n    n[0] += 1\n"
+        "    if n[0] == 5: os.kill(os.getpid(), signal.SIGKILL)\n    return out\n"
+        "train.train_step = killing_step"
+    )
     p = run(base_args(tiny, broken, **args), prelude=kill_after_5_steps, check=False)
-    assert p.returncode == -9, p.stderr[-2000:]  # SIGKILL after step 4: the last checkpoint is step 3
+    assert p.returncode == -9, p.stderr[
+        -2000:
+    ]  # SIGKILL after step 4: the last checkpoint is step 3
     # resume, and die half-way through writing the step-6 checkpoint
-    torn_save_at_6 = ("import os, signal, torch\nsave = torch.save\n"
-                      "def torn(obj, f, *a, **k):\n    save(obj, f, *a, **k)\n"
-                      "    if isinstance(obj, dict) and obj.get('iter_num') == 6:\n"
-                      "        os.truncate(f, os.path.getsize(f) // 2)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
-                      "torch.save = torn")
+    torn_save_at_6 = (
+        "import os, signal, torch\nsave = torch.save\n"
+        "def torn(obj, f, *a, **k):\n    save(obj, f, *a, **k)\n"
+        "    if isinstance(obj, dict) and obj.get('iter_num') == 6:\n"
+        "        os.truncate(f, os.path.getsize(f) // 2)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = torn"
+    )
     p = run(base_args(tiny, broken, resume=True, **args), prelude=torn_save_at_6, check=False)
     assert p.returncode == -9, p.stderr[-2000:]
     torn = [f for f in os.listdir(broken) if f.startswith("ckpt.pt.") and f.endswith(".tmp")]
     assert len(torn) == 1  # the torn write...
     with pytest.raises(Exception):
         torch.load(broken / torn[0], weights_only=True)
-    ckpt = torch.load(broken / "ckpt.pt", weights_only=True)  # ...left the previous checkpoint whole
+    ckpt = torch.load(
+        broken / "ckpt.pt", weights_only=True
+    )  # ...left the previous checkpoint whole
     assert ckpt["iter_num"] == 3
     multilora.load_adapter(str(broken / "adapter.safetensors"))
 
@@ -175,22 +238,34 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
 def torchrun(args, tmp_path, prelude="", check=True):
     """train.py under torchrun with 2 gloo processes; prelude: Python run in each first."""
     script = tmp_path / "run_train.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\n"
-                      f"import os, signal, util, train\n{prelude}\nutil.run_cli(train.main)\n")
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {ROOT!r})\n"
+        f"import os, signal, util, train\n{prelude}\nutil.run_cli(train.main)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    p = subprocess.run(launcher + [str(script)] + args, cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        launcher + [str(script)] + args,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
 def exported(out_dir, finetune):
-    path = os.path.join(out_dir, "hf", "model.safetensors") if finetune == "full" else \
-        os.path.join(out_dir, "adapter.safetensors")
+    path = (
+        os.path.join(out_dir, "hf", "model.safetensors")
+        if finetune == "full"
+        else os.path.join(out_dir, "adapter.safetensors")
+    )
     with open(path, "rb") as f:
         return f.read()
 
@@ -201,8 +276,15 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     run of 6 steps equals 3 steps + a bare --resume=True to 6 (the run's settings come from its
     checkpoint), in the metrics and in the exported file's bytes. For LoRA, a crash after the step-6
     shards are written but before ckpt.pt commits them leaves step 3 resumable."""
-    args = dict(finetune=finetune, fsdp=True, lora_dropout=0.1, lr_decay_iters=6, eval_interval=3,
-                max_iters=6, gradient_accumulation_steps=2)
+    args = dict(
+        finetune=finetune,
+        fsdp=True,
+        lora_dropout=0.1,
+        lr_decay_iters=6,
+        eval_interval=3,
+        max_iters=6,
+        gradient_accumulation_steps=2,
+    )
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     torchrun(base_args(tiny, whole, **args), tmp_path)
     torchrun(base_args(tiny, parts, **dict(args, max_iters=3)), tmp_path)
@@ -217,28 +299,41 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     # each row of each trainable tensor in exactly one shard
     assert sum(t.numel() for s in shards for t in s["model"].values()) == n_trainable
     if finetune == "lora":  # killed after the step-6 shards, before the commit
-        kill = ("write = train.write_weights\ndef dying(step, *a, **k):\n"
-                "    if step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
-                "    return write(step, *a, **k)\ntrain.write_weights = dying")
-        p = torchrun(["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"], tmp_path,
-                     prelude=kill, check=False)
+        kill = (
+            "write = train.write_weights\ndef dying(step, *a, **k):\n"
+            "    if step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return write(step, *a, **k)\ntrain.write_weights = dying"
+        )
+        p = torchrun(
+            ["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"],
+            tmp_path,
+            prelude=kill,
+            check=False,
+        )
         assert p.returncode != 0
         assert torch.load(parts / "ckpt.pt", weights_only=True)["iter_num"] == 3
         assert (parts / "ckpt.step6.rank1-of-2.pt").exists()
     torchrun(["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"], tmp_path)
     assert metrics(whole) == metrics(parts)
     assert exported(whole, finetune) == exported(parts, finetune)
-    assert sorted(f for f in os.listdir(parts) if f.startswith("ckpt.")) == \
-        ["ckpt.pt", "ckpt.step6.rank0-of-2.pt", "ckpt.step6.rank1-of-2.pt"]  # older shards gone
+    assert sorted(f for f in os.listdir(parts) if f.startswith("ckpt.")) == [
+        "ckpt.pt",
+        "ckpt.step6.rank0-of-2.pt",
+        "ckpt.step6.rank1-of-2.pt",
+    ]  # older shards gone
     for f in ("ckpt.step6.rank0-of-2.pt", "ckpt.step6.rank1-of-2.pt"):
         a, b = torch.load(whole / f, weights_only=True), torch.load(parts / f, weights_only=True)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-        assert all(torch.equal(a["optimizer"]["state"][i][k], b["optimizer"]["state"][i][k])
-                   for i in a["optimizer"]["state"] for k in a["optimizer"]["state"][i])
+        assert all(
+            torch.equal(a["optimizer"]["state"][i][k], b["optimizer"]["state"][i][k])
+            for i in a["optimizer"]["state"]
+            for k in a["optimizer"]["state"][i]
+        )
 
 
 # -----------------------------------------------------------------------------
 # the loss: response tokens only, normalized by the target tokens of the whole step
+
 
 def load_tiny_model(tiny, finetune="multilora"):
     model = checkpoint.load_model(tiny["base"])
@@ -246,7 +341,9 @@ def load_tiny_model(tiny, finetune="multilora"):
     if finetune == "full":
         model.requires_grad_(True)
     else:
-        multilora.adapt_model(model, finetune, targets=["q", "v"], n_loras=2, lora_rank=2, lora_alpha=4.0)
+        multilora.adapt_model(
+            model, finetune, targets=["q", "v"], n_loras=2, lora_rank=2, lora_alpha=4.0
+        )
     if finetune == "multilora":
         with torch.no_grad():  # move off the zero init so every adapter weight gets a gradient
             for name, p in model.named_parameters():
@@ -298,9 +395,15 @@ def grads_of_split(tiny, examples, batch_size, pack=False):
     model = load_tiny_model(tiny)
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    batches = [dataset.collate(examples[i:i + batch_size], 0, "cpu", pack) for i in range(0, len(examples), batch_size)]
+    batches = [
+        dataset.collate(examples[i : i + batch_size], 0, "cpu", pack)
+        for i in range(0, len(examples), batch_size)
+    ]
     n_targets = sum(int((y != dataset.IGNORE).sum()) for _, y, _, _ in batches)
-    loss = train.train_step(model, torch.optim.SGD(params, lr=1.0), batches, n_targets).item() / n_targets
+    loss = (
+        train.train_step(model, torch.optim.SGD(params, lr=1.0), batches, n_targets).item()
+        / n_targets
+    )
     return loss, [b - p.detach() for b, p in zip(before, params)]  # SGD with lr 1: the gradient
 
 
@@ -319,7 +422,11 @@ def test_token_normalized_loss_is_independent_of_micro_steps(tiny):
     for ids, mask in examples:
         x, y, _, _ = dataset.collate([(ids, mask)], 0, "cpu")
         with torch.no_grad():
-            means.append(torch.nn.functional.cross_entropy(model(x)[0], y[0], ignore_index=dataset.IGNORE).item())
+            means.append(
+                torch.nn.functional.cross_entropy(
+                    model(x)[0], y[0], ignore_index=dataset.IGNORE
+                ).item()
+            )
     assert abs(np.mean(means) - loss_1) > 1e-3
 
 
@@ -331,7 +438,9 @@ def varied_lengths(tiny, n):
     for i in range(n):
         ids, mask = split.example(i)[:2]
         first = int(np.argmax(mask))  # the first response token
-        keep = np.r_[0, max(1, first - 2 - 3 * (i % 4)):len(ids)] if i % 3 else np.arange(len(ids))
+        keep = (
+            np.r_[0, max(1, first - 2 - 3 * (i % 4)) : len(ids)] if i % 3 else np.arange(len(ids))
+        )
         out.append((ids[keep], mask[keep]))
     return out
 
@@ -350,9 +459,12 @@ def test_packed_collate_places_every_example_whole(tiny):
                 continue
             at = (segments[r] == s).nonzero().flatten()
             assert at.tolist() == list(range(int(at[0]), int(at[-1]) + 1))  # contiguous
-            assert positions[r, at].tolist() == list(range(len(at)))       # RoPE restarts
+            assert positions[r, at].tolist() == list(range(len(at)))  # RoPE restarts
             found.append((x[r, at].tolist(), y[r, at].tolist()))
-    expected = [(ids[:-1].tolist(), y_pad[b, :len(ids) - 1].tolist()) for b, (ids, _) in enumerate(examples)]
+    expected = [
+        (ids[:-1].tolist(), y_pad[b, : len(ids) - 1].tolist())
+        for b, (ids, _) in enumerate(examples)
+    ]
     assert sorted(found) == sorted(expected)  # each example exactly once, with its own targets
 
 
@@ -382,28 +494,51 @@ def test_tasks_are_grouped_by_name_across_datasets(tiny):
 def test_mixture_weights_and_sampler():
     w = dataset.mixture_weights([100, 25, 25], "proportional", 2.0)
     assert w.tolist() == pytest.approx([2 / 3, 1 / 6, 1 / 6])
-    assert dataset.mixture_weights([100, 25, 25], "equal", 2.0).tolist() == pytest.approx([1 / 3] * 3)
+    assert dataset.mixture_weights([100, 25, 25], "equal", 2.0).tolist() == pytest.approx(
+        [1 / 3] * 3
+    )
     t = dataset.mixture_weights([100, 25, 25], "temperature", 2.0)  # p ∝ n^(1/2): 10, 5, 5
     assert t.tolist() == pytest.approx([0.5, 0.25, 0.25])
     pools = [np.array([[0, i] for i in range(5)]), np.array([[0, 5 + i] for i in range(3)])]
     position = [0, 0]
-    rows = [tuple(r) for it in range(6) for r in dataset.sample_examples(pools, [0.5, 0.5], position, 4, 7, it)]
+    rows = [
+        tuple(r)
+        for it in range(6)
+        for r in dataset.sample_examples(pools, [0.5, 0.5], position, 4, 7, it)
+    ]
     assert sum(position) == 24
     # without replacement within an epoch: each example of a task once before any twice
     task0 = [r for r in rows if r[1] < 5]
     assert sorted(task0[:5]) == [(0, i) for i in range(5)]
     again = [0, 0]
-    assert rows == [tuple(r) for it in range(6) for r in dataset.sample_examples(pools, [0.5, 0.5], again, 4, 7, it)]
+    assert rows == [
+        tuple(r)
+        for it in range(6)
+        for r in dataset.sample_examples(pools, [0.5, 0.5], again, 4, 7, it)
+    ]
 
 
 # -----------------------------------------------------------------------------
 # in-process runs: full fine-tuning from scratch writes a usable base; the embedded default's output
 
+
 def test_scratch_full_finetune_writes_a_base(tiny, tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    args = base_args(tiny, tmp_path, init_from="scratch", finetune="full", dim=32, n_layers=1, n_heads=2,
-                     n_kv_heads=1, hidden_dim=48, max_seq_len=64, max_iters=2, eval_interval=2)
+    args = base_args(
+        tiny,
+        tmp_path,
+        init_from="scratch",
+        finetune="full",
+        dim=32,
+        n_layers=1,
+        n_heads=2,
+        n_kv_heads=1,
+        hidden_dim=48,
+        max_seq_len=64,
+        max_iters=2,
+        eval_interval=2,
+    )
     train.main(args)
     model = checkpoint.load_model(str(tmp_path / "hf"))
     assert model.config.n_layers == 1 and model.config.n_kv_heads == 1
@@ -430,7 +565,9 @@ def test_bf16_autocast_run(tiny, tmp_path, monkeypatch):
 def test_run_ends_with_exact_match_line(tiny, tmp_path, monkeypatch, capsys):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    train.main(base_args(tiny, tmp_path, max_iters=2, exact_match_examples=1, exact_match_max_new_tokens=4))
+    train.main(
+        base_args(tiny, tmp_path, max_iters=2, exact_match_examples=1, exact_match_max_new_tokens=4)
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"exact match: base \d+\.\d% -> tuned \d+\.\d%", lines[-1])
     assert lines[-2] == f"adapter: {tmp_path / 'adapter.safetensors'}"
@@ -443,24 +580,51 @@ def test_run_ends_with_exact_match_line(tiny, tmp_path, monkeypatch, capsys):
 # -----------------------------------------------------------------------------
 # bad settings and bad data: one clear line, before any training
 
+
 def bad_inputs(tiny, root):
     os.makedirs(root / "no_weights", exist_ok=True)
-    (root / "no_weights" / "config.json").write_text(open(os.path.join(tiny["base"], "config.json")).read())
-    dataset.write_dataset(str(root / "empty"), {"train": [], "val": []},
-                          dict(vocab_size=64, bos_id=1, eos_id=2, tokenizer="", max_len=64))
+    (root / "no_weights" / "config.json").write_text(
+        open(os.path.join(tiny["base"], "config.json")).read()
+    )
+    dataset.write_dataset(
+        str(root / "empty"),
+        {"train": [], "val": []},
+        dict(vocab_size=64, bos_id=1, eos_id=2, tokenizer="", max_len=64),
+    )
     return [
-        (["--no_such_setting=1"], r"no_such_setting: unknown setting; known settings: .*batch_size"),
+        (
+            ["--no_such_setting=1"],
+            r"no_such_setting: unknown setting; known settings: .*batch_size",
+        ),
         (["--batch_size=two"], r"batch_size: expected int"),
         (["--learning_rate=[1]"], r"learning_rate: expected float"),
         (["--datasets=" + str(root / "missing")], r"missing: dataset directory not found"),
         (["--datasets=" + str(root / "empty")], r"empty: train split is empty"),
-        (["--ckpt_dir=" + str(root / "no_weights")], r"no_weights: config.json but no model.safetensors"),
-        (["--resume=True", "--out_dir=" + str(root / "never_ran")], r"ckpt.pt: resume=True but there is no checkpoint"),
-        (["--n_loras=8", "--lora_rank=8"], r"base: MultiLoRALinear: n_loras\*lora_rank: expected <= min\(d_in, d_out\) = \d+, got 8\*8 = 64"),
+        (
+            ["--ckpt_dir=" + str(root / "no_weights")],
+            r"no_weights: config.json but no model.safetensors",
+        ),
+        (
+            ["--resume=True", "--out_dir=" + str(root / "never_ran")],
+            r"ckpt.pt: resume=True but there is no checkpoint",
+        ),
+        (
+            ["--n_loras=8", "--lora_rank=8"],
+            r"base: MultiLoRALinear: n_loras\*lora_rank: expected <= min\(d_in, d_out\) = \d+, got 8\*8 = 64",
+        ),
         (["--finetune=qlora"], r"finetune: expected one of multilora, lora, full"),
-        (["--gradient_accumulation_steps=0"], r"gradient_accumulation_steps: expected a positive multiple of the 1 processes"),
-        (["--max_iters=30", "--warmup_iters=50"], r"warmup_iters: expected a value in \[0, max_iters\] \(max_iters = 30\)"),
-        (["--min_lr=1", "--learning_rate=0.1"], r"min_lr: expected a value in \[0, learning_rate\]"),
+        (
+            ["--gradient_accumulation_steps=0"],
+            r"gradient_accumulation_steps: expected a positive multiple of the 1 processes",
+        ),
+        (
+            ["--max_iters=30", "--warmup_iters=50"],
+            r"warmup_iters: expected a value in \[0, max_iters\] \(max_iters = 30\)",
+        ),
+        (
+            ["--min_lr=1", "--learning_rate=0.1"],
+            r"min_lr: expected a value in \[0, learning_rate\]",
+        ),
         (["--init_from=scratch"], r"init_from: expected pretrained, or scratch with finetune=full"),
         (["--device=cuda"], r"device: expected cpu \(no CUDA device here\)"),
     ]
@@ -481,24 +645,35 @@ def test_cli_error_is_one_line(tiny, tmp_path):
     assert p.returncode == 2
     assert p.stdout == ""
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --lora_rnak=4: lora_rnak: unknown setting; known settings:")
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: --lora_rnak=4: lora_rnak: unknown setting; known settings:"
+    )
 
 
 # -----------------------------------------------------------------------------
 # configurator
 
+
 def test_configurator_types_files_and_lists(tmp_path):
     defaults = dict(n=1, x=0.5, name="a", flag=False, items=["q", "k"], numbers=[1, 2])
     cfg = tmp_path / "c.py"
     cfg.write_text("import math\n_helper = 3\nn = 4\nx = 2\nitems = ['v']\n")
-    final = configurator.configure(dict(defaults), [str(cfg), "--name=7", "--flag=true", "--numbers=3,4",
-                                                     "--items=q,k,v,o", "--x=1e-3"])
-    assert final == dict(n=4, x=1e-3, name="7", flag=True, items=["q", "k", "v", "o"], numbers=[3, 4])
-    assert configurator.configure(dict(defaults), ["--flag"])["flag"] is True  # a bare --flag is true
+    final = configurator.configure(
+        dict(defaults),
+        [str(cfg), "--name=7", "--flag=true", "--numbers=3,4", "--items=q,k,v,o", "--x=1e-3"],
+    )
+    assert final == dict(
+        n=4, x=1e-3, name="7", flag=True, items=["q", "k", "v", "o"], numbers=[3, 4]
+    )
+    assert (
+        configurator.configure(dict(defaults), ["--flag"])["flag"] is True
+    )  # a bare --flag is true
     assert isinstance(configurator.configure(dict(defaults), [str(cfg)])["x"], float)
     bad = tmp_path / "bad.py"
     bad.write_text("n_layer = 3\n")
-    with pytest.raises(UserError, match=r"bad.py: n_layer: unknown setting; known settings: flag, items"):
+    with pytest.raises(
+        UserError, match=r"bad.py: n_layer: unknown setting; known settings: flag, items"
+    ):
         configurator.configure(dict(defaults), [str(bad)])
     for arg in ("--flag=1", "--n=1.5", "--numbers=a", "--n"):
         with pytest.raises(UserError):
@@ -510,20 +685,30 @@ def test_configurator_types_files_and_lists(tmp_path):
 def test_config_files_are_valid(monkeypatch):
     """Every shipped config file sets only known settings, with the right types (config/_paper.py is
     a part the paper-setup files include, not a config of its own)."""
-    files = sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.endswith(".py") and not f.startswith("_"))
+    files = sorted(
+        f
+        for f in os.listdir(os.path.join(ROOT, "config"))
+        if f.endswith(".py") and not f.startswith("_")
+    )
     assert len(files) >= 16
-    monkeypatch.chdir(ROOT)  # config files are given relative to the repository root, where train.py runs
+    monkeypatch.chdir(
+        ROOT
+    )  # config files are given relative to the repository root, where train.py runs
     monkeypatch.setenv("RANK", "0")  # as under torchrun: the paper's full fine-tuning arms use FSDP
     for f in files:
         if f.startswith("compare"):  # compare.py's configs (its arms are train.py arguments)
             import compare
-            final = configurator.configure(compare.SETTINGS if hasattr(compare, "SETTINGS") else
-                                           {k: v for k, v in vars(compare).items() if k.islower()}, [os.path.join("config", f)])
+
+            final = configurator.configure(
+                compare.SETTINGS
+                if hasattr(compare, "SETTINGS")
+                else {k: v for k, v in vars(compare).items() if k.islower()},
+                [os.path.join("config", f)],
+            )
             assert final["baseline"] in [a.partition(":")[0].strip() for a in final["arms"]], f
             continue
         final = configurator.configure(train.SETTINGS, [os.path.join("config", f)])
         assert final["finetune"] in ("multilora", "lora", "full"), f
-
 
 
 def test_first_fit_against_hand_computed_rows():
@@ -535,10 +720,17 @@ def test_first_fit_against_hand_computed_rows():
 # -----------------------------------------------------------------------------
 # data safety: a run is never replaced unasked, nothing is written before every check, no code runs on load
 
+
 def tree_hashes(folder):
     import hashlib
-    return {os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
-            for d, _, files in os.walk(folder) for f in files}
+
+    return {
+        os.path.relpath(os.path.join(d, f), folder): hashlib.sha256(
+            open(os.path.join(d, f), "rb").read()
+        ).hexdigest()
+        for d, _, files in os.walk(folder)
+        for f in files
+    }
 
 
 @pytest.fixture(scope="module")
@@ -552,11 +744,15 @@ def test_finished_run_is_never_replaced_unasked(tiny, finished_run, tmp_path):
     before = tree_hashes(finished_run)
     p = run(base_args(tiny, finished_run, max_iters=3, learning_rate=2e-2), check=False)
     assert p.returncode == 2 and p.stderr.count("\n") == 1
-    assert p.stderr.startswith(f"error: {finished_run}: holds a run (") and "--overwrite=True" in p.stderr
+    assert (
+        p.stderr.startswith(f"error: {finished_run}: holds a run (")
+        and "--overwrite=True" in p.stderr
+    )
     assert tree_hashes(finished_run) == before  # byte-identical
     # --overwrite=True replaces it: the same run again gives the same metrics
     copy = tmp_path / "copy"
     import shutil
+
     shutil.copytree(finished_run, copy)
     run(base_args(tiny, copy, max_iters=3, overwrite=True))
     assert metrics(copy) == metrics(finished_run)
@@ -564,17 +760,23 @@ def test_finished_run_is_never_replaced_unasked(tiny, finished_run, tmp_path):
 
 def test_second_live_process_is_refused(tiny, tmp_path):
     import util
+
     os.makedirs(tmp_path / "out")
     held = util.lock_folder(str(tmp_path / "out"))  # as a running train.py holds it
     p = run(base_args(tiny, tmp_path / "out"), check=False)
     held.close()
-    assert p.returncode == 2 and "another process is using this folder" in p.stderr and p.stderr.count("\n") == 1
+    assert (
+        p.returncode == 2
+        and "another process is using this folder" in p.stderr
+        and p.stderr.count("\n") == 1
+    )
     assert sorted(os.listdir(tmp_path / "out")) == [".lock"]
 
 
 def test_crafted_checkpoint_runs_no_code(tiny, finished_run, tmp_path):
     import pickle
     import shutil
+
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
     marker = tmp_path / "pwned"
@@ -582,25 +784,34 @@ def test_crafted_checkpoint_runs_no_code(tiny, finished_run, tmp_path):
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
+
     with open(out / "ckpt.pt", "wb") as f:
         pickle.dump({"settings": Exploit()}, f)
     before = tree_hashes(out)
     p = run(base_args(tiny, out, max_iters=3, resume=True), check=False)
-    assert p.returncode == 2 and p.stderr.startswith(f"error: {out / 'ckpt.pt'}: cannot read the checkpoint")
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"error: {out / 'ckpt.pt'}: cannot read the checkpoint"
+    )
     assert not marker.exists()  # weights_only=True: the pickled call never ran
     assert tree_hashes(out) == before
 
 
 def test_diverged_run_stops_and_keeps_the_last_good_adapter(tiny, finished_run, tmp_path):
     import shutil
+
     out = tmp_path / "out"
     shutil.copytree(finished_run, out)
     before = tree_hashes(out)
     # continue the finished 3-step run to step 6 with a learning rate that blows the weights up
-    p = run(base_args(tiny, out, max_iters=6, resume=True, learning_rate=1e30, min_lr=0.0), check=False)
+    p = run(
+        base_args(tiny, out, max_iters=6, resume=True, learning_rate=1e30, min_lr=0.0), check=False
+    )
     assert p.returncode == 2, p.stdout[-2000:]
-    assert re.fullmatch(r"error: step \d+: the (training|validation) loss is nan: the run diverged \(try a lower "
-                        r"learning_rate\); .* keeps the checkpoint of step 3\n", p.stderr), p.stderr
+    assert re.fullmatch(
+        r"error: step \d+: the (training|validation) loss is nan: the run diverged \(try a lower "
+        r"learning_rate\); .* keeps the checkpoint of step 3\n",
+        p.stderr,
+    ), p.stderr
     after = tree_hashes(out)
     for f in ("adapter.safetensors", "ckpt.pt"):
         assert after[f] == before[f]
@@ -609,29 +820,51 @@ def test_diverged_run_stops_and_keeps_the_last_good_adapter(tiny, finished_run, 
 
 def test_wrong_tokenizer_or_ids_refused_before_out_dir_is_touched(tiny, tmp_path):
     import sentencepiece as spm
+
     other = tmp_path / "other"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a b c d e f g h"] * 50), model_prefix=str(other),
-                                   vocab_size=10, model_type="word", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a b c d e f g h"] * 50),
+        model_prefix=str(other),
+        vocab_size=10,
+        model_type="word",
+        minloglevel=2,
+    )
     out = tmp_path / "out"
     p = run(base_args(tiny, out, tokenizer=f"{other}.model"), check=False)
-    assert p.returncode == 2 and p.stderr.startswith(f"error: {other}.model: tokenizer has 10 tokens but the model")
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"error: {other}.model: tokenizer has 10 tokens but the model"
+    )
     assert not out.exists()
     # a prepared dataset whose ids exceed the vocabulary its meta.json claims
     import shutil
+
     data = tmp_path / "data"
     shutil.copytree(tiny["data"], data)
     tokens = np.load(data / "train_tokens.npy")
     tokens[5] = dataset.read_meta(str(data))["vocab_size"]
     np.save(data / "train_tokens.npy", tokens)
     p = run(base_args(tiny, out, datasets=str(data)), check=False)
-    assert p.returncode == 2 and p.stderr.startswith(f"error: {data / 'train_tokens.npy'}") and "vocab" in p.stderr, p.stderr
+    assert (
+        p.returncode == 2
+        and p.stderr.startswith(f"error: {data / 'train_tokens.npy'}")
+        and "vocab" in p.stderr
+    ), p.stderr
     assert not out.exists()
 
 
 def test_final_exact_match_goes_to_metrics(tiny, tmp_path, monkeypatch):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    train.main(base_args(tiny, tmp_path, max_iters=1, eval_interval=1, exact_match_examples=2, exact_match_max_new_tokens=2))
+    train.main(
+        base_args(
+            tiny,
+            tmp_path,
+            max_iters=1,
+            eval_interval=1,
+            exact_match_examples=2,
+            exact_match_max_new_tokens=2,
+        )
+    )
     last = json.loads(open(tmp_path / "metrics.jsonl").readlines()[-1])
     tasks = [k for k in last if k.startswith("exact_match/")]
     assert sorted(tasks) == ["exact_match/add", "exact_match/reverse", "exact_match/upper"]

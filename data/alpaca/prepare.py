@@ -14,16 +14,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dataset  # noqa: E402
 import util  # noqa: E402
 
-URLS = {"alpaca_data.json": "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"}
-FIELDS = {"instruction": "instruction", "input": "input", "response": "output"}  # ours: the source's
+URLS = {
+    "alpaca_data.json": "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
+}
+FIELDS = {
+    "instruction": "instruction",
+    "input": "input",
+    "response": "output",
+}  # ours: the source's
 
 
 def read_source(source, config):
-    return {"train": dataset.read_records(dataset.source_file(source, "alpaca_data.json", ".json"), "alpaca", FIELDS)}
+    return {
+        "train": dataset.read_records(
+            dataset.source_file(source, "alpaca_data.json", ".json"), "alpaca", FIELDS
+        )
+    }
 
 
 def main(argv):
-    return dataset.prepare_main("alpaca", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv)
+    return dataset.prepare_main(
+        "alpaca", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv
+    )
 
 
 if __name__ == "__main__":

@@ -15,17 +15,28 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dataset  # noqa: E402
 import util  # noqa: E402
 
-URLS = {"databricks-dolly-15k.jsonl":
-        "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"}
-FIELDS = {"instruction": "instruction", "input": "context", "response": "response"}  # ours: the source's
+URLS = {
+    "databricks-dolly-15k.jsonl": "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
+}
+FIELDS = {
+    "instruction": "instruction",
+    "input": "context",
+    "response": "response",
+}  # ours: the source's
 
 
 def read_source(source, config):
-    return {"train": dataset.read_records(dataset.source_file(source, "databricks-dolly-15k.jsonl", ".jsonl"), "dolly", FIELDS)}
+    return {
+        "train": dataset.read_records(
+            dataset.source_file(source, "databricks-dolly-15k.jsonl", ".jsonl"), "dolly", FIELDS
+        )
+    }
 
 
 def main(argv):
-    return dataset.prepare_main("dolly", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv)
+    return dataset.prepare_main(
+        "dolly", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dataset  # noqa: E402
 import util  # noqa: E402
 
-BASE_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+BASE_URL = (
+    "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+)
 # downloaded under other names: the prepared train.jsonl and test.jsonl go to the same folder
 URLS = {"gsm8k_train.jsonl": BASE_URL + "train.jsonl", "gsm8k_test.jsonl": BASE_URL + "test.jsonl"}
 FIELDS = {"instruction": "question", "response": "answer"}  # ours: the source's
@@ -26,15 +28,23 @@ FIELDS = {"instruction": "question", "response": "answer"}  # ours: the source's
 def read_source(source, config):
     if not os.path.isdir(source):
         return {"train": dataset.read_records(source, "gsm8k", FIELDS)}
-    prefix = "gsm8k_" if os.path.exists(os.path.join(source, "gsm8k_train.jsonl")) else ""  # the download
-    splits = {"train": dataset.read_records(os.path.join(source, f"{prefix}train.jsonl"), "gsm8k", FIELDS)}
+    prefix = (
+        "gsm8k_" if os.path.exists(os.path.join(source, "gsm8k_train.jsonl")) else ""
+    )  # the download
+    splits = {
+        "train": dataset.read_records(os.path.join(source, f"{prefix}train.jsonl"), "gsm8k", FIELDS)
+    }
     if os.path.exists(os.path.join(source, f"{prefix}test.jsonl")):
-        splits["test"] = dataset.read_records(os.path.join(source, f"{prefix}test.jsonl"), "gsm8k", FIELDS)
+        splits["test"] = dataset.read_records(
+            os.path.join(source, f"{prefix}test.jsonl"), "gsm8k", FIELDS
+        )
     return splits
 
 
 def main(argv):
-    return dataset.prepare_main("gsm8k", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv)
+    return dataset.prepare_main(
+        "gsm8k", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv
+    )
 
 
 if __name__ == "__main__":

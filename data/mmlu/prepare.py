@@ -37,17 +37,25 @@ def read_folder(folder, split):
     records = []
     for name in sorted(f for f in os.listdir(folder) if f.endswith(".csv")):
         path = os.path.join(folder, name)
-        subject = name[:-len(f"_{split}.csv")].replace("_", " ") if name.endswith(f"_{split}.csv") else ""
+        subject = (
+            name[: -len(f"_{split}.csv")].replace("_", " ")
+            if name.endswith(f"_{split}.csv")
+            else ""
+        )
         about = f" about {subject}" if subject else ""
         for line, (question, *choices, answer) in dataset.read_csv(path, HEADER, len(HEADER)):
             answer = answer.strip()
             if answer not in ("0", "1", "2", "3", "A", "B", "C", "D"):
                 raise UserError(f"{path}:{line}: answer: expected 0-3 or A-D, got {answer!r}")
-            records.append(dict(
-                task="mmlu",
-                instruction=f"The following is a multiple choice question{about}. Answer with the letter of the correct choice.",
-                input=question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices)),
-                response=LETTERS[int(answer)] if answer.isdigit() else answer))
+            records.append(
+                dict(
+                    task="mmlu",
+                    instruction=f"The following is a multiple choice question{about}. Answer with the letter of the correct choice.",
+                    input=question
+                    + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices)),
+                    response=LETTERS[int(answer)] if answer.isdigit() else answer,
+                )
+            )
     return records
 
 
@@ -60,26 +68,52 @@ def read_source(source, config):
                 with tarfile.open(source) as tar:
                     tar.extractall(tmp, filter="data")
             except tarfile.TarError as e:
-                raise UserError(f"{source}: neither a folder nor a readable tar file ({type(e).__name__})") from None
+                raise UserError(
+                    f"{source}: neither a folder nor a readable tar file ({type(e).__name__})"
+                ) from None
             return read_source(tmp, config)
-    if not os.path.isdir(os.path.join(source, "dev")) and os.path.isdir(os.path.join(source, "data")):
+    if not os.path.isdir(os.path.join(source, "dev")) and os.path.isdir(
+        os.path.join(source, "data")
+    ):
         source = os.path.join(source, "data")
-    folders = {split: os.path.join(source, split) for split in ("auxiliary_train", "dev", "val", "test")}
-    if not os.path.isdir(folders["auxiliary_train"]) and not (config["train_on_dev"] and os.path.isdir(folders["dev"])):
-        raise UserError(f"--source={source}: no auxiliary_train/ folder of CSV files; training on dev/ (eval.py's "
-                        f"few-shot examples) needs --train_on_dev=True")
+    folders = {
+        split: os.path.join(source, split) for split in ("auxiliary_train", "dev", "val", "test")
+    }
+    if not os.path.isdir(folders["auxiliary_train"]) and not (
+        config["train_on_dev"] and os.path.isdir(folders["dev"])
+    ):
+        raise UserError(
+            f"--source={source}: no auxiliary_train/ folder of CSV files; training on dev/ (eval.py's "
+            f"few-shot examples) needs --train_on_dev=True"
+        )
     if config["train_on_dev"]:
-        print("WARNING: --train_on_dev=True: dev/ is in train; eval.py --task=mmlu --shots=K shows the model "
-              "questions it was trained on", file=sys.stderr)
-    read = {split: read_folder(folder, split) for split, folder in folders.items() if os.path.isdir(folder)}
-    splits = {"train": read.get("auxiliary_train", []) + (read.get("dev", []) if config["train_on_dev"] else [])}
+        print(
+            "WARNING: --train_on_dev=True: dev/ is in train; eval.py --task=mmlu --shots=K shows the model "
+            "questions it was trained on",
+            file=sys.stderr,
+        )
+    read = {
+        split: read_folder(folder, split)
+        for split, folder in folders.items()
+        if os.path.isdir(folder)
+    }
+    splits = {
+        "train": read.get("auxiliary_train", [])
+        + (read.get("dev", []) if config["train_on_dev"] else [])
+    }
     splits.update({split: read[split] for split in ("val", "test") if split in read})
     return splits
 
 
 def main(argv):
-    return dataset.prepare_main("mmlu", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv,
-                                train_on_dev=S(False, None, "also train on dev/, the few-shot examples eval.py uses"))
+    return dataset.prepare_main(
+        "mmlu",
+        read_source,
+        URLS,
+        os.path.dirname(os.path.abspath(__file__)),
+        argv,
+        train_on_dev=S(False, None, "also train on dev/, the few-shot examples eval.py uses"),
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,11 @@ from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
 # settings (override with --key=value)
-out_dir = S(os.path.normpath(os.path.join(ROOT, "data")), None, "writes tiny_base/tokenizer.model, tasks/, tasks_corpus/ here")
+out_dir = S(
+    os.path.normpath(os.path.join(ROOT, "data")),
+    None,
+    "writes tiny_base/tokenizer.model, tasks/, tasks_corpus/ here",
+)
 seed = S(1337, "[0, inf)", "everything below is drawn from this seed")
 n_train = S(800, "[1, inf)", "examples per task (fewer where a task has fewer distinct inputs)")
 n_val = S(30, "[1, inf)", "validation examples per task")
@@ -55,7 +59,9 @@ n_test = S(50, "[1, inf)", "test examples per task")
 n_documents = S(10000, "[1, inf)", "pretraining corpus documents")
 document_sentences = S(8, "[1, inf)", "sentences per document")
 vocab_size = S(768, "[16, inf)", "the tokenizer's vocabulary")
-max_len = S(64, "[8, inf)", "task examples (all are far shorter); corpus documents get corpus_max_len")
+max_len = S(
+    64, "[8, inf)", "task examples (all are far shorter); corpus documents get corpus_max_len"
+)
 corpus_max_len = S(160, "[8, inf)", "tokens per corpus document at most")
 SETTINGS = configurator.declared(globals())
 TEMPLATE_REPEATS = 500  # times each task's prompt lines go into the tokenizer's text (about the count they had as examples)
@@ -113,37 +119,87 @@ def draw_lookup(rng):
 def draw_count(rng):
     pool = rng.sample(range(10), 3)
     digits, digit = [rng.choice(pool) for _ in range(rng.randint(3, 5))], rng.choice(pool)
-    return dict(input=f"{spaced(digits)} ; {digit}", response=str(digits.count(digit)), digits=spaced(digits), digit=digit)
+    return dict(
+        input=f"{spaced(digits)} ; {digit}",
+        response=str(digits.count(digit)),
+        digits=spaced(digits),
+        digit=digit,
+    )
 
 
 TASKS = {  # name: (instruction, draw, prose)
-    "add": ("Add the two numbers.", draw_add, [
-        "{a} and {b} make {response} .", "add {a} and {b} and you get {response} .",
-        "the sum of {a} and {b} is {response} .", "{a} plus {b} , as we know , is {response} ."]),
-    "bigger": ("Which number is bigger?", draw_bigger, [
-        "of {a} and {b} the bigger is {response} .", "which is bigger , {a} or {b} ? it is {response} .",
-        "{a} and {b} : the bigger number is {response} ."]),
-    "parity": ("Is the sum of the digits even or odd?", draw_parity, [
-        "the digits of {n} add up to an {response} number .", "the digit sum of {n} , we see , is {response} .",
-        "{n} has an {response} digit sum ."]),
-    "reverse": ("Write the digits in reverse order.", draw_reverse, [
-        "{input} backwards is {response} .", "write {input} in reverse and you get {response} .",
-        "reversed , the digits {input} read {response} ."]),
-    "sort": ("Sort the digits from small to large.", draw_sort, [
-        "{input} in order is {response} .", "sort {input} and you get {response} .",
-        "from small to large , the digits {input} are {response} ."]),
-    "lookup": ("Which color goes with the number after the semicolon?", draw_lookup, [
-        "{pairs} , so {key} is {response} .", "here {pairs} . the color of {key} is {response} .",
-        "{pairs} : number {key} goes with {response} ."]),
-    "count": ("How many times does the digit after the semicolon appear before it?", draw_count, [
-        "in {digits} the {digit} comes {response} times .", "count the {digit} in {digits} : {response} .",
-        "{digits} has the digit {digit} {response} times ."]),
+    "add": (
+        "Add the two numbers.",
+        draw_add,
+        [
+            "{a} and {b} make {response} .",
+            "add {a} and {b} and you get {response} .",
+            "the sum of {a} and {b} is {response} .",
+            "{a} plus {b} , as we know , is {response} .",
+        ],
+    ),
+    "bigger": (
+        "Which number is bigger?",
+        draw_bigger,
+        [
+            "of {a} and {b} the bigger is {response} .",
+            "which is bigger , {a} or {b} ? it is {response} .",
+            "{a} and {b} : the bigger number is {response} .",
+        ],
+    ),
+    "parity": (
+        "Is the sum of the digits even or odd?",
+        draw_parity,
+        [
+            "the digits of {n} add up to an {response} number .",
+            "the digit sum of {n} , we see , is {response} .",
+            "{n} has an {response} digit sum .",
+        ],
+    ),
+    "reverse": (
+        "Write the digits in reverse order.",
+        draw_reverse,
+        [
+            "{input} backwards is {response} .",
+            "write {input} in reverse and you get {response} .",
+            "reversed , the digits {input} read {response} .",
+        ],
+    ),
+    "sort": (
+        "Sort the digits from small to large.",
+        draw_sort,
+        [
+            "{input} in order is {response} .",
+            "sort {input} and you get {response} .",
+            "from small to large , the digits {input} are {response} .",
+        ],
+    ),
+    "lookup": (
+        "Which color goes with the number after the semicolon?",
+        draw_lookup,
+        [
+            "{pairs} , so {key} is {response} .",
+            "here {pairs} . the color of {key} is {response} .",
+            "{pairs} : number {key} goes with {response} .",
+        ],
+    ),
+    "count": (
+        "How many times does the digit after the semicolon appear before it?",
+        draw_count,
+        [
+            "in {digits} the {digit} comes {response} times .",
+            "count the {digit} in {digits} : {response} .",
+            "{digits} has the digit {digit} {response} times .",
+        ],
+    ),
 }
 # The fine-tuning suite (data/tasks/). parity (of the digit sum) and lookup stay in the corpus and the
 # tokenizer's text, so the base is unchanged, but not in the suite: neither LoRA nor full fine-tuning
 # got above chance on them from this base (README, "The embedded task suite"), so they only add noise.
 SUITE = ("add", "bigger", "reverse", "sort", "count")
-FEWER_TRAIN = dict(reverse=200, sort=200)  # train examples of these (n_train for the others): with 800 both were at 98-100% for LoRA and full
+FEWER_TRAIN = dict(
+    reverse=200, sort=200
+)  # train examples of these (n_train for the others): with 800 both were at 98-100% for LoRA and full
 
 
 def task_splits(seed, n_train, n_val, n_test, tasks=SUITE):
@@ -157,17 +213,22 @@ def task_splits(seed, n_train, n_val, n_test, tasks=SUITE):
             example = draw(rng)
             examples.setdefault(example["input"], example["response"])
             tries += 1
-        items = [dict(task=name, instruction=instruction, input=i, response=r) for i, r in examples.items()]
+        items = [
+            dict(task=name, instruction=instruction, input=i, response=r)
+            for i, r in examples.items()
+        ]
         splits["test"] += items[:n_test]
-        splits["val"] += items[n_test:n_test + n_val]
-        splits["train"] += items[n_test + n_val:][:FEWER_TRAIN.get(name, n_train)]
+        splits["val"] += items[n_test : n_test + n_val]
+        splits["train"] += items[n_test + n_val :][: FEWER_TRAIN.get(name, n_train)]
     return splits
 
 
 # The corpus: each task's facts in prose (fresh random instances), counting, and plain sentences
 # over the same words.
 # How often each kind of sentence comes: retrieval and counting are what a tiny model learns last.
-CORPUS_WEIGHTS = dict(add=1, bigger=1, parity=1, reverse=1, sort=1, lookup=3, count=2, counting=1, plain=2)
+CORPUS_WEIGHTS = dict(
+    add=1, bigger=1, parity=1, reverse=1, sort=1, lookup=3, count=2, counting=1, plain=2
+)
 
 
 def corpus_sentence(rng):
@@ -178,67 +239,129 @@ def corpus_sentence(rng):
     if kind == "counting":
         start = rng.randrange(90)
         return f"counting up : {spaced(range(start, start + rng.randint(3, 6)))} ."
-    return rng.choice([
-        f"{rng.choice(NAMES)} sees a {rng.choice(COLORS)} {rng.choice(ANIMALS)} by the {rng.choice(PLACES)} .",
-        f"the {rng.choice(ANIMALS)} eats {rng.randint(2, 9)} {rng.choice(FRUITS)}s .",
-        f"{rng.choice(NAMES)} has a {rng.choice(COLORS)} {rng.choice(FRUITS)} .",
-        f"the {rng.choice(PLACES)} is {rng.choice(COLORS)} and the {rng.choice(ANIMALS)} is {rng.choice(COLORS)} .",
-    ])
+    return rng.choice(
+        [
+            f"{rng.choice(NAMES)} sees a {rng.choice(COLORS)} {rng.choice(ANIMALS)} by the {rng.choice(PLACES)} .",
+            f"the {rng.choice(ANIMALS)} eats {rng.randint(2, 9)} {rng.choice(FRUITS)}s .",
+            f"{rng.choice(NAMES)} has a {rng.choice(COLORS)} {rng.choice(FRUITS)} .",
+            f"the {rng.choice(PLACES)} is {rng.choice(COLORS)} and the {rng.choice(ANIMALS)} is {rng.choice(COLORS)} .",
+        ]
+    )
 
 
 def corpus_documents(seed, n_documents, document_sentences):
     rng = random.Random(f"{seed}:corpus")
-    return [" ".join(corpus_sentence(rng) for _ in range(document_sentences)) for _ in range(n_documents)]
+    return [
+        " ".join(corpus_sentence(rng) for _ in range(document_sentences))
+        for _ in range(n_documents)
+    ]
 
 
 def train_tokenizer(lines, vocab_size, path):
     """SentencePiece BPE with the LLaMA 1/2 settings. Trained from an iterator into memory so that the
     model file holds no temporary paths: the same lines give the same bytes."""
     import sentencepiece
+
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, shuffle_input_sentence=False,
-        input_sentence_size=0, minloglevel=2)
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        input_sentence_size=0,
+        minloglevel=2,
+    )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     dataset._atomic_write(path, lambda f: f.write(model.getvalue()))
 
 
 def main(argv=None):
-    config = configurator.configure(SETTINGS, sys.argv[1:] if argv is None else argv, "data/tasks/generate.py")
+    config = configurator.configure(
+        SETTINGS, sys.argv[1:] if argv is None else argv, "data/tasks/generate.py"
+    )
     splits = task_splits(config["seed"], config["n_train"], config["n_val"], config["n_test"])
-    documents = corpus_documents(config["seed"], config["n_documents"], config["document_sentences"])
+    documents = corpus_documents(
+        config["seed"], config["n_documents"], config["document_sentences"]
+    )
     assert not any("###" in d for d in documents)  # the corpus never shows the instruction format
 
     tokenizer_path = os.path.join(config["out_dir"], "tiny_base", "tokenizer.model")
     # each task's prompt template, a line at a time (SentencePiece trains on lines), so that
     # "### Instruction:" gets pieces of its own; not the suite's examples, so that the suite's sizes and
     # inputs can change without changing the tokenizer (and so the pretrained base)
-    template_lines = [line for instruction, _, _ in TASKS.values()
-                      for line in dataset.format_prompt(instruction, "0").split("\n") if line] * TEMPLATE_REPEATS
+    template_lines = [
+        line
+        for instruction, _, _ in TASKS.values()
+        for line in dataset.format_prompt(instruction, "0").split("\n")
+        if line
+    ] * TEMPLATE_REPEATS
     train_tokenizer(documents + template_lines, config["vocab_size"], tokenizer_path)
     print(f"wrote {tokenizer_path}")
     tok = load_tokenizer(tokenizer_path)
 
-    prepare_config = dict(dataset.PREPARE_DEFAULTS, seed=config["seed"], tokenizer=os.path.relpath(tokenizer_path, ROOT))
-    dataset.prepare("tasks", splits, dict(prepare_config, out_dir=os.path.join(config["out_dir"], "tasks"),
-                                          max_len=config["max_len"], tasks=list(SUITE)), tok)
-    write_corpus(documents, os.path.join(config["out_dir"], "tasks_corpus"), tok, config["corpus_max_len"])
+    prepare_config = dict(
+        dataset.PREPARE_DEFAULTS,
+        seed=config["seed"],
+        tokenizer=os.path.relpath(tokenizer_path, ROOT),
+    )
+    dataset.prepare(
+        "tasks",
+        splits,
+        dict(
+            prepare_config,
+            out_dir=os.path.join(config["out_dir"], "tasks"),
+            max_len=config["max_len"],
+            tasks=list(SUITE),
+        ),
+        tok,
+    )
+    write_corpus(
+        documents, os.path.join(config["out_dir"], "tasks_corpus"), tok, config["corpus_max_len"]
+    )
 
 
 def write_corpus(documents, out_dir, tok, max_len):
     """The corpus as a prepared dataset (task "corpus", no raw jsonl): 1 in 20 documents for val."""
     n_val = len(documents) // 20
     splits = {"train": documents[n_val:], "val": documents[:n_val]}
-    encoded = {split: [e for e in (dataset.encode_document(tok, d, max_len) for d in docs) if e] for split, docs in splits.items()}
-    counts = {split: {"dropped_over_long": len(splits[split]) - len(encoded[split])} for split in splits}
-    meta = dataset.write_dataset(out_dir, {split: [("corpus", *e) for e in examples] for split, examples in encoded.items()},
-                                 dict(name="tasks_corpus", vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                                      tokenizer=os.path.relpath(tok.path, ROOT), max_len=max_len, counts=counts))
+    encoded = {
+        split: [e for e in (dataset.encode_document(tok, d, max_len) for d in docs) if e]
+        for split, docs in splits.items()
+    }
+    counts = {
+        split: {"dropped_over_long": len(splits[split]) - len(encoded[split])} for split in splits
+    }
+    meta = dataset.write_dataset(
+        out_dir,
+        {split: [("corpus", *e) for e in examples] for split, examples in encoded.items()},
+        dict(
+            name="tasks_corpus",
+            vocab_size=tok.vocab_size,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+            tokenizer=os.path.relpath(tok.path, ROOT),
+            max_len=max_len,
+            counts=counts,
+        ),
+    )
     for split, c in meta["counts"].items():
-        print(f"tasks_corpus {split}: {c['examples']} documents, {c['tokens']} tokens, {c['dropped_over_long']} dropped as longer than max_len={max_len}")
+        print(
+            f"tasks_corpus {split}: {c['examples']} documents, {c['tokens']} tokens, {c['dropped_over_long']} dropped as longer than max_len={max_len}"
+        )
+
 
 if __name__ == "__main__":
     util.run_cli(main)

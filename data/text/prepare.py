@@ -29,7 +29,9 @@ def read_text(path):
 
 def read_source(source, config):
     if not source or source == config["out_dir"]:
-        raise UserError("--source: expected your text file (one document per line) or a folder of .txt files")
+        raise UserError(
+            "--source: expected your text file (one document per line) or a folder of .txt files"
+        )
     if os.path.isdir(source):
         names = sorted(f for f in os.listdir(source) if f.endswith(".txt"))
         documents = [read_text(os.path.join(source, f)).strip() for f in names]
@@ -39,7 +41,9 @@ def read_source(source, config):
 
 
 def main(argv):
-    return dataset.prepare_main("text", read_source, {}, os.path.dirname(os.path.abspath(__file__)), argv)
+    return dataset.prepare_main(
+        "text", read_source, {}, os.path.dirname(os.path.abspath(__file__)), argv
+    )
 
 
 if __name__ == "__main__":
