@@ -1,6 +1,8 @@
 """
-Benchmarks (figures for the README, not tests), on random weights: speed and memory do not depend on
-them. Every mode times train.py's own arm (train.adapt), optimizer and train_step.
+Benchmarks (figures for the README and docs/benchmarks.md, not tests), on random weights: speed and
+memory do not depend on them. Every mode trains with train.py's own arm (train.adapt), AdamW and
+train_step. The arms take turns, round by round (take_turns), and a ratio is the median of
+same-round pairs, so a machine that slows down mid-run slows all arms alike.
 
     python bench.py --threads=1 [--json_lines]  # --mode=train: ours vs transformers + PEFT
     python bench.py --threads=1 --repeats=3  # 3 times over: the median and range of each ratio
@@ -12,22 +14,11 @@ them. Every mode times train.py's own arm (train.adapt), optimizer and train_ste
     python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
     python bench.py --mode=load              # peak memory and time of loading a ~1 GB checkpoint
 
-train:      each arm next to transformers' LlamaForCausalLM + PEFT LoRA (r = n·r), plain
-            transformers for full, with the same weights, examples, AdamW, clipping, autocast and
-            token-normalized loss, at each vocabulary in turn. tokens/s: real (non-padding) tokens
-            over the median step time. Peak memory (step_memory): the weights' bytes plus the peak
-            of what two training steps allocate on top.
-multilora  = throughput + memory.
-throughput: training steps per second of MultiLoRA (n=4, r=8), LoRA r=32 (the same rank n·r) and
-            LoRA r=8 on the same model.
-memory:     peak bytes allocated in two training steps of MultiLoRA with n = memory_ns (r fixed),
-            next to what the adapter can add: its parameters and AdamW's moments (12 bytes per
-            parameter), gradients (4), and what each adapted layer saves for backward: the folded B
-            (d_out, n·r) and the activation x·Aᵀ (B, T, n·r). Which parts count depends on where the
-            peak falls (with a large vocabulary: in the loss's backward, before any adapter gradient).
-Timing: the arms take turns (take_turns), and a ratio is the median of same-round pairs, so a
-machine that slows down mid-run slows all arms alike. Peak bytes: torch.cuda.max_memory_allocated
-on CUDA; on CPU the allocator's running total recorded by torch.profiler(profile_memory=True).
+train: each arm next to transformers' LlamaForCausalLM + PEFT LoRA (r = n·r; full: transformers)
+with the same weights, examples, AdamW, clipping, autocast and token-normalized loss, at each
+vocabulary in turn; tokens/s counts real (non-padding) tokens. multilora = throughput (MultiLoRA
+n=4 r=8 against LoRA r=32 and r=8) + memory (peak bytes against n, next to the adapter's parts).
+Peak bytes: torch.cuda.max_memory_allocated on CUDA; on CPU torch.profiler's running total.
 """
 
 import copy
@@ -52,16 +43,6 @@ import train
 import util
 from configurator import Rule, S, configure, declared
 from util import UserError
-
-
-def names_from(*choices):  # a list setting: at least one name, each one of choices
-    def check(value, settings):
-        return (
-            not value or any(v not in choices for v in value)
-        ) and f"names from {','.join(choices)}"
-
-    return check
-
 
 # -----------------------------------------------------------------------------
 MODES = ("train", "multilora", "throughput", "memory", "generate", "load")
@@ -94,7 +75,7 @@ seq_len = S(128, "[1, inf)")
 memory_ns = S([1, 2, 4, 8], "[1, inf)")
 memory_rank = S(8, "[1, inf)")
 # mode=train: train.py's step for each arm, next to transformers + PEFT on the same model
-train_arms = S(["multilora", "lora"], names_from("multilora", "lora", "full"), "add full")
+train_arms = S(["multilora", "lora"], ("multilora", "lora", "full"), "add full")
 n_loras = S(4, "[1, inf)", "MultiLoRA: n modules of rank lora_rank; LoRA: rank n_loras·lora_rank")
 lora_rank = S(8, "[1, inf)")
 compare_peft = S(True, None, "also transformers + PEFT LoRA (full: transformers), if installed")
@@ -110,7 +91,7 @@ lengths = S("alpaca", ("alpaca", "fixed"), "example lengths: Alpaca's, or all tr
 train_batch = S(16, "[1, inf)", "examples per step")
 train_max_len = S(512, "[1, inf)", "tokens per example at most (Alpaca's prepare.py max_len)")
 # packed: train.py's default; padded: one example per row (transformers' DataCollatorForSeq2Seq)
-layouts = S(["packed"], names_from("packed", "padded"), "packed = train.py's; add padded")
+layouts = S(["packed"], ("packed", "padded"), "packed = train.py's; add padded")
 json_lines = S(False, None, "print one JSON object per measured configuration")
 repeats = S(1, "[1, inf)", "measure this many times; ratios: median and range")
 # mode=generate (the model shape above, with n_kv_heads) and mode=load
@@ -127,14 +108,12 @@ SETTINGS = declared(globals())
 # the arms, the timer and the memory probe (every mode)
 
 
-def model_shape(vocab, max_len):
-    """The benchmark model's LlamaConfig fields."""
+def model_shape(vocab, max_len):  # the benchmark model's LlamaConfig fields
     size = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, hidden_dim=hidden_dim)
     return dict(size, vocab_size=vocab, max_seq_len=max_len)
 
 
-def random_base(vocab):
-    """The benchmark's LLaMA (fp32, on CPU) with random weights, the same for every arm."""
+def random_base(vocab):  # fp32, on CPU; every arm is a copy of it
     torch.manual_seed(seed)
     model = llama.Llama(llama.LlamaConfig(**model_shape(vocab, max(seq_len, train_max_len + 1))))
     model.init_weights()
@@ -150,7 +129,7 @@ def adamw(model):
 
 
 def make_arm(base, finetune, n, rank):
-    """A copy of base adapted as train.py does (train.adapt), with its AdamW -> (model, optimizer)."""
+    """A copy of base adapted as train.py does (train.adapt), with its AdamW: (model, optimizer)."""
     model = copy.deepcopy(base).to(device=device, dtype=base_dtype(finetune))
     torch.manual_seed(seed)
     lora = dict(n_loras=n, lora_rank=rank, lora_alpha=lora_alpha, lora_dropout=0.0)
@@ -159,27 +138,18 @@ def make_arm(base, finetune, n, rank):
 
 
 def ours_step(model, optimizer, batches, n_targets, grad_clip):
-    """train.py's step under its autocast -> a function of no arguments returning the mean loss."""
+    """train.py's step under its autocast, as a function of no arguments returning the mean loss."""
     ctx = train.autocast_context(torch.device(device).type, dtype)
-
-    def step():
-        loss_sum = train.train_step(
-            model, optimizer, batches, n_targets, ctx=ctx, grad_clip=grad_clip
-        )
-        return loss_sum / n_targets
-
-    return step
-
-
-def sync():
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    run = train.train_step
+    return lambda: (
+        run(model, optimizer, batches, n_targets, ctx=ctx, grad_clip=grad_clip) / n_targets
+    )
 
 
 def take_turns(fns):
-    """Time {name: fn} round-robin: `rounds` rounds, each fn called `steps` times per round, a
-    different one first in each round, so that a machine that slows down slows all alike.
-    -> ({name: wall seconds per call, one per round}, {name: process CPU seconds per call})."""
+    """Time {name: fn}: `rounds` rounds, each fn called `steps` times per round, a different one
+    first in each round. -> ({name: wall s per call, by round}, {name: process CPU s per call})."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     names = list(fns)
     wall, cpu = {n: [] for n in names}, {n: [] for n in names}
     for r in range(rounds):
@@ -223,7 +193,7 @@ def peak_bytes(fn):
 
 
 # -----------------------------------------------------------------------------
-# mode=throughput and mode=memory: MultiLoRA against LoRA, full rows (every next token a target)
+# mode=throughput and mode=memory: MultiLoRA against LoRA on full rows (every next token a target)
 
 
 def full_rows(vocab):
@@ -233,52 +203,45 @@ def full_rows(vocab):
 
 
 def bench_throughput(base):
-    arms = {
-        "multilora n=4 r=8": ("multilora", 4, 8),
-        "lora r=32": ("lora", 1, 32),
-        "lora r=8": ("lora", 1, 8),
-    }
+    """Steps per second of each arm; the ratios of MultiLoRA's speed to each LoRA's, by wall time
+    and by process CPU time (all threads: less sensitive to other processes on a shared CPU)."""
+    arms = {"multilora n=4 r=8": ("multilora", 4, 8), "lora r=32": ("lora", 1, 32)}
+    arms["lora r=8"] = ("lora", 1, 8)
     batches, n_targets = full_rows(base.config.vocab_size)
     built = {name: make_arm(base, *arm) for name, arm in arms.items()}
     fns = {name: ours_step(*arm, batches, n_targets, 0.0) for name, arm in built.items()}
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    # process CPU time (all threads) is less sensitive than wall time to other processes
     wall, cpu = take_turns(fns)
     result = {}
     for name, (model, _) in built.items():
         trainable, base_total = multilora.count_trainable(model)
-        result[name] = dict(
-            steps_per_s=1 / statistics.median(wall[name]),
-            wall_s_per_step=wall[name],
-            cpu_s_per_step=cpu[name],
-            trainable=trainable,
-            trainable_pct=100 * trainable / base_total,
-        )
+        pct, speed = 100 * trainable / base_total, 1 / statistics.median(wall[name])
+        result[name] = dict(steps_per_s=speed, wall_s_per_step=wall[name])
+        result[name] |= dict(cpu_s_per_step=cpu[name], trainable=trainable, trainable_pct=pct)
+        print(f"{name:18s} {speed:8.3f} steps/s  ({trainable} trainable, {pct:.2f}% of base)")
     for other in ("lora r=32", "lora r=8"):
         result[f"ratio vs {other}"] = paired(wall["multilora n=4 r=8"], wall[other])
         result[f"cpu ratio vs {other}"] = paired(cpu["multilora n=4 r=8"], cpu[other])
-    r = result
-    for name in arms:
-        print(
-            f"{name:18s} {r[name]['steps_per_s']:8.3f} steps/s  "
-            f"({r[name]['trainable']} trainable, {r[name]['trainable_pct']:.2f}% of base)"
-        )
     print(
-        f"throughput multilora / lora r=32: {r['ratio vs lora r=32']:.3f}   multilora / lora r=8: "
-        f"{r['ratio vs lora r=8']:.3f}   (median of paired rounds; by process CPU time: "
-        f"{r['cpu ratio vs lora r=32']:.3f}, {r['cpu ratio vs lora r=8']:.3f})"
+        f"throughput multilora / lora r=32: {result['ratio vs lora r=32']:.3f}   multilora / lora "
+        f"r=8: {result['ratio vs lora r=8']:.3f}   (median of paired rounds; by process CPU time: "
+        f"{result['cpu ratio vs lora r=32']:.3f}, {result['cpu ratio vs lora r=8']:.3f})"
     )
     return result
 
 
 def bench_memory(base):
+    """Peak bytes of two training steps (the second has AdamW's state: the steady state) for each
+    n, and its growth over the smallest n next to what the adapter can add, all fp32: parameters
+    + AdamW's two moments, gradients, and what each adapted layer saves for backward: the folded B
+    (d_out, n·r) with its s·α/r factor (n, d_out), and x·Aᵀ (B, T, n·r)."""
     batches, n_targets = full_rows(base.config.vocab_size)
     result = {}
     for n in memory_ns:
 
-        def run():  # the second step has AdamW's state allocated: the steady-state peak
+        def run():
             model, optimizer = make_arm(base, "multilora", n, memory_rank)
             step = ours_step(model, optimizer, batches, n_targets, 0.0)
             for _ in range(2):
@@ -289,43 +252,35 @@ def bench_memory(base):
         params = sum(
             p.numel() for m in ms for k, p in m.named_parameters() if k.startswith("lora_")
         )
-        # what the adapter can add, all fp32: parameters + AdamW's two moments, gradients, and what
-        # each adapted layer saves for backward: the folded B (d_out, n·r) with its s·α/r factor
-        # (n, d_out), and x·Aᵀ (B, T, n·r)
-        result[f"n={n}"] = dict(
-            peak_bytes=peak,
-            adapter_params=params,
-            param_and_adamw_bytes=12 * params,
-            grad_bytes=4 * params,
-            folded_B_bytes=sum(4 * (m.lora_B.numel() + m.lora_s.numel()) for m in ms),
-            rank_activation_bytes=sum(4 * n_targets * m.lora_A.shape[0] for m in ms),
-        )
-    first = result[f"n={memory_ns[0]}"]
-    for r in result.values():  # growth over the smallest n, measured and per part
-        for k in ("peak", "param_and_adamw", "grad", "folded_B", "rank_activation"):
-            r[f"{k}_growth_bytes"] = r[f"{k}_bytes"] - first[f"{k}_bytes"]
+        folded = sum(4 * (m.lora_B.numel() + m.lora_s.numel()) for m in ms)
+        rank_activation = sum(4 * n_targets * m.lora_A.shape[0] for m in ms)
+        result[f"n={n}"] = dict(peak_bytes=peak, adapter_params=params)
+        result[f"n={n}"] |= dict(param_and_adamw_bytes=12 * params, grad_bytes=4 * params)
+        result[f"n={n}"] |= dict(folded_B_bytes=folded, rank_activation_bytes=rank_activation)
     print(
         f"memory: peak bytes allocated in training steps of MultiLoRA r={memory_rank}; growth over "
         f"n={memory_ns[0]} next to the adapter's parts (param+AdamW 12 B/param, grad 4 B/param, "
-        f"folded B and x·Aᵀ saved for backward)"
+        "folded B and x·Aᵀ saved for backward)"
     )
+    parts = ("peak", "param_and_adamw", "grad", "folded_B", "rank_activation")
     for name, m in result.items():
+        for k in parts:
+            m[f"{k}_growth_bytes"] = m[f"{k}_bytes"] - result[f"n={memory_ns[0]}"][f"{k}_bytes"]
+        g = [m[f"{k}_growth_bytes"] for k in parts]
         print(
-            f"  {name:4s} peak {m['peak_bytes']:>13,d} B  growth {m['peak_growth_bytes']:>11,d} B | "
-            f"param+AdamW {m['param_and_adamw_growth_bytes']:>11,d}  "
-            f"grad {m['grad_growth_bytes']:>10,d}  folded B {m['folded_B_growth_bytes']:>9,d}  "
-            f"x·Aᵀ {m['rank_activation_growth_bytes']:>9,d}"
+            f"  {name:4s} peak {m['peak_bytes']:>13,d} B  growth {g[0]:>11,d} B | param+AdamW "
+            f"{g[1]:>11,d}  grad {g[2]:>10,d}  folded B {g[3]:>9,d}  x·Aᵀ {g[4]:>9,d}"
         )
     return result
 
 
 # -----------------------------------------------------------------------------
-# mode=train: train.py's own step for each arm, next to transformers + PEFT on the identical model,
+# mode=train: train.py's own step for each arm, next to transformers + PEFT on the same model,
 # examples and optimizer
 
 
 def train_examples(vocab):
-    """train_batch synthetic examples [(ids, mask)], the last response_fraction of each the response."""
+    """train_batch examples [(ids, mask)], the last response_fraction of each the response."""
     rng = np.random.default_rng(seed)
     if lengths == "fixed":
         sizes = np.full(train_batch, train_max_len + 1)
@@ -340,19 +295,17 @@ def train_examples(vocab):
     return examples
 
 
-def arm_shape(finetune):  # (n, r) of an arm as the tables show it; LoRA has MultiLoRA's rank n·r
-    return {"multilora": (n_loras, lora_rank), "lora": (1, n_loras * lora_rank)}.get(
-        finetune, (0, 0)
-    )
+def arm_shape(finetune):  # (n, r) as the tables show them; LoRA has MultiLoRA's rank n·r
+    shapes = {"multilora": (n_loras, lora_rank), "lora": (1, n_loras * lora_rank)}
+    return shapes.get(finetune, (0, 0))
 
 
 def build(impl, finetune, layout, base, examples):
-    """-> (step returning the mean loss, model, positions per step (rows × length)). impl 'ours':
-    make_arm + train.train_step on the examples collated as train.py does (packed: pack=True);
-    'peft'/'transformers': transformers' LlamaForCausalLM with the same weights (+ PEFT LoRA of
-    rank n_loras·lora_rank), the same AdamW, autocast, token-normalized loss and clipping, fed the
-    same rows: padded ones with their attention_mask, packed ones with position_ids restarting at
-    each example (transformers then builds the same block-diagonal mask)."""
+    """-> (step returning the mean loss, model, positions per step). 'ours': make_arm + train.py's
+    step on the examples collated as train.py does (packed: pack=True); 'peft'/'transformers':
+    LlamaForCausalLM with base's weights (+ PEFT LoRA) and the same AdamW, autocast, loss and
+    clipping, fed the same rows: padded ones with their attention_mask, packed ones with
+    position_ids restarting at each example (transformers then builds the block-diagonal mask)."""
     batches = [dataset.collate(examples, 0, device, pack=layout == "packed")]
     (x, y, positions, _), n_targets = batches[0], sum(int(m[1:].sum()) for _, m in examples)
     n, rank = arm_shape(finetune)
@@ -362,13 +315,10 @@ def build(impl, finetune, layout, base, examples):
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    hf_config = checkpoint.config_to_hf(base.config)
-    hf = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**hf_config, attn_implementation="sdpa")
-    )
-    hf.load_state_dict(
-        {k if k == "lm_head.weight" else "model." + k: v for k, v in base.state_dict().items()}
-    )
+    hf_config = dict(checkpoint.config_to_hf(base.config), attn_implementation="sdpa")
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config))
+    weights = base.state_dict()
+    hf.load_state_dict({k if k == "lm_head.weight" else "model." + k: weights[k] for k in weights})
     hf.to(device=device, dtype=base_dtype(finetune))
     if finetune != "full":
         torch.manual_seed(seed)
@@ -403,28 +353,24 @@ def build(impl, finetune, layout, base, examples):
 
 
 def step_memory(step, model):
-    """Peak memory of training: the bytes of the model's weights (each storage once: a tied
-    embedding counts once) plus the peak of what two steps allocate on top of them: activations,
-    logits, gradients and AdamW's state (the first step allocates it; the second is the steady
-    state). Building the arm is left out: there transformers + PEFT briefly holds our copy of the
-    weights too (it loads from it), which training itself never needs."""
+    """The bytes of the model's weights (each storage once: a tied embedding counts once) plus the
+    peak of what two steps allocate on top: activations, logits, gradients, AdamW's state. The
+    build is left out (transformers briefly holds our copy of the weights too, loading from it)."""
     tensors = list(model.parameters()) + list(model.buffers())
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values()) + peak_bytes(lambda: (step(), step()))
 
 
 def bench_train(vocab, repeat, peaks):
-    """One row per configuration (impl, finetune, layout) at vocabulary vocab: tokens/s of real
-    tokens (median over rounds; each round's seconds kept for paired ratios), MFU, and peak memory
-    (step_memory, a separate untimed pass, measured once into peaks: it does not depend on the load)."""
+    """One row per configuration (impl, finetune, layout) at vocabulary vocab: tokens/s (median
+    over rounds; each round's seconds kept for paired ratios), MFU, the first loss, and peak memory
+    (step_memory, an untimed pass, measured once into peaks: it does not depend on the load)."""
     examples = train_examples(vocab)
     n_tokens = sum(len(ids) - 1 for ids, _ in examples)
     wanted = layouts
     if dataset.collate(examples, 0, "cpu", pack=True)[2] is None:  # every example fills a row
-        print(
-            "note: no two examples fit one row, so packed = padded: measuring 'padded' only",
-            file=sys.stderr,
-        )
+        note = "note: no two examples fit one row, so packed = padded: measuring 'padded' only"
+        print(note, file=sys.stderr)
         wanted = ["padded"]
     configs = [("ours", f, wanted[0]) for f in train_arms]
     configs += [("ours", "lora", lay) for lay in wanted[1:] if "lora" in train_arms]
@@ -434,8 +380,7 @@ def bench_train(vocab, repeat, peaks):
     if compare_peft and have_peft:
         configs += [("peft", "lora", lay) for lay in wanted if "lora" in train_arms]
         configs += [("transformers", "full", lay) for lay in wanted if "full" in train_arms]
-    base = random_base(vocab)
-    built, first_loss = {}, {}
+    base, built, first_loss = random_base(vocab), {}, {}
     for c in configs:
         built[c] = build(*c, base, examples)
         first_loss[c] = float(built[c][0]())  # the same weights and examples: the same first loss
@@ -443,10 +388,10 @@ def bench_train(vocab, repeat, peaks):
             built[c][0]()
     seconds, _ = take_turns({c: fn for c, (fn, _, _) in built.items()})
     row_len = max(len(ids) for ids, _ in examples) - 1  # the attention span, as train.py counts it
-    shape = dict(device=device, dtype=dtype, threads=torch.get_num_threads(), dim=dim)
-    shape |= dict(n_layers=n_layers, vocab_size=vocab, examples=len(examples), lengths=lengths)
+    run = dict(tokens=n_tokens, device=device, dtype=dtype, threads=torch.get_num_threads())
+    run |= dict(dim=dim, n_layers=n_layers, vocab_size=vocab, examples=len(examples))
     rows = []
-    for c, (_, model, n_positions) in built.items():
+    for c, (_, model, positions) in built.items():
         impl, finetune, layout = c
         n, r = arm_shape(finetune)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -454,7 +399,7 @@ def bench_train(vocab, repeat, peaks):
         flops = util.flops_per_token(base.config, trainable, finetune, row_len) * tokens_per_s
         row = dict(impl=impl, finetune=finetune, layout=layout, n_loras=n, lora_rank=r)
         row |= dict(tokens_per_s=tokens_per_s, mfu=flops / peak_flops, trainable=trainable)
-        row |= dict(first_loss=first_loss[c], tokens=n_tokens, positions=n_positions, **shape)
+        row |= dict(first_loss=first_loss[c], positions=positions, lengths=lengths, **run)
         rows.append(row | dict(max_len=train_max_len, seconds_per_round=seconds[c], repeat=repeat))
     built.clear()
     for row in rows:
@@ -475,15 +420,15 @@ def ratio(rows, a, b):
 def print_vocab_results(rows):
     """One vocabulary's configurations as a table (or JSON lines), printed as soon as measured."""
     if json_lines:
-        for r in rows:
-            print(json.dumps(r), flush=True)
+        print("\n".join(json.dumps(r) for r in rows), flush=True)
         return
-    r0 = rows[0]
+    r = rows[0]
     print(
-        f"train step on {r0['device']} ({r0['dtype']}, {r0['threads']} threads): dim={dim} "
-        f"n_layers={n_layers} vocab={r0['vocab_size']}, targets {','.join(targets)}; "
-        f"{r0['examples']} examples of {lengths} lengths ({r0['tokens']} tokens, response "
-        f"{response_fraction:.0%}); tokens/s counts real tokens; MFU against {peak_flops:.3g} FLOP/s"
+        f"train step on {r['device']} ({r['dtype']}, {r['threads']} threads): dim={dim} "
+        f"n_layers={n_layers} vocab={r['vocab_size']}, targets {','.join(targets)}; "
+        f"{r['examples']} examples of {lengths} lengths ({r['tokens']} tokens, response "
+        f"{response_fraction:.0%}); tokens/s counts real tokens; MFU against {peak_flops:.3g} "
+        "FLOP/s"
     )
     print(
         f"  {'impl':12s} {'finetune':9s} {'layout':7s} {'n':>2s} {'r':>4s} {'trainable':>11s} "
@@ -506,9 +451,9 @@ def print_vocab_results(rows):
 
 
 def show(cell, width):
-    """A ratio's or a speed's values over the repeats: the median, and [min, max] if they differ."""
+    """A value's median over the repeats, and its [min, max] where they differ; '-' if none."""
     fmt = (lambda x: f"{x:,.0f}") if cell and cell[0] > 10 else (lambda x: f"{x:.3f}")
-    text = "-" if not cell else fmt(statistics.median(cell))
+    text = fmt(statistics.median(cell)) if cell else "-"
     if cell and min(cell) != max(cell):
         text += f" [{fmt(min(cell))}, {fmt(max(cell))}]"
     return f"{text:>{width}s}"
@@ -519,10 +464,9 @@ def print_ratios(results):
     --repeats > 1, each ratio's median over the repeats and its range [min, max]."""
     lay = "packed" if any(r["layout"] == "packed" for r in results) else "padded"
     n_rep = 1 + max(r["repeat"] for r in results)
-    reps = f"; median [min, max] of {n_rep} repeats:" if n_rep > 1 else ":"
     print(
         f"ratios by vocabulary ({lay} rows on both sides; speed: median of same-round pairs; "
-        f"memory: step_memory){reps}"
+        f"memory: step_memory)" + (f"; median [min, max] of {n_rep} repeats:" if n_rep > 1 else ":")
     )
     heads = ("ours LoRA tokens/s", "PEFT LoRA tokens/s", "ours/PEFT tokens/s")
     heads += ("ours/PEFT peak memory", "MultiLoRA/LoRA tokens/s")
@@ -573,43 +517,37 @@ class IdsOnly:  # generate() needs these ids only: prompts are given as token id
 def bench_generate(workdir):
     from transformers import LlamaForCausalLM
 
-    vocab = vocab_size[0]
-    shape = model_shape(vocab, gen_prompt_len + gen_tokens)
-    config = llama.LlamaConfig(**shape, n_kv_heads=n_kv_heads)
-    save_random_checkpoint(workdir, config)
+    shape = model_shape(vocab_size[0], gen_prompt_len + gen_tokens)
+    save_random_checkpoint(workdir, llama.LlamaConfig(**shape, n_kv_heads=n_kv_heads))
     ours = checkpoint.load_model(workdir).eval()
     hf = LlamaForCausalLM.from_pretrained(workdir, attn_implementation="sdpa").eval()
     g = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(3, vocab, (gen_batch, gen_prompt_len), generator=g)
-    hf_args = dict(
-        attention_mask=torch.ones_like(prompts), max_new_tokens=gen_tokens, do_sample=False
-    )
-    hf_args |= dict(min_new_tokens=gen_tokens, pad_token_id=0)
-    out = {}
+    prompts = torch.randint(3, vocab_size[0], (gen_batch, gen_prompt_len), generator=g)
+    mask, n, out = torch.ones_like(prompts), gen_tokens, {}
+    hf_args = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
     def run_ours():
-        out["ours"] = llama.generate(
-            ours, IdsOnly(), prompts.tolist(), gen_tokens, stop_at_eos=False
-        )
+        out["ours"] = llama.generate(ours, IdsOnly(), prompts.tolist(), n, stop_at_eos=False)
 
+    @torch.no_grad()
     def run_hf():
-        with torch.no_grad():
-            out["transformers"] = hf.generate(prompts, **hf_args)[:, gen_prompt_len:].tolist()
+        out["hf"] = hf.generate(prompts, attention_mask=mask, **hf_args)[
+            :, gen_prompt_len:
+        ].tolist()
 
     wall, _ = take_turns({"ours": run_ours, "transformers": run_hf})
-    n = gen_batch * gen_tokens
-    result = {k: n / statistics.median(v) for k, v in wall.items()}
-    same = out["ours"] == out["transformers"]
+    result = {k: gen_batch * n / statistics.median(v) for k, v in wall.items()}
+    result["same_tokens"] = same = out["ours"] == out["hf"]
     print(
         f"generate: {ours.num_params() / 1e6:.1f}M params, batch {gen_batch}, prompt "
-        f"{gen_prompt_len}, {gen_tokens} new tokens, greedy, {torch.get_num_threads()} threads, "
+        f"{gen_prompt_len}, {n} new tokens, greedy, {torch.get_num_threads()} threads, "
         f"median of {rounds} rounds"
     )
     print(f"  ours (llama.generate)  {result['ours']:9.1f} tokens/s")
     print(f"  transformers generate  {result['transformers']:9.1f} tokens/s")
     speed = result["ours"] / result["transformers"]
     print(f"  ratio ours / transformers: {speed:.2f}x   same tokens: {same}")
-    return dict(result, same_tokens=same)
+    return result
 
 
 LOAD_CHILD = """import json, resource, sys, time, llama, checkpoint
@@ -639,15 +577,14 @@ def bench_load(workdir):
     out = subprocess.run(child, capture_output=True, text=True, check=True, cwd=here)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     r.update(checkpoint_bytes=size, peak_over_size=(r["peak"] - r["before"]) / size)
-    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    before, peak, added = r["before"] / 1e9, r["peak"] / 1e9, (r["peak"] - r["before"]) / 1e9
     print(
-        f"load: {gb(size)} checkpoint (fp32 safetensors, {layers} layers of width {load_dim}), "
-        "fresh process"
+        f"load: {size / 1e9:.2f} GB checkpoint (fp32 safetensors, {layers} layers of width "
+        f"{load_dim}), fresh process"
     )
     print(
-        f"  resident memory: {gb(r['before'])} before loading (python + torch), peak "
-        f"{gb(r['peak'])}; loading added {gb(r['peak'] - r['before'])} = "
-        f"{r['peak_over_size']:.2f}x the checkpoint"
+        f"  resident memory: {before:.2f} GB before loading (python + torch), peak {peak:.2f} GB; "
+        f"loading added {added:.2f} GB = {r['peak_over_size']:.2f}x the checkpoint"
     )
     print(
         f"  load {r['load_s']:.1f} s, first generated token {r['first_token_s']:.1f} s after the "
@@ -658,8 +595,9 @@ def bench_load(workdir):
 
 def main(argv=None):
     globals().update(configure(SETTINGS, sys.argv[1:] if argv is None else argv, "bench.py"))
-    if not vocab_size:
-        raise UserError("--vocab_size: expected at least one vocabulary size")
+    for key in ("vocab_size", "train_arms", "layouts"):
+        if not globals()[key]:
+            raise UserError(f"--{key}: expected at least one value")
     if threads:
         torch.set_num_threads(threads)
     if mode in ("generate", "load"):
