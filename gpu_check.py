@@ -34,26 +34,29 @@ import multilora
 import dataset
 import util
 import train
-from configurator import configure
+from configurator import S, configure, declared
 
 # -----------------------------------------------------------------------------
-dim = 2048  # Llama 3.2 1B's shape (1.24B parameters with the tied 128k embedding)
-n_layers = 16
-n_heads = 32
-n_kv_heads = 8
-hidden_dim = 8192
-vocab_size = 128256
-step_tokens = 16384  # tokens per training step: our LLaMA recipe's 8 × 2,048
-steps = 10  # timed steps per arm (after warmup)
-warmup = 3
-loss_chunk = 256  # train.py's default
-peak_flops = 989e12  # stated dense bf16 peak of an H100/H200 SXM (NVIDIA's datasheet), for MFU
-seed = 0
+# the model: Llama 3.2 1B's shape (1.24B parameters with the tied 128k embedding)
+dim = S(2048, "[1, inf)")
+n_layers = S(16, "[1, inf)")
+n_heads = S(32, "[1, inf)")
+n_kv_heads = S(8, "[1, n_heads]")
+hidden_dim = S(8192, "[1, inf)")
+vocab_size = S(128256, "[8, inf)")
+step_tokens = S(16384, "[1, inf)", "tokens per training step: our LLaMA recipe's 8 × 2,048")
+steps = S(10, "[1, inf)", "timed steps per arm (after warmup)")
+warmup = S(3, "[0, inf)")
+loss_chunk = S(256, "[1, inf)", "train.py's default")
+peak_flops = S(989e12, "(0, inf)", "stated dense bf16 peak of an H100/H200 SXM, for MFU")
+seed = S(0, None)
+
+SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
 
 def build(config, dtype=torch.float32, finetune=None, **lora):
-    """A random model on the GPU in `dtype`, adapted as train.py does (trainable weights in fp32)."""
+    """A random model on the GPU in `dtype`, adapted by train.adapt (trainable weights in fp32)."""
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = llama.Llama(config)
@@ -61,26 +64,14 @@ def build(config, dtype=torch.float32, finetune=None, **lora):
     model.to(dtype)
     model.loss_chunk = loss_chunk
     if finetune:
-        train.adapt(
-            model,
-            finetune,
-            dict(
-                targets=["q", "k", "v", "o"],
-                lora_alpha=16.0,
-                lora_dropout=0.0,
-                scaling="channel",
-                **lora,
-            ),
-        )
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        lora |= dict(targets=["q", "k", "v", "o"], lora_alpha=16.0, lora_dropout=0.0)
+        train.adapt(model, finetune, dict(lora, scaling="channel"))
     return model
 
 
 def examples(n_tokens, seed):
-    """Alpaca-length examples (bench.py's log-normal fit: median 81 tokens) of about n_tokens in all,
-    the last two thirds of each the response."""
+    """Alpaca-length examples (bench.py's log-normal fit: median 81 tokens) of about n_tokens in
+    all, the last two thirds of each the response."""
     rng = np.random.default_rng(seed)
     out, total = [], 0
     while total < n_tokens:
@@ -99,9 +90,8 @@ def check_precision(config):
     )
     with torch.no_grad():
         ref = model(x).float()  # fp32 weights, fp32 matmuls (TF32 is off by default for matmuls)
-        print(
-            f"  {'bf16 run':36s} {'max |Δ|':>8s} {'‖Δ‖/‖ref‖':>10s} {'top-1 same':>10s} {'Δ loss':>9s}"
-        )
+        heads = f"{'max |Δ|':>8s} {'‖Δ‖/‖ref‖':>10s} {'top-1 same':>10s} {'Δ loss':>9s}"
+        print(f"  {'bf16 run':36s} {heads}")
         for label, dtype in (
             ("autocast, fp32 weights (full)", torch.float32),
             ("autocast, bf16 weights (LoRA arms)", torch.bfloat16),
@@ -121,7 +111,7 @@ def check_precision(config):
 
 
 def sdpa_kernels(fn):
-    """Names of the scaled_dot_product_attention implementations that fn() ran, forward and backward."""
+    """Names of the scaled_dot_product_attention kernels that fn() ran, forward and backward."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -168,8 +158,8 @@ def check_speed(config):
     row_len = batches[0][0].shape[1]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     print(
-        f"  {n_tokens:,} tokens per step in {batches[0][0].shape[0]} packed rows of {row_len}; MFU against "
-        f"{peak_flops:.3g} FLOP/s"
+        f"  {n_tokens:,} tokens per step in {batches[0][0].shape[0]} packed rows of {row_len}; "
+        f"MFU against {peak_flops:.3g} FLOP/s"
     )
     for label, finetune, lora in (
         ("LoRA r=32", "lora", dict(n_loras=1, lora_rank=32)),
@@ -273,21 +263,18 @@ def check_ddp():
         t = torch.ones(1, device="cuda")
         dist.all_reduce(t)
         gap = max(abs(a - b) for a, b in zip(losses["ddp"], losses["plain"]))
+        nccl = ".".join(map(str, torch.cuda.nccl.version()))
+        ddp_losses = ", ".join(f"{v:.4f}" for v in losses["ddp"])
         print(
-            f"  NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}, all_reduce ok ({t.item():.0f}); "
-            f"DDP losses {', '.join(f'{v:.4f}' for v in losses['ddp'])}; max gap to no DDP {gap:.1e}"
+            f"  NCCL {nccl}, all_reduce ok ({t.item():.0f}); DDP losses {ddp_losses}; "
+            f"max gap to no DDP {gap:.1e}"
         )
     finally:
         dist.destroy_process_group()
 
 
 def main(argv=None):
-    settings = {
-        k: v
-        for k, v in globals().items()
-        if not k.startswith("_") and isinstance(v, (int, float, str))
-    }
-    globals().update(configure(settings, sys.argv[1:] if argv is None else argv))
+    globals().update(configure(SETTINGS, sys.argv[1:] if argv is None else argv, "gpu_check.py"))
     if not torch.cuda.is_available():
         print("gpu_check: skipped, no CUDA device")
         return 0
@@ -306,9 +293,10 @@ def main(argv=None):
     with torch.device("meta"):  # counted without allocating
         n_params = llama.Llama(config).num_params()
     print(
-        f"gpu_check on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda}); "
-        f"random weights, {n_params / 1e9:.2f}B parameters: dim {dim}, {n_layers} layers, {n_heads} heads, "
-        f"{n_kv_heads} kv heads, hidden {hidden_dim}, vocab {vocab_size:,}; stated peak {peak_flops:.3g} FLOP/s"
+        f"gpu_check on {torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA "
+        f"{torch.version.cuda}); random weights, {n_params / 1e9:.2f}B parameters: dim {dim}, "
+        f"{n_layers} layers, {n_heads} heads, {n_kv_heads} kv heads, hidden {hidden_dim}, vocab "
+        f"{vocab_size:,}; stated peak {peak_flops:.3g} FLOP/s"
     )
     failed = []
     for name, check in (
