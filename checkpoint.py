@@ -8,6 +8,8 @@ LLaMA checkpoints as they ship, read into llama.py's model and written back (doc
     read_config(ckpt_dir)        -> LlamaConfig, reading headers only (no weights)
     load_model(ckpt_dir, dtype)  -> Llama, one tensor at a time straight into its dtype and device
     load_into(model, ckpt_dir)   -> fill a meta-device model, or under FSDP2 this rank's rows only
+    read_adapter(path, names)    -> an adapter file, checked (check_adapter_base and _fits check
+                                    it against a model; multilora.py writes and applies them)
     save_hf_checkpoint(...)      -> config.json + model.safetensors (+ tokenizer files)
     write_tokenizer_files(...)   -> tokenizer.model + what transformers' AutoTokenizer reads
 
@@ -16,6 +18,7 @@ the stored bytes, offsets inside the file), names and shapes against the config.
 UserError naming the file. .pth files load with weights_only=True: no pickled code runs.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -571,6 +574,176 @@ def _source(ckpt_dir):
 def read_config(ckpt_dir):
     """The LlamaConfig of a checkpoint directory, from its config and headers only."""
     return _source(ckpt_dir)[0]
+
+
+# -----------------------------------------------------------------------------
+# adapter files (multilora.save_adapter and load_adapter): a safetensors file of the adapter's
+# tensors; its metadata holds the adapter settings and what identifies the base it was made for
+
+ADAPTER_FORMAT = "multilora-adapter-v1"
+SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
+
+
+def is_lora_key(name):
+    """Whether a parameter is an adapter's (MultiLoRALinear's lora_A, lora_B, lora_s)."""
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def base_fingerprint(model):
+    """Hash of the base model's parameter names and shapes (the adapter's lora_ keys excluded)."""
+    lines = [
+        f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters() if not is_lora_key(name)
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def base_sample(model, n=8):
+    """A few of the base's weight values (n evenly spaced entries of the embedding, the first
+    layer's q_proj and the final norm): two bases of the same shapes but other weights differ here,
+    while the same base loaded in fp32 or bf16 agrees to bf16 precision. Of a model that FSDP2 has
+    sharded, each rank gives the entries in its rows (a collective: every rank calls)."""
+    params = dict(model.named_parameters())
+    sample = []
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "norm.weight"):
+        p = params.get(name)
+        mesh = getattr(p, "device_mesh", None)
+        local = None if p is None else (p.to_local() if mesh else p).detach()
+        if local is None or local.is_meta:
+            continue
+        # integer positions: a float32 linspace rounds past 2^24 entries (LLaMA-7B's embedding
+        # has 131M)
+        index = torch.arange(n, dtype=torch.int64) * (p.numel() - 1) // max(n - 1, 1)
+        if mesh is None:
+            sample += local.reshape(-1)[index.to(local.device)].float().tolist()
+            continue
+        row = p.numel() // p.shape[0]
+        first = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size())[0] * row
+        mine = (index >= first) & (index < first + local.numel())
+        values = torch.zeros(n, dtype=torch.float64, device=local.device)
+        offsets = (index[mine] - first).to(local.device)
+        values[mine.to(local.device)] = local.reshape(-1)[offsets].double()
+        torch.distributed.all_reduce(values, group=mesh.get_group())  # one rank holds each entry
+        sample += values.float().tolist()
+    return sample
+
+
+def same_base_sample(recorded, here):
+    """Whether two base samples are of the same weights: equal to bf16 precision (1%)."""
+    if not isinstance(recorded, list) or len(recorded) != len(here):
+        return False
+    return all(
+        isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6
+        for a, b in zip(recorded, here)
+    )
+
+
+def base_summary(model):
+    c = model.config
+    return (
+        f"dim={c.dim} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} "
+        f"hidden_dim={c.hidden_dim} vocab_size={c.vocab_size}"
+    )
+
+
+def adapter_metadata(model, settings, step=None):
+    """An adapter file's metadata: its settings, the base's identity, the training step if given."""
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "settings": json.dumps(settings, sort_keys=True),
+        "base_fingerprint": base_fingerprint(model),
+        "base_summary": base_summary(model),
+        "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model)),
+    }
+    if step is not None:
+        metadata["step"] = str(step)
+    return metadata
+
+
+def read_adapter(path, target_names):
+    """An adapter file -> (state {key: tensor}, settings, metadata), checked: a safetensors file of
+    finite floating-point tensors, the format's name, settings of the right types and values
+    (target_names: the names settings.targets may hold)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: adapter file not found")
+    _, metadata, _ = read_safetensors_header(path)
+    state = dict(iter_safetensors(path))
+    for k, v in state.items():
+        if not torch.isfinite(v).all():
+            raise UserError(f"{path}: {k}: not finite (NaN or inf): the run that wrote it diverged")
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise UserError(
+            f"{path}: metadata.format: expected {ADAPTER_FORMAT!r}, got {metadata.get('format')!r}"
+        )
+    try:
+        settings = json.loads(metadata["settings"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(
+            f"{path}: metadata.settings: expected a JSON object of adapter settings"
+        ) from None
+    check_adapter_settings(path, settings if isinstance(settings, dict) else {}, target_names)
+    return state, settings, metadata
+
+
+def check_adapter_settings(path, settings, target_names):
+    def refuse(key, expected):
+        got = settings.get(key)
+        return UserError(f"{path}: metadata.settings.{key}: expected {expected}, got {got!r}")
+
+    if settings.get("finetune") not in ("multilora", "lora"):
+        raise refuse("finetune", "'multilora' or 'lora'")
+    targets = settings.get("targets")
+    if not isinstance(targets, list) or not set(targets) <= set(target_names):
+        raise refuse("targets", f"a list of names from {','.join(target_names)}")
+    for key in ("n_loras", "lora_rank"):
+        if type(settings.get(key)) is not int or settings[key] < 1:
+            raise refuse(key, "an int >= 1")
+    alpha, dropout = settings.get("lora_alpha"), settings.get("lora_dropout")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise refuse("lora_alpha", "a number")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise refuse("lora_dropout", "a number in [0, 1)")
+    if settings.get("scaling") not in ("channel", "scalar"):
+        raise refuse("scaling", "'channel' or 'scalar'")
+
+
+def check_adapter_base(path, metadata, model, any_base=False):
+    """Refuse an adapter file made for another base: other names or shapes (the fingerprint), or,
+    unless any_base, the same shapes with other weights (the sample; older files have none)."""
+    want, have = metadata.get("base_fingerprint"), base_fingerprint(model)
+    if want != have:
+        raise UserError(
+            f"{path}: base_fingerprint: adapter was made for a base with "
+            f"{metadata.get('base_summary', '?')} (fingerprint {want}), this model has "
+            f"{base_summary(model)} (fingerprint {have})"
+        )
+    try:
+        sample = json.loads(metadata.get("base_sample") or "null")
+    except ValueError:
+        sample = None
+    here = getattr(model, "base_sample", None) or base_sample(model)
+    if not any_base and sample is not None and not same_base_sample(sample, here):
+        raise UserError(
+            f"{path}: base_sample: the adapter was trained on a base of the same "
+            f"shapes but other weights; pass any_base=True (--adapter_any_base=True) "
+            f"if you mean to apply it anyway"
+        )
+
+
+def check_adapter_fits(path, state, settings, model):
+    """Refuse an adapter file whose settings or tensor shapes differ from the model's adapters."""
+    adapted = model.adapter_settings
+    for k in SETTINGS_THAT_MUST_MATCH:
+        if settings.get(k) != adapted.get(k):
+            raise UserError(
+                f"{path}: settings.{k}: model is adapted with {k}={adapted.get(k)!r}, "
+                f"adapter file has {k}={settings.get(k)!r}"
+            )
+    expected = {k: tuple(p.shape) for k, p in model.named_parameters() if is_lora_key(k)}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    for k in sorted(set(expected) | set(got)):
+        if expected.get(k) != got.get(k):
+            raise UserError(f"{path}: {k}: expected shape {expected.get(k)}, got {got.get(k)}")
 
 
 # -----------------------------------------------------------------------------
