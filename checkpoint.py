@@ -1,7 +1,8 @@
 """
 LLaMA checkpoints as they ship, read into llama.py's model and written back (docs/formats.md):
 
-    Hugging Face layout   config.json + model.safetensors, or shards listed in model.safetensors.index.json
+    Hugging Face layout   config.json + model.safetensors, or shards listed in
+                          model.safetensors.index.json
     Meta layout           params.json + consolidated.NN.pth (one per model-parallel rank) or
                           consolidated[.NN].safetensors
 
@@ -47,7 +48,7 @@ def _read_json(path):
 
 
 def _getter(cfg, path):
-    """get(key, type, default) for a JSON dict: the value, or a UserError naming the file and key."""
+    """get(key, type, default) for a JSON dict: the value, or a UserError naming file and key."""
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
 
@@ -59,14 +60,11 @@ def _getter(cfg, path):
             return default
         if kind is float and type(value) is int:
             return float(value)
-        positive = (
-            default is KeyError
-        )  # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0
+        # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0
+        positive = default is KeyError
         if type(value) is not kind or (kind is int and value < positive):
-            raise UserError(
-                f"{path}: {key}: expected a{' positive' * positive * (kind is int)} {kind.__name__}, "
-                f"got {value!r}"
-            )
+            what = f"a{' positive' * positive * (kind is int)} {kind.__name__}"
+            raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
         return value
 
     return get
@@ -103,7 +101,8 @@ def config_from_hf(cfg, path="config.json"):
     eos = eos if isinstance(eos, list) else [eos if eos is not None else 2]
     if not all(type(e) is int for e in eos):
         raise UserError(
-            f"{path}: eos_token_id: expected an int or a list of ints, got {cfg.get('eos_token_id')!r}"
+            f"{path}: eos_token_id: expected an int or a list of ints, "
+            f"got {cfg.get('eos_token_id')!r}"
         )
     return _config(
         path,
@@ -125,7 +124,8 @@ def config_from_hf(cfg, path="config.json"):
 
 
 def config_from_meta(params, vocab_size, path="params.json"):
-    """LlamaConfig from Meta's params.json. vocab_size comes from the weights (params.json often says -1)."""
+    """LlamaConfig from Meta's params.json. vocab_size comes from the weights (params.json often
+    says -1)."""
     get = _getter(params, path)
     dim = get("dim", int)
     # FFN width as in Meta's model.py: 2/3 of 4·dim, times an optional multiplier, rounded up.
@@ -190,7 +190,8 @@ def config_to_hf(c, torch_dtype="float32"):
 
 # -----------------------------------------------------------------------------
 # safetensors: 8 bytes little-endian header length, then a JSON header {name: {"dtype", "shape",
-# "data_offsets": [begin, end]}, "__metadata__": {...}}, then the bytes (github.com/huggingface/safetensors)
+# "data_offsets": [begin, end]}, "__metadata__": {...}}, then the bytes
+# (github.com/huggingface/safetensors)
 
 DTYPES = {
     "F64": torch.float64,
@@ -237,7 +238,8 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
             raise UserError(f"{path}: tensor {name}: corrupt header entry {t!r}")
         if t.get("dtype") not in dtypes:
             raise UserError(
-                f"{path}: tensor {name}: dtype {t.get('dtype')!r}, expected one of {', '.join(dtypes)}"
+                f"{path}: tensor {name}: dtype {t.get('dtype')!r}, "
+                f"expected one of {', '.join(dtypes)}"
             )
         begin, end = t["data_offsets"]
         numel = 1
@@ -250,7 +252,8 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
             )
         if 8 + n + end > size:
             raise UserError(
-                f"{path}: truncated safetensors file ({size} bytes, tensor {name} ends at {8 + n + end})"
+                f"{path}: truncated safetensors file ({size} bytes, "
+                f"tensor {name} ends at {8 + n + end})"
             )
     return header, metadata, 8 + n
 
@@ -317,13 +320,15 @@ def _torch_load(path):
     try:  # weights_only: tensors and plain containers only, never pickled code
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # a torch pickle fails in many ways; report the file, not the internals
+        first_line = str(e).splitlines()[0][:120] if str(e) else ""
         raise UserError(
-            f"{path}: cannot read torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            f"{path}: cannot read torch checkpoint ({type(e).__name__}: {first_line})"
         ) from None
 
 
 # -----------------------------------------------------------------------------
-# the two layouts: each gives (config, tensors) where tensors() yields (HF key, Stored) in file order.
+# the two layouts: each gives (config, tensors), where tensors() yields (HF key, Stored) in file
+# order.
 # A Stored tensor is read on demand, rows [a, b) at a time: FSDP ranks read only the rows they hold.
 
 
@@ -863,9 +868,9 @@ def save_hf_checkpoint(
     writer=True,
 ):
     """Write config.json + model.safetensors (+ tokenizer.model), the layout transformers reads.
-    `model` is a Llama or a state dict with this model's keys (then pass `config`); step: the training
-    step, kept in model.safetensors' metadata. The file is written one tensor at a time (each is
-    taken, converted, written and dropped), so at most one extra tensor is in memory.
+    `model` is a Llama or a state dict with this model's keys (then pass `config`); step: the
+    training step, kept in model.safetensors' metadata. The file is written one tensor at a time
+    (each is taken, converted, written and dropped), so at most one extra tensor is in memory.
     gather(t) -> t as a whole CPU tensor; under FSDP every process calls this with its shards (a
     collective per tensor, in file order) and only the writer (rank 0) gets tensors and writes."""
     config = config or model.config
