@@ -1,13 +1,16 @@
 """
 LLaMA checkpoints as they ship, read into llama.py's model and written back (docs/formats.md):
 
-    Hugging Face layout   config.json + model.safetensors, or shards listed in model.safetensors.index.json
+    Hugging Face layout   config.json + model.safetensors, or shards listed in
+                          model.safetensors.index.json
     Meta layout           params.json + consolidated.NN.pth (one per model-parallel rank) or
                           consolidated[.NN].safetensors
 
     read_config(ckpt_dir)        -> LlamaConfig, reading headers only (no weights)
     load_model(ckpt_dir, dtype)  -> Llama, one tensor at a time straight into its dtype and device
     load_into(model, ckpt_dir)   -> fill a meta-device model, or under FSDP2 this rank's rows only
+    read_adapter(path, names)    -> an adapter file, checked (check_adapter_base and _fits check
+                                    it against a model; multilora.py writes and applies them)
     save_hf_checkpoint(...)      -> config.json + model.safetensors (+ tokenizer files)
     write_tokenizer_files(...)   -> tokenizer.model + what transformers' AutoTokenizer reads
 
@@ -16,6 +19,7 @@ the stored bytes, offsets inside the file), names and shapes against the config.
 UserError naming the file. .pth files load with weights_only=True: no pickled code runs.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -44,7 +48,7 @@ def _read_json(path):
 
 
 def _getter(cfg, path):
-    """get(key, type, default) for a JSON dict: the value, or a UserError naming the file and key."""
+    """get(key, type, default) for a JSON dict: the value, or a UserError naming file and key."""
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
 
@@ -56,14 +60,11 @@ def _getter(cfg, path):
             return default
         if kind is float and type(value) is int:
             return float(value)
-        positive = (
-            default is KeyError
-        )  # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0
+        # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0
+        positive = default is KeyError
         if type(value) is not kind or (kind is int and value < positive):
-            raise UserError(
-                f"{path}: {key}: expected a{' positive' * positive * (kind is int)} {kind.__name__}, "
-                f"got {value!r}"
-            )
+            what = f"a{' positive' * positive * (kind is int)} {kind.__name__}"
+            raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
         return value
 
     return get
@@ -100,7 +101,8 @@ def config_from_hf(cfg, path="config.json"):
     eos = eos if isinstance(eos, list) else [eos if eos is not None else 2]
     if not all(type(e) is int for e in eos):
         raise UserError(
-            f"{path}: eos_token_id: expected an int or a list of ints, got {cfg.get('eos_token_id')!r}"
+            f"{path}: eos_token_id: expected an int or a list of ints, "
+            f"got {cfg.get('eos_token_id')!r}"
         )
     return _config(
         path,
@@ -122,7 +124,8 @@ def config_from_hf(cfg, path="config.json"):
 
 
 def config_from_meta(params, vocab_size, path="params.json"):
-    """LlamaConfig from Meta's params.json. vocab_size comes from the weights (params.json often says -1)."""
+    """LlamaConfig from Meta's params.json. vocab_size comes from the weights (params.json often
+    says -1)."""
     get = _getter(params, path)
     dim = get("dim", int)
     # FFN width as in Meta's model.py: 2/3 of 4·dim, times an optional multiplier, rounded up.
@@ -187,7 +190,8 @@ def config_to_hf(c, torch_dtype="float32"):
 
 # -----------------------------------------------------------------------------
 # safetensors: 8 bytes little-endian header length, then a JSON header {name: {"dtype", "shape",
-# "data_offsets": [begin, end]}, "__metadata__": {...}}, then the bytes (github.com/huggingface/safetensors)
+# "data_offsets": [begin, end]}, "__metadata__": {...}}, then the bytes
+# (github.com/huggingface/safetensors)
 
 DTYPES = {
     "F64": torch.float64,
@@ -234,7 +238,8 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
             raise UserError(f"{path}: tensor {name}: corrupt header entry {t!r}")
         if t.get("dtype") not in dtypes:
             raise UserError(
-                f"{path}: tensor {name}: dtype {t.get('dtype')!r}, expected one of {', '.join(dtypes)}"
+                f"{path}: tensor {name}: dtype {t.get('dtype')!r}, "
+                f"expected one of {', '.join(dtypes)}"
             )
         begin, end = t["data_offsets"]
         numel = 1
@@ -247,7 +252,8 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
             )
         if 8 + n + end > size:
             raise UserError(
-                f"{path}: truncated safetensors file ({size} bytes, tensor {name} ends at {8 + n + end})"
+                f"{path}: truncated safetensors file ({size} bytes, "
+                f"tensor {name} ends at {8 + n + end})"
             )
     return header, metadata, 8 + n
 
@@ -314,13 +320,15 @@ def _torch_load(path):
     try:  # weights_only: tensors and plain containers only, never pickled code
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # a torch pickle fails in many ways; report the file, not the internals
+        first_line = str(e).splitlines()[0][:120] if str(e) else ""
         raise UserError(
-            f"{path}: cannot read torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            f"{path}: cannot read torch checkpoint ({type(e).__name__}: {first_line})"
         ) from None
 
 
 # -----------------------------------------------------------------------------
-# the two layouts: each gives (config, tensors) where tensors() yields (HF key, Stored) in file order.
+# the two layouts: each gives (config, tensors), where tensors() yields (HF key, Stored) in file
+# order.
 # A Stored tensor is read on demand, rows [a, b) at a time: FSDP ranks read only the rows they hold.
 
 
@@ -574,6 +582,176 @@ def read_config(ckpt_dir):
 
 
 # -----------------------------------------------------------------------------
+# adapter files (multilora.save_adapter and load_adapter): a safetensors file of the adapter's
+# tensors; its metadata holds the adapter settings and what identifies the base it was made for
+
+ADAPTER_FORMAT = "multilora-adapter-v1"
+SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
+
+
+def is_lora_key(name):
+    """Whether a parameter is an adapter's (MultiLoRALinear's lora_A, lora_B, lora_s)."""
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+def base_fingerprint(model):
+    """Hash of the base model's parameter names and shapes (the adapter's lora_ keys excluded)."""
+    lines = [
+        f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters() if not is_lora_key(name)
+    ]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def base_sample(model, n=8):
+    """A few of the base's weight values (n evenly spaced entries of the embedding, the first
+    layer's q_proj and the final norm): two bases of the same shapes but other weights differ here,
+    while the same base loaded in fp32 or bf16 agrees to bf16 precision. Of a model that FSDP2 has
+    sharded, each rank gives the entries in its rows (a collective: every rank calls)."""
+    params = dict(model.named_parameters())
+    sample = []
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight", "norm.weight"):
+        p = params.get(name)
+        mesh = getattr(p, "device_mesh", None)
+        local = None if p is None else (p.to_local() if mesh else p).detach()
+        if local is None or local.is_meta:
+            continue
+        # integer positions: a float32 linspace rounds past 2^24 entries (LLaMA-7B's embedding
+        # has 131M)
+        index = torch.arange(n, dtype=torch.int64) * (p.numel() - 1) // max(n - 1, 1)
+        if mesh is None:
+            sample += local.reshape(-1)[index.to(local.device)].float().tolist()
+            continue
+        row = p.numel() // p.shape[0]
+        first = shard_rows(p.shape[0], mesh.get_local_rank(), mesh.size())[0] * row
+        mine = (index >= first) & (index < first + local.numel())
+        values = torch.zeros(n, dtype=torch.float64, device=local.device)
+        offsets = (index[mine] - first).to(local.device)
+        values[mine.to(local.device)] = local.reshape(-1)[offsets].double()
+        torch.distributed.all_reduce(values, group=mesh.get_group())  # one rank holds each entry
+        sample += values.float().tolist()
+    return sample
+
+
+def same_base_sample(recorded, here):
+    """Whether two base samples are of the same weights: equal to bf16 precision (1%)."""
+    if not isinstance(recorded, list) or len(recorded) != len(here):
+        return False
+    return all(
+        isinstance(a, (int, float)) and abs(a - b) <= 1e-2 * abs(b) + 1e-6
+        for a, b in zip(recorded, here)
+    )
+
+
+def base_summary(model):
+    c = model.config
+    return (
+        f"dim={c.dim} n_layers={c.n_layers} n_heads={c.n_heads} n_kv_heads={c.n_kv_heads} "
+        f"hidden_dim={c.hidden_dim} vocab_size={c.vocab_size}"
+    )
+
+
+def adapter_metadata(model, settings, step=None):
+    """An adapter file's metadata: its settings, the base's identity, the training step if given."""
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "settings": json.dumps(settings, sort_keys=True),
+        "base_fingerprint": base_fingerprint(model),
+        "base_summary": base_summary(model),
+        "base_sample": json.dumps(getattr(model, "base_sample", None) or base_sample(model)),
+    }
+    if step is not None:
+        metadata["step"] = str(step)
+    return metadata
+
+
+def read_adapter(path, target_names):
+    """An adapter file -> (state {key: tensor}, settings, metadata), checked: a safetensors file of
+    finite floating-point tensors, the format's name, settings of the right types and values
+    (target_names: the names settings.targets may hold)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: adapter file not found")
+    _, metadata, _ = read_safetensors_header(path)
+    state = dict(iter_safetensors(path))
+    for k, v in state.items():
+        if not torch.isfinite(v).all():
+            raise UserError(f"{path}: {k}: not finite (NaN or inf): the run that wrote it diverged")
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise UserError(
+            f"{path}: metadata.format: expected {ADAPTER_FORMAT!r}, got {metadata.get('format')!r}"
+        )
+    try:
+        settings = json.loads(metadata["settings"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(
+            f"{path}: metadata.settings: expected a JSON object of adapter settings"
+        ) from None
+    check_adapter_settings(path, settings if isinstance(settings, dict) else {}, target_names)
+    return state, settings, metadata
+
+
+def check_adapter_settings(path, settings, target_names):
+    def refuse(key, expected):
+        got = settings.get(key)
+        return UserError(f"{path}: metadata.settings.{key}: expected {expected}, got {got!r}")
+
+    if settings.get("finetune") not in ("multilora", "lora"):
+        raise refuse("finetune", "'multilora' or 'lora'")
+    targets = settings.get("targets")
+    if not isinstance(targets, list) or not set(targets) <= set(target_names):
+        raise refuse("targets", f"a list of names from {','.join(target_names)}")
+    for key in ("n_loras", "lora_rank"):
+        if type(settings.get(key)) is not int or settings[key] < 1:
+            raise refuse(key, "an int >= 1")
+    alpha, dropout = settings.get("lora_alpha"), settings.get("lora_dropout")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise refuse("lora_alpha", "a number")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise refuse("lora_dropout", "a number in [0, 1)")
+    if settings.get("scaling") not in ("channel", "scalar"):
+        raise refuse("scaling", "'channel' or 'scalar'")
+
+
+def check_adapter_base(path, metadata, model, any_base=False):
+    """Refuse an adapter file made for another base: other names or shapes (the fingerprint), or,
+    unless any_base, the same shapes with other weights (the sample; older files have none)."""
+    want, have = metadata.get("base_fingerprint"), base_fingerprint(model)
+    if want != have:
+        raise UserError(
+            f"{path}: base_fingerprint: adapter was made for a base with "
+            f"{metadata.get('base_summary', '?')} (fingerprint {want}), this model has "
+            f"{base_summary(model)} (fingerprint {have})"
+        )
+    try:
+        sample = json.loads(metadata.get("base_sample") or "null")
+    except ValueError:
+        sample = None
+    here = getattr(model, "base_sample", None) or base_sample(model)
+    if not any_base and sample is not None and not same_base_sample(sample, here):
+        raise UserError(
+            f"{path}: base_sample: the adapter was trained on a base of the same "
+            f"shapes but other weights; pass any_base=True (--adapter_any_base=True) "
+            f"if you mean to apply it anyway"
+        )
+
+
+def check_adapter_fits(path, state, settings, model):
+    """Refuse an adapter file whose settings or tensor shapes differ from the model's adapters."""
+    adapted = model.adapter_settings
+    for k in SETTINGS_THAT_MUST_MATCH:
+        if settings.get(k) != adapted.get(k):
+            raise UserError(
+                f"{path}: settings.{k}: model is adapted with {k}={adapted.get(k)!r}, "
+                f"adapter file has {k}={settings.get(k)!r}"
+            )
+    expected = {k: tuple(p.shape) for k, p in model.named_parameters() if is_lora_key(k)}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    for k in sorted(set(expected) | set(got)):
+        if expected.get(k) != got.get(k):
+            raise UserError(f"{path}: {k}: expected shape {expected.get(k)}, got {got.get(k)}")
+
+
+# -----------------------------------------------------------------------------
 # loading and saving
 
 
@@ -690,9 +868,9 @@ def save_hf_checkpoint(
     writer=True,
 ):
     """Write config.json + model.safetensors (+ tokenizer.model), the layout transformers reads.
-    `model` is a Llama or a state dict with this model's keys (then pass `config`); step: the training
-    step, kept in model.safetensors' metadata. The file is written one tensor at a time (each is
-    taken, converted, written and dropped), so at most one extra tensor is in memory.
+    `model` is a Llama or a state dict with this model's keys (then pass `config`); step: the
+    training step, kept in model.safetensors' metadata. The file is written one tensor at a time
+    (each is taken, converted, written and dropped), so at most one extra tensor is in memory.
     gather(t) -> t as a whole CPU tensor; under FSDP every process calls this with its shards (a
     collective per tensor, in file order) and only the writer (rank 0) gets tensors and writes."""
     config = config or model.config

@@ -129,7 +129,7 @@ def export_hf(ckpt_dir, adapter, out_dir, dtype=None):
     merging a fp32 copy of the base would give, without holding one."""
     check_out_dir(ckpt_dir, out_dir)
     model = load_adapted(ckpt_dir, adapter, dtype, merge=True)
-    state = {k: v for k, v in model.state_dict().items() if not multilora.is_lora_key(k)}
+    state = {k: v for k, v in model.state_dict().items() if not checkpoint.is_lora_key(k)}
     # the tokenizer files: the base's own, or tokenizer_config.json written for its tokenizer.model
     checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=ckpt_dir, config=model.config)
     if os.path.isfile(os.path.join(ckpt_dir, "generation_config.json")):

@@ -1,8 +1,8 @@
 """
-LLaMA 1/2/3 (and Mistral-7B's shape) and batched generation with a KV cache, top to bottom: config ->
-RMSNorm -> RoPE -> attention -> feed-forward -> block -> model -> generate. No file I/O: checkpoints
-are checkpoint.py's (it converts Meta's layout), the tokenizer tokenizer.py's. Module names are Hugging
-Face's without "model.", so the state-dict keys are a HF checkpoint's; RoPE pairs dims as HF's rotate_half.
+LLaMA 1/2/3 (and Mistral-7B's shape) and batched generation with a KV cache, top to bottom:
+config -> RMSNorm -> RoPE -> attention -> feed-forward -> block -> model -> generate. No file I/O:
+checkpoints are checkpoint.py's, the tokenizer tokenizer.py's. Module names are Hugging Face's
+without "model.", so the state-dict keys are a HF checkpoint's; RoPE pairs dims as HF's rotate_half.
 """
 
 import math
@@ -62,31 +62,28 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalize in float32 whatever the activation dtype (as Meta's and HF's implementations do)
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
 
 
 def rope_inv_freq(config):
     """Inverse frequencies θ^(-2j/hd), j = 0..hd/2-1, with Llama 3.1's scaling when configured."""
     hd = config.head_dim
-    inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd)
-    )
+    exponents = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float() / hd
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     rs = config.rope_scaling
-    if rs:  # "llama3" scaling, formula of the Llama 3.1 release (docs/formats.md)
-        factor, lo_f, hi_f = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        orig = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (orig / wavelen - lo_f) / (hi_f - lo_f)
-        scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(
-            wavelen > orig / lo_f,
-            inv_freq / factor,
-            torch.where(wavelen < orig / hi_f, inv_freq, scaled),
-        )
-    return inv_freq
+    if not rs:
+        return inv_freq
+    # "llama3" scaling, formula of the Llama 3.1 release (docs/formats.md): long wavelengths are
+    # divided by factor, short ones kept, those between interpolated
+    factor, lo_f, hi_f = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    orig = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (orig / wavelen - lo_f) / (hi_f - lo_f)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    not_long = torch.where(wavelen < orig / hi_f, inv_freq, scaled)
+    return torch.where(wavelen > orig / lo_f, inv_freq / factor, not_long)
 
 
 def rotate_half(x):
@@ -108,9 +105,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, start_pos, mask):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, Hkv, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # Hkv heads
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
@@ -123,17 +118,15 @@ class Attention(nn.Module):
         # grouped-query attention: each group of H/Hkv query heads shares one key/value head
         gqa = self.n_heads != self.n_kv_heads
         if gqa and mask is not None and T > 1:
-            # with a mask, CUDA's fused kernels do not take enable_gqa (PyTorch's sdpa documentation:
-            # GQA runs on the flash kernel, which takes no mask, or on the math one, which materializes
+            # with a mask, CUDA's fused kernels do not take enable_gqa (PyTorch's sdpa docs: GQA
+            # runs on the flash kernel, which takes no mask, or on the math one, which materializes
             # every score): give the memory-efficient kernel full-width keys and values instead
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             gqa = False
         # a plain bool: under torch.compile T > 1 is symbolic, and bool() of it stays symbolic
         causal = True if mask is None and T > 1 else False  # noqa: SIM210
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
-        )
+        y = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -171,9 +164,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.inv_freq = rope_inv_freq(
-            config
-        )  # a plain tensor: not in the state dict, never on meta
+        self.inv_freq = rope_inv_freq(config)  # a plain tensor: not in the state dict, never meta
         self.checkpoint_blocks = False  # activation checkpointing per block (train.py sets it)
         self.loss_chunk = 256  # target tokens per chunk of the loss (train.py sets it)
 
@@ -188,23 +179,22 @@ class Llama(nn.Module):
         segments=None,
         targets=None,
     ):
-        """tokens (B, T) -> logits (B, T, V), or (B, 1, V) with last_only, or (N, V) at the N True
-        positions of logits_at (B, T) bool (train.py: the loss targets only, so lm_head and the
-        softmax skip prompt and padding positions).
-        With targets (N,), the next-token ids at those N positions: -> their cross-entropy losses
-        (N,) fp32 instead, computed loss_chunk tokens at a time (chunked_cross_entropy), so that no
-        (N, V) logits tensor ever exists whole.
-
+        """tokens (B, T) -> logits (B, T, V); (B, 1, V) with last_only; (N, V) at the N True
+        positions of logits_at (B, T) bool (train.py: the loss targets, so lm_head skips the rest).
+        With targets (N,), the next tokens there: -> their cross-entropy losses (N,) fp32 instead,
+        loss_chunk tokens at a time (chunked_cross_entropy): no (N, V) logits exist whole.
         start_pos: where these tokens go in the KV cache (when one is set up).
         positions: (B, T) RoPE positions; default start_pos + 0..T-1 for every row.
         key_valid: (B, start_pos + T) bool, False at padding, which no token may attend to.
-        segments: (B, T) ints for rows that hold several sequences packed end to end (train.py's
-            packing): a token attends only to earlier tokens of its own segment. Give the positions
-            too, restarting at 0 in each segment; then every sequence gets the logits it would alone.
-            The mask costs B·T² elements, once for all layers.
-        """
+        segments: (B, T) ids of sequences packed end to end (train.py's packing): a token attends
+            only to earlier tokens of its segment; with positions restarting at 0 in each segment,
+            each sequence gets the logits it would alone. The mask holds B·T² elements."""
         if segments is not None and positions is None:
             raise ValueError("segments: give the positions too (restarting at 0 in each segment)")
+        if segments is not None and (start_pos > 0 or key_valid is not None):
+            raise ValueError(
+                "segments: packed rows are whole sequences (no KV cache, no key_valid)"
+            )
         B, T = tokens.shape
         device = tokens.device
         if positions is None:
@@ -224,53 +214,37 @@ class Llama(nn.Module):
                 mask = (mask & key_valid[:, None, None, :S]) | (k_idx == q_idx)
         h = self.embed_tokens(tokens)  # (B, T, D)
         if segments is not None:
-            if start_pos > 0 or mask is not None:
-                raise ValueError(
-                    "segments: packed rows are whole sequences (no KV cache, no key_valid)"
-                )
-            # block-diagonal causal mask (B, 1, T, T), made additive (0 / -inf) once here in the
-            # dtype attention runs in: a bool mask would be converted, and saved for the backward
-            # pass, by every layer's scaled_dot_product_attention
-            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() & (
-                segments[:, None, :, None] == segments[:, None, None, :]
-            )
-            dtype = (
-                torch.get_autocast_dtype(device.type)
-                if torch.is_autocast_enabled(device.type)
-                else h.dtype
-            )
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
-                ~allowed, float("-inf")
-            )
+            # block-diagonal causal mask (B, 1, T, T), additive (0 / -inf) in attention's dtype once
+            # here: every layer's sdpa would convert a bool mask, and save it for the backward pass
+            same_segment = segments[:, None, :, None] == segments[:, None, None, :]
+            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() & same_segment
+            dtype = h.dtype
+            if torch.is_autocast_enabled(device.type):
+                dtype = torch.get_autocast_dtype(device.type)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            mask.masked_fill_(~allowed, float("-inf"))
         for layer in self.layers:
+            args = (h, cos, sin, start_pos, mask)
             if self.checkpoint_blocks and self.training:
-                h = torch.utils.checkpoint.checkpoint(
-                    layer, h, cos, sin, start_pos, mask, use_reentrant=False
-                )
+                h = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, start_pos, mask)
+                h = layer(*args)
         if last_only:
             h = h[:, -1:]
         elif logits_at is not None:
             h = h[logits_at]  # (N, D)
+        h = self.norm(h)
         if targets is not None:
-            return chunked_cross_entropy(
-                self.norm(h), self.lm_head.weight, targets, self.loss_chunk
-            )
-        return self.lm_head(self.norm(h))
+            return chunked_cross_entropy(h, self.lm_head.weight, targets, self.loss_chunk)
+        return self.lm_head(h)
 
-    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
-        """Preallocate the KV cache (as Meta's generation.py does): (B, Hkv, max_len, hd) per layer."""
+    def setup_cache(self, batch_size, max_len):
+        """Preallocate the KV cache, as Meta's generation.py does: (B, Hkv, max_len, hd) a layer."""
         w = self.embed_tokens.weight
-        c = self.config
-        shape = (batch_size, c.n_kv_heads, max_len, c.head_dim)
+        shape = (batch_size, self.config.n_kv_heads, max_len, self.config.head_dim)
         for layer in self.layers:
-            layer.self_attn.cache_k = torch.zeros(
-                shape, dtype=dtype or w.dtype, device=device or w.device
-            )
-            layer.self_attn.cache_v = torch.zeros(
-                shape, dtype=dtype or w.dtype, device=device or w.device
-            )
+            layer.self_attn.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)
+            layer.self_attn.cache_v = torch.zeros(shape, dtype=w.dtype, device=w.device)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -353,25 +327,21 @@ def generate(
     out = [[] for _ in range(B)]
     model.setup_cache(B, total)
     try:
-        logits = model(
-            tokens[:, :L], 0, positions[:, :L], key_valid[:, :L] if padded else None, last_only=True
-        )
+        start = 0  # the first pass feeds the whole prompt, then one token at a time
         for cur in range(L, total):
+            valid = key_valid[:, :cur] if padded else None
+            new = slice(start, cur)
+            logits = model(tokens[:, new], start, positions[:, new], valid, last_only=True)
             nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
             is_stop = torch.isin(nxt, stop) if stop_at_eos else torch.zeros_like(done)
             for i in range(B):
                 if not done[i] and not is_stop[i]:
                     out[i].append(int(nxt[i]))
             done |= is_stop
-            if bool(done.all()) or cur == total - 1:
+            if bool(done.all()):
                 break
             tokens[:, cur] = nxt
-            logits = model(
-                tokens[:, cur : cur + 1],
-                cur,
-                positions[:, cur : cur + 1],
-                key_valid[:, : cur + 1] if padded else None,
-            )
+            start = cur
     finally:
         model.clear_cache()
     return out

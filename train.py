@@ -213,7 +213,7 @@ def build_model(config, model_config, run_device):
     if fsdp and init_from == "pretrained":
         checkpoint.load_into(model, ckpt_dir, run_device)
         if finetune != "full":  # for the adapter file: each rank gives the entries in its rows
-            model.base_sample = multilora.base_sample(model)
+            model.base_sample = checkpoint.base_sample(model)
     return model, adapter_settings
 
 
@@ -531,7 +531,7 @@ def base_identity(raw_model):
     if finetune == "full":
         return {}
     return {
-        "base_fingerprint": multilora.base_fingerprint(raw_model),
+        "base_fingerprint": checkpoint.base_fingerprint(raw_model),
         "base_sample": list(getattr(raw_model, "base_sample", None) or []),
     }
 
@@ -551,14 +551,14 @@ def read_checkpoint(config, model, world_size):
     if here and ckpt.get("base_fingerprint") not in (None, here["base_fingerprint"]):
         raise UserError(
             f"{path}: base_fingerprint: the run was trained on a base of other shapes "
-            f"than {ckpt_dir}'s ({multilora.base_summary(model)}); resume with the "
+            f"than {ckpt_dir}'s ({checkpoint.base_summary(model)}); resume with the "
             f"run's ckpt_dir"
         )
     if (
         here
         and ckpt.get("base_sample")
         and here["base_sample"]
-        and not multilora.same_base_sample(ckpt["base_sample"], here["base_sample"])
+        and not checkpoint.same_base_sample(ckpt["base_sample"], here["base_sample"])
     ):
         raise UserError(
             f"{path}: base_sample: the run was trained on a base of the same shapes "

@@ -156,7 +156,7 @@ def make_run(tmp_path):
         )
         with torch.no_grad():
             for name, p in adapted.named_parameters():
-                if multilora.is_lora_key(name):
+                if checkpoint.is_lora_key(name):
                     p.copy_(torch.randn_like(p))
         files[finetune] = str(tmp_path / f"{finetune}.safetensors")
         multilora.save_adapter(adapted, files[finetune])

@@ -259,7 +259,7 @@ def test_sharded_load_equals_single_process(sharded, name):
             chunks = p.detach().chunk(2)  # FSDP2 shards dim 0 as torch.chunk does
             want = chunks[rank] if rank < len(chunks) else p[:0]
             assert torch.equal(got["local"][k], want), (k, rank)  # adapters included: same draws
-            base_bytes += 0 if multilora.is_lora_key(k) else want.numel() * dtype.itemsize
+            base_bytes += 0 if checkpoint.is_lora_key(k) else want.numel() * dtype.itemsize
         assert got["n_bytes"] == base_bytes  # what it read is exactly its own rows
         if name != "meta_pth":  # memory-mapped .pth reads are page faults, not read(2)
             assert base_bytes <= got["rchar"] <= base_bytes + 128 * 1024  # + config and headers

@@ -216,7 +216,7 @@ def perturb(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if multilora.is_lora_key(name):
+            if checkpoint.is_lora_key(name):
                 p.copy_(
                     torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1)
                 )
@@ -260,7 +260,7 @@ def test_adapt_model_init_equals_base_and_counts(base_dir):
     for name, p in model.named_parameters():
         if name.endswith("lora_s"):
             assert p.grad.abs().sum() > 0
-        elif multilora.is_lora_key(name):
+        elif checkpoint.is_lora_key(name):
             assert torch.all(p.grad == 0), name
         else:
             assert p.grad is None and not p.requires_grad, name

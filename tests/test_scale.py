@@ -111,11 +111,11 @@ def test_adapters_metadata_flops_at_real_shape(meta_model, tmp_path):
     got = [(n, tuple(p.shape)) for n, p in model.named_parameters() if "lora_" not in n]
     assert sorted(got) == sorted(names)  # the same names and shapes; the hash follows model order
     fp = hashlib.sha256("\n".join(f"{n}:{s}" for n, s in got).encode()).hexdigest()[:16]
-    assert multilora.base_fingerprint(model) == fp
+    assert checkpoint.base_fingerprint(model) == fp
     path = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, path, state={}, step=3)  # the metadata alone: no real tensors
     _, meta, _ = read_safetensors_header(path)
-    assert meta["format"] == multilora.ADAPTER_FORMAT and meta["step"] == "3"
+    assert meta["format"] == checkpoint.ADAPTER_FORMAT and meta["step"] == "3"
     assert (
         json.loads(meta["settings"])
         == dict(
