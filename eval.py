@@ -8,7 +8,7 @@ paper reports (its exact list is not confirmed here).
 tasks (--data is):
   exact_match  prepared dataset directories, comma-separated as train.py's datasets (default
                data/tasks), their {split}.jsonl: greedy generation from the training prompt, exact
-               match per task (dataset.exact_match)
+               match per task (exact_match)
   loss         prepared dataset directories, comma-separated (default data/tasks): mean loss on the
                response tokens and perplexity per task, computed by train.evaluate as in training
   mmlu         the MMLU directory with dev/ and {split}/ CSVs, or a folder data/mmlu/prepare.py wrote
@@ -334,6 +334,15 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=8, labe
     return out
 
 
+def exact_match(prediction, response):
+    """Does a generated answer equal the reference? Whitespace at the ends is ignored. References in
+    the GSM8K style ("...reasoning...\\n#### 72") are compared on the final answer after the last
+    "####"."""
+    if "####" in response:
+        prediction, response = prediction.rsplit("####", 1)[-1], response.rsplit("####", 1)[-1]
+    return prediction.strip() == response.strip()
+
+
 def exact_match_details(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
     """examples: [{"task", "instruction", "input", "response"}] -> [{"task", "prediction", "correct"}]."""
     prompts = [dataset.format_prompt(e["instruction"], e["input"]) for e in examples]
@@ -342,14 +351,14 @@ def exact_match_details(model, tokenizer, examples, max_new_tokens=64, batch_siz
             model, tokenizer, prompts, max_new_tokens, batch_size, "exact_match"
         )
     return [
-        dict(task=e["task"], prediction=p, correct=dataset.exact_match(p, e["response"]))
+        dict(task=e["task"], prediction=p, correct=exact_match(p, e["response"]))
         for e, p in zip(examples, predictions)
     ]
 
 
 def score_exact_match(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
     """{task: accuracy in [0, 1]} of greedy generation from the training prompt (dataset.format_prompt)
-    against the reference response, whitespace at the ends ignored (dataset.exact_match)."""
+    against the reference response, whitespace at the ends ignored (exact_match)."""
     return accuracy_by(
         exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size), "task"
     )

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dataset
+import sources
 import eval as evaluate  # the project's eval.py (as a name, "eval" would hide the builtin)
 import llama
 from conftest import ROOT, SHARED
@@ -217,6 +218,13 @@ def naive_greedy(model, ids, max_new_tokens, eos=2):
     return out
 
 
+def test_exact_match():
+    assert evaluate.exact_match(" 19 ", "19") and not evaluate.exact_match("19", "190")
+    # GSM8K: the final answer
+    assert evaluate.exact_match("so it is 6\n#### 72", "48/2 = 24\n#### 72")
+    assert not evaluate.exact_match("#### 71", "#### 72")
+
+
 def test_score_exact_match_against_naive_greedy(tiny_tokenizer_path):
     tok = load_tokenizer(tiny_tokenizer_path)
     model = tiny_llama(vocab_size=tok.vocab_size)
@@ -264,7 +272,7 @@ def test_loss_table_equals_the_closed_form(tmp_path):
     dirs = [str(tmp_path / "one"), str(tmp_path / "two")]  # task "b" in both: one row
     examples = [(task, *dataset.encode_example(tok, i, x, r, 100)) for task, i, x, r in raw]
     for d, part in zip(dirs, (examples[:3], examples[3:])):
-        dataset.write_dataset(
+        sources.write_dataset(
             d, {"val": part}, dict(vocab_size=V, bos_id=1, eos_id=2, tokenizer="chars", max_len=100)
         )
 
@@ -467,12 +475,12 @@ def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
             for r in raw
         ]
     }
-    dataset.write_dataset(
+    sources.write_dataset(
         str(tmp_path),
         splits,
         dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2, tokenizer="t", max_len=200),
     )
-    dataset.write_jsonl(str(tmp_path / "test.jsonl"), raw)
+    sources.write_jsonl(str(tmp_path / "test.jsonl"), raw)
     em = evaluate.main(
         [f"--ckpt_dir={ckpt}", "--task=exact_match", f"--data={tmp_path}", "--max_new_tokens=4"]
     )
@@ -649,7 +657,7 @@ def test_cli_exact_match_takes_several_datasets(ckpt, tmp_path, tiny_tokenizer_p
     for name, task in (("a", "sort"), ("b", "reverse")):
         raw = [dict(task=task, instruction="Do it", input=f"{i}", response="x") for i in range(3)]
         d = tmp_path / name
-        dataset.write_dataset(
+        sources.write_dataset(
             str(d),
             {
                 "test": [
@@ -664,7 +672,7 @@ def test_cli_exact_match_takes_several_datasets(ckpt, tmp_path, tiny_tokenizer_p
             },
             dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2, tokenizer="t", max_len=200),
         )
-        dataset.write_jsonl(str(d / "test.jsonl"), raw)
+        sources.write_jsonl(str(d / "test.jsonl"), raw)
     em = evaluate.main(
         [
             f"--ckpt_dir={ckpt}",
