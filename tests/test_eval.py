@@ -1,7 +1,7 @@
-"""eval.py: multiple-choice log-likelihoods on a model whose log-probabilities are known in closed form,
-batched = one at a time, greedy exact match = a naive greedy loop, validation loss by formula, GSM8K
-answer extraction, the prompt formats, the command line; and (with ../shared) choice log-likelihoods
-on stories260K against transformers' LlamaForCausalLM."""
+"""eval.py: multiple-choice log-likelihoods on a model whose log-probabilities are known in closed
+form, batched = one at a time, greedy exact match = a naive greedy loop, validation loss by formula,
+GSM8K answer extraction, the prompt formats, the command line; and (with ../shared) choice
+log-likelihoods on stories260K against transformers' LlamaForCausalLM."""
 
 import json
 import math
@@ -21,6 +21,7 @@ import llama
 from conftest import ROOT, SHARED
 from util import UserError
 import checkpoint
+from inference import load_for_inference
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -305,7 +306,8 @@ def test_loss_table_equals_the_closed_form(tmp_path):
     "text, answer",
     [
         (
-            "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18",
+            "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
+            "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18",
             "18",
         ),
         (
@@ -397,7 +399,8 @@ def test_mmlu_letter_format_with_shots(tmp_path):
     ]
     ctx, cont = items[0]["pairs"][2]
     assert CharTokenizer().decode(ctx) == (
-        "The following are multiple choice questions (with answers) about high school geography.\n\n"
+        "The following are multiple choice questions (with answers) about high school "
+        "geography.\n\n"
         "d1\nA. ad1\nB. bd1\nC. cd1\nD. dd1\nAnswer: A\n\n"
         "d2\nA. ad2\nB. bd2\nC. cd2\nD. dd2\nAnswer: C\n\n"
         "t1\nA. at1\nB. bt1\nC. ct1\nD. dt1\nAnswer:"
@@ -693,12 +696,13 @@ MMLU = os.path.join(SHARED, "data", "mmlu")
 
 @pytest.mark.skipif(
     not (os.path.isdir(STORIES) and os.path.isdir(MMLU)),
-    reason="../shared/models/stories260K and ../shared/data/mmlu not present (only on the team's machines)",
+    reason="../shared/models/stories260K and ../shared/data/mmlu not present "
+    "(only on the team's machines)",
 )
 @pytest.mark.parametrize("mc_format, shots", [("letter", 0), ("cloze", 5)])
 def test_stories260k_mmlu_choice_logprobs_match_transformers(mc_format, shots):
     transformers = pytest.importorskip("transformers")
-    model, tok = evaluate.load(STORIES)
+    model, tok = load_for_inference(STORIES, "", "", "float32", "cpu", merge=True)
     items = evaluate.mmlu_items(
         tok,
         MMLU,
