@@ -83,27 +83,25 @@ def write_dataset(out_dir, splits, meta, raw=None):
 # reading sources
 
 
-def read_json_records(path, fields):
-    """The records of a JSON array of objects (alpaca_data.json) or, when the file does not start
-    with "[", of JSON lines. An error in an array names the line where the JSON breaks, or the
-    record (its index in the array, from 0) and the field expected."""
-    text = read_text(path)
-    if not text.lstrip().startswith("["):
-        return [r for _, r in read_jsonl(path, fields)]
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
-    for i, record in enumerate(records):
-        check_fields(f"{path}: record [{i}]", record, fields)
-    if not records:
-        raise UserError(f"{path}: empty file (no examples)")
-    return records
-
-
 def read_records(path, task, fields):
-    """Instruction records from a JSON array or JSON-lines file. fields: {our field: the source's
-    field} for "instruction" and "response", and "input" unless the source has none (then "")."""
+    """Instruction records from a JSON array of objects (alpaca_data.json) or, when the file does
+    not start with "[", JSON lines. fields: {our field: the source's field} for "instruction" and
+    "response", and "input" unless the source has none (then ""). An error in an array names the
+    line where the JSON breaks, or the record (its index in the array, from 0) and the field."""
+    text, names = read_text(path), tuple(fields.values())
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(
+                f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
+            ) from None
+        for i, record in enumerate(records):
+            check_fields(f"{path}: record [{i}]", record, names)
+        if not records:
+            raise UserError(f"{path}: empty file (no examples)")
+    else:
+        records = [r for _, r in read_jsonl(path, names)]
     return [
         dict(
             task=task,
@@ -111,7 +109,7 @@ def read_records(path, task, fields):
             input=r[fields["input"]] if "input" in fields else "",
             response=r[fields["response"]],
         )
-        for r in read_json_records(path, tuple(fields.values()))
+        for r in records
     ]
 
 
