@@ -199,13 +199,14 @@ def adapter_spectra(ckpt_dir, path):
     folded_B·lora_A as multilora.py computes it, decomposed from its factors (svd_factored): exact,
     and cheap for large matrices. The base weights do not enter ΔW; they are loaded (in bf16, to
     halve the memory) only so that apply_adapter can check that the file belongs to this base."""
-    model, _ = load_for_inference(ckpt_dir, None, path, "bfloat16", "cpu", merge=False)
+    model, _ = load_for_inference(ckpt_dir, None, "", "bfloat16", "cpu", merge=False)
+    settings = multilora.apply_adapter(model, path)  # the file's own settings, as it stores them
     spectra = {}
     with torch.no_grad():
         for name, layer in multilora.adapter_modules(model):
             S, U = svd_factored(layer.folded_B(), layer.lora_A)
             spectra[name] = (S, U, (layer.out_features, layer.in_features))
-    return model.adapter_settings, spectra
+    return settings, spectra
 
 
 def checkpoint_dir(path):
@@ -293,8 +294,8 @@ def print_summary(summary):
             k = len(g.get("phi", []))  # rows of φ: i <= min(rank, phi_dim) <= columns
             phi = f"{g['phi'][k - 1][k - 1]:7.3f}" if k else f"{'':>7}"
             er, top1 = g["effective_rank"], g["top1_share"]
-            er = er if er is None else f"{er:9.2f}"
-            top1 = top1 if top1 is None else f"{top1:7.3f}"
+            er = "-" if er is None else f"{er:9.2f}"  # None: ΔW = 0 (an adapter not trained)
+            top1 = "-" if top1 is None else f"{top1:7.3f}"
             print(
                 f"{label:<12} {group:<10} {g['n_matrices']:>8} {g['rank']:>7.1f} "
                 f"{er:>9} {top1:>7} {phi}"

@@ -223,6 +223,15 @@ def read_text(path):
     return text
 
 
+def decode_json(text, path, line=1):
+    """json.loads(text), an error naming path and the line (text starts at that line of path)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{path}:{line + e.lineno - 1}"
+        raise UserError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+
+
 def read_jsonl(path, fields):
     """-> [(line_number, record)] for a file with one JSON object per line (blank lines allowed)."""
     records = []
@@ -230,12 +239,7 @@ def read_jsonl(path, fields):
     for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
+        record = decode_json(line, path, number)
         check_fields(f"{path}:{number}", record, fields)
         records.append((number, record))
     return records

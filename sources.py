@@ -17,8 +17,8 @@ import numpy as np
 import configurator
 import util
 from configurator import S
-from dataset import FIELDS, FORMAT, check_fields, encode_document, encode_example, read_jsonl
-from dataset import read_text
+from dataset import FIELDS, FORMAT, check_fields, decode_json, encode_document, encode_example
+from dataset import read_jsonl, read_text
 from tokenizer import load_tokenizer
 from util import UserError
 
@@ -90,12 +90,7 @@ def read_records(path, task, fields):
     line where the JSON breaks, or the record (its index in the array, from 0) and the field."""
     text, names = read_text(path), tuple(fields.values())
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
+        records = decode_json(text, path)
         for i, record in enumerate(records):
             check_fields(f"{path}: record [{i}]", record, names)
         if not records:

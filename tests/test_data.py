@@ -1,6 +1,7 @@
-"""dataset.py, data/<name>/prepare.py and data/tasks/generate.py on small fixtures in each source's
-real format (written here; no network, no ../shared). Decoding uses the committed tiny tokenizer,
-which has LLaMA's settings (byte fallback, identity normalization), so every text round-trips."""
+"""dataset.py, sources.py, data/<name>/prepare.py and data/tasks/generate.py on small fixtures in
+each source's real format (written here; no network, no ../shared). Decoding uses the committed tiny
+tokenizer, which has LLaMA's settings (byte fallback, identity normalization), so every text
+round-trips."""
 
 import csv
 import importlib.util
