@@ -252,8 +252,8 @@ def prepare(name, splits, config, tok):
 
 def prepare_main(name, read_source, urls, out_dir, argv, **settings):
     """The whole of a data/<name>/prepare.py run: configurator.py's --key=value (PREPARE_SETTINGS
-    with out_dir's default, then the script's own **settings), download urls ({file name: url}) into
-    out_dir when no --source is given, read_source(path, config) -> {split: [records]},
+    with out_dir's default, then the script's own **settings); urls ({file name: url}) downloaded
+    into out_dir when no --source is given; read_source(path, config) -> {split: [records]}; then
     prepare()."""
     out_dir_setting = PREPARE_SETTINGS["out_dir"]
     out_dir = os.path.relpath(out_dir)  # data/<name> from the repository root, as --help shows it
@@ -261,7 +261,7 @@ def prepare_main(name, read_source, urls, out_dir, argv, **settings):
         {
             **PREPARE_SETTINGS,
             **settings,
-            "out_dir": configurator.S(out_dir, out_dir_setting.allowed, out_dir_setting.help),
+            "out_dir": S(out_dir, out_dir_setting.allowed, out_dir_setting.help),
         },
         argv,
         os.path.join(out_dir, "prepare.py"),
