@@ -12,9 +12,10 @@ For every adapted matrix: ΔW, its singular values σ_1 >= σ_2 >= … and, per 
   top-1 share           σ_1 / Σσ
   subspace similarity to full fine-tuning (LoRA paper, Hu et al. 2021, §7):
                         φ(i, j) = ||U_iᵀ V_j||_F² / min(i, j), U_i the top-i left singular vectors
-                        of the method's ΔW, V_j the top-j of the full fine-tuning ΔW = W_full - W_base.
-Writes out_dir/summary.json always, out_dir/spectra.png and out_dir/similarity.png when matplotlib is
-installed (an optional extra, imported only to plot).
+                        of the method's ΔW, V_j the top-j of the full fine-tuning
+                        ΔW = W_full - W_base.
+Writes out_dir/summary.json always, out_dir/spectra.png and out_dir/similarity.png when matplotlib
+is installed (an optional extra, imported only to plot).
 """
 
 import json
@@ -27,12 +28,13 @@ import checkpoint
 import multilora
 import util
 from configurator import S, configure, declared
+from inference import load_for_inference
 from util import UserError
 
 # -----------------------------------------------------------------------------
 ckpt_dir = S(
     "",
-    lambda v, s: None if v else "a path (required)",
+    util.required,
     "base model (HF or Meta layout) the adapters and the full fine-tune start from",
 )
 adapters = S(
@@ -62,7 +64,8 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def svd_dense(delta):
-    """Singular values (descending) and left singular vectors of a dense ΔW (d_out, d_in), in fp64."""
+    """Singular values (descending) and left singular vectors of a dense ΔW (d_out, d_in), in
+    fp64."""
     U, S, _ = torch.linalg.svd(delta.double(), full_matrices=False)
     return S, U
 
@@ -79,7 +82,8 @@ def svd_factored(B, A):
 
 def numerical_rank(sigma, shape):
     """Singular values below σ_1·max(d_out, d_in)·eps(fp32) are round-off of an fp32 ΔW, not signal
-    (the tolerance numpy.linalg.matrix_rank uses, at fp32 precision since ΔW is computed in fp32)."""
+    (the tolerance numpy.linalg.matrix_rank uses, at fp32 precision since ΔW is computed in
+    fp32)."""
     if len(sigma) == 0 or sigma[0] <= 0:
         return 0
     tol = sigma[0].item() * max(shape) * torch.finfo(torch.float32).eps
@@ -134,8 +138,8 @@ def layer_type(name):
 
 def summarize_method(spectra, top_k, full_vectors=None, phi_dim=32):
     """spectra: {matrix name: (sigma, U, shape)} for one method. Per matrix figures, and per layer
-    type (and 'all') the means over layers of the figures and of the first top_k points of the curves.
-    With full_vectors ({name: V}), adds φ(i, j) to full fine-tuning, i, j <= phi_dim."""
+    type (and 'all') the means over layers of the figures and of the first top_k points of the
+    curves. With full_vectors ({name: V}), adds φ(i, j) to full fine-tuning, i, j <= phi_dim."""
     matrices, groups = {}, {}
     for name, (sigma, U, shape) in spectra.items():
         rank = numerical_rank(sigma, shape)
@@ -191,12 +195,12 @@ def summarize_method(spectra, top_k, full_vectors=None, phi_dim=32):
 
 
 def adapter_spectra(ckpt_dir, path):
-    """An adapter file on its base -> (settings, {module name: (σ, U, (d_out, d_in))}). ΔW = folded_B·lora_A
-    as multilora.py computes it, decomposed from its factors (svd_factored): exact, and cheap for large
-    matrices. The base weights do not enter ΔW; they are loaded (in bf16, to halve the memory) only so
-    that apply_adapter can check that the file belongs to this base."""
-    model = checkpoint.load_model(ckpt_dir, dtype=torch.bfloat16)
-    settings = multilora.apply_adapter(model, path)
+    """An adapter file on its base -> (settings, {module name: (σ, U, (d_out, d_in))}). ΔW =
+    folded_B·lora_A as multilora.py computes it, decomposed from its factors (svd_factored): exact,
+    and cheap for large matrices. The base weights do not enter ΔW; they are loaded (in bf16, to
+    halve the memory) only so that apply_adapter can check that the file belongs to this base."""
+    model, _ = load_for_inference(ckpt_dir, None, "", "bfloat16", "cpu", merge=False)
+    settings = multilora.apply_adapter(model, path)  # the file's own settings, as it stores them
     spectra = {}
     with torch.no_grad():
         for name, layer in multilora.adapter_modules(model):
@@ -229,9 +233,10 @@ def full_spectra(ckpt_dir, full_dir, names, keep=64, device="cpu"):
     for name in names:
         key = name + ".weight"
         if key not in full or full[key].shape != base[key].shape:
+            got = list(full[key].shape) if key in full else "no such tensor"
             raise UserError(
-                f"--full={full_dir}: {key}: expected shape {list(base[key].shape)} as in --ckpt_dir={ckpt_dir}, "
-                f"got {list(full[key].shape) if key in full else 'no such tensor'}"
+                f"--full={full_dir}: {key}: expected shape {list(base[key].shape)} as in "
+                f"--ckpt_dir={ckpt_dir}, got {got}"
             )
         delta = full[key].float() - base[key].float()
         S, U = svd_dense(delta.to(device))
@@ -244,65 +249,67 @@ def full_spectra(ckpt_dir, full_dir, names, keep=64, device="cpu"):
 
 
 def method_label(settings, path, taken):
-    """'lora', 'multilora' (from the file's settings), or the file name when that is already taken."""
+    """'lora', 'multilora' (from the file's settings), or the file name when that is taken."""
     label = settings.get("finetune") or os.path.basename(path)
     if label in taken:
-        label = f"{label} ({os.path.basename(os.path.dirname(os.path.abspath(path)))}/{os.path.basename(path)})"
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        label = f"{label} ({folder}/{os.path.basename(path)})"
     return label
 
 
-def analyze(config):
+def analyze():
     """-> the summary dict written to summary.json."""
     methods = {}
-    for path in config["adapters"]:
-        settings, spectra = adapter_spectra(config["ckpt_dir"], path.strip())
+    for path in adapters:
+        settings, spectra = adapter_spectra(ckpt_dir, path.strip())
         methods[method_label(settings, path, methods)] = dict(
             file=path.strip(), settings=settings, spectra=spectra
         )
     full_vectors = None
-    if config["full"]:
+    if full:
         names = sorted({name for m in methods.values() for name in m["spectra"]})
-        spectra = full_spectra(
-            config["ckpt_dir"], config["full"], names, config["phi_dim"], config["device"]
-        )
+        spectra = full_spectra(ckpt_dir, full, names, phi_dim, device)
         full_vectors = {name: U for name, (_, U, _) in spectra.items()}
         methods["full"] = dict(
-            file=checkpoint_dir(config["full"]), settings=dict(finetune="full"), spectra=spectra
+            file=checkpoint_dir(full), settings=dict(finetune="full"), spectra=spectra
         )
-    summary = dict(base=config["ckpt_dir"], settings=config, methods={})
+    summary = dict(base=ckpt_dir, settings={k: globals()[k] for k in SETTINGS}, methods={})
     for label, m in methods.items():
         reference = full_vectors if label != "full" else None
         summary["methods"][label] = dict(
             file=m["file"],
             settings=m["settings"],
-            **summarize_method(m["spectra"], config["top_k"], reference, config["phi_dim"]),
+            **summarize_method(m["spectra"], top_k, reference, phi_dim),
         )
     return summary
 
 
 def print_summary(summary):
     print(
-        f"{'method':<12} {'layer':<10} {'matrices':>8} {'rank':>7} {'eff. rank':>9} {'top-1':>7} {'φ(k,k)':>7}"
+        f"{'method':<12} {'layer':<10} {'matrices':>8} {'rank':>7} {'eff. rank':>9} {'top-1':>7} "
+        f"{'φ(k,k)':>7}"
     )
     for label, m in summary["methods"].items():
         for group, g in m["by_layer_type"].items():
             k = len(g.get("phi", []))  # rows of φ: i <= min(rank, phi_dim) <= columns
             phi = f"{g['phi'][k - 1][k - 1]:7.3f}" if k else f"{'':>7}"
             er, top1 = g["effective_rank"], g["top1_share"]
+            er = "-" if er is None else f"{er:9.2f}"  # None: ΔW = 0 (an adapter not trained)
+            top1 = "-" if top1 is None else f"{top1:7.3f}"
             print(
                 f"{label:<12} {group:<10} {g['n_matrices']:>8} {g['rank']:>7.1f} "
-                f"{er if er is None else f'{er:9.2f}':>9} {top1 if top1 is None else f'{top1:7.3f}':>7} {phi}"
+                f"{er:>9} {top1:>7} {phi}"
             )
     print(
-        "eff. rank = exp(entropy of σ/Σσ); top-1 = σ_1/Σσ; φ(k,k) = subspace similarity of the top k = "
-        "min(rank, phi_dim) directions to full fine-tuning's; means over the layers"
+        "eff. rank = exp(entropy of σ/Σσ); top-1 = σ_1/Σσ; φ(k,k) = subspace similarity of the "
+        "top k = min(rank, phi_dim) directions to full fine-tuning's; means over the layers"
     )
 
 
 def plot(summary, out_dir):
-    """spectra.png (normalized spectrum and cumulative energy per layer type, one line per method) and
-    similarity.png (φ(i, j) to full fine-tuning per method and layer type). Returns the files written,
-    [] without matplotlib."""
+    """spectra.png (normalized spectrum and cumulative energy per layer type, one line per method)
+    and similarity.png (φ(i, j) to full fine-tuning per method and layer type). Returns the files
+    written, [] without matplotlib."""
     try:
         import matplotlib
 
@@ -311,7 +318,8 @@ def plot(summary, out_dir):
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         print(
-            "note: matplotlib is not installed: no plots (pip install matplotlib); summary.json has the numbers"
+            "note: matplotlib is not installed: no plots (pip install matplotlib); summary.json "
+            "has the numbers"
         )
         return []
     written = []
@@ -390,13 +398,13 @@ def plot(summary, out_dir):
 
 
 def main(argv):
-    config = configure(SETTINGS, argv)
-    summary = analyze(config)
-    os.makedirs(config["out_dir"], exist_ok=True)
-    path = os.path.join(config["out_dir"], "summary.json")
+    globals().update(configure(SETTINGS, argv))
+    summary = analyze()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "summary.json")
     util.write_text(path, json.dumps(summary, indent=1))
     print_summary(summary)
-    for written in [path] + plot(summary, config["out_dir"]):
+    for written in [path] + plot(summary, out_dir):
         print(f"wrote {written}")
     return summary
 

@@ -12,8 +12,9 @@ Template (Alpaca-style, without Alpaca's "Below is an instruction..." preamble):
     {response}</s>
 The "### Input:" block is left out when the input is empty. Tokens are
     BOS + encode(prompt) + encode(response) + EOS
-with prompt and response encoded separately, so that generation from BOS + encode(prompt) sees exactly
-what training saw. The loss mask is 1 on the response tokens and the EOS, 0 on BOS and the prompt.
+with prompt and response encoded separately, so that generation from BOS + encode(prompt) sees
+exactly what training saw. The loss mask is 1 on the response tokens and the EOS, 0 on BOS and the
+prompt.
 
 A prepared dataset is a directory (format "multilora-v1"):
     meta.json            {"format", "tasks", "vocab_size", "bos_id", "eos_id", "tokenizer",
@@ -22,28 +23,22 @@ A prepared dataset is a directory (format "multilora-v1"):
     {split}_mask.npy     uint8, same length, 1 = loss target
     {split}_offsets.npy  int64 (n + 1,), example i = tokens[offsets[i]:offsets[i + 1]]
     {split}_task.npy     uint16 (n,), index into meta["tasks"]
-    {split}.jsonl        the raw examples {"task", "instruction", "input", "response"}, line i = example i
+    {split}.jsonl        the raw examples {"task", "instruction", "input", "response"}, a line each
 Examples longer than max_len tokens (BOS and EOS included) are dropped, never truncated (a truncated
 example would teach a cut-off answer or hide it entirely), and counted in meta["counts"].
 
-The data/<name>/prepare.py scripts and data/tasks/generate.py all go through prepare() below.
+sources.py writes it (data/<name>/prepare.py, data/tasks/generate.py); train.py, eval.py and
+bench.py read it here, and cut the training batches from it (the end of this file).
 """
 
-import csv
-import io
 import json
 import os
-import random
-import urllib.request
 from functools import lru_cache
 
 import numpy as np
 import torch
 
-import configurator
-from configurator import S
-from tokenizer import load_tokenizer
-from util import UserError, atomic_write
+from util import UserError
 
 FORMAT = "multilora-v1"
 PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -58,7 +53,7 @@ def format_prompt(instruction, input=""):
 
 
 def encode_example(tok, instruction, input, response, max_len):
-    """-> (ids, mask) as lists of ints, or None when longer than max_len tokens (the caller counts it)."""
+    """-> (ids, mask), lists of ints, or None when longer than max_len tokens (the caller counts)"""
     prompt = [tok.bos_id] + tok.encode(format_prompt(instruction, input))
     answer = tok.encode(response) + [tok.eos_id]
     if len(prompt) + len(answer) > max_len:
@@ -73,78 +68,15 @@ def encode_document(tok, text, max_len):
     return None if len(ids) > max_len else (ids, [0] + [1] * (len(ids) - 1))
 
 
-def exact_match(prediction, response):
-    """Does a generated answer equal the reference? Whitespace at the ends is ignored. References in
-    the GSM8K style ("...reasoning...\\n#### 72") are compared on the final answer after the last "####"."""
-    if "####" in response:
-        prediction, response = prediction.rsplit("####", 1)[-1], response.rsplit("####", 1)[-1]
-    return prediction.strip() == response.strip()
-
-
 # -----------------------------------------------------------------------------
-# writing and reading the prepared format
-
-
-def _atomic_write(path, write_fn, mode="wb"):
-    with (
-        atomic_write(path) as tmp,
-        open(tmp, mode) as f,
-    ):  # util's: all or nothing, umask permissions
-        write_fn(f)
-
-
-def write_jsonl(path, records):
-    _atomic_write(
-        path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records), "w"
-    )
-
-
-def write_dataset(out_dir, splits, meta, raw=None):
-    """splits: {split: [(task_name, ids, mask)]}; meta: vocab_size, bos_id, eos_id, tokenizer, max_len
-    and optionally "tasks" (the order of task indices) and "counts" (e.g. dropped examples per split),
-    to which the example and token counts are added; raw: {split: [record]} for {split}.jsonl.
-    An old meta.json goes first and the new one is written last: a directory with a meta.json is complete."""
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
-        os.remove(os.path.join(out_dir, "meta.json"))
-    meta = dict(meta)
-    tasks = list(
-        meta.get("tasks")
-        or sorted({task for examples in splits.values() for task, _, _ in examples})
-    )
-    token_dtype = np.uint16 if meta["vocab_size"] <= 65535 else np.uint32
-    counts = {split: dict(c) for split, c in meta.get("counts", {}).items()}
-    for split, examples in splits.items():
-        lengths = [len(ids) for _, ids, _ in examples]
-        arrays = {
-            "tokens": np.array([t for _, ids, _ in examples for t in ids], dtype=token_dtype),
-            "mask": np.array([m for _, _, mask in examples for m in mask], dtype=np.uint8),
-            "offsets": np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64),
-            "task": np.array([tasks.index(task) for task, _, _ in examples], dtype=np.uint16),
-        }
-        for name, array in arrays.items():
-            _atomic_write(os.path.join(out_dir, f"{split}_{name}.npy"), lambda f: np.save(f, array))
-        per_task = {t: 0 for t in tasks}
-        for task, _, _ in examples:
-            per_task[task] += 1
-        counts.setdefault(split, {}).update(
-            examples=len(examples),
-            tokens=int(sum(lengths)),
-            target_tokens=int(arrays["mask"].sum()),
-            per_task=per_task,
-        )
-    for split, records in (raw or {}).items():
-        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), records)
-    meta.update(format=FORMAT, tasks=tasks, template="alpaca", counts=counts)
-    _atomic_write(os.path.join(out_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), "w")
-    return meta
+# reading the prepared format (sources.py writes it)
 
 
 class PreparedSplit:
     """One split of a prepared dataset, memory-mapped: .tokens, .mask, .offsets, .task arrays,
-    .tasks (names), .meta. len() = number of examples. Checked once on load (a few vectorized passes):
-    a dataset that was truncated, edited or made for another tokenizer is one UserError naming the
-    file, never an index error or silently wrong tokens in the middle of a run."""
+    .tasks (names), .meta. len() = number of examples. Checked once on load (a few vectorized
+    passes): a dataset that was truncated, edited or made for another tokenizer is one UserError
+    naming the file, never an index error or silently wrong tokens in the middle of a run."""
 
     def __init__(self, data_dir, split):
         self.meta = read_meta(data_dir)
@@ -168,7 +100,8 @@ class PreparedSplit:
                 ) from None
             if array.ndim != 1 or array.dtype.kind not in kinds:
                 raise UserError(
-                    f"{path}: expected a 1-d integer array, got {array.dtype} of shape {array.shape}"
+                    f"{path}: expected a 1-d integer array, got {array.dtype} of shape "
+                    f"{array.shape}"
                 )
             setattr(self, name, array)
         n, where = len(self.task), os.path.join(data_dir, split)
@@ -233,9 +166,8 @@ def read_meta(data_dir):
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(
-            f"{path}: format: expected {FORMAT!r}, got {meta.get('format') if isinstance(meta, dict) else meta!r}"
-        )
+        got = meta.get("format") if isinstance(meta, dict) else meta
+        raise UserError(f"{path}: format: expected {FORMAT!r}, got {got!r}")
     vocab_size = meta.get("vocab_size")
     for key, ok, expected in (
         ("vocab_size", type(vocab_size) is int and vocab_size > 0, "a positive int"),
@@ -252,21 +184,18 @@ def read_meta(data_dir):
     return meta
 
 
-def load_dataset(data_dir, split):
-    return PreparedSplit(data_dir, split)
-
-
 def read_examples(data_dir, split):
-    """The raw examples of a prepared split ({split}.jsonl): list of dicts, item i = load_dataset(...).example(i)."""
+    """The raw examples of a prepared split ({split}.jsonl): list of dicts, item i is
+    PreparedSplit(data_dir, split).example(i)."""
     return [r for _, r in read_jsonl(os.path.join(data_dir, f"{split}.jsonl"), FIELDS)]
 
 
 # -----------------------------------------------------------------------------
-# reading sources: every problem stops with one line naming the file and line (nothing is skipped,
-# so a prepared dataset is always the whole source or nothing)
+# JSON lines, of a prepared split and of the sources (sources.py, eval.py): every problem stops with
+# one line naming the file and line
 
 
-def _check_fields(where, record, fields):
+def check_fields(where, record, fields):
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     for field in fields:
@@ -280,7 +209,8 @@ def _check_fields(where, record, fields):
             )
 
 
-def _open_text(path):
+def read_text(path):
+    """A UTF-8 text file with something in it."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -293,254 +223,33 @@ def _open_text(path):
     return text
 
 
+def decode_json(text, path, line=1):
+    """json.loads(text), an error naming path and the line (text starts at that line of path)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"{path}:{line + e.lineno - 1}"
+        raise UserError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
+
+
 def read_jsonl(path, fields):
     """-> [(line_number, record)] for a file with one JSON object per line (blank lines allowed)."""
     records = []
-    for number, line in enumerate(
-        _open_text(path).split("\n"), 1
-    ):  # not splitlines(): U+2028 is no line end here
+    # not splitlines(): U+2028 is no line end here
+    for number, line in enumerate(read_text(path).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{number}: not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
-        _check_fields(f"{path}:{number}", record, fields)
+        record = decode_json(line, path, number)
+        check_fields(f"{path}:{number}", record, fields)
         records.append((number, record))
     return records
 
 
-def read_json_records(path, fields):
-    """-> [(line_number, record)] for a JSON array of objects (alpaca_data.json) or, when the file does
-    not start with "[", JSON lines. Decoded one element at a time so that errors name their line."""
-    text = _open_text(path)
-    start = len(text) - len(text.lstrip())
-    if text[start] != "[":
-        return read_jsonl(path, fields)
-    decoder, records, pos = json.JSONDecoder(), [], start + 1
-
-    def skip_space(pos):
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        return pos
-
-    def line_of(pos):
-        return text.count("\n", 0, pos) + 1
-
-    pos = skip_space(pos)
-    while pos < len(text) and text[pos] != "]":
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
-            ) from None
-        _check_fields(f"{path}:{line_of(pos)}", record, fields)
-        records.append((line_of(pos), record))
-        pos = skip_space(end)
-        if pos < len(text) and text[pos] == ",":
-            pos = skip_space(pos + 1)
-        elif pos >= len(text) or text[pos] != "]":
-            raise UserError(
-                f"{path}:{line_of(pos)}: not valid JSON: expected ',' or ']' after record {len(records)}"
-            )
-    if pos >= len(text):
-        raise UserError(f"{path}:{line_of(pos)}: not valid JSON: the array is not closed with ']'")
-    if not records:
-        raise UserError(f"{path}: empty file (no examples)")
-    return records
-
-
-def read_records(path, task, fields):
-    """Instruction records from a JSON array or JSON-lines file. fields: {our field: the source's
-    field} for "instruction" and "response", and "input" unless the source has none (then "")."""
-    return [
-        dict(
-            task=task,
-            instruction=r[fields["instruction"]],
-            input=r[fields["input"]] if "input" in fields else "",
-            response=r[fields["response"]],
-        )
-        for _, r in read_json_records(path, tuple(fields.values()))
-    ]
-
-
-def read_csv(path, header, n_columns):
-    """-> [(line_number, row)] for a CSV file with n_columns per row; a first row equal to header is
-    skipped (re-exported copies have one, the original MMLU release has none)."""
-    rows, reader = [], csv.reader(io.StringIO(_open_text(path), newline=""))
-    line = 1
-    for row in reader:
-        if not (line == 1 and row == list(header)) and row:
-            if len(row) != n_columns:
-                raise UserError(
-                    f"{path}:{line}: expected {n_columns} columns ({', '.join(header)}), got {len(row)}"
-                )
-            rows.append((line, row))
-        line = (
-            reader.line_num + 1
-        )  # a quoted field may span lines: the next row starts after this one
-    if not rows:
-        raise UserError(f"{path}: empty file (no examples)")
-    return rows
-
-
-def source_file(source, name, ext):
-    """--source may name the file itself or a directory holding it: name, else its only *ext file."""
-    if not os.path.isdir(source):
-        return source
-    if os.path.exists(os.path.join(source, name)):
-        return os.path.join(source, name)
-    found = sorted(f for f in os.listdir(source) if f.endswith(ext))
-    if len(found) != 1:
-        raise UserError(
-            f"--source={source}: expected {name} or a single *{ext} file, found {found or 'none'}"
-        )
-    return os.path.join(source, found[0])
-
-
-def download(url, path):
-    """Fetch url to path once (an existing file is reused), atomically, with the standard library."""
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    print(f"downloading {url} -> {path}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            _atomic_write(path, lambda f: f.write(response.read()))
-    except OSError as e:  # URLError, HTTPError, timeouts
-        raise UserError(
-            f"{url}: download failed ({e}); pass --source=PATH to use a local copy"
-        ) from None
-    return path
-
-
 # -----------------------------------------------------------------------------
-# the pipeline shared by the prepare scripts
+# training batches: prepared splits, a task mixture, packed micro-batches (train.py, eval.py,
+# bench.py)
 
-PREPARE_SETTINGS = dict(
-    source=S(
-        "",
-        lambda v, s: v and not os.path.exists(v) and "an existing file or directory",
-        "local file or directory in the source's own format; empty = download it",
-    ),
-    tokenizer=S(
-        "",
-        lambda v, s: None if v else "a path (required)",
-        "the base model's tokenizer.model, or its checkpoint directory",
-    ),
-    out_dir=S(
-        "",
-        lambda v, s: os.path.isfile(v) and f"a folder ({v} is a file)",
-        "where the prepared files go (each script defaults to its own directory)",
-    ),
-    max_len=S(
-        512,
-        "[2, inf)",
-        "examples longer than this many tokens (BOS + prompt + response + EOS) are dropped",
-    ),
-    val_fraction=S(
-        0.05,
-        "[0, 1)",
-        "share of the training examples held out as the val split (when the source has none)",
-    ),
-    seed=S(1337, None, "for choosing the val examples"),
-)
-PREPARE_DEFAULTS = {k: s.default for k, s in PREPARE_SETTINGS.items()}  # for callers of prepare()
-
-
-def prepare(name, splits, config, tok):
-    """Tokenize, drop over-long, write. splits: {split: [record dict with FIELDS, or {"task", "text"}
-    for plain text (encode_document; no raw .jsonl is kept)]}; when there is no "val" split,
-    config["val_fraction"] of "train" (chosen with config["seed"]) becomes "val". config: the
-    PREPARE_SETTINGS keys (and optionally "tasks", the order of task indices)."""
-    if not splits.get("train"):
-        raise UserError(f"--source: no {name} training examples found there")
-    splits = dict(splits)
-    if "val" not in splits and config["val_fraction"] > 0:
-        train = splits["train"]
-        n_val = max(1, round(len(train) * config["val_fraction"]))
-        val_index = set(random.Random(config["seed"]).sample(range(len(train)), n_val))
-        splits["train"] = [r for i, r in enumerate(train) if i not in val_index]
-        splits["val"] = [r for i, r in enumerate(train) if i in val_index]
-    encoded, kept, counts = {}, {}, {}
-    for split, records in sorted(
-        splits.items(), key=lambda kv: ["train", "val", "test"].index(kv[0])
-    ):
-        encoded[split], kept[split] = [], []
-        for r in records:
-            example = (
-                encode_document(tok, r["text"], config["max_len"])
-                if "text" in r
-                else encode_example(
-                    tok, r["instruction"], r["input"], r["response"], config["max_len"]
-                )
-            )
-            if example is not None:
-                encoded[split].append((r["task"], *example))
-                kept[split].append({k: r[k] for k in FIELDS} if "text" not in r else None)
-        counts[split] = {"dropped_over_long": len(records) - len(kept[split])}
-        if records and not kept[split]:
-            raise UserError(
-                f"--max_len={config['max_len']}: every {split} example is longer; raise it"
-            )
-    out_dir = config["out_dir"]
-    meta = write_dataset(
-        out_dir,
-        encoded,
-        dict(
-            name=name,
-            vocab_size=tok.vocab_size,
-            bos_id=tok.bos_id,
-            eos_id=tok.eos_id,
-            tokenizer=config["tokenizer"],
-            max_len=config["max_len"],
-            tasks=config.get("tasks"),
-            counts=counts,
-        ),
-        {split: records for split, records in kept.items() if None not in records},
-    )
-    for split, c in meta["counts"].items():
-        print(
-            f"{name} {split}: {c['examples']} examples, {c['tokens']} tokens ({c['target_tokens']} targets), "
-            f"{c['dropped_over_long']} dropped as longer than max_len={config['max_len']}"
-        )
-    print(f"wrote {out_dir}")
-    return meta
-
-
-def prepare_main(name, read_source, urls, out_dir, argv, **settings):
-    """The whole of a data/<name>/prepare.py run: configurator.py's --key=value (PREPARE_SETTINGS with
-    out_dir's default, then the script's own **settings), download urls ({file name: url}) into
-    out_dir when no --source is given, read_source(path, config) -> {split: [records]}, prepare()."""
-    out_dir_setting = PREPARE_SETTINGS["out_dir"]
-    out_dir = os.path.relpath(out_dir)  # data/<name> from the repository root, as --help shows it
-    config = configurator.configure(
-        {
-            **PREPARE_SETTINGS,
-            **settings,
-            "out_dir": configurator.S(out_dir, out_dir_setting.allowed, out_dir_setting.help),
-        },
-        argv,
-        os.path.join(out_dir, "prepare.py"),
-    )
-    tok = load_tokenizer(config["tokenizer"])
-    source = config["source"]
-    if not source:
-        for file_name, url in urls.items():
-            download(url, os.path.join(config["out_dir"], file_name))
-        source = config["out_dir"]
-    return prepare(name, read_source(source, config), config, tok)
-
-
-# -----------------------------------------------------------------------------
-# training batches: prepared splits, a task mixture, packed micro-batches (train.py, eval.py, bench.py)
-
-IGNORE = (
-    -100
-)  # target id of positions without loss (prompt, padding): F.cross_entropy's ignore_index
+IGNORE = -100  # target of positions without loss (prompt, padding): cross_entropy's ignore_index
 
 
 def load_splits(dataset_dirs, split):
@@ -551,7 +260,7 @@ def load_splits(dataset_dirs, split):
     for d in dataset_dirs:
         if not os.path.isdir(d):
             raise UserError(f"{d}: dataset directory not found (datasets setting)")
-        s = load_dataset(d, split)
+        s = PreparedSplit(d, split)
         if len(s) == 0:
             raise UserError(f"{d}: {split} split is empty")
         for key in ("vocab_size", "bos_id", "eos_id"):
@@ -565,7 +274,7 @@ def load_splits(dataset_dirs, split):
 
 
 def test_examples(dataset_dirs, per_task):
-    """The first per_task raw test examples of each task, from each dataset's test.jsonl (if any)."""
+    """The first per_task raw test examples of each task, from each dataset's test.jsonl if any."""
     chosen, counts = [], {}
     for d in dataset_dirs:
         if os.path.exists(os.path.join(d, "test.jsonl")):
@@ -577,8 +286,8 @@ def test_examples(dataset_dirs, per_task):
 
 
 def task_pools(splits):
-    """Group the examples of all splits by task name -> (names, pools); pools[t] is an (n_t, 2) int64
-    array of (dataset index, example index). A task present in two datasets is one task."""
+    """Group the examples of all splits by task name -> (names, pools); pools[t] is an (n_t, 2)
+    int64 array of (dataset index, example index). A task present in two datasets is one task."""
     names, parts = [], []
     for d, s in enumerate(splits):
         task_of = np.asarray(s.task)
@@ -611,10 +320,10 @@ def epoch_order(seed, task, epoch, n):
 
 
 def sample_examples(pools, weights, position, n, seed, iter_num):
-    """The n examples of one optimizer step of the whole job, as (dataset index, example index) rows.
-    Each slot's task is drawn with the mixture weights from an RNG seeded by (seed, iter_num); within
-    a task, examples come in the order of a per-epoch permutation, so the data position is just the
-    number taken from each task so far: `position` (updated in place) goes into the checkpoint."""
+    """The n examples of one optimizer step of the whole job, as (dataset index, example index)
+    rows. Each slot's task is drawn with the mixture weights from an RNG seeded by (seed, iter_num);
+    within a task, examples come in the order of a per-epoch permutation, so the data position is
+    just the number taken from each task so far: `position` (updated in place) is checkpointed."""
     tasks = np.random.default_rng([seed, 0, iter_num]).choice(len(pools), size=n, p=weights)
     rows = []
     for t in tasks:
@@ -650,7 +359,7 @@ def collate(examples, pad_id, device, pack=False):
     example is split), each with RoPE positions 0..n-1 and its own segment id, so
     that the model's block-diagonal mask gives every example exactly the logits it gets alone.
     Same loss, same gradients, far fewer padded positions when lengths vary (Alpaca: 63% of a
-    padded batch of 32 is padding). When nothing shares a row, the plain padded batch is returned."""
+    padded batch of 32 is padding). When nothing shares a row, it returns the plain padded batch."""
     lengths = [len(ids) - 1 for ids, _ in examples]
     T = max(lengths)
     rows = [[i] for i in range(len(examples))]  # one example per row
@@ -680,10 +389,10 @@ def collate(examples, pad_id, device, pack=False):
 
 def micro_batches(splits, rows, batch_size, rank, world_size, pad_id, device, pack=False):
     """Cut one step's examples into micro-batches of batch_size; this process takes its contiguous
-    share (micro-step g of the job is on rank g // (steps / world_size)), so 1 or N processes see the
-    same global batch in the same micro-batches. -> ([collate's (x, y, positions, segments)], target
-    tokens, input tokens without padding), the counts taken on the host so that they cost no device
-    synchronization."""
+    share (micro-step g of the job is on rank g // (steps / world_size)), so 1 or N processes see
+    the same global batch in the same micro-batches. -> ([collate's (x, y, positions, segments)],
+    target tokens, input tokens without padding), the counts taken on the host so that they cost no
+    device synchronization."""
     groups = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
     per_rank = len(groups) // world_size
     examples = [

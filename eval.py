@@ -8,10 +8,10 @@ paper reports (its exact list is not confirmed here).
 tasks (--data is):
   exact_match  prepared dataset directories, comma-separated as train.py's datasets (default
                data/tasks), their {split}.jsonl: greedy generation from the training prompt, exact
-               match per task (dataset.exact_match)
+               match per task (exact_match)
   loss         prepared dataset directories, comma-separated (default data/tasks): mean loss on the
                response tokens and perplexity per task, computed by train.evaluate as in training
-  mmlu         the MMLU directory with dev/ and {split}/ CSVs, or a folder data/mmlu/prepare.py wrote
+  mmlu         the MMLU folder with dev/ and {split}/ CSVs, or a folder data/mmlu/prepare.py wrote
                (0-shot: it keeps no dev/): multiple choice by log-likelihood, per subject; --shots=5
                takes the shots from dev/ (Hendrycks et al. 2021)
   mc           a JSONL file of {"question", "choices", "answer"} (answer: index into choices)
@@ -22,17 +22,18 @@ A prompt longer than the model's context loses its oldest tokens (multiple choic
 counts those questions, with a warning when few-shot examples are what does not fit) or is
 refused (generation: it needs room to answer).
 
-Multiple choice: each choice is scored as a continuation of the question by the sum of its tokens'
-log-probabilities (accuracy) and by that sum over its number of tokens (accuracy_norm, the
+Multiple choice: each choice is scored as a continuation of the question by the sum of its
+tokens' log-probabilities (accuracy) and by that sum over its number of tokens (accuracy_norm, the
 per-token normalization of the GPT-3 paper). --mc_format chooses the prompt:
-  raw          "{question}" scoring "{choice}" verbatim: the text goes on with the choice, spacing as in
-               the file (the default for mc; continuation sets such as HellaSwag are written this way)
-  letter       "{question}\\nA. ...\\nB. ...\\nAnswer:" scoring " A", " B", ... (MMLU's own format, the default for mmlu)
+  raw          "{question}" scoring "{choice}" verbatim: the text goes on with the choice, spaced
+               as in the file (the default for mc; continuation sets like HellaSwag are written so)
+  letter       "{question}\\nA. ...\\nB. ...\\nAnswer:" scoring " A", " B", ... (MMLU's own format,
+               the default for mmlu)
   cloze        "Question: {question}\\nAnswer:" scoring " {choice}"
   instruction  dataset.py's prompt template as data/mmlu/prepare.py writes the training examples,
                scoring the letter: use it for adapters fine-tuned on data/mmlu
-Everything is greedy or exact, so two runs print the same numbers. Prints a table; --out writes JSON
-with "accuracy" for scored tasks ("loss" and "perplexity" for loss) and per-item details.
+Everything is greedy or exact, so two runs print the same numbers. Prints a table; --out writes
+JSON with "accuracy" for scored tasks ("loss" and "perplexity" for loss) and per-item details.
 
 train.py imports score_exact_match from here: importing this file has no side effects.
 """
@@ -49,14 +50,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import checkpoint
 import dataset
+import sources
 import llama
-import multilora
 import train
 import util
 from configurator import S, configure, declared
-from tokenizer import check_tokenizer, load_tokenizer
+from inference import load_for_inference
 from util import UserError
 
 # -----------------------------------------------------------------------------
@@ -95,11 +95,7 @@ def check_out(path, settings):
     )
 
 
-ckpt_dir = S(
-    "",
-    lambda v, s: None if v else "a path (required)",
-    "base model (HF or Meta layout, with tokenizer.model)",
-)
+ckpt_dir = S("", util.required, "base model (HF or Meta layout, with tokenizer.model)")
 adapter = S("", None, "adapter file from train.py (merged into the weights for evaluation)")
 task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
 data = S(
@@ -124,7 +120,8 @@ subjects = S("", None, "mmlu: comma-separated subjects (default all in the split
 limit = S(
     0,
     "[0, inf)",
-    "evaluate only the first N items (per task for exact_match and loss, per subject for mmlu); 0 = all",
+    "evaluate only the first N items (per task for exact_match and loss, per subject for mmlu); "
+    "0 = all",
 )
 max_new_tokens = S(0, "[0, inf)", "generation budget; 0 = 64 for exact_match, 256 for gsm8k")
 batch_size = S(8, "[1, inf)", "sequences per forward")
@@ -173,9 +170,9 @@ def evaluating(model):
 
 
 def encode_pair(tokenizer, context, continuation):
-    """(context ids with BOS, continuation ids) for raw text: the whole text is encoded once and split
-    where its tokens stop agreeing with the context's (lm-evaluation-harness does the same), because
-    SentencePiece encodes " A" alone differently from " A" after text."""
+    """(context ids with BOS, continuation ids) for raw text: the whole text is encoded once and
+    split where its tokens stop agreeing with the context's (lm-evaluation-harness does the same),
+    because SentencePiece encodes " A" alone differently from " A" after text."""
     ctx = tokenizer.encode(context, bos=True)
     whole = tokenizer.encode(context + continuation, bos=True)
     n = 0
@@ -224,7 +221,8 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
             targets[row, : L - 1] = tokens[row, 1:L]
             # the continuation's tokens [L-n, L) are predicted at positions [L-n-1, L-1)
             at[row, L - n_cont - 1 : L - 1] = True
-        # logits only where a continuation token is predicted: (N, V), rows in (batch row, position) order
+        # logits only where a continuation token is predicted: (N, V), rows in (batch row, position)
+        # order
         logits = model(tokens.to(device), logits_at=at.to(device))
         logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[at].to(device)[:, None])[
             :, 0
@@ -237,9 +235,9 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
 
 
 def score_multiple_choice(model, items, batch_size=8, label="mc"):
-    """items: [{"pairs": [(context ids, continuation ids) per choice], "answer": index, ...}]. Adds to
-    each item "logprobs", "n_tokens", "pred" (argmax of the sum) and "pred_norm" (argmax of the mean
-    per token); ties go to the first choice. Returns the items."""
+    """items: [{"pairs": [(context ids, continuation ids) per choice], "answer": index, ...}]. Adds
+    to each item "logprobs", "n_tokens", "pred" (argmax of the sum) and "pred_norm" (argmax of the
+    mean per token); ties go to the first choice. Returns the items."""
     pairs = [pair for item in items for pair in item["pairs"]]
     scores = continuation_logprobs(model, pairs, batch_size, Progress(label, len(pairs)))
     k = 0
@@ -334,29 +332,40 @@ def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=8, labe
     return out
 
 
+def exact_match(prediction, response):
+    """Does a generated answer equal the reference? Whitespace at the ends is ignored. References in
+    the GSM8K style ("...reasoning...\\n#### 72") are compared on the final answer after the last
+    "####"."""
+    if "####" in response:
+        prediction, response = prediction.rsplit("####", 1)[-1], response.rsplit("####", 1)[-1]
+    return prediction.strip() == response.strip()
+
+
 def exact_match_details(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
-    """examples: [{"task", "instruction", "input", "response"}] -> [{"task", "prediction", "correct"}]."""
+    """[{"task", "instruction", "input", "response"}] -> [{"task", "prediction", "correct"}]."""
     prompts = [dataset.format_prompt(e["instruction"], e["input"]) for e in examples]
     with evaluating(model):
         predictions = generate_texts(
             model, tokenizer, prompts, max_new_tokens, batch_size, "exact_match"
         )
     return [
-        dict(task=e["task"], prediction=p, correct=dataset.exact_match(p, e["response"]))
+        dict(task=e["task"], prediction=p, correct=exact_match(p, e["response"]))
         for e, p in zip(examples, predictions)
     ]
 
 
 def score_exact_match(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
-    """{task: accuracy in [0, 1]} of greedy generation from the training prompt (dataset.format_prompt)
-    against the reference response, whitespace at the ends ignored (dataset.exact_match)."""
+    """{task: accuracy in [0, 1]} of greedy generation from the training prompt
+    (dataset.format_prompt) against the reference response, whitespace at the ends ignored
+    (exact_match)."""
     return accuracy_by(
         exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size), "task"
     )
 
 
 def exact_match_report(base, tuned, per_task):
-    """Print each task's exact match before -> after (train.py's closing table); -> the metrics record."""
+    """Print each task's exact match before -> after (train.py's closing table); -> the metrics
+    record."""
     print(f"exact match on the test split ({per_task} examples per task at most):")
     for name in tuned:
         before = f"{100 * base[name]:5.1f}%" if name in base else "    ?"
@@ -487,7 +496,7 @@ def read_mmlu(path, limit=0):
     """One MMLU CSV (question, 4 choices, answer 0-3 or A-D; a header row is skipped) ->
     [(question, choices, answer index)]."""
     rows = []
-    for line, (question, *choices, answer) in dataset.read_csv(path, MMLU_HEADER, len(MMLU_HEADER)):
+    for line, (question, *choices, answer) in sources.read_csv(path, MMLU_HEADER, len(MMLU_HEADER)):
         answer = answer.strip()
         if answer not in ("0", "1", "2", "3", "A", "B", "C", "D"):
             raise UserError(f"{path}:{line}: answer: expected 0-3 or A-D, got {answer!r}")
@@ -558,7 +567,8 @@ def mmlu_items(
     unknown = [s for s in wanted if s not in have]
     if unknown or not wanted:
         raise UserError(
-            f"--subjects: {', '.join(unknown) or 'none'} not in {folder} (has: {', '.join(have) or 'none'})"
+            f"--subjects: {', '.join(unknown) or 'none'} not in {folder} "
+            f"(has: {', '.join(have) or 'none'})"
         )
     if not 0 <= shots <= 5:
         raise UserError(f"--shots: MMLU's dev split has 5 examples per subject, got {shots}")
@@ -600,7 +610,8 @@ def mc_items(tokenizer, path, mc_format="cloze", limit=0):
             raise UserError(f"{path}:{line}: choices: expected a list of at least 2 strings")
         if not isinstance(r["answer"], int) or not 0 <= r["answer"] < len(r["choices"]):
             raise UserError(
-                f"{path}:{line}: answer: expected an index 0..{len(r['choices']) - 1}, got {r['answer']!r}"
+                f"{path}:{line}: answer: expected an index 0..{len(r['choices']) - 1}, "
+                f"got {r['answer']!r}"
             )
         item = mc_item(tokenizer, r["question"], r["choices"], r["answer"], mc_format)
         item.update(subject=str(r.get("subject", "all")), index=len(items))
@@ -621,22 +632,12 @@ def gsm8k_records(path, limit=0, split="test"):
     )
     fields = ("instruction", "response") if prepared else ("question", "answer")
     for line, r in rows:
-        dataset._check_fields(f"{path}:{line}", r, fields)
+        dataset.check_fields(f"{path}:{line}", r, fields)
     return [dict(question=r[fields[0]], answer=r[fields[1]]) for _, r in rows][: limit or None]
 
 
 # -----------------------------------------------------------------------------
 # the command line
-
-
-def load(ckpt_dir, adapter="", device="cpu", dtype="float32"):
-    """Base model (+ adapter merged into its weights) and tokenizer, in eval mode."""
-    model = checkpoint.load_model(ckpt_dir, dtype=getattr(torch, dtype), device=device)
-    tokenizer = load_tokenizer(ckpt_dir)
-    check_tokenizer(tokenizer, model.config, ckpt_dir)
-    if adapter:
-        multilora.apply_adapter(model, adapter, merge=True)
-    return model.eval(), tokenizer
 
 
 def truncation(items, context, shots):
@@ -646,14 +647,14 @@ def truncation(items, context, shots):
     truncated = sum(any(len(c) + len(x) > context for c, x in i["pairs"]) for i in items)
     if truncated:
         what = (
-            f"{truncated} of {len(items)} questions are longer than the model's context of {context} "
-            f"tokens and lose their oldest tokens"
+            f"{truncated} of {len(items)} questions are longer than the model's context of "
+            f"{context} tokens and lose their oldest tokens"
         )
         if shots:
             print(
-                f"warning: --shots={shots}: the few-shot prompts exceed the context: {what}, the shots "
-                f"first, so this is not a {shots}-shot score; use fewer shots or a model with a longer "
-                f"context",
+                f"warning: --shots={shots}: the few-shot prompts exceed the context: {what}, "
+                f"the shots first, so this is not a {shots}-shot score; use fewer shots or a model "
+                f"with a longer context",
                 file=sys.stderr,
             )
         else:
@@ -674,7 +675,7 @@ def check_room(tokenizer, prompts, context, shots):
 
 
 def print_table(title, rows, columns):
-    """rows: {name: {column: value}}; floats in [0, 1] printed as percentages when the column is one."""
+    """rows: {name: {column: value}}; accuracy columns' floats in [0, 1] printed as percentages."""
     width = max([len(title)] + [len(str(r)) for r in rows])
     print(f"{title:<{width}}  " + "  ".join(f"{c:>13}" for c in columns))
     for name, row in rows.items():
@@ -693,36 +694,19 @@ def print_table(title, rows, columns):
         print(f"{name:<{width}}  " + "  ".join(cells))
 
 
-def run(config):
-    """Evaluate as the settings say (checked by configure); returns the result dict that --out writes."""
-    task = config["task"]
-    data = config["data"] or "data/tasks"
-    model, tokenizer = load(
-        config["ckpt_dir"], config["adapter"], config["device"], config["dtype"]
-    )
-    result = dict(
-        task=task,
-        ckpt_dir=config["ckpt_dir"],
-        adapter=config["adapter"],
-        data=data,
-        settings=config,
-    )
-    limit, batch_size = config["limit"], config["batch_size"]
+def run():
+    """Evaluate as the settings say (checked by configure); -> the result dict that --out writes."""
+    path = data or "data/tasks"
+    model, tokenizer = load_for_inference(ckpt_dir, "", adapter, dtype, device, merge=True)
+    settings = {k: globals()[k] for k in SETTINGS}
+    result = dict(task=task, ckpt_dir=ckpt_dir, adapter=adapter, data=path, settings=settings)
     if task in ("mmlu", "mc"):
-        mc_format = config["mc_format"] or ("letter" if task == "mmlu" else "raw")
+        fmt = mc_format or ("letter" if task == "mmlu" else "raw")
         if task == "mmlu":
-            items = mmlu_items(
-                tokenizer,
-                data,
-                config["split"] or "test",
-                config["shots"],
-                mc_format,
-                config["subjects"],
-                limit,
-            )
+            items = mmlu_items(tokenizer, path, split or "test", shots, fmt, subjects, limit)
         else:
-            items = mc_items(tokenizer, data, mc_format, limit)
-        truncated, shots_cut = truncation(items, model.config.max_seq_len, config["shots"])
+            items = mc_items(tokenizer, path, fmt, limit)
+        truncated, shots_cut = truncation(items, model.config.max_seq_len, shots)
         with evaluating(model):
             score_multiple_choice(model, items, batch_size, task)
         for item in items:
@@ -744,8 +728,8 @@ def run(config):
         )
         result.update(
             overall,
-            mc_format=mc_format,
-            shots=config["shots"],
+            mc_format=fmt,
+            shots=shots,
             truncated=truncated,
             shots_exceed_context=shots_cut,
             per_subject=per,
@@ -768,46 +752,38 @@ def run(config):
         rows = dict(per, **({"all (questions)": overall} if len(per) > 1 else {}))
         if len(per) > 1:
             result["accuracy_macro"] = sum(p["accuracy"] for p in per.values()) / len(per)
-        print_table(
-            f"{task} {mc_format} {config['shots']}-shot", rows, ("n", "accuracy", "accuracy_norm")
-        )
+        print_table(f"{task} {fmt} {shots}-shot", rows, ("n", "accuracy", "accuracy_norm"))
     elif task in ("exact_match", "gsm8k"):
         if task == "exact_match":
             examples, seen = [], {}
-            rows = [
-                e
-                for d in data.split(",")
-                for e in dataset.read_examples(d, config["split"] or "test")
-            ]
+            rows = [e for d in path.split(",") for e in dataset.read_examples(d, split or "test")]
             for e in rows:  # the first `limit` of each task
                 seen[e["task"]] = seen.get(e["task"], 0) + 1
                 if not limit or seen[e["task"]] <= limit:
                     examples.append(e)
             details = exact_match_details(
-                model, tokenizer, examples, config["max_new_tokens"] or 64, batch_size
+                model, tokenizer, examples, max_new_tokens or 64, batch_size
             )
         else:
-            records = gsm8k_records(data, limit, config["split"] or "test")
-            shots = []
-            if config["shots"]:
-                train = os.path.join(
-                    os.path.dirname(data) if os.path.isfile(data) else data, "train.jsonl"
-                )
-                shots = gsm8k_records(train)[: config["shots"]]
+            records = gsm8k_records(path, limit, split or "test")
+            solved = []
+            if shots:
+                folder = os.path.dirname(path) if os.path.isfile(path) else path
+                solved = gsm8k_records(os.path.join(folder, "train.jsonl"))[:shots]
             prefix = "".join(
-                dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in shots
+                dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in solved
             )
             check_room(
                 tokenizer,
                 [prefix + dataset.format_prompt(r["question"]) for r in records],
                 model.config.max_seq_len,
-                len(shots),
+                len(solved),
             )
             details = gsm8k_details(
-                model, tokenizer, records, shots, config["max_new_tokens"] or 256, batch_size
+                model, tokenizer, records, solved, max_new_tokens or 256, batch_size
             )
         if not details:
-            raise UserError(f"--data={data}: no examples")
+            raise UserError(f"--data={path}: no examples")
         acc = accuracy_by(details, "task")
         per = {t: dict(n=sum(d["task"] == t for d in details), accuracy=a) for t, a in acc.items()}
         overall = dict(n=len(details), accuracy=sum(d["correct"] for d in details) / len(details))
@@ -818,11 +794,11 @@ def run(config):
             ("n", "accuracy"),
         )
     else:  # loss
-        split = config["split"] or "val"
-        per = loss_table(model, data.split(","), split, limit, batch_size, tokenizer.pad_id)
+        which = split or "val"
+        per = loss_table(model, path.split(","), which, limit, batch_size, tokenizer.pad_id)
         result.update(per.pop("all"), per_task=per)
         print_table(
-            f"loss {split}",
+            f"loss {which}",
             dict(per, all={k: result[k] for k in ("tokens", "loss", "perplexity")}),
             ("tokens", "loss", "perplexity"),
         )
@@ -835,11 +811,11 @@ def write_json(path, obj):
 
 
 def main(argv):
-    config = configure(SETTINGS, argv)
-    result = run(config)
-    if config["out"]:
-        write_json(config["out"], result)
-        print(f"wrote {config['out']}")
+    globals().update(configure(SETTINGS, argv))
+    result = run()
+    if out:
+        write_json(out, result)
+        print(f"wrote {out}")
     return result
 
 

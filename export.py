@@ -1,7 +1,8 @@
 """
 Leave this project with a result: turn a base checkpoint + adapter file into
-  --format=hf    a merged full checkpoint in the Hugging Face layout (config.json + model.safetensors
-                 + tokenizer files), which transformers and llama.cpp's converter read;
+  --format=hf    a merged full checkpoint in the Hugging Face layout (config.json +
+                 model.safetensors + tokenizer files), which transformers and llama.cpp's converter
+                 read;
   --format=peft  a plain LoRA adapter in the PEFT layout (adapter_config.json +
                  adapter_model.safetensors + the base's tokenizer files) for PEFT and LoRA servers.
 What was verified with which tool, and what is only the format: docs/formats.md.
@@ -16,7 +17,7 @@ The PEFT export is exact for any n (docs/method.md): MultiLoRA is a rank-(n·r) 
     lora_A = [A_1; …; A_n]                          (n·r, d_in)
     lora_B = (α/r)·[diag(s_1)B_1 … diag(s_n)B_n]     (d_out, n·r)
     r' = lora_alpha' = n·r                            so PEFT's scale α'/r' is 1.
-Plain LoRA adapters are written as they are (r, α, B unfolded), as PEFT itself would have trained them.
+Plain LoRA adapters are written as they are (r, α, B unfolded), as PEFT would have trained them.
 Our module names are HF's without "model." and RoPE is HF's rotate_half layout, so q/k need no
 permutation: PEFT keys are base_model.model.model.{our key}.lora_A.weight.
 """
@@ -31,13 +32,13 @@ import checkpoint
 import multilora
 import util
 from configurator import S, configure, declared
+from inference import load_for_inference
 from util import UserError
 
 # -----------------------------------------------------------------------------
-required = lambda value, settings: None if value else "a path (required)"  # noqa: E731
-ckpt_dir = S("", required, "base checkpoint (HF or Meta layout)")
-adapter = S("", required, "adapter .safetensors written by train.py")
-out_dir = S("", required, "a new or empty folder, outside ckpt_dir")
+ckpt_dir = S("", util.required, "base checkpoint (HF or Meta layout)")
+adapter = S("", util.required, "adapter .safetensors written by train.py")
+out_dir = S("", util.required, "a new or empty folder, outside ckpt_dir")
 format = S("hf", ("hf", "peft"), "hf: merged full checkpoint; peft: a LoRA adapter for the base")
 dtype = S(
     "auto",
@@ -105,30 +106,12 @@ def check_out_dir(ckpt_dir, out_dir):
         raise UserError(f"--out_dir={out_dir}: not empty; export to a new or empty folder")
 
 
-def load_adapted(ckpt_dir, adapter, dtype=None, merge=False):
-    """The base (in its stored dtype unless given) with the adapter applied: apply_adapter checks the
-    file against this base (shapes, weights, settings), so a wrong pair stops before any write."""
-    checkpoint.read_config(ckpt_dir)  # config.json checked before it is read for its dtype
-    model = checkpoint.load_model(ckpt_dir, dtype=dtype or base_dtype(ckpt_dir))
-    multilora.apply_adapter(model, adapter, merge=merge)
-    return model
-
-
-def base_dtype(ckpt_dir):
-    """The dtype the base checkpoint is stored in (config.json's torch_dtype / dtype), else float32."""
-    if checkpoint.checkpoint_layout(ckpt_dir) == "meta":
-        return torch.bfloat16  # Meta ships bf16 consolidated.*.pth
-    with open(os.path.join(ckpt_dir, "config.json")) as f:
-        cfg = json.load(f)
-    name = str(cfg.get("torch_dtype") or cfg.get("dtype"))
-    return getattr(torch, name) if name in ("float32", "bfloat16", "float16") else torch.float32
-
-
-def export_hf(ckpt_dir, adapter, out_dir, dtype=None):
-    """Merged checkpoint. The merge adds ΔW in fp32 and casts once to `dtype`, which is what
-    merging a fp32 copy of the base would give, without holding one."""
+def export_hf(ckpt_dir, adapter, out_dir, dtype="auto"):
+    """Merged checkpoint. The merge adds ΔW in fp32 and casts once to `dtype` (a name; auto = the
+    base's), which is what merging a fp32 copy of the base would give, without holding one.
+    apply_adapter checks the file against the base first, so a wrong pair stops before any write."""
     check_out_dir(ckpt_dir, out_dir)
-    model = load_adapted(ckpt_dir, adapter, dtype, merge=True)
+    model, _ = load_for_inference(ckpt_dir, None, adapter, dtype, "cpu", merge=True)
     state = {k: v for k, v in model.state_dict().items() if not checkpoint.is_lora_key(k)}
     # the tokenizer files: the base's own, or tokenizer_config.json written for its tokenizer.model
     checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=ckpt_dir, config=model.config)
@@ -143,7 +126,7 @@ def export_peft(ckpt_dir, adapter, out_dir, base_name=""):
     ckpt_dir as given (not made absolute: the export holds no path of this machine)."""
     check_out_dir(ckpt_dir, out_dir)
     # the base itself is loaded (not just its config) so apply_adapter can check the file against it
-    model = load_adapted(ckpt_dir, adapter)
+    model, _ = load_for_inference(ckpt_dir, None, adapter, "auto", "cpu", merge=False)
     tensors, config = peft_adapter(model, base_name or os.path.normpath(ckpt_dir))
     os.makedirs(out_dir, exist_ok=True)
     with util.atomic_write(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:
@@ -156,7 +139,7 @@ def export_peft(ckpt_dir, adapter, out_dir, base_name=""):
 def main(argv):
     globals().update(configure(SETTINGS, argv))
     if format == "hf":
-        export_hf(ckpt_dir, adapter, out_dir, None if dtype == "auto" else getattr(torch, dtype))
+        export_hf(ckpt_dir, adapter, out_dir, dtype)
     else:
         export_peft(ckpt_dir, adapter, out_dir, base_name)
     print(f"wrote {format} export to {out_dir}")

@@ -1,6 +1,7 @@
 """
 What every script shares: the error a user can fix, the command-line wrapper that prints it as one
-line, the one way files are written (atomically), and the lock that keeps two runs out of one folder.
+line, the one way files are written (atomically), the lock that keeps two runs out of one folder,
+and the setting checks for a required path and a device.
 """
 
 import fcntl
@@ -34,7 +35,7 @@ def run_cli(main, argv=None):
 def atomic_write(path):
     """with atomic_write(path) as tmp: write the file at tmp. On success it replaces path in one
     rename, with the permissions an ordinary new file gets (the umask's); on any error the temporary
-    file is removed and path is untouched. A crash leaves the old file or the new one, never half."""
+    file is removed and path is untouched. A crash leaves the old file or the new one, not half."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         yield tmp
@@ -79,12 +80,18 @@ def importable(name):
     return importlib.util.find_spec(name) is not None
 
 
+def required(value, settings=None):
+    """A setting check (configurator) for a path that must be given."""
+    return None if value else "a path (required)"
+
+
 def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(name, settings=None):
-    """A setting check (configurator): None if torch can run on this device here, else what is expected."""
+    """A setting check (configurator): None if torch can run on this device here, else what it
+    expects."""
     kind = name.split(":")[0]
     if kind == "cpu" and name == "cpu":
         return None
@@ -109,9 +116,10 @@ def check_device(name, settings=None):
 
 def flops_per_token(config, trainable, finetune, seq_len):
     """Training FLOPs per token (PaLM appendix B / nanoGPT's estimate_mfu): the forward pass costs 2
-    per weight and the backward pass 2 for the input gradients, +2 for the weight gradients only where
-    weights train (all for 'full', the adapters otherwise); attention scores add 12·L·H·hd·T. lm_head
-    is counted at every position, as model FLOPs are, though the step runs it at the targets only."""
+    per weight and the backward pass 2 for the input gradients, +2 for the weight gradients only
+    where weights train (all for 'full', the adapters otherwise); attention scores add 12·L·H·hd·T.
+    lm_head is counted at every position, as model FLOPs are, though the step runs it only at the
+    targets."""
     c = config
     per_layer = (c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)) + 3 * c.dim * c.hidden_dim
     base = c.n_layers * per_layer + c.dim * c.vocab_size  # matmul weights (lm_head included)

@@ -134,9 +134,9 @@ def test_summarize_method_with_full_reference():
 
 
 def make_run(tmp_path):
-    """Base checkpoint; a MultiLoRA adapter with random (trained-looking) A, B, s; a LoRA adapter; and
-    a full checkpoint = base + the MultiLoRA ΔW on its matrices, so full fine-tuning's top subspace is
-    exactly MultiLoRA's."""
+    """Base checkpoint; a MultiLoRA adapter with random (trained-looking) A, B, s; a LoRA adapter;
+    and a full checkpoint = base + the MultiLoRA ΔW on its matrices, so full fine-tuning's top
+    subspace is exactly MultiLoRA's."""
     import llama
     import multilora
 
@@ -232,3 +232,11 @@ def test_analyze_user_errors(tmp_path):
                 f"--out_dir={tmp_path}/o",
             ]
         )
+
+
+def test_summary_table_of_a_zero_update(capsys):
+    """An adapter that was never trained (ΔW = 0) has no effective rank: the table says "-"."""
+    spectra = {"layers.0.self_attn.q_proj": (torch.zeros(4), torch.eye(8)[:, :4], (8, 6))}
+    analyze.print_summary(dict(methods={"lora": analyze.summarize_method(spectra, top_k=4)}))
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:3]]
+    assert rows == [["lora", "q_proj", "1", "0.0", "-", "-"], ["lora", "all", "1", "0.0", "-", "-"]]

@@ -1,6 +1,7 @@
-"""dataset.py, data/<name>/prepare.py and data/tasks/generate.py on small fixtures in each source's
-real format (written here; no network, no ../shared). Decoding uses the committed tiny tokenizer,
-which has LLaMA's settings (byte fallback, identity normalization), so every text round-trips."""
+"""dataset.py, sources.py, data/<name>/prepare.py and data/tasks/generate.py on small fixtures in
+each source's real format (written here; no network, no ../shared). Decoding uses the committed tiny
+tokenizer, which has LLaMA's settings (byte fallback, identity normalization), so every text
+round-trips."""
 
 import csv
 import importlib.util
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import dataset
+import sources
 from util import UserError
 from tokenizer import load_tokenizer
 
@@ -40,7 +42,7 @@ def check_prepared(out_dir, tok, expected):
     meta = dataset.read_meta(out_dir)
     assert meta["format"] == "multilora-v1" and meta["vocab_size"] == tok.vocab_size
     for split, records in expected.items():
-        data = dataset.load_dataset(out_dir, split)
+        data = dataset.PreparedSplit(out_dir, split)
         raw = dataset.read_examples(out_dir, split)
         assert len(data) == len(raw) == len(records) == meta["counts"][split]["examples"]
         assert data.tokens.dtype == np.uint16 and data.mask.dtype == np.uint8
@@ -90,14 +92,6 @@ def test_encode_example_mask_and_over_long(tok):
     assert mask == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
     assert dataset.encode_example(tok, "Sort the digits.", "3 1 2", "1 2 3", len(ids)) is not None
     assert dataset.encode_example(tok, "Sort the digits.", "3 1 2", "1 2 3", len(ids) - 1) is None
-
-
-def test_exact_match():
-    assert dataset.exact_match(" 19 ", "19") and not dataset.exact_match("19", "190")
-    assert dataset.exact_match(
-        "so it is 6\n#### 72", "48/2 = 24\n#### 72"
-    )  # GSM8K: the final answer
-    assert not dataset.exact_match("#### 71", "#### 72")
 
 
 # -----------------------------------------------------------------------------
@@ -214,7 +208,8 @@ def mmlu_expected(rows, answers, subject):
     about = f" about {subject}" if subject else ""
     return [
         (
-            f"The following is a multiple choice question{about}. Answer with the letter of the correct choice.",
+            f"The following is a multiple choice question{about}. "
+            "Answer with the letter of the correct choice.",
             question + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", choices)),
             answer,
         )
@@ -224,7 +219,8 @@ def mmlu_expected(rows, answers, subject):
 
 def test_mmlu_shared_layout(tmp_path, tok, capsys):
     """../shared/data/mmlu: dev/ and test/, a header row, answers 0-3. Without auxiliary_train/ the
-    only training data would be dev/, eval.py's few-shot examples: refused unless asked for, loudly."""
+    only training data would be dev/, eval.py's few-shot examples: refused unless asked for,
+    loudly."""
     header = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
     write_csv(
         tmp_path / "mmlu" / "dev" / "elementary_mathematics_dev.csv",
@@ -318,8 +314,9 @@ MALFORMED = [
     (
         "alpaca",
         "a.json",
-        '[\n  {"instruction": "i", "input": "", "output": "o"},\n  {"instruction": "i",\n   "input": ""}\n]\n',
-        "a.json:3: missing field 'output'",
+        '[\n  {"instruction": "i", "input": "", "output": "o"},\n'
+        '  {"instruction": "i",\n   "input": ""}\n]\n',
+        "a.json: record [1]: missing field 'output'",
     ),
     (
         "alpaca",
@@ -370,22 +367,23 @@ def test_cli_error_is_one_line(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {path}:2: not valid JSON: Expecting property name enclosed in double quotes (column 2)"
+        f"error: {path}:2: not valid JSON: "
+        "Expecting property name enclosed in double quotes (column 2)"
     ]
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
 def test_load_dataset_errors(tmp_path, tok):
     with pytest.raises(UserError, match="meta.json: no such file"):
-        dataset.load_dataset(str(tmp_path), "train")
-    dataset.write_dataset(
+        dataset.PreparedSplit(str(tmp_path), "train")
+    sources.write_dataset(
         str(tmp_path),
         {"train": [("t", [1, 5, 2], [0, 1, 1])]},
         dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2),
     )
     with pytest.raises(UserError, match=r"val_tokens.npy: no such file \(splits in .*: train\)"):
-        dataset.load_dataset(str(tmp_path), "val")
-    data = dataset.load_dataset(str(tmp_path), "train")
+        dataset.PreparedSplit(str(tmp_path), "val")
+    data = dataset.PreparedSplit(str(tmp_path), "train")
     assert len(data) == 1 and data.example(0)[0].tolist() == [1, 5, 2] and data.tasks == ["t"]
 
 
@@ -471,15 +469,15 @@ CORRUPT = [
     "name,damage,message", CORRUPT, ids=[f"{n}:{m[:30]}" for n, _, m in CORRUPT]
 )
 def test_damaged_dataset_is_one_error_naming_the_file(tmp_path, tok, name, damage, message):
-    dataset.write_dataset(
+    sources.write_dataset(
         str(tmp_path),
         {"train": [("a", [1, 5, 2], [0, 1, 1]), ("b", [1, 6, 7, 2], [0, 0, 1, 1])]},
         dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2),
     )
-    assert len(dataset.load_dataset(str(tmp_path), "train")) == 2  # intact, it loads
+    assert len(dataset.PreparedSplit(str(tmp_path), "train")) == 2  # intact, it loads
     damage(tmp_path / name)
     with pytest.raises(UserError, match=message.replace("(", r"\(")) as e:
-        dataset.load_dataset(str(tmp_path), "train")
+        dataset.PreparedSplit(str(tmp_path), "train")
     assert "\n" not in str(e.value)
 
 
@@ -516,7 +514,7 @@ def test_generator_is_deterministic_and_splits_do_not_overlap(tmp_path):
                 seen.setdefault((r["task"], r["instruction"], r["input"]), split) == split
             )  # no input in two splits
     assert dataset.read_meta(out)["tasks"] == list(generate.SUITE)
-    corpus = dataset.load_dataset(str(tmp_path / "tasks_corpus"), "train")
+    corpus = dataset.PreparedSplit(str(tmp_path / "tasks_corpus"), "train")
     text = load_tokenizer(str(tmp_path / "tiny_base" / "tokenizer.model")).decode(
         corpus.tokens.tolist()
     )
@@ -555,7 +553,7 @@ def test_committed_suite_matches_generator(tok):
     out = os.path.join(ROOT, "data", "tasks")
     for split, records in splits.items():
         assert dataset.read_examples(out, split) == records
-    test = dataset.load_dataset(out, "test")
+    test = dataset.PreparedSplit(out, "test")
     for i in range(0, len(test), 97):
         ids, mask, _ = test.example(i)
         assert tok.decode(ids[mask == 1][:-1]) == splits["test"][i]["response"]

@@ -1,7 +1,7 @@
-"""eval.py: multiple-choice log-likelihoods on a model whose log-probabilities are known in closed form,
-batched = one at a time, greedy exact match = a naive greedy loop, validation loss by formula, GSM8K
-answer extraction, the prompt formats, the command line; and (with ../shared) choice log-likelihoods
-on stories260K against transformers' LlamaForCausalLM."""
+"""eval.py: multiple-choice log-likelihoods on a model whose log-probabilities are known in closed
+form, batched = one at a time, greedy exact match = a naive greedy loop, validation loss by formula,
+GSM8K answer extraction, the prompt formats, the command line; and (with ../shared) choice
+log-likelihoods on stories260K against transformers' LlamaForCausalLM."""
 
 import json
 import math
@@ -15,11 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dataset
+import sources
 import eval as evaluate  # the project's eval.py (as a name, "eval" would hide the builtin)
 import llama
 from conftest import ROOT, SHARED
 from util import UserError
 import checkpoint
+from inference import load_for_inference
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -217,6 +219,13 @@ def naive_greedy(model, ids, max_new_tokens, eos=2):
     return out
 
 
+def test_exact_match():
+    assert evaluate.exact_match(" 19 ", "19") and not evaluate.exact_match("19", "190")
+    # GSM8K: the final answer
+    assert evaluate.exact_match("so it is 6\n#### 72", "48/2 = 24\n#### 72")
+    assert not evaluate.exact_match("#### 71", "#### 72")
+
+
 def test_score_exact_match_against_naive_greedy(tiny_tokenizer_path):
     tok = load_tokenizer(tiny_tokenizer_path)
     model = tiny_llama(vocab_size=tok.vocab_size)
@@ -264,7 +273,7 @@ def test_loss_table_equals_the_closed_form(tmp_path):
     dirs = [str(tmp_path / "one"), str(tmp_path / "two")]  # task "b" in both: one row
     examples = [(task, *dataset.encode_example(tok, i, x, r, 100)) for task, i, x, r in raw]
     for d, part in zip(dirs, (examples[:3], examples[3:])):
-        dataset.write_dataset(
+        sources.write_dataset(
             d, {"val": part}, dict(vocab_size=V, bos_id=1, eos_id=2, tokenizer="chars", max_len=100)
         )
 
@@ -297,7 +306,8 @@ def test_loss_table_equals_the_closed_form(tmp_path):
     "text, answer",
     [
         (
-            "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\nShe makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18",
+            "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs a day.\n"
+            "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18",
             "18",
         ),
         (
@@ -389,7 +399,8 @@ def test_mmlu_letter_format_with_shots(tmp_path):
     ]
     ctx, cont = items[0]["pairs"][2]
     assert CharTokenizer().decode(ctx) == (
-        "The following are multiple choice questions (with answers) about high school geography.\n\n"
+        "The following are multiple choice questions (with answers) about high school "
+        "geography.\n\n"
         "d1\nA. ad1\nB. bd1\nC. cd1\nD. dd1\nAnswer: A\n\n"
         "d2\nA. ad2\nB. bd2\nC. cd2\nD. dd2\nAnswer: C\n\n"
         "t1\nA. at1\nB. bt1\nC. ct1\nD. dt1\nAnswer:"
@@ -467,12 +478,12 @@ def test_cli_exact_match_and_loss(ckpt, tmp_path, tiny_tokenizer_path):
             for r in raw
         ]
     }
-    dataset.write_dataset(
+    sources.write_dataset(
         str(tmp_path),
         splits,
         dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2, tokenizer="t", max_len=200),
     )
-    dataset.write_jsonl(str(tmp_path / "test.jsonl"), raw)
+    sources.write_jsonl(str(tmp_path / "test.jsonl"), raw)
     em = evaluate.main(
         [f"--ckpt_dir={ckpt}", "--task=exact_match", f"--data={tmp_path}", "--max_new_tokens=4"]
     )
@@ -649,7 +660,7 @@ def test_cli_exact_match_takes_several_datasets(ckpt, tmp_path, tiny_tokenizer_p
     for name, task in (("a", "sort"), ("b", "reverse")):
         raw = [dict(task=task, instruction="Do it", input=f"{i}", response="x") for i in range(3)]
         d = tmp_path / name
-        dataset.write_dataset(
+        sources.write_dataset(
             str(d),
             {
                 "test": [
@@ -664,7 +675,7 @@ def test_cli_exact_match_takes_several_datasets(ckpt, tmp_path, tiny_tokenizer_p
             },
             dict(vocab_size=tok.vocab_size, bos_id=1, eos_id=2, tokenizer="t", max_len=200),
         )
-        dataset.write_jsonl(str(d / "test.jsonl"), raw)
+        sources.write_jsonl(str(d / "test.jsonl"), raw)
     em = evaluate.main(
         [
             f"--ckpt_dir={ckpt}",
@@ -685,12 +696,13 @@ MMLU = os.path.join(SHARED, "data", "mmlu")
 
 @pytest.mark.skipif(
     not (os.path.isdir(STORIES) and os.path.isdir(MMLU)),
-    reason="../shared/models/stories260K and ../shared/data/mmlu not present (only on the team's machines)",
+    reason="../shared/models/stories260K and ../shared/data/mmlu not present "
+    "(only on the team's machines)",
 )
 @pytest.mark.parametrize("mc_format, shots", [("letter", 0), ("cloze", 5)])
 def test_stories260k_mmlu_choice_logprobs_match_transformers(mc_format, shots):
     transformers = pytest.importorskip("transformers")
-    model, tok = evaluate.load(STORIES)
+    model, tok = load_for_inference(STORIES, "", "", "float32", "cpu", merge=True)
     items = evaluate.mmlu_items(
         tok,
         MMLU,

@@ -197,7 +197,7 @@ def test_torchrun_with_the_default_accumulation(tiny, tmp_path):  # noqa: F811
 def test_data_longer_than_the_context_names_the_settings(tiny, tmp_path, monkeypatch):  # noqa: F811
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    longest = int(dataset.load_dataset(tiny["data"], "train").lengths.max())
+    longest = int(dataset.PreparedSplit(tiny["data"], "train").lengths.max())
     args = [
         f"--datasets={tiny['data']}",
         f"--out_dir={tmp_path / 'out'}",

@@ -47,7 +47,7 @@ def test_text_corpus_from_another_directory(tmp_path):
     tok = load_tokenizer(TOKENIZER)
     seen = {}
     for split in ("train", "val"):
-        s = dataset.load_dataset(str(tmp_path / "prepared"), split)
+        s = dataset.PreparedSplit(str(tmp_path / "prepared"), split)
         for i in range(len(s)):
             ids, mask = s.example(i)[:2]
             assert (

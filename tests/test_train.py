@@ -2,7 +2,7 @@
 SIGKILL, torn checkpoint writes, loss masking and token normalization, early errors.
 
 Everything runs on a tiny random LLaMA (saved with checkpoint.save_hf_checkpoint) and a tiny prepared
-dataset (dataset.write_dataset) made in a temporary directory; the runs that are compared with each
+dataset (sources.write_dataset) made in a temporary directory; the runs that are compared with each
 other are all subprocesses with OMP_NUM_THREADS=1, so they do the same floating-point work."""
 
 import json
@@ -18,6 +18,7 @@ import torch
 
 import configurator
 import dataset
+import sources
 import llama
 import multilora
 import train
@@ -78,7 +79,7 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
             records.append(dict(task=task, instruction=instruction, input=inp, response=response))
         splits[split] = encoded
         os.makedirs(root / "data", exist_ok=True)
-        dataset.write_jsonl(str(root / "data" / f"{split}.jsonl"), records)
+        sources.write_jsonl(str(root / "data" / f"{split}.jsonl"), records)
     meta = dict(
         vocab_size=tok.vocab_size,
         bos_id=tok.bos_id,
@@ -86,7 +87,7 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
         tokenizer=tiny_tokenizer_path,
         max_len=64,
     )
-    dataset.write_dataset(str(root / "data"), splits, meta)
+    sources.write_dataset(str(root / "data"), splits, meta)
     return {
         "root": root,
         "base": str(root / "base"),
@@ -353,7 +354,7 @@ def load_tiny_model(tiny, finetune="multilora"):
 
 
 def test_collate_masks_prompt_and_padding(tiny):
-    split = dataset.load_dataset(tiny["data"], "train")
+    split = dataset.PreparedSplit(tiny["data"], "train")
     examples = [split.example(i)[:2] for i in range(3)]
     x, y, positions, segments = dataset.collate(examples, pad_id=2, device="cpu")
     assert positions is None and segments is None
@@ -371,7 +372,7 @@ def test_loss_counts_only_response_tokens(tiny):
     """train_step's loss equals an independent computation over the mask=1 tokens read from the
     prepared arrays; changing the targets of prompt positions changes nothing."""
     model = load_tiny_model(tiny)
-    split = dataset.load_dataset(tiny["data"], "train")
+    split = dataset.PreparedSplit(tiny["data"], "train")
     examples = [split.example(i)[:2] for i in range(4)]
     x, y, _, _ = dataset.collate(examples, pad_id=0, device="cpu")
     with torch.no_grad():
@@ -408,7 +409,7 @@ def grads_of_split(tiny, examples, batch_size, pack=False):
 
 
 def test_token_normalized_loss_is_independent_of_micro_steps(tiny):
-    split = dataset.load_dataset(tiny["data"], "train")
+    split = dataset.PreparedSplit(tiny["data"], "train")
     examples = [split.example(i)[:2] for i in range(8)]
     loss_1, grads_1 = grads_of_split(tiny, examples, 8)
     for batch_size in (4, 1):
@@ -433,7 +434,7 @@ def test_token_normalized_loss_is_independent_of_micro_steps(tiny):
 def varied_lengths(tiny, n):
     """n training examples, most with their prompt cut short (BOS, the prompt's last few tokens,
     the whole response), so that their lengths vary and several fit in one row."""
-    split = dataset.load_dataset(tiny["data"], "train")
+    split = dataset.PreparedSplit(tiny["data"], "train")
     out = []
     for i in range(n):
         ids, mask = split.example(i)[:2]
@@ -482,7 +483,7 @@ def test_packing_gives_the_same_loss_and_gradients(tiny):
 
 
 def test_tasks_are_grouped_by_name_across_datasets(tiny):
-    one = dataset.load_dataset(tiny["data"], "train")
+    one = dataset.PreparedSplit(tiny["data"], "train")
     names, pools = dataset.task_pools([one, one])
     assert sorted(names) == ["add", "reverse", "upper"]
     for name, pool in zip(names, pools):
@@ -586,7 +587,7 @@ def bad_inputs(tiny, root):
     (root / "no_weights" / "config.json").write_text(
         open(os.path.join(tiny["base"], "config.json")).read()
     )
-    dataset.write_dataset(
+    sources.write_dataset(
         str(root / "empty"),
         {"train": [], "val": []},
         dict(vocab_size=64, bos_id=1, eos_id=2, tokenizer="", max_len=64),

@@ -4,14 +4,14 @@ Stanford Alpaca (52k instruction-following records, CC BY-NC 4.0) -> data/alpaca
     python data/alpaca/prepare.py --tokenizer=path/to/tokenizer.model [--source=alpaca_data.json]
 
 The source is a JSON array of {"instruction", "input", "output"}; "output" becomes the response.
-Settings and rules (over-long examples dropped and counted, malformed input stops): see dataset.py.
+Settings and rules (over-long examples dropped and counted, malformed input stops): see sources.py.
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import dataset  # noqa: E402
+import sources  # noqa: E402
 import util  # noqa: E402
 
 URLS = {
@@ -26,14 +26,14 @@ FIELDS = {
 
 def read_source(source, config):
     return {
-        "train": dataset.read_records(
-            dataset.source_file(source, "alpaca_data.json", ".json"), "alpaca", FIELDS
+        "train": sources.read_records(
+            sources.source_file(source, "alpaca_data.json", ".json"), "alpaca", FIELDS
         )
     }
 
 
 def main(argv):
-    return dataset.prepare_main(
+    return sources.prepare_main(
         "alpaca", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv
     )
 

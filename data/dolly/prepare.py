@@ -1,18 +1,20 @@
 """
-databricks-dolly-15k (15k human-written instruction records, CC BY-SA 3.0) -> data/dolly/{train,val}_*.npy.
+databricks-dolly-15k (15k human-written instruction records, CC BY-SA 3.0)
+-> data/dolly/{train,val}_*.npy.
 
-    python data/dolly/prepare.py --tokenizer=path/to/tokenizer.model [--source=databricks-dolly-15k.jsonl]
+    python data/dolly/prepare.py --tokenizer=path/to/tokenizer.model \
+        [--source=databricks-dolly-15k.jsonl]
 
 The source has one JSON object per line: {"instruction", "context", "response", "category"}; the
 context (often empty) becomes the input. Settings and rules (over-long examples dropped and counted,
-malformed input stops): see dataset.py.
+malformed input stops): see sources.py.
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import dataset  # noqa: E402
+import sources  # noqa: E402
 import util  # noqa: E402
 
 URLS = {
@@ -27,14 +29,14 @@ FIELDS = {
 
 def read_source(source, config):
     return {
-        "train": dataset.read_records(
-            dataset.source_file(source, "databricks-dolly-15k.jsonl", ".jsonl"), "dolly", FIELDS
+        "train": sources.read_records(
+            sources.source_file(source, "databricks-dolly-15k.jsonl", ".jsonl"), "dolly", FIELDS
         )
     }
 
 
 def main(argv):
-    return dataset.prepare_main(
+    return sources.prepare_main(
         "dolly", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv
     )
 

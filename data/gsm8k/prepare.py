@@ -5,16 +5,16 @@ GSM8K grade-school math (openai/grade-school-math, MIT) -> data/gsm8k/{train,val
 
 The source has one JSON object per line: {"question", "answer"}. The question is the instruction
 (no input); the response is the whole answer text, calculator annotations <<48/2=24>> included as
-published, ending in "#### N" (dataset.exact_match compares N). train.jsonl -> train and val
+published, ending in "#### N" (eval.exact_match compares N). train.jsonl -> train and val
 (val_fraction), test.jsonl -> test. --source may be a directory with train.jsonl (and test.jsonl)
-or a single file, used as train. Rules: see dataset.py.
+or a single file, used as train. Rules: see sources.py.
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import dataset  # noqa: E402
+import sources  # noqa: E402
 import util  # noqa: E402
 
 BASE_URL = (
@@ -27,22 +27,22 @@ FIELDS = {"instruction": "question", "response": "answer"}  # ours: the source's
 
 def read_source(source, config):
     if not os.path.isdir(source):
-        return {"train": dataset.read_records(source, "gsm8k", FIELDS)}
+        return {"train": sources.read_records(source, "gsm8k", FIELDS)}
     prefix = (
         "gsm8k_" if os.path.exists(os.path.join(source, "gsm8k_train.jsonl")) else ""
     )  # the download
     splits = {
-        "train": dataset.read_records(os.path.join(source, f"{prefix}train.jsonl"), "gsm8k", FIELDS)
+        "train": sources.read_records(os.path.join(source, f"{prefix}train.jsonl"), "gsm8k", FIELDS)
     }
     if os.path.exists(os.path.join(source, f"{prefix}test.jsonl")):
-        splits["test"] = dataset.read_records(
+        splits["test"] = sources.read_records(
             os.path.join(source, f"{prefix}test.jsonl"), "gsm8k", FIELDS
         )
     return splits
 
 
 def main(argv):
-    return dataset.prepare_main(
+    return sources.prepare_main(
         "gsm8k", read_source, URLS, os.path.dirname(os.path.abspath(__file__)), argv
     )
 

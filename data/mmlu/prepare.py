@@ -4,16 +4,17 @@ MMLU (Hendrycks et al., MIT) -> data/mmlu/{train,val,test}_*.npy.
     python data/mmlu/prepare.py --tokenizer=path/to/tokenizer.model [--source=DIR_OR_TAR]
 
 The source is the original release, data.tar with data/{auxiliary_train,dev,val,test}/*.csv, or a
-directory with some of those folders (auxiliary_train/, or dev/ with --train_on_dev). Each CSV row is
-question, four choices, answer; the answer is A-D (original release) or 0-3 (re-exported
+directory with some of those folders (auxiliary_train/, or dev/ with --train_on_dev). Each CSV row
+is question, four choices, answer; the answer is A-D (original release) or 0-3 (re-exported
 copies, which also start with a header row question,choice0..choice3,answer, skipped).
 Splits: auxiliary_train -> train (world knowledge for training, as in the MultiLoRA mixture),
 val -> val (or val_fraction of train when there is no val/), test -> test (evaluation only).
 dev/ holds the 5 solved examples per subject that eval.py --task=mmlu --shots=5 puts before each
 question: it joins train only with --train_on_dev=True (said loudly), and a source without
 auxiliary_train/ is refused without it, rather than training on the few-shot examples unannounced.
-One example: instruction naming the subject, input = question + lettered choices, response = the letter.
-Rules (over-long dropped and counted, malformed input stops): see dataset.py.
+One example: instruction naming the subject, input = question + lettered choices, response = the
+letter.
+Rules (over-long dropped and counted, malformed input stops): see sources.py.
 """
 
 import os
@@ -22,7 +23,7 @@ import tarfile
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import dataset  # noqa: E402
+import sources  # noqa: E402
 from configurator import S  # noqa: E402
 from util import UserError  # noqa: E402
 import util  # noqa: E402
@@ -43,14 +44,15 @@ def read_folder(folder, split):
             else ""
         )
         about = f" about {subject}" if subject else ""
-        for line, (question, *choices, answer) in dataset.read_csv(path, HEADER, len(HEADER)):
+        for line, (question, *choices, answer) in sources.read_csv(path, HEADER, len(HEADER)):
             answer = answer.strip()
             if answer not in ("0", "1", "2", "3", "A", "B", "C", "D"):
                 raise UserError(f"{path}:{line}: answer: expected 0-3 or A-D, got {answer!r}")
             records.append(
                 dict(
                     task="mmlu",
-                    instruction=f"The following is a multiple choice question{about}. Answer with the letter of the correct choice.",
+                    instruction=f"The following is a multiple choice question{about}. "
+                    "Answer with the letter of the correct choice.",
                     input=question
                     + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices)),
                     response=LETTERS[int(answer)] if answer.isdigit() else answer,
@@ -83,13 +85,13 @@ def read_source(source, config):
         config["train_on_dev"] and os.path.isdir(folders["dev"])
     ):
         raise UserError(
-            f"--source={source}: no auxiliary_train/ folder of CSV files; training on dev/ (eval.py's "
-            f"few-shot examples) needs --train_on_dev=True"
+            f"--source={source}: no auxiliary_train/ folder of CSV files; training on dev/ "
+            f"(eval.py's few-shot examples) needs --train_on_dev=True"
         )
     if config["train_on_dev"]:
         print(
-            "WARNING: --train_on_dev=True: dev/ is in train; eval.py --task=mmlu --shots=K shows the model "
-            "questions it was trained on",
+            "WARNING: --train_on_dev=True: dev/ is in train; eval.py --task=mmlu --shots=K shows "
+            "the model questions it was trained on",
             file=sys.stderr,
         )
     read = {
@@ -106,7 +108,7 @@ def read_source(source, config):
 
 
 def main(argv):
-    return dataset.prepare_main(
+    return sources.prepare_main(
         "mmlu",
         read_source,
         URLS,

@@ -6,8 +6,9 @@ instruction format, and the SentencePiece tokenizer of the tiny base model. Dete
 
 writes, under out_dir (default: this repository's data/):
     tiny_base/tokenizer.model   SentencePiece BPE, LLaMA settings (byte fallback, split digits,
-                                unk=0 bos=1 eos=2, no pad), trained on the corpus + the tasks' prompt
-                                templates (not their examples: the suite's sizes leave it unchanged)
+                                unk=0 bos=1 eos=2, no pad), trained on the corpus + the tasks'
+                                prompt templates (not their examples: the suite's sizes leave it
+                                unchanged)
     tasks/                      the suite, a prepared dataset (see dataset.py): train/val/test
                                 splits whose inputs never repeat across splits, and the raw
                                 {split}.jsonl used for exact-match scoring
@@ -25,11 +26,11 @@ The tasks (instruction, input -> the exact-match answer):
     count     How many times does the digit after the semicolon appear before it?
                                                     "5 1 9 9 ; 9"           -> "2"
 add/bigger and reverse/sort share an input form: only the instruction tells them apart.
-The corpus states the same kinds of facts in prose ("13 and 6 make 19 .", "write 8 7 6 1 4 in reverse
-and you get 4 1 6 7 8 .") among plain sentences over the same words, but never in the instruction format
-("###", "Instruction", "Response" appear nowhere in it): the base model knows the content, and
-fine-tuning has to teach it to follow the instructions. Test inputs are disjoint from the train
-split, not from the corpus, as with real pretraining and instruction tuning.
+The corpus states the same kinds of facts in prose ("13 and 6 make 19 .", "write 8 7 6 1 4 in
+reverse and you get 4 1 6 7 8 .") among plain sentences over the same words, but never in the
+instruction format ("###", "Instruction", "Response" appear nowhere in it): the base model knows the
+content, and fine-tuning has to teach it to follow the instructions. Test inputs are disjoint from
+the train split, not from the corpus, as with real pretraining and instruction tuning.
 """
 
 import io
@@ -42,6 +43,7 @@ sys.path.insert(0, ROOT)
 import configurator  # noqa: E402
 from configurator import S  # noqa: E402
 import dataset  # noqa: E402
+import sources  # noqa: E402
 import util
 from tokenizer import load_tokenizer
 
@@ -64,7 +66,8 @@ max_len = S(
 )
 corpus_max_len = S(160, "[8, inf)", "tokens per corpus document at most")
 SETTINGS = configurator.declared(globals())
-TEMPLATE_REPEATS = 500  # times each task's prompt lines go into the tokenizer's text (about the count they had as examples)
+# times each task's prompt lines go into the tokenizer's text (about the count they had as examples)
+TEMPLATE_REPEATS = 500
 # -----------------------------------------------------------------------------
 
 ANIMALS = "cat dog fox cow pig hen owl bee ant rat bat elk yak emu ox eel".split()
@@ -82,8 +85,8 @@ def spaced(items):
 # and prose: sentences that state the same fact in the corpus, in several wordings with the data at
 # different distances from the answer (so that what pretraining learns is not tied to one layout).
 # Inputs start with a digit: after the template's "\n" a word is tokenized without its leading "▁"
-# (SentencePiece adds that dummy prefix only at the start of a text), a different token from the same
-# word inside a sentence, which a tiny model would first have to learn to match.
+# (SentencePiece adds that dummy prefix only at the start of a text), a different token from the
+# same word inside a sentence, which a tiny model would first have to learn to match.
 def draw_add(rng):
     a, b = rng.randrange(20), rng.randrange(20)
     return dict(input=f"{a} and {b}", response=str(a + b), a=a, b=b)
@@ -193,13 +196,13 @@ TASKS = {  # name: (instruction, draw, prose)
         ],
     ),
 }
-# The fine-tuning suite (data/tasks/). parity (of the digit sum) and lookup stay in the corpus and the
-# tokenizer's text, so the base is unchanged, but not in the suite: neither LoRA nor full fine-tuning
-# got above chance on them from this base (README, "The embedded task suite"), so they only add noise.
+# The fine-tuning suite (data/tasks/). parity (of the digit sum) and lookup stay in the corpus and
+# the tokenizer's text, so the base is unchanged, but not in the suite: neither LoRA nor full
+# fine-tuning got above chance on them from this base (README, "The embedded task suite"), so they
+# only add noise.
 SUITE = ("add", "bigger", "reverse", "sort", "count")
-FEWER_TRAIN = dict(
-    reverse=200, sort=200
-)  # train examples of these (n_train for the others): with 800 both were at 98-100% for LoRA and full
+# train examples of these (n_train for the others): with 800 both were at 98-100% for LoRA and full
+FEWER_TRAIN = dict(reverse=200, sort=200)
 
 
 def task_splits(seed, n_train, n_val, n_test, tasks=SUITE):
@@ -241,10 +244,12 @@ def corpus_sentence(rng):
         return f"counting up : {spaced(range(start, start + rng.randint(3, 6)))} ."
     return rng.choice(
         [
-            f"{rng.choice(NAMES)} sees a {rng.choice(COLORS)} {rng.choice(ANIMALS)} by the {rng.choice(PLACES)} .",
+            f"{rng.choice(NAMES)} sees a {rng.choice(COLORS)} {rng.choice(ANIMALS)} "
+            f"by the {rng.choice(PLACES)} .",
             f"the {rng.choice(ANIMALS)} eats {rng.randint(2, 9)} {rng.choice(FRUITS)}s .",
             f"{rng.choice(NAMES)} has a {rng.choice(COLORS)} {rng.choice(FRUITS)} .",
-            f"the {rng.choice(PLACES)} is {rng.choice(COLORS)} and the {rng.choice(ANIMALS)} is {rng.choice(COLORS)} .",
+            f"the {rng.choice(PLACES)} is {rng.choice(COLORS)} "
+            f"and the {rng.choice(ANIMALS)} is {rng.choice(COLORS)} .",
         ]
     )
 
@@ -258,8 +263,8 @@ def corpus_documents(seed, n_documents, document_sentences):
 
 
 def train_tokenizer(lines, vocab_size, path):
-    """SentencePiece BPE with the LLaMA 1/2 settings. Trained from an iterator into memory so that the
-    model file holds no temporary paths: the same lines give the same bytes."""
+    """SentencePiece BPE with the LLaMA 1/2 settings. Trained from an iterator into memory so that
+    the model file holds no temporary paths: the same lines give the same bytes."""
     import sentencepiece
 
     model = io.BytesIO()
@@ -285,7 +290,7 @@ def train_tokenizer(lines, vocab_size, path):
         minloglevel=2,
     )
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    dataset._atomic_write(path, lambda f: f.write(model.getvalue()))
+    sources.write_file(path, lambda f: f.write(model.getvalue()))
 
 
 def main(argv=None):
@@ -300,8 +305,8 @@ def main(argv=None):
 
     tokenizer_path = os.path.join(config["out_dir"], "tiny_base", "tokenizer.model")
     # each task's prompt template, a line at a time (SentencePiece trains on lines), so that
-    # "### Instruction:" gets pieces of its own; not the suite's examples, so that the suite's sizes and
-    # inputs can change without changing the tokenizer (and so the pretrained base)
+    # "### Instruction:" gets pieces of its own; not the suite's examples, so that the suite's sizes
+    # and inputs can change without changing the tokenizer (and so the pretrained base)
     template_lines = [
         line
         for instruction, _, _ in TASKS.values()
@@ -313,11 +318,11 @@ def main(argv=None):
     tok = load_tokenizer(tokenizer_path)
 
     prepare_config = dict(
-        dataset.PREPARE_DEFAULTS,
+        sources.PREPARE_DEFAULTS,
         seed=config["seed"],
         tokenizer=os.path.relpath(tokenizer_path, ROOT),
     )
-    dataset.prepare(
+    sources.prepare(
         "tasks",
         splits,
         dict(
@@ -344,7 +349,7 @@ def write_corpus(documents, out_dir, tok, max_len):
     counts = {
         split: {"dropped_over_long": len(splits[split]) - len(encoded[split])} for split in splits
     }
-    meta = dataset.write_dataset(
+    meta = sources.write_dataset(
         out_dir,
         {split: [("corpus", *e) for e in examples] for split, examples in encoded.items()},
         dict(
@@ -359,7 +364,8 @@ def write_corpus(documents, out_dir, tok, max_len):
     )
     for split, c in meta["counts"].items():
         print(
-            f"tasks_corpus {split}: {c['examples']} documents, {c['tokens']} tokens, {c['dropped_over_long']} dropped as longer than max_len={max_len}"
+            f"tasks_corpus {split}: {c['examples']} documents, {c['tokens']} tokens, "
+            f"{c['dropped_over_long']} dropped as longer than max_len={max_len}"
         )
 
 

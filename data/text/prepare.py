@@ -7,14 +7,14 @@ after BOS a target (dataset.encode_document), for train.py --init_from=scratch -
 The source is a UTF-8 text file with one document per line (blank lines are skipped), or a folder
 of .txt files, one document each. val_fraction of the documents, drawn with seed, become the val
 split. Documents longer than max_len tokens are dropped and counted, as in every prepare script
-(dataset.py): give max_len the context of the model you train (its max_seq_len).
+(sources.py): give max_len the context of the model you train (its max_seq_len).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import dataset  # noqa: E402
+import sources  # noqa: E402
 import util  # noqa: E402
 from util import UserError  # noqa: E402
 
@@ -41,7 +41,7 @@ def read_source(source, config):
 
 
 def main(argv):
-    return dataset.prepare_main(
+    return sources.prepare_main(
         "text", read_source, {}, os.path.dirname(os.path.abspath(__file__)), argv
     )
 
