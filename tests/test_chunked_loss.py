@@ -160,7 +160,11 @@ def peak_allocated(fn):
     """Peak of the bytes torch allocates on the CPU while fn() runs: bench.py's measure."""
     import bench
 
-    return bench.peak_bytes(fn, torch.device("cpu"))
+    device, bench.device = bench.device, "cpu"
+    try:
+        return bench.peak_bytes(fn)
+    finally:
+        bench.device = device
 
 
 def test_no_whole_logits():

@@ -573,14 +573,17 @@ def test_bench_smoke(monkeypatch):
         warmup=1,
         rounds=2,
         memory_ns=[1, 2],
+        train_max_len=8,
+        device="cpu",
+        dtype="float32",
     ).items():
         monkeypatch.setattr(bench, k, v)
-    base, cpu = bench.make_base(64), torch.device("cpu")
-    r = bench.bench_throughput(base, cpu, torch.float32)
+    base = bench.random_base(64)
+    r = bench.bench_throughput(base)
     assert r["ratio vs lora r=32"] > 0 and r["multilora n=4 r=8"]["trainable"] == 4 * (
         4 * 8 * 64 + 4 * 32
     )
-    m = bench.bench_memory(base, cpu, torch.float32)
+    m = bench.bench_memory(base)
     assert m["n=2"]["peak_bytes"] > m["n=1"]["peak_bytes"] > 0
     assert m["n=2"]["param_and_adamw_growth_bytes"] == 12 * (
         m["n=2"]["adapter_params"] - m["n=1"]["adapter_params"]
