@@ -87,12 +87,10 @@ OWN = {  # plan.py's own settings, next to train.py's
 
 
 def plan_settings():
-    """train.py's settings with the checks that need this machine (a CUDA device, torchrun) relaxed:
-    a plan for 8 GPUs is made anywhere."""
+    """train.py's settings with the checks that need this machine relaxed (a CUDA device here;
+    main runs train.check_settings without torchrun's): a plan for 8 GPUs is made anywhere."""
     settings = dict(train.SETTINGS)
-    for key in ("fsdp", "device", "gradient_accumulation_steps"):
-        s = settings[key]
-        settings[key] = S(s.default, None, s.help)
+    settings["device"] = S(settings["device"].default, None, settings["device"].help)
     return {**settings, **OWN}
 
 
@@ -345,6 +343,7 @@ def report(s, c, source, seq_note):
 
 def main(argv):
     s = configure(plan_settings(), argv, "plan.py")
+    train.check_settings(s, machine=False)
     if s["gradient_accumulation_steps"] % s["nproc"]:
         raise UserError(
             f"gradient_accumulation_steps: expected a multiple of the {s['nproc']} "

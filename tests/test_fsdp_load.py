@@ -159,7 +159,7 @@ def worker(out, cases):
         if i == 0:
             train.init_distributed()
         config = checkpoint.read_config(ckpt)
-        model, settings = train.build_model({}, config, "cpu")
+        model = train.build_model(config)
         local = {k: v.to_local().detach().clone() for k, v in model.named_parameters()}
         # the bytes a load reads: the loader's count, and the kernel's
         with torch.device("meta"):
@@ -177,7 +177,10 @@ def worker(out, cases):
         }  # collective
         if rank == 0:
             multilora.save_adapter(
-                model, os.path.join(out, f"{name}.adapter.safetensors"), settings, state=adapter
+                model,
+                os.path.join(out, f"{name}.adapter.safetensors"),
+                model.adapter_settings,
+                state=adapter,
             )
     torch.distributed.barrier()  # every rank's files are written
     sys.stdout.flush(), sys.stderr.flush()

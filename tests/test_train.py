@@ -300,9 +300,10 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     assert sum(t.numel() for s in shards for t in s["model"].values()) == n_trainable
     if finetune == "lora":  # killed after the step-6 shards, before the commit
         kill = (
-            "write = train.write_weights\ndef dying(step, *a, **k):\n"
+            "import train_state\nwrite = train_state.write_weights\n"
+            "def dying(step, *a, **k):\n"
             "    if step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return write(step, *a, **k)\ntrain.write_weights = dying"
+            "    return write(step, *a, **k)\ntrain_state.write_weights = dying"
         )
         p = torchrun(
             ["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"],
