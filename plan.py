@@ -3,7 +3,8 @@ The memory a training run needs on each process, before anything is loaded: the 
 train.py's (config files and --key=value, read the same way), the shape comes from the
 checkpoint's config and headers (or a named preset), the adapters are built on the meta device.
 
-    python plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 --seq_len=1024
+    python plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 \
+        --seq_len=1024
     python plan.py --model=llama3-8b --finetune=lora --lora_rank=160 --dtype=bfloat16 --seq_len=1024
     python plan.py --ckpt_dir=/tmp/llama2-7b --finetune=multilora --n_loras=5 --lora_rank=32 \\
         --batch_size=1 --dtype=bfloat16

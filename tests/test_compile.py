@@ -71,6 +71,7 @@ def test_compiled_model_compiles_a_bounded_number_of_graphs(dynamo_counters, mon
         )
     assert len(shapes) == 8
     # the model's graphs (up to the data-dependent selection of the targets, then after it), traced
-    # once for all shapes; the chunked loss runs eager (its loop over chunks would compile per count)
+    # once for all shapes; the chunked loss runs eager (its loop over chunks would compile per
+    # target count)
     assert dynamo_counters["stats"]["unique_graphs"] <= 3, dict(dynamo_counters["stats"])
     assert sum(dynamo_counters["recompiles"].values()) == 0, dict(dynamo_counters["recompiles"])

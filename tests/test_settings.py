@@ -1,6 +1,6 @@
-"""Defaults that follow other settings (configurator.Rule): they never turn into an error, an explicit
-value is still checked, and every committed config resolves to exactly the settings it had when the
-defaults were plain values (the evidence in docs/ was trained with those)."""
+"""Defaults that follow other settings (configurator.Rule): they never turn into an error, an
+explicit value is still checked, and every committed config resolves to exactly the settings it had
+when the defaults were plain values (the evidence in docs/ was trained with those)."""
 
 import os
 import shlex
@@ -33,8 +33,8 @@ OLD_DEFAULTS = {
 
 
 def old_rules(module, argv):
-    """The settings as the plain defaults resolved them: the old value of each rule, then config files
-    and arguments on top, nothing checked."""
+    """The settings as the plain defaults resolved them: the old value of each rule, then config
+    files and arguments on top, nothing checked."""
     plain = {k: S(OLD_DEFAULTS[module].get(k, s.default)) for k, s in module.SETTINGS.items()}
     assert not any(isinstance(s.default, Rule) for s in plain.values()), (
         "a rule without its old default"
@@ -189,7 +189,8 @@ def test_short_run_and_lower_learning_rate_with_the_defaults(tiny, tmp_path):  #
 
 def test_torchrun_with_the_default_accumulation(tiny, tmp_path):  # noqa: F811
     # 2 processes, gradient_accumulation_steps not given: one micro-step on each, a global batch of
-    # 2·batch_size, as 1 process with gradient_accumulation_steps=2 (test_train checks that equality)
+    # 2·batch_size, as 1 process with gradient_accumulation_steps=2 (test_train checks that
+    # equality)
     args = [
         a
         for a in base_args(tiny, tmp_path, max_iters=2)
