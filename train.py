@@ -115,7 +115,7 @@ beta2 = S(0.999, "[0, 1)", "AdamW β2")
 grad_clip = S(1.0, "[0, inf)", "clip the gradient norm to this (0 = off)")
 # system
 device = S(util.default_device(), util.check_device, "cpu | cuda | cuda:N | mps")
-on_cuda = lambda s: s["device"].startswith("cuda")  # noqa: E731
+on_cuda = lambda s: s["device"].startswith("cuda")
 dtype = S(
     Rule("bfloat16 on cuda, else float32", lambda s: "bfloat16" if on_cuda(s) else "float32"),
     ("float32", "bfloat16", "float16"),
@@ -155,7 +155,9 @@ def check_settings(s, machine=True):
     if s["wandb_log"] and not util.importable("wandb"):
         raise UserError("wandb_log: expected False (wandb is not installed), got True")
     if machine and s["fsdp"] and "RANK" not in os.environ:
-        raise UserError("fsdp: expected False outside torchrun (FSDP shards over processes)")
+        raise UserError(
+            "fsdp: expected False outside torchrun (FSDP shards over processes), got True"
+        )
     steps = s["gradient_accumulation_steps"]
     if machine and (steps < 1 or steps % WORLD_SIZE):
         raise UserError(
