@@ -82,3 +82,19 @@ def chunked_cross_entropy(hidden, weight, targets, chunk_size=256):
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     return ChunkedCrossEntropy.apply(hidden, weight, targets, max(1, int(chunk_size)), dtype)
+
+
+# -----------------------------------------------------------------------------
+# the loss of one micro-batch: train.py's training step and eval.py's validation loss
+
+
+def token_loss_sum(model, x, y, positions=None, segments=None):
+    """Σ cross-entropy over the target tokens of one micro-batch (dataset.collate's x, y, positions,
+    segments): the model runs lm_head and the loss at the targets only, loss_chunk at a time
+    (chunked_cross_entropy), so no (N, V) logits exist."""
+    from dataset import IGNORE  # here: llama.py imports this file, and needs no dataset
+
+    is_target = y != IGNORE  # (B, T)
+    return model(
+        x, positions=positions, segments=segments, logits_at=is_target, targets=y[is_target]
+    ).sum()

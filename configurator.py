@@ -8,10 +8,12 @@ files and --key=value arguments, applied left to right:
 A script declares each setting next to its default, with what it allows and a comment:
 
     learning_rate = S(3e-3, "(0, inf)", "peak learning rate")
-    max_iters = S(1000, "[0, inf)", "optimizer steps")                   # a bound may name a setting:
-    warmup_iters = S(Rule("min(20, max_iters)", lambda s: min(20, s["max_iters"])), "[0, max_iters]")
+    max_iters = S(1000, "[0, inf)", "optimizer steps")  # a bound may name a setting:
+    warmup_iters = S(Rule("min(20, max_iters)", lambda s: min(20, s["max_iters"])),
+                     "[0, max_iters]", "linear warmup steps")  # a default that follows: a Rule
     finetune = S("multilora", ("multilora", "lora", "full"), "the arm")  # choices
-    device = S("cpu", check_device, "where to run")  # a function (value, settings) -> what was expected, or None
+    device = S("cpu", check_device, "where to run")  # a function: (value, settings) -> None if
+                                                     # the value is allowed, else what is expected
 
 A Rule is a default computed from the final values of the other settings, once the config files
 and arguments are in (a rule may read rules declared above it), and --help shows its text. So a
@@ -20,10 +22,12 @@ steps), while a value given explicitly is still checked.
 
 then `SETTINGS = declared(globals())` (the globals become plain defaults) and, in main,
 `globals().update(configure(SETTINGS, argv))`. The value's type is the default's (an int is accepted
-for a float; list items have the first item's type). Every setting is checked, ranges between settings
-included, before the script reads or writes anything; a bad one is one line naming the argument or
-config file, the key and what was expected. Config files are Python (they are code you run, as a
-script is); their top-level names that don't start with "_" and hold a setting's type are settings.
+for a float; list items have the first item's type). Every setting is checked, ranges between
+settings included, before the script reads or writes anything; a bad one is one line naming the
+argument or config file, the key and what was expected. Rules that tie several settings together are
+best plain checks in the script, after configure (train.py's check_settings). Config files are
+Python (they are code you run, as a script is); their top-level names that don't start with "_" and
+hold a setting's type are settings.
 """
 
 import ast
@@ -71,7 +75,8 @@ def declared(namespace):
 
 
 def check_type(where, key, value, default):
-    """value converted to the default's type where nothing is lost (int -> float, tuple <-> list)."""
+    """value converted to the default's type where nothing is lost (int -> float, tuple <->
+    list)."""
     expected = type(default)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

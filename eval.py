@@ -10,7 +10,7 @@ tasks (--data is):
                data/tasks), their {split}.jsonl: greedy generation from the training prompt, exact
                match per task (exact_match)
   loss         prepared dataset directories, comma-separated (default data/tasks): mean loss on the
-               response tokens and perplexity per task, computed by train.evaluate as in training
+               response tokens and perplexity per task, computed by evaluate as in training
   mmlu         the MMLU folder with dev/ and {split}/ CSVs, or a folder data/mmlu/prepare.py wrote
                (0-shot: it keeps no dev/): multiple choice by log-likelihood, per subject; --shots=5
                takes the shots from dev/ (Hendrycks et al. 2021)
@@ -48,13 +48,14 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import dataset
 import sources
 import llama
-import train
 import util
+from chunked_loss import token_loss_sum
 from configurator import S, configure, declared
 from inference import load_for_inference
 from util import UserError
@@ -130,6 +131,48 @@ dtype = S("float32", ("float32", "bfloat16", "float16"), "weights dtype")
 out = S("", check_out, "JSON result file")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    splits,
+    pools,
+    limit,
+    batch_size,
+    pad_id,
+    ctx=contextlib.nullcontext(),
+    rank=0,
+    world_size=1,
+    pack=True,
+):
+    """Loss (token-normalized) of each task on its first `limit` examples (0 = all), and of all of
+    them together -> (overall, [per task]): train.py's validation loss, and --task=loss's. Batches
+    are dealt out to the ranks; every rank runs the same number of forwards (FSDP needs all ranks in
+    each), the padding ones counting nothing."""
+    work = []  # (task index or -1, rows)
+    for t, pool in enumerate(pools):
+        rows = pool[:limit] if limit > 0 else pool
+        work += [(t, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+    while len(work) % world_size:
+        work.append((-1, work[0][1]))
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(pools), 2, dtype=torch.float64, device=device)  # loss sum, targets
+    was_training = model.training
+    model.eval()
+    for t, rows in work[rank::world_size]:
+        x, y, positions, segments = dataset.collate(
+            [splits[d].example(i)[:2] for d, i in rows], pad_id, device, pack
+        )
+        with ctx:
+            loss = token_loss_sum(model, x, y, positions, segments)
+        if t >= 0:
+            sums[t] += torch.stack([loss.double(), (y != dataset.IGNORE).sum().double()])
+    model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    per_task = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
+    return (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item(), per_task
 
 
 class Progress:
@@ -447,7 +490,7 @@ def gsm8k_details(model, tokenizer, records, shots=(), max_new_tokens=256, batch
 def loss_table(model, data_dirs, split, limit=0, batch_size=8, pad_id=0):
     """Mean cross-entropy on the response tokens (mask = 1: response + EOS) per task of the prepared
     datasets (a task in two of them is one task), over the first `limit` examples of each task, by
-    train.evaluate: the numbers training logs. -> {task: {tokens, loss, perplexity}}, then "all"."""
+    evaluate: the numbers training logs. -> {task: {tokens, loss, perplexity}}, then "all"."""
     splits = dataset.load_splits(data_dirs, split)
     for d, s in zip(data_dirs, splits):
         if s.meta["vocab_size"] != model.config.vocab_size:
@@ -464,7 +507,7 @@ def loss_table(model, data_dirs, split, limit=0, batch_size=8, pad_id=0):
     names, pools = dataset.task_pools(splits)
     pools = [p[:limit] if limit else p for p in pools]
     with evaluating(model):
-        overall, per_task = train.evaluate(model, splits, pools, limit, batch_size, pad_id)
+        overall, per_task = evaluate(model, splits, pools, limit, batch_size, pad_id)
     # target tokens of each task: the mask over each example's tokens after the first
     cumulative = [np.concatenate([[0], np.cumsum(s.mask, dtype=np.int64)]) for s in splits]
     tokens = [

@@ -3,7 +3,8 @@ The memory a training run needs on each process, before anything is loaded: the 
 train.py's (config files and --key=value, read the same way), the shape comes from the
 checkpoint's config and headers (or a named preset), the adapters are built on the meta device.
 
-    python plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 --seq_len=1024
+    python plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 \
+        --seq_len=1024
     python plan.py --model=llama3-8b --finetune=lora --lora_rank=160 --dtype=bfloat16 --seq_len=1024
     python plan.py --ckpt_dir=/tmp/llama2-7b --finetune=multilora --n_loras=5 --lora_rank=32 \\
         --batch_size=1 --dtype=bfloat16
@@ -87,12 +88,10 @@ OWN = {  # plan.py's own settings, next to train.py's
 
 
 def plan_settings():
-    """train.py's settings with the checks that need this machine (a CUDA device, torchrun) relaxed:
-    a plan for 8 GPUs is made anywhere."""
+    """train.py's settings with the checks that need this machine relaxed (a CUDA device here;
+    main runs train.check_settings without torchrun's): a plan for 8 GPUs is made anywhere."""
     settings = dict(train.SETTINGS)
-    for key in ("fsdp", "device", "gradient_accumulation_steps"):
-        s = settings[key]
-        settings[key] = S(s.default, None, s.help)
+    settings["device"] = S(settings["device"].default, None, settings["device"].help)
     return {**settings, **OWN}
 
 
@@ -345,6 +344,7 @@ def report(s, c, source, seq_note):
 
 def main(argv):
     s = configure(plan_settings(), argv, "plan.py")
+    train.check_settings(s, machine=False)
     if s["gradient_accumulation_steps"] % s["nproc"]:
         raise UserError(
             f"gradient_accumulation_steps: expected a multiple of the {s['nproc']} "

@@ -1,9 +1,10 @@
 """
 Fine-tune a LLaMA with MultiLoRA, LoRA or all of its weights (the paper's three arms) on prepared
-instruction datasets, in one process, with DDP or with FSDP2. Read it top to bottom: settings, model,
-the training step, evaluation, checkpoints, the loop.
+instruction datasets, in one process, with DDP or with FSDP2. Read it top to bottom: settings,
+model, the training step, the loop. Checkpoints, resume and the exports are train_state.py's.
 
-    python train.py                     # the embedded default (MultiLoRA on data/tasks); --help: every setting
+    python train.py                          # the embedded default (MultiLoRA on data/tasks)
+    python train.py --help                   # every setting
     python train.py config/tasks_lora.py --max_iters=100
     torchrun --standalone --nproc_per_node=8 train.py config/llama7b_mixture_multilora.py
 
@@ -13,7 +14,7 @@ every check runs before out_dir is touched, a lock keeps a second process out, a
 stops the run, keeping the last good checkpoint (docs/training.md).
 """
 
-import glob
+import functools
 import json
 import math
 import os
@@ -30,27 +31,19 @@ import llama
 import multilora
 import train_state
 import util
-from configurator import Rule, S, check_type, configure, declared, resolve
+from chunked_loss import token_loss_sum
+from configurator import Rule, S, declared
+from eval import evaluate, exact_match_report, score_exact_match
 from tokenizer import check_tokenizer, load_tokenizer
 from util import UserError
 
 # -----------------------------------------------------------------------------
-# settings: the defaults are the embedded default run; override with config/*.py files and --key=value
+# settings: the defaults are the embedded default run; config/*.py files and --key=value override
 # I/O
 out_dir = S("out/tasks-multilora", None, "where the run's files go")
 hf_dir = S("", None, "finetune=full: where the HF-layout weights go (default out_dir/hf)")
-ckpt_dir = S(
-    "data/tiny_base", None, "base model: Hugging Face (config.json) or Meta (params.json) layout"
-)
-init_from = S(
-    "pretrained",
-    lambda v, s: (
-        v == "scratch"
-        and s["finetune"] != "full"
-        and "pretrained, or scratch with finetune=full (an adapter needs a base that is saved somewhere)"
-    ),
-    "'pretrained' (ckpt_dir) | 'scratch' (random weights, shape from the settings below)",
-)
+ckpt_dir = S("data/tiny_base", None, "base model: Hugging Face (config.json) or Meta (params.json)")
+init_from = S("pretrained", ("pretrained", "scratch"), "ckpt_dir's weights, or random (scratch)")
 resume = S(False, None, "continue the run saved in out_dir/ckpt.pt")
 overwrite = S(False, None, "replace the run in out_dir (a run is never replaced without it)")
 eval_interval = S(
@@ -58,31 +51,20 @@ eval_interval = S(
 )
 log_interval = S(10, "[1, inf)", "log the training loss every this many steps")
 eval_examples = S(50, "[0, inf)", "validation examples per task at each eval (0 = all of them)")
-exact_match_examples = S(
-    50, "[0, inf)", "test examples per task scored by exact match before and after (0 = skip)"
-)
+exact_match_examples = S(50, "[0, inf)", "test examples per task scored before and after (0: skip)")
 exact_match_max_new_tokens = S(24, "[1, inf)", "tokens generated per exact-match answer")
-wandb_log = S(
-    False,
-    lambda v, s: v and not util.importable("wandb") and "False (wandb is not installed)",
-    "log to Weights & Biases (pip install wandb)",
-)
-wandb_project, wandb_run_name = S("multilora", None, "wandb project"), S("", None, "wandb run name")
+wandb_log = S(False, None, "log to Weights & Biases (pip install wandb)")
+wandb_project = S("multilora", None, "wandb project")
+wandb_run_name = S("", None, "wandb run name")
 # data
-datasets = S(
-    ["data/tasks"],
-    lambda v, s: not v and "at least one directory",
-    "prepared datasets (dataset.py's format)",
-)
+datasets = S(["data/tasks"], None, "prepared datasets (dataset.py's format)")
 mixture = S("proportional", ("proportional", "equal", "temperature"), "how tasks are sampled")
-mixture_temperature = S(
-    2.0, "(0, inf)", "'temperature': p_t ∝ n_t^(1/T) (T5, Raffel et al. 2020, §3.5.2)"
-)
+mixture_temperature = S(2.0, "(0, inf)", "'temperature': p_t ∝ n_t^(1/T) (T5, §3.5.2)")
 batch_size = S(32, "[1, inf)", "examples per micro-step per process")
 WORLD_SIZE = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's process count
 gradient_accumulation_steps = S(
     Rule("the number of processes, WORLD_SIZE", lambda s: WORLD_SIZE),
-    lambda v, s: (v < 1 or v % WORLD_SIZE) and f"a positive multiple of the {WORLD_SIZE} processes",
+    None,
     "micro-steps per optimizer step, whole job (each process does 1/N)",
 )
 pack = S(True, None, "pack each micro-batch's examples into fewer rows (same loss, less padding)")
@@ -93,14 +75,8 @@ n_loras = S(4, "[1, inf)", "parallel LoRA modules (MultiLoRA; LoRA is n_loras = 
 lora_rank = S(8, "[1, inf)", "rank r of each module")
 lora_alpha = S(16.0, "(0, inf)", "the update is scaled by α/r")
 lora_dropout = S(0.0, "[0, 1)", "dropout on the adapters' input")
-lora_scaling = S(
-    "channel", ("channel", "scalar"), "MultiLoRA's s_i: one per output channel, or one per module"
-)
-lora_init = S(
-    "",
-    ("", "lora", "multilora"),
-    "'' = the arm's own; 'lora' (B = 0, no s) or 'multilora' (random B, s = 0) for the ablations",
-)
+lora_scaling = S("channel", ("channel", "scalar"), "MultiLoRA's s_i: per output channel, or one")
+lora_init = S("", ("", "lora", "multilora"), "'' = the arm's; lora: B = 0, no s; multilora: s = 0")
 # model shape for init_from='scratch' (vocabulary and special ids come from the tokenizer)
 tokenizer = S("", None, "tokenizer.model (default: ckpt_dir's, or for scratch the dataset's)")
 dim = S(128, "[1, inf)", "model width")
@@ -131,11 +107,7 @@ warmup_iters = S(
     "[0, max_iters]",
     "linear warmup steps",
 )
-lr_decay_iters = S(
-    0,
-    lambda v, s: not (v == 0 or v > s["warmup_iters"]) and "0 or more than warmup_iters",
-    "cosine decay ends here (0 = max_iters)",
-)
+lr_decay_iters = S(0, None, "cosine decay ends here (0 = max_iters)")
 max_iters = S(1000, "[0, inf)", "optimizer steps")
 weight_decay = S(0.0, "[0, inf)", "AdamW weight decay, on 2-D weights only (nanoGPT's rule)")
 beta1 = S(0.9, "[0, 1)", "AdamW β1")
@@ -146,35 +118,15 @@ device = S(util.default_device(), util.check_device, "cpu | cuda | cuda:N | mps"
 on_cuda = lambda s: s["device"].startswith("cuda")
 dtype = S(
     Rule("bfloat16 on cuda, else float32", lambda s: "bfloat16" if on_cuda(s) else "float32"),
-    lambda v, s: (
-        v not in ("float32", "bfloat16", "float16")
-        and "float32, bfloat16 or float16"
-        or v == "float16"
-        and not s["device"].startswith("cuda")
-        and "float32 or bfloat16 (float16 needs cuda)"
-    ),
+    ("float32", "bfloat16", "float16"),
     "autocast dtype (float16 uses a gradient scaler)",
 )
-fsdp = S(
-    False,
-    lambda v, s: (
-        v and "RANK" not in os.environ and "False outside torchrun (FSDP shards over processes)"
-    ),
-    "shard base and adapters with FSDP2 (needs torchrun)",
-)
+fsdp = S(False, None, "shard base and adapters with FSDP2 (needs torchrun)")
 activation_checkpointing = S(False, None, "recompute each block's activations in the backward pass")
-loss_chunk = S(
-    256,
-    "[1, inf)",
-    "target tokens per chunk of lm_head + cross-entropy: a chunk's fp32 logits take "
-    "loss_chunk·V·4 bytes (131 MB at Llama 3's V = 128,256) instead of N·V·4 for all N targets; "
-    "256 rows still make one large matmul",
-)
+loss_chunk = S(256, "[1, inf)", "targets per lm_head + loss chunk (fp32 logits: loss_chunk·V·4 B)")
 compile = S(False, None, "torch.compile the model")
 seed = S(1337, "[0, inf)", "seed of the initialization and the data order")
-threads = S(
-    1, "[0, inf)", "CPU threads for torch (0 = torch's default); the tiny default is fastest on 1"
-)
+threads = S(1, "[0, inf)", "CPU threads for torch (0: torch's default; the default runs best on 1)")
 peak_flops = S(
     Rule("989e12 on cuda, else 1e12", lambda s: 989e12 if on_cuda(s) else 1e12),
     "(0, inf)",
@@ -182,13 +134,65 @@ peak_flops = S(
 )
 # -----------------------------------------------------------------------------
 SETTINGS = declared(globals())
-CHECKPOINT, ADAPTER, METRICS = "ckpt.pt", "adapter.safetensors", "metrics.jsonl"
+
+
+def check_settings(s, machine=True):
+    """The rules between settings (configure checked each one's type and range). machine: also what
+    this machine must allow, torchrun for FSDP and the process count (plan.py plans for others)."""
+    if s["init_from"] == "scratch" and s["finetune"] != "full":
+        raise UserError(
+            "init_from: expected pretrained, or scratch with finetune=full (an adapter needs a "
+            "base that is saved somewhere), got 'scratch'"
+        )
+    if not s["datasets"]:
+        raise UserError("datasets: expected at least one directory, got []")
+    if s["lr_decay_iters"] != 0 and s["lr_decay_iters"] <= s["warmup_iters"]:
+        raise UserError(
+            f"lr_decay_iters: expected 0 or more than warmup_iters, got {s['lr_decay_iters']}"
+        )
+    if s["dtype"] == "float16" and not s["device"].startswith("cuda"):
+        raise UserError("dtype: expected float32 or bfloat16 (float16 needs cuda), got 'float16'")
+    if s["wandb_log"] and not util.importable("wandb"):
+        raise UserError("wandb_log: expected False (wandb is not installed), got True")
+    if machine and s["fsdp"] and "RANK" not in os.environ:
+        raise UserError(
+            "fsdp: expected False outside torchrun (FSDP shards over processes), got True"
+        )
+    steps = s["gradient_accumulation_steps"]
+    if machine and (steps < 1 or steps % WORLD_SIZE):
+        raise UserError(
+            f"gradient_accumulation_steps: expected a positive multiple of the {WORLD_SIZE} "
+            f"processes, got {steps}"
+        )
+
+
+# the processes: one, or torchrun's (init_distributed sets them); read as globals, as the settings
+ddp, rank, local_rank, world_size, run_device, device_type = False, 0, 0, 1, "cpu", "cpu"
+
+
+def init_distributed():
+    """torchrun sets RANK: one process per GPU (NCCL) or per CPU share (gloo); otherwise one."""
+    global ddp, rank, local_rank, world_size, run_device, device_type
+    ddp = "RANK" in os.environ
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, local_rank, world_size = (
+        (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    )
+    run_device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else device
+    if ddp:
+        if device_type == "cuda":
+            torch.cuda.set_device(run_device)
+        dist.init_process_group(
+            backend="nccl" if device_type == "cuda" else "gloo",
+            device_id=torch.device(run_device) if device_type == "cuda" else None,
+        )
+
 
 # -----------------------------------------------------------------------------
-# model: base, adapters, precision
+# model: base, adapters, precision, processes
 
 
-def build_model(config, model_config, run_device):
+def build_model(model_config):
     """The base (loaded, or random for init_from='scratch'), adapted for the arm: a frozen base in
     the autocast dtype (bf16 halves its memory on GPU), trainable weights in fp32. Under FSDP it is
     sharded here, and a pretrained base is never whole anywhere: built weightless (meta device),
@@ -206,7 +210,7 @@ def build_model(config, model_config, run_device):
     else:
         model = checkpoint.load_model(ckpt_dir, dtype=base_dtype, device=run_device)
     # the adapters are drawn in full on run_device (on a meta base too): one process's values
-    adapter_settings = adapt(model, finetune, dict(lora_settings(), device=run_device))
+    adapt(model, finetune, dict(lora_settings(), device=run_device))
     model.checkpoint_blocks, model.loss_chunk = activation_checkpointing, loss_chunk
     if fsdp:
         shard(model, torch.device(run_device).type, dist.get_world_size())
@@ -214,12 +218,13 @@ def build_model(config, model_config, run_device):
         checkpoint.load_into(model, ckpt_dir, run_device)
         if finetune != "full":  # for the adapter file: each rank gives the entries in its rows
             model.base_sample = checkpoint.base_sample(model)
-    return model, adapter_settings
+    return model
 
 
 def adapt(model, finetune, lora):
     """finetune='full': every weight trains; otherwise wrap the targets with (Multi)LoRA and freeze
-    the rest. Trainable weights in fp32 (bench.py builds its arms with this too). -> adapter settings or None."""
+    the rest. Trainable weights in fp32 (bench.py builds its arms with this too). -> adapter
+    settings (also model.adapter_settings), or None."""
     settings = None if finetune == "full" else multilora.adapt_model(model, finetune, **lora)
     for p in model.parameters():
         if finetune == "full":
@@ -227,14 +232,6 @@ def adapt(model, finetune, lora):
         if p.requires_grad:
             p.data = p.data.float()
     return settings
-
-
-def autocast_context(device_type, dtype_name):  # bf16/fp16 matmuls; float32: none
-    return (
-        nullcontext()
-        if dtype_name == "float32"
-        else torch.autocast(device_type, dtype=getattr(torch, dtype_name))
-    )
 
 
 def lora_settings():
@@ -249,42 +246,26 @@ def lora_settings():
     )
 
 
+def autocast_context(device_type, dtype_name):  # bf16/fp16 matmuls; float32: none
+    if dtype_name == "float32":
+        return nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype_name))
+
+
 def make_optimizer(model, learning_rate, weight_decay, betas, device_type):
     """AdamW over the trainable parameters; weight decay on 2-D weights only (nanoGPT); the fused
     kernel where this torch has one for the device (CUDA, and CPU in recent torch)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        g
-        for g in (
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        )
-        if g["params"]
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]
+    fused = device_type in ("cuda", "cpu")
     try:
-        return torch.optim.AdamW(
-            groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu")
-        )
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas)
-
-
-def init_distributed():
-    """torchrun sets RANK: one process per GPU (NCCL) or per CPU share (gloo); otherwise one process."""
-    ddp = "RANK" in os.environ
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    rank, local_rank, world_size = (
-        (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    )
-    run_device = f"cuda:{local_rank}" if ddp and device_type == "cuda" else device
-    if ddp:
-        if device_type == "cuda":
-            torch.cuda.set_device(run_device)
-        dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo",
-            device_id=torch.device(run_device) if device_type == "cuda" else None,
-        )
-    return ddp, rank, local_rank, world_size, run_device, device_type
 
 
 def shard(raw_model, device_type, world_size):
@@ -308,7 +289,7 @@ def shard(raw_model, device_type, world_size):
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
 
 
-def wrap(raw_model, device_type, world_size, local_rank, ddp):
+def wrap(raw_model):
     """DDP replicates (FSDP2 sharded the model in build_model); torch.compile last."""
     model = raw_model
     if ddp and not fsdp:
@@ -319,17 +300,7 @@ def wrap(raw_model, device_type, world_size, local_rank, ddp):
 
 
 # -----------------------------------------------------------------------------
-# the training step (bench.py times this same function) and the loss over a split (eval.py's too)
-
-
-def token_loss_sum(model, x, y, positions=None, segments=None):
-    """Σ cross-entropy over the target tokens of one micro-batch (collate's x, y, positions, segments);
-    lm_head and the softmax run only where there is a loss, loss_chunk targets at a time."""
-    is_target = y != dataset.IGNORE  # (B, T)
-    # lm_head and the loss in chunks of loss_chunk targets (llama.chunked_cross_entropy): no (N, V) logits
-    return model(
-        x, positions=positions, segments=segments, logits_at=is_target, targets=y[is_target]
-    ).sum()
+# the training step (bench.py times this same function) and the learning rate
 
 
 def train_step(
@@ -346,8 +317,8 @@ def train_step(
 ):
     """One optimizer step over this process's micro-batches [(x, y, positions, segments)].
 
-    loss = Σ (token losses of all micro-steps on all ranks) / n_targets, n_targets being the number of
-    target tokens of the whole step, so the result does not depend on how the batch is split into
+    loss = Σ (token losses of all micro-steps on all ranks) / n_targets, n_targets being the number
+    of target tokens of the whole step, so the result does not depend on how the batch is split into
     micro-steps or processes (a mean of per-batch means would). DDP and FSDP average gradients over
     ranks, hence the factor world_size; they synchronize only on the last micro-step.
     Returns this process's summed token loss (a detached tensor)."""
@@ -365,9 +336,8 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], grad_clip
-        )
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -387,337 +357,13 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-@torch.no_grad()
-def evaluate(
-    model,
-    splits,
-    pools,
-    limit,
-    batch_size,
-    pad_id,
-    ctx=nullcontext(),
-    rank=0,
-    world_size=1,
-    pack=True,
-):
-    """Loss (token-normalized) of each task on its first `limit` examples (0 = all), and of all of
-    them together -> (overall, [per task]). Batches are dealt out to the ranks; every rank runs the
-    same number of forwards (FSDP needs all ranks in each), the padding ones counting nothing."""
-    work = []  # (task index or -1, rows)
-    for t, pool in enumerate(pools):
-        rows = pool[:limit] if limit > 0 else pool
-        work += [(t, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
-    while len(work) % world_size:
-        work.append((-1, work[0][1]))
-    device = next(model.parameters()).device
-    sums = torch.zeros(
-        len(pools), 2, dtype=torch.float64, device=device
-    )  # (loss sum, target tokens)
-    was_training = model.training
-    model.eval()
-    for t, rows in work[rank::world_size]:
-        x, y, positions, segments = dataset.collate(
-            [splits[d].example(i)[:2] for d, i in rows], pad_id, device, pack
-        )
-        with ctx:
-            loss = token_loss_sum(model, x, y, positions, segments)
-        if t >= 0:
-            sums[t] += torch.stack([loss.double(), (y != dataset.IGNORE).sum().double()])
-    model.train(was_training)
-    if world_size > 1:
-        dist.all_reduce(sums)
-    per_task = (sums[:, 0] / sums[:, 1].clamp(min=1)).tolist()
-    return (sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)).item(), per_task
-
-
 # -----------------------------------------------------------------------------
-# checkpoints: out_dir's policy, the settings of a resume, save, resume
-
-# A resume takes the run's settings from its checkpoint. These may be given anew: where the files
-# are (ckpt_dir too: a base of other weights is refused by the sample the run recorded), the run's
-# length, learning-rate schedule and clipping, evaluation and logging, and where and how it
-# computes (the same math). Any other setting given with another value than the run's is refused.
-RESUME_MAY_CHANGE = (
-    "out_dir",
-    "hf_dir",
-    "resume",
-    "overwrite",
-    "ckpt_dir",
-    "max_iters",
-    "learning_rate",
-    "min_lr",
-    "warmup_iters",
-    "lr_decay_iters",
-    "grad_clip",
-    "eval_interval",
-    "log_interval",
-    "eval_examples",
-    "exact_match_examples",
-    "exact_match_max_new_tokens",
-    "wandb_log",
-    "wandb_project",
-    "wandb_run_name",
-    "device",
-    "compile",
-    "activation_checkpointing",
-    "loss_chunk",
-    "threads",
-    "peak_flops",
-)
-
-
-def configure_run(argv):
-    """The settings: argv's, or for --resume=True the checkpoint's, which argv may change only in
-    RESUME_MAY_CHANGE (one line names any other that differs). -> {name: value}"""
-    if "-h" in argv or "--help" in argv:
-        return configure(SETTINGS, argv, "train.py")
-    # first the types only, to find the checkpoint
-    given = configure({k: S(s.default) for k, s in SETTINGS.items()}, argv, "train.py")
-    path = os.path.join(given["out_dir"], CHECKPOINT)
-    if not given["resume"] or not os.path.isfile(path):
-        return configure(SETTINGS, argv, "train.py")  # no checkpoint: check_out_dir says so
-    saved = train_state.read(path, mmap=True)["settings"]
-    own = ("out_dir", "resume", "overwrite")  # this command's, never the checkpoint's
-    typed = resolve(SETTINGS, {k: s.default for k, s in SETTINGS.items()})  # rules' types
-    run = {
-        k: S(
-            check_type(f"{path}: settings", k, saved[k], typed[k])
-            if k in saved and k not in own
-            else s.default,
-            s.allowed,
-            s.help,
-        )
-        for k, s in SETTINGS.items()
-    }
-    try:
-        config = configure(run, argv, "train.py")
-    except UserError as e:
-        raise UserError(str(e).replace(" (its default)", f" (the run's, in {path})")) from None
-    refused = [k for k in SETTINGS if k not in RESUME_MAY_CHANGE and config[k] != run[k].default]
-    if refused:
-        raise UserError(
-            f"{path}: resume: cannot change "
-            + ", ".join(
-                f"{k} (the run has {run[k].default!r}, given {config[k]!r})" for k in refused
-            )
-            + "; leave them out to take the run's, or start a new run in another out_dir"
-        )
-    return config
-
-
-def check_out_dir(hf_path):
-    """Refuse an out_dir that holds a run unless resume or overwrite; -> the run's files found."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"{out_dir}: out_dir is a file, expected a directory")
-    found = [os.path.join(out_dir, f) for f in (CHECKPOINT, ADAPTER, METRICS)] + [
-        os.path.join(hf_path, "model.safetensors")
-    ]
-    found = [f for f in found if os.path.exists(f)]
-    found += sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt.step*.rank*-of-*.pt")))
-    if resume and os.path.join(out_dir, CHECKPOINT) not in found:
-        raise UserError(
-            f"{os.path.join(out_dir, CHECKPOINT)}: resume=True but there is no checkpoint to resume from"
-        )
-    if found and not resume and not overwrite:
-        raise UserError(
-            f"{out_dir}: holds a run ({', '.join(found)}); continue it with --resume=True "
-            f"or replace it with --overwrite=True"
-        )
-    return found
-
-
-def base_identity(raw_model):
-    """What a checkpoint records of the frozen base (adapters only): its fingerprint, sample."""
-    if finetune == "full":
-        return {}
-    return {
-        "base_fingerprint": checkpoint.base_fingerprint(raw_model),
-        "base_sample": list(getattr(raw_model, "base_sample", None) or []),
-    }
-
-
-def read_checkpoint(config, model, world_size):
-    """ckpt.pt (train_state.read: weights_only=True, every key checked), checked against this run:
-    the process layout, the base (the sample the run recorded), its weights loaded into model (under
-    FSDP each rank reads its own shard later, in restore). -> (ckpt, settings changed)."""
-    path = os.path.join(out_dir, CHECKPOINT)
-    ckpt = train_state.read(path)
-    saved = ckpt["settings"]
-    if saved.get("fsdp") != fsdp or ckpt["world_size"] != world_size and fsdp:
-        raise UserError(
-            f"{path}: saved with fsdp={saved.get('fsdp')} on {ckpt['world_size']} processes; resume it the same way"
-        )
-    here = base_identity(model)
-    if here and ckpt.get("base_fingerprint") not in (None, here["base_fingerprint"]):
-        raise UserError(
-            f"{path}: base_fingerprint: the run was trained on a base of other shapes "
-            f"than {ckpt_dir}'s ({checkpoint.base_summary(model)}); resume with the "
-            f"run's ckpt_dir"
-        )
-    if (
-        here
-        and ckpt.get("base_sample")
-        and here["base_sample"]
-        and not checkpoint.same_base_sample(ckpt["base_sample"], here["base_sample"])
-    ):
-        raise UserError(
-            f"{path}: base_sample: the run was trained on a base of the same shapes "
-            f"but other weights than {ckpt_dir}'s; resume with the run's ckpt_dir"
-        )
-    if "model" in ckpt:
-        try:
-            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-        except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
-            raise UserError(
-                f"{path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}"
-            ) from None
-        if unexpected or (finetune == "full" and missing):
-            raise UserError(
-                f"{path}: model state does not fit this model "
-                f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
-            )
-    changed = sorted(
-        k
-        for k in config
-        if k not in ("resume", "overwrite", "out_dir") and saved.get(k) != config[k]
-    )
-    return ckpt, changed
-
-
-def restore(ckpt, raw_model, model, optimizer, scaler, rank, world_size):
-    """The optimizer (and scaler) state, under FSDP with this rank's shard of the weights, and this
-    rank's RNG stream (when the process count is the same)."""
-    if "shards" in ckpt:
-        train_state.load(out_dir, ckpt, raw_model, optimizer)
-    elif fsdp:  # a checkpoint written whole under FSDP (before sharded checkpoints)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(
-            model,
-            optimizer,
-            optim_state_dict=ckpt["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-    else:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == world_size:
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if ckpt["rng"][rank]["cuda"] is not None and device.startswith("cuda"):
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-
-
-def save(
-    state,
-    raw_model,
-    model,
-    optimizer,
-    model_config,
-    tokenizer_path,
-    adapter_settings,
-    ddp,
-    world_size,
-):
-    """The checkpoint, then the adapter (or hf/) from the same state: every rank calls (collectives
-    inside). Under FSDP each rank writes its own shard and rank 0 commits (train_state.save);
-    otherwise rank 0 writes ckpt.pt whole. The exports are written before the commit: a failure
-    (disk full) changes neither, and a resume rewrites them from the checkpoint."""
-    rngs = [
-        {
-            "cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state()
-            if torch.cuda.is_available() and device.startswith("cuda")
-            else None,
-        }
-    ] * world_size
-    if ddp:
-        dist.all_gather_object(rngs, rngs[0])
-    master = not ddp or dist.get_rank() == 0
-    common = {
-        **state,
-        "rng": rngs,
-        "world_size": world_size,
-        "adapter_settings": adapter_settings,
-        "model_config": checkpoint.config_to_hf(model_config),
-        **base_identity(raw_model),
-    }
-
-    def exports():
-        write_weights(
-            state["iter_num"], raw_model, model_config, tokenizer_path, adapter_settings, master
-        )
-
-    if fsdp:
-        return train_state.save(out_dir, CHECKPOINT, common, raw_model, optimizer, exports)
-    full = finetune == "full"
-    weights = raw_model.state_dict() if full else multilora.adapter_state_dict(raw_model)
-    if master:
-        with util.atomic_write(os.path.join(out_dir, CHECKPOINT)) as tmp:
-            torch.save(
-                {
-                    **common,
-                    "model": {k: v.detach().cpu() for k, v in weights.items()},
-                    "optimizer": optimizer.state_dict(),
-                },
-                tmp,
-            )
-            exports()
-    if ddp:
-        dist.barrier()
-
-
-def write_weights(
-    step, raw_model, model_config, tokenizer_path, adapter_settings, master, only_if_stale=False
-):
-    """The adapter, or the HF-layout weights for finetune=full, tagged with their step. Under FSDP
-    every rank calls and rank 0 writes, gathering one tensor at a time (gather_to_rank0)."""
-    if not fsdp and not master:
-        return
-    hf_path = hf_dir or os.path.join(out_dir, "hf")
-    path = (
-        os.path.join(hf_path, "model.safetensors")
-        if finetune == "full"
-        else os.path.join(out_dir, ADAPTER)
-    )
-    if only_if_stale:  # rank 0 decides, for every rank
-        stale = torch.tensor(
-            [int(master and checkpoint.saved_step(path) != step)],
-            device=next(raw_model.parameters()).device,
-        )
-        if fsdp:
-            dist.all_reduce(stale)
-        if not stale.item():
-            return
-    if fsdp:
-        train_state.reshard(raw_model)
-    gather = train_state.gather_to_rank0 if fsdp else None
-    if finetune == "full":
-        checkpoint.save_hf_checkpoint(
-            raw_model.state_dict(),
-            hf_path,
-            config=model_config,
-            tokenizer_path=tokenizer_path,
-            step=step,
-            gather=gather,
-            writer=master,
-        )
-    else:
-        state = multilora.adapter_state_dict(raw_model)
-        if gather:  # small: the whole adapter, on rank 0 only
-            state = {k: gather(v) for k, v in state.items()}
-        if master:
-            multilora.save_adapter(raw_model, path, adapter_settings, state=state, step=step)
-
-
-# -----------------------------------------------------------------------------
+# the run: its inputs, what it logs, the loop
 
 
 def load_data_and_config():
-    """Every input read and checked, nothing written: -> (train splits, val splits, model config, tokenizer, its path)."""
+    """Every input read and checked, nothing written.
+    -> (train splits, val splits, model config, tokenizer or None, its path or None)"""
     train_splits = dataset.load_splits(datasets, "train")
     val_splits = dataset.load_splits(datasets, "val")
     meta = train_splits[0].meta
@@ -740,224 +386,224 @@ def load_data_and_config():
     else:
         model_config = checkpoint.read_config(ckpt_dir)
         tokenizer_path = tokenizer or os.path.join(ckpt_dir, "tokenizer.model")
-        tok = (
-            load_tokenizer(tokenizer_path) if tokenizer or os.path.exists(tokenizer_path) else None
-        )
-        if tok is not None:
+        tok = None
+        if tokenizer or os.path.exists(tokenizer_path):
+            tok = load_tokenizer(tokenizer_path)
             check_tokenizer(tok, model_config, ckpt_dir)
     if meta.get("vocab_size") != model_config.vocab_size:
         raise UserError(
-            f"{datasets[0]}: meta.json: vocab_size {meta.get('vocab_size')} does not match the model's "
-            f"{model_config.vocab_size}; prepare the data with the model's tokenizer"
+            f"{datasets[0]}: meta.json: vocab_size {meta.get('vocab_size')} does not match the "
+            f"model's {model_config.vocab_size}; prepare the data with the model's tokenizer"
         )
-    longest, where = max(
-        (int(s.lengths.max()), d) for s, d in zip(train_splits + val_splits, datasets * 2)
-    )
-    if longest - 1 > model_config.max_seq_len:  # an example's last token is only a target
-        ctx = model_config.max_seq_len
-        longer = (
-            f"train with --max_seq_len={longest - 1}"
-            if init_from == "scratch"
-            else "use a base with a longer context"
-        )
+    pairs = zip(train_splits + val_splits, datasets * 2)
+    longest, where = max((int(s.lengths.max()), d) for s, d in pairs)
+    ctx = model_config.max_seq_len
+    if longest - 1 > ctx:  # an example's last token is only a target
+        longer = "use a base with a longer context"
+        if init_from == "scratch":
+            longer = f"train with --max_seq_len={longest - 1}"
         raise UserError(
             f"{where}: examples of up to {longest} tokens exceed the model's context of {ctx} "
             f"(max_seq_len): prepare the data with --max_len={ctx}, or {longer}"
         )
-    if (
-        finetune != "full"
-    ):  # n·r larger than a layer, an unknown target: on a weightless copy, before loading
+    if finetune != "full":  # n·r larger than a layer, an unknown target: on a weightless copy
         with torch.device("meta"):
             try:
                 multilora.adapt_model(llama.Llama(model_config), finetune, **lora_settings())
             except UserError as e:
-                raise UserError(
-                    f"{ckpt_dir if init_from == 'pretrained' else 'init_from=scratch'}: {e}"
-                ) from None
-    return train_splits, val_splits, model_config, tok, tokenizer_path if tok is not None else None
+                base = ckpt_dir if init_from == "pretrained" else "init_from=scratch"
+                raise UserError(f"{base}: {e}") from None
+    return train_splits, val_splits, model_config, tok, tokenizer_path if tok else None
+
+
+def log_model(model):
+    """One line: the model's size and what of it trains. -> the trainable parameter count"""
+    trainable, base_total = multilora.count_trainable(model)
+    scale = f", α/r = {lora_alpha:g}/{lora_rank} = {lora_alpha / lora_rank:g}"
+    log(
+        f"model: {base_total / 1e6:.2f}M parameters, {finetune}: {trainable / 1e6:.3f}M trainable "
+        f"({100 * trainable / base_total:.2f}%){scale if finetune != 'full' else ''}"
+    )
+    return trainable
+
+
+def take_out_dir(found, config):
+    """out_dir is this run's now: locked (until the process ends: keep the returned file),
+    leftovers of killed writes gone, what --overwrite replaces removed, the wandb run started."""
+    lock = None
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        lock = util.lock_folder(out_dir)
+        util.remove_stale_tmp(out_dir)
+        for f in found if overwrite and not resume else []:
+            os.remove(f)
+        if wandb_log:
+            import wandb
+
+            wandb.init(
+                project=wandb_project, name=wandb_run_name or None, config=config, resume="allow"
+            )
+    if ddp:
+        dist.barrier()
+    return lock
+
+
+def log_exact_match(model, tok, examples, base, ctx, it):
+    """After training: the tuned model's exact match on the test examples next to the base's
+    (rank 0 scores; not under FSDP, where the model is only in shards)."""
+    if exact_match_examples > 0 and fsdp:
+        log("exact match: skipped under FSDP (score the result with eval.py --task=exact_match)")
+    if not examples or fsdp or tok is None or rank != 0:
+        return
+    record = exact_match_report(
+        base or {}, exact_match(model, tok, examples, ctx), exact_match_examples
+    )
+    write_metrics({"iter": it, **record})
+    adapter = os.path.join(out_dir, train_state.ADAPTER)
+    print(
+        f"adapter: {adapter}"
+        if finetune != "full"
+        else f"weights: {hf_dir or os.path.join(out_dir, 'hf')}"
+    )
+    base, tuned = record["exact_match_base"], record["exact_match"]
+    print(f"exact match: base {100 * base:.1f}% -> tuned {100 * tuned:.1f}%")
+
+
+def exact_match(model, tok, examples, ctx):  # eval.py's exact match of the test examples
+    with ctx:
+        return score_exact_match(model, tok, examples, exact_match_max_new_tokens, batch_size)
+
+
+def log(*args):  # rank 0 prints
+    if rank == 0:
+        print(*args, flush=True)
+
+
+def write_metrics(record):
+    """One line of out_dir/metrics.jsonl, and a wandb point: rank 0's."""
+    if rank == 0:
+        with open(os.path.join(out_dir, train_state.METRICS), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_log:
+            import wandb
+
+            wandb.log(record, step=record["iter"])
+
+
+def stop_if_diverged(what, value, it, saved):
+    """A non-finite loss ends the run, naming what is kept (the checkpoint of step `saved`)."""
+    if not math.isfinite(value):
+        kept = f"{out_dir} keeps the checkpoint of step {saved}" if saved else "nothing was saved"
+        raise UserError(
+            f"step {it}: {what} is {value}: the run diverged (try a lower learning_rate); {kept}"
+        )
+
+
+def log_eval(it, model, val, pad_id, ctx, meter):
+    """The validation loss at step `it`, overall and per task (val: splits, names, pools), logged.
+    Every rank calls."""
+    splits, names, pools = val
+    loss, per_task = evaluate(
+        model, splits, pools, eval_examples, batch_size, pad_id, ctx, rank, world_size, pack
+    )
+    stop_if_diverged("the validation loss", loss, it, meter["saved"])
+    log(
+        f"step {it}: val loss {loss:.4f} ("
+        + ", ".join(f"{n} {v:.3f}" for n, v in zip(names, per_task))
+        + ")"
+    )
+    write_metrics(
+        {"iter": it, "val_loss": loss} | {f"val_loss/{n}": v for n, v in zip(names, per_task)}
+    )
+
+
+def log_step(it, lr, loss_sum, n_targets, batches, meter):
+    """The training log of step `it`: its loss (all ranks'), and since the last log (meter: its
+    time, tokens, steps), tokens/s, MFU, peak memory and the time left. Every rank calls."""
+    if ddp:
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / max(n_targets, 1)
+    stop_if_diverged("the training loss", train_loss, it, meter["saved"])
+    now = time.time()
+    tokens_per_s = meter["tokens"] / (now - meter["t"])
+    seq_len = max(b[0].shape[1] for b in batches)  # attention span of a row (x is first)
+    mfu = meter["flops"](seq_len) * tokens_per_s / (peak_flops * world_size)
+    eta = (now - meter["t"]) / meter["steps"] * (max_iters - it - 1)
+    mem = util.peak_memory_bytes(device_type)
+    log(
+        f"iter {it}: loss {train_loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, "
+        f"mfu {100 * mfu:.2f}%, mem {mem / 2**20:,.0f} MiB, eta {eta / 60:.1f} min"
+    )
+    record = dict(iter=it, train_loss=train_loss, lr=lr, tokens_per_s=tokens_per_s, mfu=mfu)
+    write_metrics(record | {"peak_mem_bytes": mem})
+    meter.update(t=now, tokens=0, steps=0)
 
 
 def main(argv=None):
-    config = configure_run(sys.argv[1:] if argv is None else argv)  # a resume: the run's settings
+    config = train_state.configure_run(SETTINGS, sys.argv[1:] if argv is None else argv)
+    check_settings(config)  # a resume's: the run's settings, with what argv may change
     globals().update(config)  # nanoGPT style: below, the settings are read as plain names
     if threads > 0:
         torch.set_num_threads(threads)
-    ddp, rank, local_rank, world_size, run_device, device_type = init_distributed()
-    master = rank == 0
+    init_distributed()
 
-    def log(*args):
-        print(*args, flush=True) if master else None
-
-    from eval import exact_match_report, score_exact_match  # here: eval.py imports this file
-
-    # every check before out_dir is touched: settings (above), data, tokenizer, model, adapter, checkpoint
+    # every check before out_dir is touched: settings (above), data, tokenizer, model, checkpoint
     hf_path = hf_dir or os.path.join(out_dir, "hf")
-    found = check_out_dir(hf_path)
+    found = train_state.check_out_dir(out_dir, hf_path, resume, overwrite)
     train_splits, val_splits, model_config, tok, tokenizer_path = load_data_and_config()
     log("settings: " + json.dumps(config))
-    raw_model, adapter_settings = build_model(config, model_config, run_device)
-    trainable, base_total = multilora.count_trainable(raw_model)
-    scale = (
-        f", α/r = {lora_alpha:g}/{lora_rank} = {lora_alpha / lora_rank:g}"
-        if finetune != "full"
-        else ""
-    )
-    log(
-        f"model: {base_total / 1e6:.2f}M parameters, {finetune}: {trainable / 1e6:.3f}M trainable "
-        f"({100 * trainable / base_total:.2f}%){scale}"
-    )
-    ckpt, changed = read_checkpoint(config, raw_model, world_size) if resume else (None, [])
+    raw_model = build_model(model_config)
+    trainable = log_model(raw_model)
+    task_names, pools = dataset.task_pools(train_splits)
+    ckpt, changed = None, []
+    if resume:
+        ckpt, changed = train_state.read_checkpoint(config, raw_model, len(pools))
     if changed:
         log(f"resume: settings differ from the checkpoint's: {', '.join(changed)}")
 
-    # now out_dir is ours: lock it (held until the process ends), clear what --overwrite replaces
-    if master:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = util.lock_folder(out_dir)  # noqa: F841
-        util.remove_stale_tmp(out_dir)  # leftovers of killed writes
-        for f in found if overwrite and not resume else []:
-            os.remove(f)
-    if ddp:
-        dist.barrier()
-    model = wrap(raw_model, device_type, world_size, local_rank, ddp)
+    lock = take_out_dir(found, config)  # noqa: F841 (held until the process ends)
+    model = wrap(raw_model)
     optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
     scaler = torch.amp.GradScaler("cuda") if dtype == "float16" else None
     ctx = autocast_context(device_type, dtype)
 
     # data: the task mixture
-    task_names, pools = dataset.task_pools(train_splits)
     weights = dataset.mixture_weights([len(p) for p in pools], mixture, mixture_temperature)
     val_names, val_pools = dataset.task_pools(val_splits)
-    log(
-        "tasks: "
-        + ", ".join(
-            f"{n} ({len(p)} examples, p={w:.3f})" for n, p, w in zip(task_names, pools, weights)
-        )
-    )
+    tasks = zip(task_names, pools, weights)
+    log("tasks: " + ", ".join(f"{n} ({len(p)} examples, p={w:.3f})" for n, p, w in tasks))
     pad_id = model_config.eos_id[0]  # any id: padding is never a target and never attended to
 
-    # state: fresh, or from the checkpoint
-    metrics_path = os.path.join(out_dir, METRICS)
-    examples_em = (
-        dataset.test_examples(datasets, exact_match_examples) if exact_match_examples > 0 else []
-    )
-    can_score = bool(examples_em) and not fsdp and tok is not None
-    state = {
-        "settings": config,
-        "iter_num": 0,
-        "data_position": [0] * len(pools),
-        "metrics_lines": 0,
-        "exact_match_base": None,
-    }
+    # state: fresh, or the checkpoint's
+    examples = dataset.test_examples(datasets, exact_match_examples) if exact_match_examples else []
     torch.manual_seed(seed + rank)  # dropout differs per rank
     if ckpt is not None:
-        state = {k: ckpt[k] for k in state} | {"settings": config}
-        if len(state["data_position"]) != len(pools):
-            got = len(state["data_position"])
-            raise UserError(
-                f"{os.path.join(out_dir, CHECKPOINT)}: data_position: expected "
-                f"{len(pools)} counts (one per task), got {got}"
-            )
-        restore(ckpt, raw_model, model, optimizer, scaler, rank, world_size)
-        for key in ("model", "optimizer"):  # in the model and optimizer now: not kept twice
-            ckpt.pop(key, None)
-        if master:  # the metrics and the adapter (or hf/) as of the checkpoint: a crash may have left either ahead
-            lines = (
-                open(metrics_path).readlines()[: state["metrics_lines"]]
-                if os.path.exists(metrics_path)
-                else []
-            )
-            util.write_text(metrics_path, "".join(lines))
-        write_weights(
-            state["iter_num"],
-            raw_model,
-            model_config,
-            tokenizer_path,
-            adapter_settings,
-            master,
-            only_if_stale=True,
-        )
-        log(f"resumed from {os.path.join(out_dir, CHECKPOINT)} at step {state['iter_num']}")
-    elif master and can_score:
-        with ctx:
-            state["exact_match_base"] = score_exact_match(
-                raw_model, tok, examples_em, exact_match_max_new_tokens, batch_size
-            )
-    if wandb_log and master:
-        import wandb
-
-        wandb.init(
-            project=wandb_project, name=wandb_run_name or None, config=config, resume="allow"
-        )
-
-    def write_metrics(record):
-        if master:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if wandb_log:
-                wandb.log(record, step=record["iter"])
-
-    def stop_if_diverged(what, value):
-        if not math.isfinite(value):
-            kept = (
-                f"{out_dir} keeps the checkpoint of step {state['iter_num']}"
-                if state["iter_num"]
-                else "nothing was saved"
-            )
-            raise UserError(
-                f"step {iter_num}: {what} is {value}: the run diverged (try a lower learning_rate); {kept}"
-            )
+        state = train_state.resume(ckpt, config, raw_model, optimizer, scaler, tokenizer_path)
+        where = os.path.join(out_dir, train_state.CHECKPOINT)
+        log(f"resumed from {where} at step {state['iter_num']}")
+    else:
+        state = dict(settings=config, iter_num=0, data_position=[0] * len(pools), metrics_lines=0)
+        score = rank == 0 and examples and not fsdp and tok is not None
+        state["exact_match_base"] = exact_match(raw_model, tok, examples, ctx) if score else None
 
     # the loop (as nanoGPT's): evaluate and checkpoint at step 0, every eval_interval and at the end
-    iter_num = state["iter_num"]
-    n_rows = gradient_accumulation_steps * batch_size
-    t_last, tokens_since, steps_since, t_start = time.time(), 0, 0, time.time()
-    just_resumed = ckpt is not None
+    iter_num, t_start, just_resumed = state["iter_num"], time.time(), ckpt is not None
+    flops = functools.partial(util.flops_per_token, model_config, trainable, finetune)  # of T
+    meter = dict(t=time.time(), tokens=0, steps=0, saved=iter_num, flops=flops)
+    val, n_rows = (val_splits, val_names, val_pools), gradient_accumulation_steps * batch_size
+    is_ddp = ddp and not fsdp  # model is DDP's (wrap): train_step syncs on the last micro-step
     while True:
         if (iter_num % eval_interval == 0 or iter_num == max_iters) and not just_resumed:
             t_eval = time.time()
-            val_loss, per_task = evaluate(
-                model,
-                val_splits,
-                val_pools,
-                eval_examples,
-                batch_size,
-                pad_id,
-                ctx,
-                rank,
-                world_size,
-                pack,
-            )
-            stop_if_diverged("the validation loss", val_loss)
-            log(
-                f"step {iter_num}: val loss {val_loss:.4f} ("
-                + ", ".join(f"{n} {v:.3f}" for n, v in zip(val_names, per_task))
-                + ")"
-            )
-            write_metrics(
-                {
-                    "iter": iter_num,
-                    "val_loss": val_loss,
-                    **{f"val_loss/{n}": v for n, v in zip(val_names, per_task)},
-                }
-            )
+            log_eval(iter_num, model, val, pad_id, ctx, meter)
             if iter_num > 0:
-                state.update(
-                    iter_num=iter_num,
-                    metrics_lines=sum(1 for _ in open(metrics_path)) if master else 0,
-                )
-                save(
-                    state | {"scaler": scaler.state_dict() if scaler else None},
-                    raw_model,
-                    model,
-                    optimizer,
-                    model_config,
-                    tokenizer_path,
-                    adapter_settings,
-                    ddp,
-                    world_size,
-                )
-            t_last += time.time() - t_eval  # tokens/s counts training time only
+                metrics = os.path.join(out_dir, train_state.METRICS)
+                lines = sum(1 for _ in open(metrics)) if rank == 0 else 0
+                state.update(iter_num=iter_num, metrics_lines=lines)
+                scaled = state | {"scaler": scaler.state_dict() if scaler else None}
+                train_state.save(scaled, raw_model, optimizer, tokenizer_path)
+                meter["saved"] = iter_num
+            meter["t"] += time.time() - t_eval  # tokens/s counts training time only
         just_resumed = False
         if iter_num >= max_iters:
             break
@@ -974,69 +620,17 @@ def main(argv=None):
         counts = torch.tensor([n_targets, n_tokens], device=run_device)
         if ddp:
             dist.all_reduce(counts)  # target tokens of the whole step: the loss's denominator
+        n_targets, n_tokens = int(counts[0]), int(counts[1])
         loss_sum = train_step(
-            model,
-            optimizer,
-            batches,
-            int(counts[0]),
-            world_size,
-            ctx,
-            scaler,
-            grad_clip,
-            ddp=ddp and not fsdp,
-            fsdp=fsdp,
+            model, optimizer, batches, n_targets, world_size, ctx, scaler, grad_clip, is_ddp, fsdp
         )
-        tokens_since, steps_since = tokens_since + int(counts[1]), steps_since + 1
+        meter.update(tokens=meter["tokens"] + n_tokens, steps=meter["steps"] + 1)
         if iter_num % log_interval == 0 or iter_num == max_iters - 1:
-            if ddp:
-                dist.all_reduce(loss_sum)
-            train_loss = loss_sum.item() / max(int(counts[0]), 1)
-            stop_if_diverged("the training loss", train_loss)
-            now = time.time()
-            tokens_per_s = tokens_since / (now - t_last)
-            seq_len = max(b[0].shape[1] for b in batches)  # attention span of a row (x is first)
-            mfu = (
-                util.flops_per_token(model_config, trainable, finetune, seq_len)
-                * tokens_per_s
-                / (peak_flops * world_size)
-            )
-            eta = (now - t_last) / steps_since * (max_iters - iter_num - 1)
-            mem = util.peak_memory_bytes(device_type)
-            log(
-                f"iter {iter_num}: loss {train_loss:.4f}, lr {lr:.2e}, {tokens_per_s:,.0f} tok/s, mfu {100 * mfu:.2f}%, "
-                f"mem {mem / 2**20:,.0f} MiB, eta {eta / 60:.1f} min"
-            )
-            write_metrics(
-                {
-                    "iter": iter_num,
-                    "train_loss": train_loss,
-                    "lr": lr,
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": mfu,
-                    "peak_mem_bytes": mem,
-                }
-            )
-            t_last, tokens_since, steps_since = now, 0, 0
+            log_step(iter_num, lr, loss_sum, n_targets, batches, meter)
         iter_num += 1
 
     log(f"trained {max_iters} steps in {(time.time() - t_start) / 60:.1f} min; wrote {out_dir}")
-    if can_score and master:
-        with ctx:
-            tuned = score_exact_match(
-                raw_model, tok, examples_em, exact_match_max_new_tokens, batch_size
-            )
-        record = exact_match_report(state["exact_match_base"] or {}, tuned, exact_match_examples)
-        write_metrics({"iter": iter_num, **record})
-        print(
-            f"adapter: {os.path.join(out_dir, ADAPTER)}"
-            if finetune != "full"
-            else f"weights: {hf_path}"
-        )
-        print(
-            f"exact match: base {100 * record['exact_match_base']:.1f}% -> tuned {100 * record['exact_match']:.1f}%"
-        )
-    elif exact_match_examples > 0 and fsdp:
-        log("exact match: skipped under FSDP (score the result with eval.py --task=exact_match)")
+    log_exact_match(raw_model, tok, examples, state["exact_match_base"], ctx, iter_num)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

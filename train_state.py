@@ -16,6 +16,9 @@ the same number of processes. A save: every rank writes its shard file, all agre
 the exports are written, rank 0 replaces ckpt.pt (one rename: the commit), then each rank removes
 its shard files of other steps. A crash before the commit leaves the previous ckpt.pt and its shards
 whole; the newer shard files are not named by it and go at the next commit.
+
+Here too: a resume's settings (the run's, with what RESUME_MAY_CHANGE lets argv change), out_dir's
+policy, ckpt.pt read and checked, the resume itself, and the exports (the adapter, or hf/).
 """
 
 import glob
@@ -27,7 +30,275 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from util import UserError, atomic_write
+import checkpoint
+import multilora
+from configurator import S, check_type, configure, resolve
+from util import UserError, atomic_write, write_text
+
+CHECKPOINT, ADAPTER, METRICS = "ckpt.pt", "adapter.safetensors", "metrics.jsonl"
+STATE = ("iter_num", "data_position", "metrics_lines", "exact_match_base")  # and "settings"
+
+# A resume takes the run's settings from its checkpoint. These may be given anew: where the files
+# are (ckpt_dir too: a base of other weights is refused by the sample the run recorded), the run's
+# length, learning-rate schedule and clipping, evaluation and logging, and where and how it
+# computes (the same math). Any other setting given with another value than the run's is refused.
+RESUME_MAY_CHANGE = (
+    "out_dir hf_dir resume overwrite ckpt_dir max_iters learning_rate min_lr warmup_iters "
+    "lr_decay_iters grad_clip eval_interval log_interval eval_examples exact_match_examples "
+    "exact_match_max_new_tokens wandb_log wandb_project wandb_run_name device compile "
+    "activation_checkpointing loss_chunk threads peak_flops"
+).split()
+
+
+def processes():
+    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# -----------------------------------------------------------------------------
+# the run: its settings on a resume, out_dir's policy, ckpt.pt checked, the resume, save, exports
+
+
+def configure_run(settings, argv):
+    """train.py's settings: argv's, or for --resume=True the checkpoint's, which argv may change
+    only in RESUME_MAY_CHANGE (one line names any other that differs). -> {name: value}"""
+    if "-h" in argv or "--help" in argv:
+        return configure(settings, argv, "train.py")
+    # first the types only, to find the checkpoint
+    given = configure({k: S(s.default) for k, s in settings.items()}, argv, "train.py")
+    path = os.path.join(given["out_dir"], CHECKPOINT)
+    if not given["resume"] or not os.path.isfile(path):
+        return configure(settings, argv, "train.py")  # no checkpoint: check_out_dir says so
+    saved = read(path, mmap=True)["settings"]
+    own = ("out_dir", "resume", "overwrite")  # this command's, never the checkpoint's
+    typed = resolve(settings, {k: s.default for k, s in settings.items()})  # rules' types
+    run = {
+        k: S(
+            check_type(f"{path}: settings", k, saved[k], typed[k])
+            if k in saved and k not in own
+            else s.default,
+            s.allowed,
+            s.help,
+        )
+        for k, s in settings.items()
+    }
+    try:
+        config = configure(run, argv, "train.py")
+    except UserError as e:
+        raise UserError(str(e).replace(" (its default)", f" (the run's, in {path})")) from None
+    refused = [k for k in settings if k not in RESUME_MAY_CHANGE and config[k] != run[k].default]
+    if refused:
+        raise UserError(
+            f"{path}: resume: cannot change "
+            + ", ".join(
+                f"{k} (the run has {run[k].default!r}, given {config[k]!r})" for k in refused
+            )
+            + "; leave them out to take the run's, or start a new run in another out_dir"
+        )
+    return config
+
+
+def check_out_dir(out_dir, hf_path, resume, overwrite):
+    """Refuse an out_dir that holds a run unless resume or overwrite; -> the run's files found."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir}: out_dir is a file, expected a directory")
+    found = [os.path.join(out_dir, f) for f in (CHECKPOINT, ADAPTER, METRICS)]
+    found = [f for f in found + [os.path.join(hf_path, "model.safetensors")] if os.path.exists(f)]
+    found += sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt.step*.rank*-of-*.pt")))
+    path = os.path.join(out_dir, CHECKPOINT)
+    if resume and path not in found:
+        raise UserError(f"{path}: resume=True but there is no checkpoint to resume from")
+    if found and not resume and not overwrite:
+        raise UserError(
+            f"{out_dir}: holds a run ({', '.join(found)}); continue it with --resume=True "
+            f"or replace it with --overwrite=True"
+        )
+    return found
+
+
+def base_identity(model, finetune):
+    """What a checkpoint records of the frozen base (adapters only): its fingerprint, sample."""
+    if finetune == "full":
+        return {}
+    return {
+        "base_fingerprint": checkpoint.base_fingerprint(model),
+        "base_sample": list(getattr(model, "base_sample", None) or []),
+    }
+
+
+def read_checkpoint(config, model, n_tasks):
+    """out_dir's ckpt.pt (read: weights_only=True, every key checked), checked against this run: the
+    process layout, the tasks, the base (the sample the run recorded); a whole checkpoint's weights
+    loaded into model (under FSDP each rank reads its shard in resume).
+    -> (ckpt, the settings that differ from the run's)"""
+    path = os.path.join(config["out_dir"], CHECKPOINT)
+    ckpt = read(path)
+    saved, fsdp, ckpt_dir = ckpt["settings"], config["fsdp"], config["ckpt_dir"]
+    if saved.get("fsdp") != fsdp or ckpt["world_size"] != processes()[1] and fsdp:
+        raise UserError(
+            f"{path}: saved with fsdp={saved.get('fsdp')} on {ckpt['world_size']} processes; "
+            "resume it the same way"
+        )
+    if len(ckpt["data_position"]) != n_tasks:
+        raise UserError(
+            f"{path}: data_position: expected {n_tasks} counts (one per task), "
+            f"got {len(ckpt['data_position'])}"
+        )
+    here = base_identity(model, config["finetune"])
+    if here and ckpt.get("base_fingerprint") not in (None, here["base_fingerprint"]):
+        raise UserError(
+            f"{path}: base_fingerprint: the run was trained on a base of other shapes "
+            f"than {ckpt_dir}'s ({checkpoint.base_summary(model)}); resume with the "
+            f"run's ckpt_dir"
+        )
+    if (
+        here
+        and ckpt.get("base_sample")
+        and here["base_sample"]
+        and not checkpoint.same_base_sample(ckpt["base_sample"], here["base_sample"])
+    ):
+        raise UserError(
+            f"{path}: base_sample: the run was trained on a base of the same shapes "
+            f"but other weights than {ckpt_dir}'s; resume with the run's ckpt_dir"
+        )
+    if "model" in ckpt:
+        try:
+            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+        except RuntimeError as e:  # shapes differ: other adapter settings than the checkpoint's
+            raise UserError(
+                f"{path}: model state does not fit this model: {str(e).splitlines()[-1].strip()}"
+            ) from None
+        if unexpected or (config["finetune"] == "full" and missing):
+            raise UserError(
+                f"{path}: model state does not fit this model "
+                f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
+            )
+    own = ("resume", "overwrite", "out_dir")
+    changed = sorted(k for k in config if k not in own and saved.get(k) != config[k])
+    return ckpt, changed
+
+
+def resume(ckpt, config, model, optimizer, scaler, tokenizer_path):
+    """The run of ckpt (read_checkpoint's) continued: the optimizer (and scaler) state, under FSDP
+    with this rank's shard of the weights; this rank's RNG stream (when the process count is the
+    same); metrics.jsonl and the exports as of the checkpoint (a crash may have left either ahead).
+    Every rank calls. -> the training state"""
+    rank, world_size = processes()
+    if config["fsdp"]:
+        reshard(model)  # each rank fills, then exports, its own part only
+    if "shards" in ckpt:
+        load(config["out_dir"], ckpt, model, optimizer)
+    elif config["fsdp"]:  # a checkpoint written whole under FSDP (before sharded checkpoints)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(
+            model, optimizer, optim_state_dict=ckpt["optimizer"], options=options
+        )
+    else:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    for key in ("model", "optimizer"):  # in the model and optimizer now: not kept twice
+        ckpt.pop(key, None)
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == world_size:
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if ckpt["rng"][rank]["cuda"] is not None and config["device"].startswith("cuda"):
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    state = {k: ckpt[k] for k in STATE} | {"settings": config}
+    metrics = os.path.join(config["out_dir"], METRICS)
+    if rank == 0:
+        lines = open(metrics).readlines() if os.path.exists(metrics) else []
+        write_text(metrics, "".join(lines[: state["metrics_lines"]]))
+    write_weights(state["iter_num"], model, config, tokenizer_path, only_if_stale=True)
+    return state
+
+
+def save(state, model, optimizer, tokenizer_path):
+    """The checkpoint of state (the run's settings among it), then the adapter (or hf/) from the
+    same weights: every rank calls (collectives inside). Under FSDP each rank writes its own shard
+    and rank 0 commits (save_shards); otherwise rank 0 writes ckpt.pt whole. The exports are written
+    before the commit: a failure (disk full) changes neither, and a resume rewrites them."""
+    config = state["settings"]
+    rank, world_size = processes()
+    cuda = torch.cuda.is_available() and config["device"].startswith("cuda")
+    rngs = [{"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}]
+    rngs *= world_size
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rngs[0])
+    common = {
+        **state,
+        "rng": rngs,
+        "world_size": world_size,
+        "adapter_settings": getattr(model, "adapter_settings", None),
+        "model_config": checkpoint.config_to_hf(model.config),
+        **base_identity(model, config["finetune"]),
+    }
+
+    def exports():
+        write_weights(state["iter_num"], model, config, tokenizer_path)
+
+    if config["fsdp"]:
+        reshard(model)  # after evaluate: each rank saves, and exports, its own part only
+        return save_shards(config["out_dir"], common, model, optimizer, exports)
+    full = config["finetune"] == "full"
+    weights = model.state_dict() if full else multilora.adapter_state_dict(model)
+    if rank == 0:
+        with atomic_write(os.path.join(config["out_dir"], CHECKPOINT)) as tmp:
+            torch.save(
+                {
+                    **common,
+                    "model": {k: v.detach().cpu() for k, v in weights.items()},
+                    "optimizer": optimizer.state_dict(),
+                },
+                tmp,
+            )
+            exports()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def write_weights(step, model, config, tokenizer_path, only_if_stale=False):
+    """The adapter, or the HF-layout weights for finetune=full, tagged with their step. Under FSDP
+    every rank calls (on a resharded model) and rank 0 writes, gathering one tensor at a time
+    (gather_to_rank0). only_if_stale: unless the file there is of this step already."""
+    rank, fsdp, full = processes()[0], config["fsdp"], config["finetune"] == "full"
+    if not fsdp and rank != 0:
+        return
+    out_dir = config["out_dir"]
+    hf_path = config["hf_dir"] or os.path.join(out_dir, "hf")
+    path = os.path.join(hf_path, "model.safetensors") if full else os.path.join(out_dir, ADAPTER)
+    if only_if_stale:  # rank 0 decides, for every rank
+        stale = [int(rank == 0 and checkpoint.saved_step(path) != step)]
+        stale = torch.tensor(stale, device=next(model.parameters()).device)
+        if fsdp:
+            dist.all_reduce(stale)
+        if not stale.item():
+            return
+    gather = gather_to_rank0 if fsdp else None
+    if full:
+        checkpoint.save_hf_checkpoint(
+            model.state_dict(),
+            hf_path,
+            config=model.config,
+            tokenizer_path=tokenizer_path,
+            step=step,
+            gather=gather,
+            writer=rank == 0,
+        )
+        return
+    adapter = multilora.adapter_state_dict(model)
+    if gather:  # small: the whole adapter, on rank 0 only
+        adapter = {k: gather(v) for k, v in adapter.items()}
+    if rank == 0:
+        multilora.save_adapter(model, path, model.adapter_settings, state=adapter, step=step)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: each rank's shard file
 
 
 def shard_name(step, rank, world_size):
@@ -54,13 +325,12 @@ def trainable(model):
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save(out_dir, name, common, model, optimizer, write_exports):
-    """Write this rank's shard, then (all ranks written) the exports, then rank 0 commits `name` in
-    out_dir holding `common` and the shards' names. Every rank calls (collectives inside)."""
+def save_shards(out_dir, common, model, optimizer, write_exports):
+    """Write this rank's shard (of a resharded model), then (all ranks written) the exports, then
+    rank 0 commits ckpt.pt in out_dir holding `common` and the shards' names. Every rank calls."""
     rank, world_size = dist.get_rank(), dist.get_world_size()
     step = common["iter_num"]
     own = os.path.join(out_dir, shard_name(step, rank, world_size))
-    reshard(model)
     weights = trainable(model)
     device = next(iter(weights.values())).device
     optim = optimizer.state_dict()  # references: local parts below, nothing copied
@@ -87,7 +357,7 @@ def save(out_dir, name, common, model, optimizer, write_exports):
         )
     write_exports()
     if rank == 0:
-        with atomic_write(os.path.join(out_dir, name)) as tmp:
+        with atomic_write(os.path.join(out_dir, CHECKPOINT)) as tmp:
             torch.save(
                 {**common, "shards": [shard_name(step, r, world_size) for r in range(world_size)]},
                 tmp,
@@ -99,8 +369,8 @@ def save(out_dir, name, common, model, optimizer, write_exports):
 
 
 def load(out_dir, ckpt, model, optimizer):
-    """Fill this rank's shards of the trainable weights and the optimizer state from its own file
-    (read through a memory map: the file is not copied into memory as a whole)."""
+    """Fill this rank's shards of the trainable weights (of a resharded model) and the optimizer
+    state from its own file (through a memory map: the file is not copied into memory whole)."""
     rank = dist.get_rank()
     path = os.path.join(out_dir, ckpt["shards"][rank])
     try:
@@ -112,7 +382,6 @@ def load(out_dir, ckpt, model, optimizer):
             f"{path}: cannot read the checkpoint shard ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:160] if str(e) else ''})"
         ) from None
-    reshard(model)
     weights = trainable(model)
     if not isinstance(saved, dict) or set(saved) != set(weights):
         raise UserError(

@@ -13,6 +13,7 @@ import torch
 import dataset
 import llama
 import train
+from chunked_loss import token_loss_sum
 
 
 @pytest.fixture
@@ -58,18 +59,19 @@ def test_compiled_model_compiles_a_bounded_number_of_graphs(dynamo_counters, mon
     model = llama.Llama(config)
     model.init_weights()
     model.loss_chunk = 16  # several chunks for the longer batches
-    compiled = train.wrap(model, "cpu", 1, 0, False)
+    compiled = train.wrap(model)
     rng = random.Random(0)
     shapes = set()
     for x, y, positions, segments in batches(rng, 8):
         shapes.add((x.shape, int((y != dataset.IGNORE).sum())))
-        loss = train.token_loss_sum(compiled, x, y, positions, segments)
+        loss = token_loss_sum(compiled, x, y, positions, segments)
         loss.backward()
         assert loss.item() == pytest.approx(
-            train.token_loss_sum(model, x, y, positions, segments).item(), rel=1e-5
+            token_loss_sum(model, x, y, positions, segments).item(), rel=1e-5
         )
     assert len(shapes) == 8
     # the model's graphs (up to the data-dependent selection of the targets, then after it), traced
-    # once for all shapes; the chunked loss runs eager (its loop over chunks would compile per count)
+    # once for all shapes; the chunked loss runs eager (its loop over chunks would compile per
+    # target count)
     assert dynamo_counters["stats"]["unique_graphs"] <= 3, dict(dynamo_counters["stats"])
     assert sum(dynamo_counters["recompiles"].values()) == 0, dict(dynamo_counters["recompiles"])

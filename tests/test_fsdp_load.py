@@ -2,14 +2,15 @@
 in a base checkpoint refused at load.
 
 Two gloo ranks under torchrun run train.build_model on checkpoints written here from known random
-weights: Hugging Face (two shards; one file with tied embeddings), Meta's two consolidated.NN.safetensors
-(LLaMA-2 style, the embedding split on dim 1) and three bf16 consolidated.NN.pth (Llama-3 style, split
-on dim 0), all GQA with a vocabulary that 2 ranks do not divide. Each rank saves its local shards;
-this process checks them bit for bit against torch.chunk of the weights written (the references: the
-weights themselves and a single-process load, itself checked equal to them), the adapters against a
-single-process adapt_model with the same seed, the bytes each rank read (the loader's count, and the
-kernel's /proc/self/io for the safetensors layouts) against its shard's bytes, and the adapter
-file rank 0 writes against one written in a single process."""
+weights: Hugging Face (two shards; one file with tied embeddings), Meta's two
+consolidated.NN.safetensors (LLaMA-2 style, the embedding split on dim 1) and three bf16
+consolidated.NN.pth (Llama-3 style, split on dim 0), all GQA with a vocabulary that 2 ranks do not
+divide. Each rank saves its local shards; this process checks them bit for bit against torch.chunk
+of the weights written (the references: the weights themselves and a single-process load, itself
+checked equal to them), the adapters against a single-process adapt_model with the same seed, the
+bytes each rank read (the loader's count, and the kernel's /proc/self/io for the safetensors
+layouts) against its shard's bytes, and the adapter file rank 0 writes against one written in a
+single process."""
 
 import json
 import os
@@ -34,7 +35,8 @@ SEED, LORA = 1234, dict(n_loras=2, lora_rank=4)
 HF = llama.LlamaConfig(
     dim=128, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=352, vocab_size=1001
 )
-# Meta: hidden_dim = 512 from params.json (2/3 of 4·dim, multiple_of 32); wk's 96 rows split mid-head by FSDP
+# Meta: hidden_dim = 512 from params.json (2/3 of 4·dim, multiple_of 32); wk's 96 rows split
+# mid-head by FSDP
 META = dict(
     dim=192, n_layers=2, n_heads=6, n_kv_heads=3, vocab_size=-1, multiple_of=32, norm_eps=1e-5
 )
@@ -81,7 +83,8 @@ def write_hf(out, config, weights, n_files):
 
 def write_meta(out, weights, n_files, fmt, embed_dim, dtype):
     """Meta names, wq/wk rows in interleaved RoPE order (HF -> Meta), split as model-parallel files
-    are: wo and w2 on dim 1, the other matrices on dim 0, the embedding on embed_dim, norms copied."""
+    are: wo and w2 on dim 1, the other matrices on dim 0, the embedding on embed_dim, norms
+    copied."""
     os.makedirs(out)
     with open(os.path.join(out, "params.json"), "w") as fh:
         json.dump(META, fh)
@@ -136,7 +139,8 @@ def rchar():  # bytes this process has read with read(2) and friends (Linux)
 
 
 def worker(out, cases):
-    """Under torchrun: train.build_model (fsdp=True) on each checkpoint; every rank saves its shards."""
+    """Under torchrun: train.build_model (fsdp=True) on each checkpoint; every rank saves its
+    shards."""
     import configurator
     import train
 
@@ -159,7 +163,7 @@ def worker(out, cases):
         if i == 0:
             train.init_distributed()
         config = checkpoint.read_config(ckpt)
-        model, settings = train.build_model({}, config, "cpu")
+        model = train.build_model(config)
         local = {k: v.to_local().detach().clone() for k, v in model.named_parameters()}
         # the bytes a load reads: the loader's count, and the kernel's
         with torch.device("meta"):
@@ -177,7 +181,10 @@ def worker(out, cases):
         }  # collective
         if rank == 0:
             multilora.save_adapter(
-                model, os.path.join(out, f"{name}.adapter.safetensors"), settings, state=adapter
+                model,
+                os.path.join(out, f"{name}.adapter.safetensors"),
+                model.adapter_settings,
+                state=adapter,
             )
     torch.distributed.barrier()  # every rank's files are written
     sys.stdout.flush(), sys.stderr.flush()

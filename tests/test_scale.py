@@ -20,6 +20,7 @@ import random_llama
 import train
 import util
 from checkpoint import iter_safetensors, read_safetensors_header
+from chunked_loss import token_loss_sum
 from conftest import ROOT
 from configurator import configure
 
@@ -294,7 +295,7 @@ def saved_bytes(model, s, x, y, positions=None, segments=None):
         torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
     ):
-        train.token_loss_sum(model, x, y, positions, segments)
+        token_loss_sum(model, x, y, positions, segments)
     return sum(seen.values())
 
 

@@ -1,6 +1,6 @@
-"""Defaults that follow other settings (configurator.Rule): they never turn into an error, an explicit
-value is still checked, and every committed config resolves to exactly the settings it had when the
-defaults were plain values (the evidence in docs/ was trained with those)."""
+"""Defaults that follow other settings (configurator.Rule): they never turn into an error, an
+explicit value is still checked, and every committed config resolves to exactly the settings it had
+when the defaults were plain values (the evidence in docs/ was trained with those)."""
 
 import os
 import shlex
@@ -33,8 +33,8 @@ OLD_DEFAULTS = {
 
 
 def old_rules(module, argv):
-    """The settings as the plain defaults resolved them: the old value of each rule, then config files
-    and arguments on top, nothing checked."""
+    """The settings as the plain defaults resolved them: the old value of each rule, then config
+    files and arguments on top, nothing checked."""
     plain = {k: S(OLD_DEFAULTS[module].get(k, s.default)) for k, s in module.SETTINGS.items()}
     assert not any(isinstance(s.default, Rule) for s in plain.values()), (
         "a rule without its old default"
@@ -95,6 +95,8 @@ def test_committed_configs_resolve_as_before(monkeypatch):
         else:
             monkeypatch.delenv("RANK", raising=False)
         new, old = configurator.configure(module.SETTINGS, argv), old_rules(module, argv)
+        if module is train:
+            train.check_settings(new)  # the rules between settings hold too
         assert new == old, (
             module.__name__,
             argv,
@@ -111,6 +113,7 @@ def test_defaults_follow_what_the_user_set(monkeypatch):
     c = configurator.configure(train.SETTINGS, ["--max_iters=2", "--learning_rate=1e-4"])
     assert (c["warmup_iters"], c["min_lr"]) == (2, 1e-5)
     c = configurator.configure(train.SETTINGS, ["--lr_decay_iters=5"])
+    train.check_settings(c)  # the rules between settings hold
     assert c["warmup_iters"] == 4  # lr_decay_iters must stay above the warmup
     assert configurator.configure(train.SETTINGS, ["--n_heads=3"])["n_kv_heads"] == 1
     dtype_rule = train.SETTINGS["dtype"].default.function
@@ -144,7 +147,7 @@ def test_explicit_values_are_still_checked(monkeypatch, tmp_path):
         (["--n_heads=2", "--n_kv_heads=4"], r"n_kv_heads: expected a value in \[1, n_heads\]"),
     ]:
         with pytest.raises(UserError, match=message):
-            configurator.configure(train.SETTINGS, argv)
+            train.check_settings(configurator.configure(train.SETTINGS, argv))
     cfg = tmp_path / "c.py"
     cfg.write_text("min_lr = 1\n")  # a config file's value is explicit too (and an int is a float)
     with pytest.raises(UserError, match=r"c.py: min_lr: expected a value in \[0, learning_rate\]"):
@@ -153,7 +156,9 @@ def test_explicit_values_are_still_checked(monkeypatch, tmp_path):
     with pytest.raises(
         UserError, match="gradient_accumulation_steps: expected a positive multiple of the 2"
     ):
-        configurator.configure(train.SETTINGS, ["--gradient_accumulation_steps=3"])
+        train.check_settings(
+            configurator.configure(train.SETTINGS, ["--gradient_accumulation_steps=3"])
+        )
     # a rule whose value breaks a bound is reported as a default, with its rule
     settings = dict(a=S(1, "[0, 5]"), b=S(Rule("a + 10", lambda s: s["a"] + 10), "[0, 5]"))
     with pytest.raises(
@@ -184,7 +189,8 @@ def test_short_run_and_lower_learning_rate_with_the_defaults(tiny, tmp_path):  #
 
 def test_torchrun_with_the_default_accumulation(tiny, tmp_path):  # noqa: F811
     # 2 processes, gradient_accumulation_steps not given: one micro-step on each, a global batch of
-    # 2·batch_size, as 1 process with gradient_accumulation_steps=2 (test_train checks that equality)
+    # 2·batch_size, as 1 process with gradient_accumulation_steps=2 (test_train checks that
+    # equality)
     args = [
         a
         for a in base_args(tiny, tmp_path, max_iters=2)

@@ -1,9 +1,10 @@
-"""train.py and configurator.py: distributed equivalence (DDP, FSDP2 over gloo), exact resume after
-SIGKILL, torn checkpoint writes, loss masking and token normalization, early errors.
+"""train.py and configurator.py: distributed equivalence (DDP, FSDP2 over gloo), exact resume
+after SIGKILL, torn checkpoint writes, loss masking and token normalization, early errors.
 
-Everything runs on a tiny random LLaMA (saved with checkpoint.save_hf_checkpoint) and a tiny prepared
-dataset (sources.write_dataset) made in a temporary directory; the runs that are compared with each
-other are all subprocesses with OMP_NUM_THREADS=1, so they do the same floating-point work."""
+Everything runs on a tiny random LLaMA (saved with checkpoint.save_hf_checkpoint) and a tiny
+prepared dataset (sources.write_dataset) made in a temporary directory; the runs that are compared
+with each other are all subprocesses with OMP_NUM_THREADS=1, so they do the same floating-point
+work."""
 
 import json
 import os
@@ -119,8 +120,8 @@ def base_args(tiny, out_dir, **overrides):
 
 
 def run(args, nproc=0, env=None, check=True, prelude=""):
-    """train.py in a subprocess (under torchrun with nproc processes when nproc > 0). prelude: Python
-    run in that process before train.main (a test wraps a function there to crash on cue)."""
+    """train.py in a subprocess (under torchrun with nproc processes when nproc > 0). prelude:
+    Python run in that process before train.main (a test wraps a function there to crash on cue)."""
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         if nproc
@@ -212,7 +213,8 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
         "import os, signal, torch\nsave = torch.save\n"
         "def torn(obj, f, *a, **k):\n    save(obj, f, *a, **k)\n"
         "    if isinstance(obj, dict) and obj.get('iter_num') == 6:\n"
-        "        os.truncate(f, os.path.getsize(f) // 2)\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        os.truncate(f, os.path.getsize(f) // 2)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = torn"
     )
     p = run(base_args(tiny, broken, resume=True, **args), prelude=torn_save_at_6, check=False)
@@ -301,9 +303,10 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     assert sum(t.numel() for s in shards for t in s["model"].values()) == n_trainable
     if finetune == "lora":  # killed after the step-6 shards, before the commit
         kill = (
-            "write = train.write_weights\ndef dying(step, *a, **k):\n"
+            "import train_state\nwrite = train_state.write_weights\n"
+            "def dying(step, *a, **k):\n"
             "    if step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "    return write(step, *a, **k)\ntrain.write_weights = dying"
+            "    return write(step, *a, **k)\ntrain_state.write_weights = dying"
         )
         p = torchrun(
             ["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"],
@@ -552,7 +555,8 @@ def test_scratch_full_finetune_writes_a_base(tiny, tmp_path, monkeypatch):
 
 
 def test_bf16_autocast_run(tiny, tmp_path, monkeypatch):
-    """dtype=bfloat16 (the GPU default) on CPU: the frozen base is stored in bf16, the adapter trains in fp32."""
+    """dtype=bfloat16 (the GPU default) on CPU: the frozen base is stored in bf16, the adapter
+    trains in fp32."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     train.main(base_args(tiny, tmp_path, dtype="bfloat16", max_iters=2, eval_interval=2))
@@ -611,7 +615,8 @@ def bad_inputs(tiny, root):
         ),
         (
             ["--n_loras=8", "--lora_rank=8"],
-            r"base: MultiLoRALinear: n_loras\*lora_rank: expected <= min\(d_in, d_out\) = \d+, got 8\*8 = 64",
+            r"base: MultiLoRALinear: n_loras\*lora_rank: expected <= min\(d_in, d_out\) = \d+, "
+            r"got 8\*8 = 64",
         ),
         (["--finetune=qlora"], r"finetune: expected one of multilora, lora, full"),
         (
@@ -719,7 +724,8 @@ def test_first_fit_against_hand_computed_rows():
 
 
 # -----------------------------------------------------------------------------
-# data safety: a run is never replaced unasked, nothing is written before every check, no code runs on load
+# data safety: a run is never replaced unasked, nothing is written before every check, no code
+# runs on load
 
 
 def tree_hashes(folder):
