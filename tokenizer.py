@@ -1,6 +1,7 @@
 """
 The tokenizer that ships beside a LLaMA checkpoint as tokenizer.model: SentencePiece (LLaMA 1/2,
-Mistral) or a tiktoken BPE file (Llama 3; needs the optional package tiktoken), told apart by content.
+Mistral) or a tiktoken BPE file (Llama 3; needs the optional package tiktoken), told apart by
+content.
 """
 
 import os
@@ -29,7 +30,8 @@ _LLAMA3_SPECIAL = [
 
 
 class Tokenizer:
-    """SentencePiece (LLaMA 1/2, Mistral) or tiktoken BPE (Llama 3), chosen by the file's content."""
+    """SentencePiece (LLaMA 1/2, Mistral) or tiktoken BPE (Llama 3), chosen by the file's
+    content."""
 
     def __init__(self, path):
         self.path = path

@@ -80,7 +80,8 @@ def copy_data(c, w):
 
 
 def damage_data(name, damage):
-    """damage(array) -> the array to save in place of data/val_{name}.npy (allow_pickle for the object case)."""
+    """damage(array) -> the array to save in place of data/val_{name}.npy (allow_pickle for the
+    object case)."""
 
     def setup(c, w):
         path = copy_data(c, w) / f"val_{name}.npy"
@@ -436,7 +437,8 @@ CASES = (
                     (c / "out" / "ckpt.pt").write_bytes(b"PK\x03\x04 not a checkpoint"),
                 ),
             ),
-            # train.py --resume=True on a copy of a finished run: incomplete state, settings, another base
+            # train.py --resume=True on a copy of a finished run: incomplete state, settings,
+            # another base
             ("resume-rng-empty", ["--resume=True"], edit_run(lambda ckpt: ckpt.update(rng=[]))),
             (
                 "resume-key-missing",
@@ -646,7 +648,8 @@ def test_export_hf_loads_in_transformers_with_its_tokenizer(world, tmp_path):
         load_tokenizer(str(world / "base")),
     )
     for text in [
-        "### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3\n\n### Response:\n",
+        "### Instruction:\nSort the digits from small to large.\n\n"
+        "### Input:\n5 9 3\n\n### Response:\n",
         "Once upon a time, 42 birds",
         "odd",
     ]:

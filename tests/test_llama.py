@@ -194,7 +194,8 @@ def test_meta_scaled_rope_matches_hf_llama3_scaling(tmp_path):
     (tmp_path / "meta" / "params.json").write_text(json.dumps(params))
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["rope_parameters"]["original_max_position_embeddings"] == 8192
-    # head_dim 32 with dim 64 and 4 heads is not expressible in params.json: compare with a plain MHA shape
+    # head_dim 32 with dim 64 and 4 heads is not expressible in params.json: compare with a plain
+    # MHA shape
     ref2 = hf_model("mha_untied")
     ref2.config.rope_parameters.update(
         rope_theta=500000.0,

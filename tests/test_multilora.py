@@ -55,7 +55,8 @@ def test_init_distributions():
     torch.manual_seed(0)
     n, r, d_in, d_out = 4, 8, 256, 192
     _, layer = make_layer(d_in, d_out, n_loras=n, lora_rank=r, lora_alpha=16)
-    # Kaiming-uniform a=√5: U(-1/√fan_in, 1/√fan_in); fan_in = d_in for A_i, r for each B_i (not n·r)
+    # Kaiming-uniform a=√5: U(-1/√fan_in, 1/√fan_in); fan_in = d_in for A_i, r for each B_i
+    # (not n·r)
     A, B = layer.lora_A.detach(), layer.lora_B.detach()
     assert A.abs().max() <= 1 / math.sqrt(d_in) and A.abs().max() > 0.9 / math.sqrt(d_in)
     assert B.abs().max() <= 1 / math.sqrt(r) and B.abs().max() > 0.9 / math.sqrt(r)
@@ -164,7 +165,8 @@ def test_layer_refuses_bad_settings():
 
 
 # -----------------------------------------------------------------------------
-# on a model: a small random transformers LlamaForCausalLM saved to disk, loaded with checkpoint.load_model
+# on a model: a small random transformers LlamaForCausalLM saved to disk, loaded with
+# checkpoint.load_model
 
 import llama  # noqa: E402
 import export  # noqa: E402
@@ -332,9 +334,11 @@ def test_merge_unmerge_model(base_dir):
 
 
 def test_merge_bf16_tolerance(base_dir):
-    """bf16 base, fp32 adapter: merged logits differ from unmerged ones by the bf16 rounding of W0 + ΔW.
+    """bf16 base, fp32 adapter: merged logits differ from unmerged ones by the bf16 rounding of
+    W0 + ΔW.
     Measured here (logits up to ~0.55): merged vs unmerged max |diff| 8.3e-3, while bf16 itself is
-    6.9e-3 (unmerged) and 6.6e-3 (merged) away from the fp32 model: merging costs no extra accuracy."""
+    6.9e-3 (unmerged) and 6.6e-3 (merged) away from the fp32 model: merging costs no extra
+    accuracy."""
     x = tokens()
     logits = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -349,8 +353,10 @@ def test_merge_bf16_tolerance(base_dir):
     unmerged, merged = logits[torch.bfloat16]
     diff = (merged - unmerged).abs().max().item()
     print(
-        f"bf16: merged vs unmerged {diff:.2e}, unmerged vs fp32 {(unmerged - fp32).abs().max().item():.2e}, "
-        f"merged vs fp32 {(merged - fp32).abs().max().item():.2e}, max |logit| {fp32.abs().max().item():.2f}"
+        f"bf16: merged vs unmerged {diff:.2e}, "
+        f"unmerged vs fp32 {(unmerged - fp32).abs().max().item():.2e}, "
+        f"merged vs fp32 {(merged - fp32).abs().max().item():.2e}, "
+        f"max |logit| {fp32.abs().max().item():.2f}"
     )
     assert diff < 2e-2
     assert (merged - fp32).abs().max() <= 1.5 * (unmerged - fp32).abs().max()
@@ -419,7 +425,8 @@ def test_refuses_same_shapes_other_weights_unless_asked(base_dir, tmp_path):
         other.embed_tokens.weight.add_(0.1)  # same shapes, other weights: another base
     with pytest.raises(
         UserError,
-        match=r"base_sample: the adapter was trained on a base of the same shapes but other weights",
+        match=r"base_sample: the adapter was trained on a base of the same shapes but other "
+        r"weights",
     ):
         multilora.apply_adapter(other, path)
     multilora.apply_adapter(other, path, any_base=True)  # the user means it
@@ -557,7 +564,8 @@ def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
 
 
 def test_bench_smoke(monkeypatch):
-    """bench.py's MultiLoRA part runs end to end on a tiny model (figures are not checked: no timing asserts)."""
+    """bench.py's MultiLoRA part runs end to end on a tiny model (figures are not checked: no
+    timing asserts)."""
     import bench
 
     for k, v in dict(
