@@ -9,10 +9,11 @@ effective rank, top-1 share, φ to full fine-tuning) with their spread, and plot
     python compare.py --seeds=1,2 --max_iters=50 --out_dir=out/quick --out_prefix=out/quick/compare
 
 Writes out_dir/<arm>/seed<k>/ (train.py's out_dir for that run, with its train.log) and
-    <out_prefix>.json         every run's figures and the summaries (the README's tables come from it)
-    <out_prefix>.md           the tables in markdown, rendered from the JSON alone (also printed)
-    <out_prefix>_scores.png, _spectra.png, _val_loss.png   when matplotlib is installed
-    python compare.py --render=docs/compare.json   # print the tables of a written JSON, train nothing
+    <out_prefix>.json    every run's figures and the summaries (the README's tables come from it)
+    <out_prefix>.md      the tables in markdown, rendered from the JSON alone (also printed)
+    <out_prefix>_scores.png, _paired.png (a point per seed), _spectra.png, _val_loss.png
+                         when matplotlib is installed
+    python compare.py --render=docs/compare.json     # print a written JSON's tables, train nothing
     python compare.py --numerics=docs/numerics.json  # the fingerprint tests/test_numerics.py checks
 
 Statistics: for k seeds, mean ± t_{0.975, k-1}·sd/√k (Student's t). The test set is fixed, so the
@@ -294,8 +295,9 @@ def read_metrics(run_dir):
 
 
 def run_figures(run_dir):
-    """Exact match per task, the validation-loss curves, the final losses, from metrics.jsonl. The train
-    loss is the mean of the logged batches in the last tenth of the run (one batch is noisy)."""
+    """Exact match per task, the validation-loss curves, the final losses, from metrics.jsonl. The
+    train loss is the mean of the logged batches in the last tenth of the run (one batch is
+    noisy)."""
     records = read_metrics(run_dir)
     scores = {k.split("/", 1)[1]: v for k, v in records[-1].items() if k.startswith("exact_match/")}
     evals = [r for r in records if "val_loss" in r]
@@ -318,8 +320,9 @@ def run_figures(run_dir):
 
 
 def spectrum_figures(run_dirs):
-    """{label: run directory} of one seed -> {label: effective rank, top-1 share, φ(k, k) to the full
-    arm, normalized spectrum}: the means over all adapted matrices (analyze.py's 'all' group)."""
+    """{label: run directory} of one seed -> {label: effective rank, top-1 share, φ(k, k) to the
+    full arm, normalized spectrum}: the means over all adapted matrices (analyze.py's 'all'
+    group)."""
     spectra = {
         label: analyze.adapter_spectra(ckpt_dir, os.path.join(d, "adapter.safetensors"))[1]
         for label, d in run_dirs.items()
@@ -353,9 +356,10 @@ FINGERPRINT_ARGS = ["--log_interval=1", "--exact_match_examples=5"]
 
 
 def fingerprint(specs, work_dir, base, steps=FINGERPRINT_STEPS):
-    """{label: {train_loss per step, val_loss at 0 and at the end, exact_match}} of seed 1 of every arm,
-    `steps` steps each from `base`, the evidence's command otherwise (tests/test_numerics.py compares
-    it bit for bit with docs/numerics.json: a change to the training arithmetic shows here first)."""
+    """{label: {train_loss per step, val_loss at 0 and at the end, exact_match}} of seed 1 of every
+    arm, `steps` steps each from `base`, the evidence's command otherwise (tests/test_numerics.py
+    compares it bit for bit with docs/numerics.json: a change to the training arithmetic shows here
+    first)."""
     global out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
     saved = out_dir, max_iters, eval_interval, train_args, reuse, overwrite, ckpt_dir
     out_dir, max_iters, eval_interval, reuse, overwrite = work_dir, steps, steps, False, False
@@ -408,8 +412,8 @@ SCALARS = ("val_loss", "train_loss", "effective_rank", "top1_share", "phi")
 
 def summarize(runs, labels):
     """runs: [{arm, seed, exact_match {task: acc}, val_loss, ...}] -> per arm: mean ± CI of each
-    figure, and under "vs" its paired differences (seeds in common) to the baseline and to the full arm
-    (not the baseline's to the full arm: that is the full arm's to the baseline, negated)."""
+    figure, and under "vs" its paired differences (seeds in common) to the baseline and to the full
+    arm (not the baseline's to the full arm: that is the full arm's to the baseline, negated)."""
     by_arm = {
         label: sorted((r for r in runs if r["arm"] == label), key=lambda r: r["seed"])
         for label in labels
@@ -509,8 +513,9 @@ def render_tables(result):
         "",
         "Per task, the range of the arms' mean exact match (%): "
         + ", ".join(
-            f"{task} {min(arms[l][task]['mean'] for l in labels) * 100:.1f}–{max(arms[l][task]['mean'] for l in labels) * 100:.1f}"
+            f"{task} {min(means) * 100:.1f}–{max(means) * 100:.1f}"
             for task in s["tasks"]
+            for means in [[arms[label][task]["mean"] for label in labels]]
         )
         + ".",
     ]
@@ -682,7 +687,8 @@ def main(argv=None):
         or (full_arm and full_arm not in labels)
     ):
         raise UserError(
-            f"arms: expected distinct labels including baseline={baseline!r} and full_arm={full_arm!r}, got {labels}"
+            f"arms: expected distinct labels including baseline={baseline!r} and "
+            f"full_arm={full_arm!r}, got {labels}"
         )
     if numerics:
         return write_fingerprint(specs, numerics)

@@ -1,21 +1,27 @@
-# Included by the config/llama*_{alpaca,mixture}_{multilora,lora,full}.py arm files; not a runnable config by itself.
-# Our setups for real models, in the spirit of the MultiLoRA paper (arXiv 2311.11501), not its
-# recipe. What we know of the paper is its abstract and a summary of its claims. From there: LLaMA
-# 7B to 65B; MultiLoRA against LoRA and full fine-tuning; about 2.5% extra parameters; training data
-# mixing instruction following, natural language understanding and world knowledge. Ours, not
-# confirmed as the paper's: n=5, r=32, the q,k,v,o targets, α, the learning rates, epochs, batch and
-# the mixture (Alpaca, MMLU, GSM8K, Dolly: no natural-language-understanding set). Llama-3-8B (April
-# 2024) postdates the paper (November 2023). Each arm file sets _model, _data, finetune and
-# out_dir, then runs this file, which sets everything else. One node of 8 GPUs:
+# Included by the config/llama*_{alpaca,mixture}_{multilora,lora,full}.py arm files; not a runnable
+# config by itself. These are our setups for real models, not the paper's: what we know of the
+# MultiLoRA paper (arXiv 2311.11501, November 2023) is its abstract and a section-by-section summary
+# of its claims, not its recipe.
+# From the paper (the abstract): LLaMA 7B to 65B; MultiLoRA against LoRA and full fine-tuning; about
+# 2.5% extra parameters; training data mixing instruction following, natural language understanding
+# and world knowledge.
+# Ours (the paper's values are not confirmed): n=5, r=32, the q,k,v,o targets, α, the learning
+# rates, epochs, batch and the mixture (Alpaca, MMLU, GSM8K, Dolly: it has no natural language
+# understanding set), and every model beyond LLaMA 7B-65B: Llama-3-8B (April 2024) postdates the
+# paper, and the 70B configs are ours too.
+# Each arm file sets _model, _data, finetune and out_dir, then runs this file, which sets everything
+# else. One node of 8 GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py config/<model>_<data>_<finetune>.py
-# Prepare the data with the model's tokenizer first (LLaMA-7B: checkpoints/llama-7b into data/*/llama;
-# Llama-3-8B: checkpoints/Meta-Llama-3-8B into data/*/llama3); Alpaca alone needs only the first line:
+# Prepare the data with the model's tokenizer first (LLaMA-7B: checkpoints/llama-7b into
+# data/*/llama; Llama-3-8B: checkpoints/Meta-Llama-3-8B into data/*/llama3); Alpaca alone needs only
+# the first line:
 #   python data/alpaca/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/alpaca/llama
 #   python data/mmlu/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/mmlu/llama
 #   python data/gsm8k/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/gsm8k/llama
 #   python data/dolly/prepare.py --tokenizer=checkpoints/llama-7b --out_dir=data/dolly/llama
 
-# model: LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary) or Llama-3-8B (128k tiktoken vocabulary, GQA)
+# model: LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary) or Llama-3-8B (128k tiktoken
+# vocabulary, GQA)
 _ckpt_dirs = {
     "llama7b": "checkpoints/llama-7b",
     "llama3_8b": "checkpoints/Meta-Llama-3-8B",
@@ -33,11 +39,13 @@ _data_tags = {
 ckpt_dir = _ckpt_dirs[_model]
 
 # data (ours): Alpaca alone (instruction following), or our mixture: Alpaca + MMLU (auxiliary
-# train, world knowledge) + GSM8K + Dolly, mixed in proportion to size; the paper's: not confirmed
+# train, world knowledge) + GSM8K + Dolly, mixed in proportion to size. The paper's datasets: not
+# confirmed; its mixture also has natural language understanding, ours does not
 _dataset_names = {"alpaca": ["alpaca"], "mixture": ["alpaca", "mmlu", "gsm8k", "dolly"]}[_data]
 datasets = [f"data/{_name}/{_data_tags[_model]}" for _name in _dataset_names]
 mixture = "proportional"
-# 128 examples per optimizer step for the whole job: 4 per GPU x 32 micro-steps (4 on each of 8 GPUs)
+# ours: 128 examples per optimizer step for the whole job: 4 per GPU x 32 micro-steps (4 on each of
+# 8 GPUs), about 3 epochs, the learning rates and schedule below
 batch_size = 4
 gradient_accumulation_steps = 32
 if _data == "alpaca":
@@ -50,10 +58,11 @@ grad_clip = 1.0
 
 # fine-tuning arm
 if finetune == "multilora":
+    # ours: n = 5, r = 32, α = 2r on q,k,v,o; n·r = 160 there is about 2.5% extra parameters on
+    # LLaMA-7B, the abstract's figure. The paper's n, r, α and projections: not confirmed
     lora_targets = ["q", "k", "v", "o"]
-    n_loras = 5  # ours: n·r = 160 on q,k,v,o is about 2.5% extra parameters on
-    lora_rank = 32  # LLaMA-7B, the abstract's figure; the paper's n, r, α, projections:
-    # not confirmed
+    n_loras = 5
+    lora_rank = 32
     lora_alpha = 64.0
 elif finetune == "lora":
     lora_targets = ["q", "k", "v", "o"]

@@ -13,7 +13,8 @@ arms = [
     "paper init 2x16: config/tasks_multilora.py --n_loras=2 --lora_rank=16 --lora_alpha=32",
     "MultiLoRA 4x8: config/tasks_multilora.py",  # paper init 4x8: the default comparison's arm
     "paper init 8x4: config/tasks_multilora.py --n_loras=8 --lora_rank=4 --lora_alpha=8",
-    "LoRA init 4x8: config/tasks_multilora.py --n_loras=4 --lora_rank=8 --lora_alpha=16 --lora_init=lora",
+    "LoRA init 4x8: config/tasks_multilora.py --n_loras=4 --lora_rank=8 --lora_alpha=16 "
+    "--lora_init=lora",
 ]
 baseline = "LoRA r=32"
 full_arm = ""

@@ -1,8 +1,8 @@
 # LLaMA-65B on the multi-task mixture, finetune=multilora; one node of 8x80 GB GPUs:
 #   torchrun --standalone --nproc_per_node=8 train.py config/llama65b_mixture_multilora.py
 # The other settings, why they are what they are, and how to prepare the data: config/_paper.py
-# from the paper: LLaMA 7B-65B; ours: this size's FSDP, activation checkpointing and bf16 settings and
-# the hyperparameters of config/_paper.py.
+# From the paper (its abstract): LLaMA 7B-65B. Ours: this size's FSDP, activation checkpointing and
+# bf16 settings and the hyperparameters of config/_paper.py.
 # 130.6 GB of bf16 weights do not fit one GPU: FSDP shards them (and the adapters, their gradients
 # and AdamW state) over the 8, activation checkpointing keeps one block input per layer.
 # Expected per GPU, rows of 1024 tokens (docs/scaling.md):

@@ -1,7 +1,8 @@
 # Pretrain the embedded default's tiny base model from scratch on the generated corpus, which states
 # the tasks' content in prose but never uses the instruction format (data/tasks/generate.py).
 #   python data/tasks/generate.py                  # tokenizer, data/tasks, data/tasks_corpus
-#   python train.py config/tiny_base_pretrain.py --overwrite=True  # replaces data/tiny_base/{config.json,model.safetensors}
+#   python train.py config/tiny_base_pretrain.py --overwrite=True
+# (it replaces data/tiny_base/config.json and data/tiny_base/model.safetensors)
 init_from = "scratch"
 finetune = "full"
 datasets = ["data/tasks_corpus"]

@@ -24,7 +24,8 @@ def test_mean_ci_by_hand():
 
 
 def test_paired_difference_by_hand():
-    # differences 2, 3, 2: mean 7/3, sd = √(1/3) = 0.57735, se = 0.33333, t(0.975, 2 df) = 4.303 -> 1.43433
+    # differences 2, 3, 2: mean 7/3, sd = √(1/3) = 0.57735, se = 0.33333,
+    # t(0.975, 2 df) = 4.303 -> 1.43433
     d = compare.paired_difference([3, 5, 4], [1, 2, 2])
     assert d["mean"] == pytest.approx(7 / 3) and d["ci"] == pytest.approx(1.43433, abs=1e-4)
     # the same two arms unpaired would have a far wider interval: pairing removes the seed's effect
@@ -89,9 +90,10 @@ def test_seed_lists_and_provenance_line(monkeypatch):
 
 
 def test_lora_init_with_n_modules_is_lora_of_rank_n_r():
-    """The ablation's 'horizontal scaling alone' arm: LoRA's init with 4 modules of rank 8 and α/r = 2
-    starts from the same A (the same draws) and B = 0 as LoRA r=32 with α/r = 2, so the two compute
-    the same function and get the same gradients: at fixed n·r and α/r the split alone changes nothing."""
+    """The ablation's 'horizontal scaling alone' arm: LoRA's init with 4 modules of rank 8 and
+    α/r = 2 starts from the same A (the same draws) and B = 0 as LoRA r=32 with α/r = 2, so the two
+    compute the same function and get the same gradients: at fixed n·r and α/r the split alone
+    changes nothing."""
     base = nn.Linear(32, 32, bias=False)
     torch.manual_seed(0)
     one = multilora.MultiLoRALinear(base, n_loras=1, lora_rank=16, lora_alpha=32, init="lora")
@@ -143,7 +145,8 @@ def test_same_seeds_same_numbers(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["compare", "compare_ablation"])
 def test_committed_tables_are_the_committed_json(name):
-    """docs/<name>.md (what the README quotes) is the rendering of docs/<name>.json, nothing edited by hand."""
+    """docs/<name>.md (what the README quotes) is the rendering of docs/<name>.json, nothing
+    edited by hand."""
     docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
     with open(os.path.join(docs, name + ".json")) as f:
         result = json.load(f)

@@ -1,10 +1,13 @@
-"""The numerics fingerprint: the first 24 steps of each arm of the evidence (full, LoRA, MultiLoRA, seed
-1), run through compare.py's own train() (train.py in a subprocess, the committed configs and base,
-1 thread), must give bit for bit the losses in docs/numerics.json, which was written with the committed
-evidence (docs/compare*.json). On this suite a rounding difference of 1e-7 can grow into the other
-outcome of a task (learned or not), so a change to the training arithmetic makes the evidence stale:
-this test says so in the commit that makes it. Kernels may round differently on another CPU model or
-torch version: there the test skips and says why. About a minute on 2 cores."""
+"""The numerics fingerprint: the first 24 steps of each arm of the evidence (full, LoRA, MultiLoRA,
+seed 1), run through compare.py's own train() (train.py in a subprocess, the committed configs and
+base, 1 thread), must give bit for bit the losses in docs/numerics.json, which was written with the
+committed evidence (docs/compare*.json). On this suite a rounding difference of 1e-7 can grow into
+the other outcome of a task (learned or not), so a change to the training arithmetic makes the
+evidence stale: this test says so in the commit that makes it.
+
+It runs only on the CPU model and torch version named in docs/numerics.json: kernels may round
+differently on another CPU model or torch version, so there a difference would not mean that the
+arithmetic changed. There it skips and names both. About a minute on 2 cores."""
 
 import json
 import os
@@ -38,8 +41,9 @@ def test_training_arithmetic_is_the_evidence_s(tmp_path, monkeypatch):
     made, here = committed["provenance"], compare.provenance()
     if (made["cpu"], made["torch"]) != (here["cpu"], here["torch"]):
         pytest.skip(
-            f"docs/numerics.json was made on CPU {made['cpu']!r} with torch {made['torch']}; this "
-            f"is CPU {here['cpu']!r} with torch {here['torch']}, whose kernels may round differently"
+            f"docs/numerics.json was made on CPU {made['cpu']!r} with torch {made['torch']}; "
+            f"this is CPU {here['cpu']!r} with torch {here['torch']}, whose kernels may round "
+            "differently, so a difference here would not show a change to the training arithmetic"
         )
     monkeypatch.chdir(ROOT)  # the configs' paths are the repository's
     defaults = {k: s.default for k, s in compare.SETTINGS.items()}
