@@ -102,7 +102,7 @@ class MultiLoRALinear(nn.Module):
             for i in range(self.n_loras):
                 nn.init.kaiming_uniform_(self.lora_A[i * r : (i + 1) * r], a=math.sqrt(5))
             if self.init == "multilora":
-                for i in range(self.n_loras):  # paper: B random too; s = 0 keeps ΔW = 0 at step 0
+                for i in range(self.n_loras):  # B random too; s = 0 keeps ΔW = 0 at step 0
                     nn.init.kaiming_uniform_(self.lora_B[:, i * r : (i + 1) * r], a=math.sqrt(5))
                 self.lora_s.zero_()
             else:
