@@ -299,10 +299,15 @@ def shard(raw_model, device_type, world_size):
         if dtype != "float32"
         else MixedPrecisionPolicy()
     )
-    # the input embedding as a group of its own (when untied): gathered only for its own forward, not
-    # held by the root group (which stays gathered from forward to backward) through the whole step
+    # units as torchtitan's: the input embedding, each block, and the final norm with lm_head, each
+    # gathered for its own forward and backward only (the root group, which stays gathered from the
+    # forward to the end of the backward, then holds nothing). The loss reads lm_head's weight without
+    # calling lm_head: norm's forward gathers the pair, and the root's post-forward reshards a group
+    # whose modules did not all run (torch's provision for a chunked loss). A tied embedding is used
+    # at both ends of the model, so it stays in the root group with the final norm.
     tied = raw_model.config.tie_embeddings
-    units = list(raw_model.layers) + ([] if tied else [raw_model.embed_tokens])
+    units = [raw_model.embed_tokens] if not tied else []
+    units += list(raw_model.layers) + ([[raw_model.norm, raw_model.lm_head]] if not tied else [])
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
