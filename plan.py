@@ -3,7 +3,7 @@ The memory a training run needs on each process, before anything is loaded: the 
 train.py's (config files and --key=value, read the same way), the shape comes from the
 checkpoint's config and headers (or a named preset), the adapters are built on the meta device.
 
-    python plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 \
+    python plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 \\
         --seq_len=1024
     python plan.py --model=llama3-8b --finetune=lora --lora_rank=160 --dtype=bfloat16 --seq_len=1024
     python plan.py --ckpt_dir=/tmp/llama2-7b --finetune=multilora --n_loras=5 --lora_rank=32 \\
@@ -14,10 +14,13 @@ Per process (docs/scaling.md explains each line):
   trainable weights  fp32 (train.adapt casts them)
   gradients          fp32, one per trainable weight (DDP: twice, its buckets copy them)
   AdamW              two fp32 moments per trainable weight
-  FSDP unsharded     the root group (embedding, lm_head, final norm) stays gathered from the
-                     forward to the end of the backward; two blocks gathered at a time (the one
-                     computing and the one prefetched), and for full fine-tuning their gradients
-                     before the reduce-scatter
+  FSDP unsharded     train.shard's groups, gathered in the all-gather dtype: an untied
+                     embedding, each block, and the final norm with lm_head are groups of their
+                     own, and the largest counts twice (FSDP2 gathers a group into one buffer and
+                     copies it out to the parameters; or the block computing and the one
+                     prefetched); a tied embedding and the final norm form the root group, gathered
+                     from the forward to the end of the backward, next to two blocks; for full
+                     fine-tuning, the gradients of a group before its reduce-scatter
   activations        what autograd keeps for the backward pass, counted from llama.py's forward
                      (tests/test_scale.py checks the count against autograd's saved tensors),
                      plus the peak on top: the recomputed block (activation checkpointing), the
@@ -282,12 +285,21 @@ def plan(s, c, nproc=None, seq_len=None):
             )
             return size, grads
 
-        blocks = {id(p) for p in model.layers.parameters()}
-        root_size, root_grads = gathered(p for p in model.parameters() if id(p) not in blocks)
         block_size, block_grads = gathered(model.layers[0].parameters())
-        out["FSDP unsharded (root + 2 blocks)"] = (
-            root_size + 2 * block_size + block_grads + (root_grads if full else 0)
-        )
+        if c.tie_embeddings:  # the root group: the shared embedding and the final norm
+            blocks = {id(p) for p in model.layers.parameters()}
+            root_size, root_grads = gathered(p for p in model.parameters() if id(p) not in blocks)
+            out["FSDP unsharded (root + 2 blocks)"] = (
+                root_size + 2 * block_size + block_grads + (root_grads if full else 0)
+            )
+        else:  # groups of their own: the embedding, each block, the final norm with lm_head
+            ends = [
+                gathered(model.embed_tokens.parameters()),
+                gathered([*model.norm.parameters(), *model.lm_head.parameters()]),
+            ]
+            out["FSDP unsharded (2 x largest)"] = max(
+                2 * size + grads for size, grads in ends + [(block_size, block_grads)]
+            )
     B = s["batch_size"]
     T = seq_len or s["seq_len"] or c.max_seq_len
     kept, one_layer, _ = activation_bytes(c, s, B, T, act, resid)

@@ -269,23 +269,37 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device_type):
 
 
 def shard(raw_model, device_type, world_size):
-    """FSDP2 shards each block and the rest (embeddings, final norm, lm_head) on dim 0 over the ranks."""
+    """FSDP2 shards the input embedding, each block, the final norm with lm_head and the root on
+    dim 0 over the ranks."""
+    import ctypes
+
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device_type, (world_size,))
-    # all-gather in the compute dtype (one dtype per group, base and adapters), reduce gradients in fp32
+    # all-gather in the compute dtype (one dtype per group, base and adapters), gradients in fp32
     mp = (
         MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
         if dtype != "float32"
         else MixedPrecisionPolicy()
     )
-    # the input embedding as a group of its own (when untied): gathered only for its own forward, not
-    # held by the root group (which stays gathered from forward to backward) through the whole step
+    # units as torchtitan's: the input embedding, each block, and the final norm with lm_head, each
+    # gathered for its own forward and backward only (the root group, gathered from the forward to
+    # the end of the backward, then holds nothing). The loss reads lm_head's weight without calling
+    # lm_head: norm's forward gathers the pair, and the root's post-forward reshards a group whose
+    # modules did not all run (torch's provision for a chunked loss, in 2.13; a release without it
+    # keeps the pair gathered until its backward). A tied embedding is used at both ends of the
+    # model, so it stays in the root group with the final norm.
     tied = raw_model.config.tie_embeddings
-    units = list(raw_model.layers) + ([] if tied else [raw_model.embed_tokens])
+    units = [raw_model.embed_tokens] if not tied else []
+    units += list(raw_model.layers) + ([[raw_model.norm, raw_model.lm_head]] if not tied else [])
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
+    if device_type == "cpu" and hasattr(ctypes.CDLL(None), "mallopt"):
+        # glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so
+        # the weights each group gathers and frees land in its heap and stay resident; a fixed
+        # threshold (M_MMAP_THRESHOLD = -3) gives every buffer of 1 MiB or more back when freed
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)
     fully_shard(raw_model, mesh=mesh, mp_policy=mp)
 
 

@@ -350,3 +350,63 @@ def test_plan_activations_equal_autograd_saved(finetune, dtype, ckpt, pack, targ
     resid = 4 if finetune == "full" else act
     kept = plan.activation_bytes(c, s, B, T, act, resid)[0]
     assert kept == saved_bytes(model, s, x, y, positions, segments)
+
+
+# -----------------------------------------------------------------------------
+# train.shard's groups with an untied embedding: the final norm and lm_head as one FSDP2 group,
+# whose lm_head the chunked loss uses without calling it (gathered by norm's forward, resharded by
+# the root's post-forward, gathered again for the backward). 2 gloo ranks against 1 process.
+
+
+SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, tie_embeddings=False)
+
+
+def _run(script, args, nproc=1):
+    import subprocess
+    import sys
+
+    launcher = [sys.executable] + (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1
+        else []
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run(
+        launcher + [script] + [f"--{k}={v}" for k, v in args.items()],
+        cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def _train(out_dir, nproc, finetune, base):
+    """2 steps of 4 micro-batches of 2 (-> losses by step, the trained weights): full fine-tuning
+    from a random init of SHAPE, LoRA over the base written at that shape."""
+    model = dict(init_from="scratch", **SHAPE) if finetune == "full" else dict(ckpt_dir=base)
+    args = dict(
+        finetune=finetune, datasets=os.path.join(ROOT, "data", "tasks"), batch_size=2,
+        gradient_accumulation_steps=4, max_iters=2, eval_interval=2, eval_examples=4,
+        exact_match_examples=0, log_interval=1, warmup_iters=0, learning_rate=1e-2, threads=0,
+        out_dir=str(out_dir), fsdp=nproc > 1, **model,
+    )  # fmt: skip
+    _run("train.py", args, nproc)
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    losses = [(r["iter"], r.get("train_loss"), r.get("val_loss")) for r in rows]
+    path = "hf/model.safetensors" if finetune == "full" else "adapter.safetensors"
+    return losses, dict(iter_safetensors(os.path.join(out_dir, path)))
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_fsdp_untied_head_group_matches_one_process(finetune, tmp_path):
+    # full: lm_head trains, so its gradient must come back whole through the group's reduce-scatter
+    base = tmp_path / "base"
+    if finetune != "full":
+        _run("random_llama.py", dict(vocab_size=768, out_dir=base, **SHAPE))
+    ref_losses, ref = _train(tmp_path / "one", 1, finetune, base)
+    got_losses, got = _train(tmp_path / "two", 2, finetune, base)
+    assert [r[0] for r in ref_losses] == [r[0] for r in got_losses]
+    assert sum(r[1] is not None for r in ref_losses) == 2
+    for a, b in zip(ref_losses, got_losses):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert ref.keys() == got.keys() and (finetune != "full" or "lm_head.weight" in ref)
+    for k in ref:  # after 2 steps: every gradient, lm_head's included, was the same
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=0)
