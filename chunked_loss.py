@@ -26,7 +26,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk, dtype):
-        # hidden (N, D) final-normed states, weight (V, D) lm_head's, targets (N,) -> losses (N,) fp32
+        # hidden (N, D): final-normed states; weight (V, D): lm_head's; targets (N,) -> losses (N,)
+        # in fp32
         w = weight.to(
             dtype
         )  # autocast's cast, done once: a no-op when the weight is already in dtype
