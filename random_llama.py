@@ -72,11 +72,7 @@ PRESETS = {
 DEFAULTS = dict(n_kv_heads=0, vocab_size=32000, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096)
 
 # -----------------------------------------------------------------------------
-out_dir = S(
-    "",
-    lambda v, s: not v and "a path (required): a new or empty folder",
-    "where the checkpoint goes",
-)
+out_dir = S("", util.required, "where the checkpoint goes (a new or empty folder)")
 preset = S("", ("",) + tuple(PRESETS), "a published shape; the shape flags below override it")
 dim = S(0, "[0, inf)", "model width (0 = the preset's; without a preset: required)")
 n_layers = S(0, "[0, inf)", "blocks (0 = the preset's)")
