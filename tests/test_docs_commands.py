@@ -83,7 +83,7 @@ RUN_SMALL = {
     "data/tasks/generate.py": [],
     # a preset's shape at a few KB: the flags override the preset's values
     "random_llama.py": [
-        "--dim=64",
+        "--dim=256",  # n·r = 5·32 of the documented 7B runs fits its projections
         "--n_layers=1",
         "--n_heads=2",
         "--n_kv_heads=2",
@@ -354,7 +354,7 @@ def runnable(words, cwd, n):
     if script.startswith("-"):
         return None, "not a script"
     task = next((a.split("=", 1)[1] for a in args if a.startswith("--task=")), "exact_match")
-    out = []
+    out, swapped = [], set()
     for a in args:
         key, eq, value = a.partition("=")
         key = key.lstrip("-")
@@ -369,6 +369,7 @@ def runnable(words, cwd, n):
             value = EVAL_DATA.get(task, "data/tasks")
         elif key in SWAPS and (is_placeholder(value) or missing):
             value = SWAPS[key].format(n=n)
+            swapped.add(key)
         elif is_placeholder(value):  # --arms=...: the user's own choice; left out
             continue
         out.append(f"--{key}={value}")
@@ -392,6 +393,8 @@ def runnable(words, cwd, n):
             "--warmup_iters=2",
             "--lora_rank=8",  # n·r = 160 of the paper's configs is over the tiny base's width
         ]
+    if "ckpt_dir" in swapped and any(a.startswith("--lora_rank=") for a in out):
+        out.append("--lora_rank=8")  # a 7B's n·r (e.g. 5·32) is over the tiny base's width, 64
     small = [] if "--help" in out else RUN_SMALL.get(script, [])
     return launcher + ([] if launcher else [sys.executable]) + [script, *out, *small], allowed
 
