@@ -235,12 +235,12 @@ class Llama(nn.Module):
             h = h[logits_at]  # (N, D)
         h = self.norm(h)
         if targets is not None:
-            return chunked_cross_entropy(h, self.lm_head.weight, targets, self.loss_chunk)
+            return chunked_cross_entropy(h, self.lm_head, targets, self.loss_chunk)
         return self.lm_head(h)
 
     def setup_cache(self, batch_size, max_len):
         """Preallocate the KV cache, as Meta's generation.py does: (B, Hkv, max_len, hd) a layer."""
-        w = self.embed_tokens.weight
+        w = self.norm.weight  # the base's dtype (the embedding may be gathered on use)
         shape = (batch_size, self.config.n_kv_heads, max_len, self.config.head_dim)
         for layer in self.layers:
             layer.self_attn.cache_k = torch.zeros(shape, dtype=w.dtype, device=w.device)

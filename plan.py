@@ -285,26 +285,41 @@ def plan(s, c, nproc=None, seq_len=None):
             )
             return size, grads
 
-        block_size, block_grads = gathered(model.layers[0].parameters())
-        if c.tie_embeddings:  # the root group: the shared embedding and the final norm
+        block = model.layers[0]
+        units = [block.parameters()]  # fsdp_units='linear': each projection, and the block's norms
+        if s["fsdp_units"] == "linear":
+            linears = [m for m in block.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
+            units = [m.parameters() for m in linears] + [
+                [p for m in block.modules() if m not in linears for p in m.parameters(False)]
+            ]
+        largest = max((gathered(u) for u in units), key=lambda g: 2 * g[0] + g[1])
+        if not full:  # frozen ends outside FSDP: one block of rows at a time (train.GatheredOnUse)
+            ends = [(min(1 << 22, math.ceil(c.vocab_size / nproc) * c.dim) * base_bytes, 0)]
+            out["FSDP unsharded (2 x largest group)"] = max(
+                2 * sz + g for sz, g in ends + [largest]
+            )
+        elif c.tie_embeddings:  # the root group: the shared embedding and the final norm
             blocks = {id(p) for p in model.layers.parameters()}
             root_size, root_grads = gathered(p for p in model.parameters() if id(p) not in blocks)
-            out["FSDP unsharded (root + 2 blocks)"] = (
-                root_size + 2 * block_size + block_grads + (root_grads if full else 0)
+            out["FSDP unsharded (root + 2 groups)"] = (
+                root_size + 2 * largest[0] + largest[1] + root_grads
             )
         else:  # groups of their own: the embedding, each block, the final norm with lm_head
             ends = [
                 gathered(model.embed_tokens.parameters()),
                 gathered([*model.norm.parameters(), *model.lm_head.parameters()]),
             ]
-            out["FSDP unsharded (2 x largest)"] = max(
-                2 * size + grads for size, grads in ends + [(block_size, block_grads)]
+            out["FSDP unsharded (2 x largest group)"] = max(
+                2 * size + grads for size, grads in ends + [largest]
             )
     B = s["batch_size"]
     T = seq_len or s["seq_len"] or c.max_seq_len
     kept, one_layer, _ = activation_bytes(c, s, B, T, act, resid)
     chunk = min(s["loss_chunk"], B * T)
-    loss_buffers = chunk * c.vocab_size * (8 + (2 if act == 2 else 0))  # fp32 logits, exp, casts
+    vocab = c.vocab_size  # the loss's logits: a block of rows of a frozen head under FSDP
+    if fsdp and not full:
+        vocab = min(max(1, (1 << 22) // c.dim), math.ceil(c.vocab_size / nproc))
+    loss_buffers = chunk * vocab * (8 + (2 if act == 2 else 0))  # fp32 logits, exp, casts
     if full and act == 2 and not fsdp:
         loss_buffers += c.vocab_size * c.dim * 2  # lm_head's weight cast for the loss
     backward_temps = 3 * B * T * c.hidden_dim * act

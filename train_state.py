@@ -46,7 +46,7 @@ RESUME_MAY_CHANGE = (
     "out_dir hf_dir resume overwrite ckpt_dir max_iters learning_rate min_lr warmup_iters "
     "lr_decay_iters grad_clip eval_interval log_interval eval_examples exact_match_examples "
     "exact_match_max_new_tokens wandb_log wandb_project wandb_run_name device compile "
-    "activation_checkpointing loss_chunk threads peak_flops"
+    "activation_checkpointing fsdp_units loss_chunk threads peak_flops"
 ).split()
 
 
