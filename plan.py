@@ -14,13 +14,15 @@ Per process (docs/scaling.md explains each line):
   trainable weights  fp32 (train.adapt casts them)
   gradients          fp32, one per trainable weight (DDP: twice, its buckets copy them)
   AdamW              two fp32 moments per trainable weight
-  FSDP unsharded     train.shard's groups, gathered in the all-gather dtype: an untied
-                     embedding, each block, and the final norm with lm_head are groups of their
-                     own, and the largest counts twice (FSDP2 gathers a group into one buffer and
-                     copies it out to the parameters; or the block computing and the one
-                     prefetched); a tied embedding and the final norm form the root group, gathered
-                     from the forward to the end of the backward, next to two blocks; for full
-                     fine-tuning, the gradients of a group before its reduce-scatter
+  FSDP unsharded     train.shard's groups, gathered in the all-gather dtype: each block (or with
+                     fsdp_units='linear' each projection), and the largest counts twice (FSDP2
+                     gathers a group into one buffer and copies it out to the parameters; or the
+                     group computing and the one prefetched); a frozen embedding and lm_head are
+                     read one block of rows at a time (train.GatheredOnUse); trained, an untied
+                     embedding and the final norm with lm_head are groups of their own, a tied
+                     embedding and the final norm the root group, gathered from the forward to
+                     the end of the backward, next to two groups; for full fine-tuning, the
+                     gradients of a group before its reduce-scatter
   activations        what autograd keeps for the backward pass, counted from llama.py's forward
                      (tests/test_scale.py checks the count against autograd's saved tensors),
                      plus the peak on top: the recomputed block (activation checkpointing), the
