@@ -41,7 +41,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[s : s + chunk] = grad_logits_(z, lse, t).to(dtype) @ w
         # hidden and weight only for the weight's gradient: a frozen lm_head is not kept (under FSDP
-        # it may be a gathered copy, train.GatheredOnUse)
+        # it may be a gathered copy, sharding.GatheredOnUse)
         kept = (hidden, weight) if ctx.needs_input_grad[1] else (None, None)
         ctx.save_for_backward(*kept, targets, grad_h)
         ctx.chunk, ctx.dtype = chunk, dtype
@@ -84,7 +84,7 @@ def chunked_cross_entropy(hidden, head, targets, chunk_size=256):
     F.cross_entropy(hidden @ weight.T, targets, reduction="none") up to float rounding, gradients
     included. Under autocast the matmuls run in its dtype (bf16: the logits are rounded as
     F.linear's would be), the softmax in fp32. A frozen lm_head that FSDP shards
-    (train.GatheredOnUse) is read one rank's rows at a time: BlockedCrossEntropy."""
+    (sharding.GatheredOnUse) is read one rank's rows at a time: BlockedCrossEntropy."""
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     chunk = max(1, int(chunk_size))
@@ -96,8 +96,8 @@ def chunked_cross_entropy(hidden, head, targets, chunk_size=256):
 
 class BlockedCrossEntropy(torch.autograd.Function):
     """ChunkedCrossEntropy for a frozen weight that arrives in blocks of rows, (a, b, weight[a:b])
-    from row_blocks() (train.GatheredOnUse: each rank's rows under FSDP), so that no process holds
-    the whole (V, D) matrix. Two passes over the blocks: the first keeps each token's running
+    from row_blocks() (sharding.GatheredOnUse: each rank's rows under FSDP), so that no process
+    holds the whole (V, D) matrix. Two passes over the blocks: the first keeps each token's running
     logsumexp (max m and sum s, merged as s·e^(m - m') + Σ e^(z - m')) and its target's logit; the
     second, with the logsumexp known, adds each block's (softmax - onehot) @ weight[a:b] to the
     hidden states' gradient. The logits are computed twice (three matmuls against two)."""

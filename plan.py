@@ -14,11 +14,11 @@ Per process (docs/scaling.md explains each line):
   trainable weights  fp32 (train.adapt casts them)
   gradients          fp32, one per trainable weight (DDP: twice, its buckets copy them)
   AdamW              two fp32 moments per trainable weight
-  FSDP unsharded     train.shard's groups, gathered in the all-gather dtype: each block (or with
+  FSDP unsharded     sharding.shard's groups, gathered in the all-gather dtype: each block (or with
                      fsdp_units='linear' each projection), and the largest counts twice (FSDP2
                      gathers a group into one buffer and copies it out to the parameters; or the
                      group computing and the one prefetched); a frozen embedding and lm_head are
-                     read one block of rows at a time (train.GatheredOnUse); trained, an untied
+                     read one block of rows at a time (sharding.GatheredOnUse); trained, an untied
                      embedding and the final norm with lm_head are groups of their own, a tied
                      embedding and the final norm the root group, gathered from the forward to
                      the end of the backward, next to two groups; for full fine-tuning, the
@@ -295,7 +295,9 @@ def plan(s, c, nproc=None, seq_len=None):
                 [p for m in block.modules() if m not in linears for p in m.parameters(False)]
             ]
         largest = max((gathered(u) for u in units), key=lambda g: 2 * g[0] + g[1])
-        if not full:  # frozen ends outside FSDP: one block of rows at a time (train.GatheredOnUse)
+        if (
+            not full
+        ):  # frozen ends outside FSDP: one block of rows at a time (sharding.GatheredOnUse)
             ends = [(min(1 << 22, math.ceil(c.vocab_size / nproc) * c.dim) * base_bytes, 0)]
             out["FSDP unsharded (2 x largest group)"] = max(
                 2 * sz + g for sz, g in ends + [largest]

@@ -186,7 +186,7 @@ def test_no_whole_logits():
 
 
 class RowBlocks:
-    """A frozen head that gives its weight in uneven blocks of rows, as train.GatheredOnUse does
+    """A frozen head that gives its weight in uneven blocks of rows, as sharding.GatheredOnUse does
     under FSDP (each rank's rows): chunked_cross_entropy then takes BlockedCrossEntropy's path."""
 
     def __init__(self, w, cuts):

@@ -353,11 +353,11 @@ def test_plan_activations_equal_autograd_saved(finetune, dtype, ckpt, pack, targ
 
 
 # -----------------------------------------------------------------------------
-# train.shard with an untied embedding, 2 gloo ranks against 1 process. Full fine-tuning: the final
-# norm and lm_head as one FSDP2 group, whose lm_head the chunked loss uses without calling it
+# sharding.shard with an untied embedding, 2 gloo ranks against 1 process. Full fine-tuning: the
+# final norm and lm_head as one FSDP2 group, whose lm_head the chunked loss uses without calling it
 # (gathered by norm's forward, resharded by the root's post-forward, gathered again for the
 # backward). LoRA: the frozen embedding and lm_head outside FSDP, read one block of rows at a time
-# (train.GatheredOnUse, chunked_loss.BlockedCrossEntropy), each projection its own FSDP2 group.
+# (sharding.GatheredOnUse, chunked_loss.BlockedCrossEntropy), each projection its own FSDP2 group.
 
 
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, tie_embeddings=False)
