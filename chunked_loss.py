@@ -84,7 +84,7 @@ def chunked_cross_entropy(hidden, head, targets, chunk_size=256):
     F.cross_entropy(hidden @ weight.T, targets, reduction="none") up to float rounding, gradients
     included. Under autocast the matmuls run in its dtype (bf16: the logits are rounded as
     F.linear's would be), the softmax in fp32. A frozen lm_head that FSDP shards
-    (sharding.GatheredOnUse) is read one rank's rows at a time: BlockedCrossEntropy."""
+    (sharding.GatheredOnUse) is read a block of rows at a time: BlockedCrossEntropy."""
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     chunk = max(1, int(chunk_size))
@@ -96,7 +96,7 @@ def chunked_cross_entropy(hidden, head, targets, chunk_size=256):
 
 class BlockedCrossEntropy(torch.autograd.Function):
     """ChunkedCrossEntropy for a frozen weight that arrives in blocks of rows, (a, b, weight[a:b])
-    from row_blocks() (sharding.GatheredOnUse: each rank's rows under FSDP), so that no process
+    from row_blocks() (sharding.GatheredOnUse: blocks of each rank's rows), so that no process
     holds the whole (V, D) matrix. Two passes over the blocks: the first keeps each token's running
     logsumexp (max m and sum s, merged as s·e^(m - m') + Σ e^(z - m')) and its target's logit; the
     second, with the logsumexp known, adds each block's (softmax - onehot) @ weight[a:b] to the
@@ -104,14 +104,14 @@ class BlockedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, row_blocks, targets, chunk, dtype):
-        n = len(hidden)
+        n, h = len(hidden), hidden.to(dtype)  # cast once, not once a block
         m = torch.full((n,), float("-inf"), device=hidden.device)
         s, z_target = torch.zeros(n, device=hidden.device), torch.zeros(n, device=hidden.device)
         for a, b, w in row_blocks():
             w = w.to(dtype)
             for i in range(0, n if b > a else 0, chunk):
                 sl, t = slice(i, i + chunk), targets[i : i + chunk]
-                z = (hidden[sl].to(dtype) @ w.t()).float()  # (C, b - a)
+                z = (h[sl] @ w.t()).float()  # (C, b - a)
                 new_m = torch.maximum(m[sl], z.amax(-1))
                 s[sl] = s[sl] * (m[sl] - new_m).exp() + (z - new_m[:, None]).exp().sum(-1)
                 m[sl] = new_m
@@ -126,7 +126,7 @@ class BlockedCrossEntropy(torch.autograd.Function):
                 w = w.to(dtype)
                 for i in range(0, n if b > a else 0, chunk):
                     sl, t = slice(i, i + chunk), targets[i : i + chunk]
-                    g = (hidden[sl].to(dtype) @ w.t()).float().sub_(lse[sl, None]).exp_()
+                    g = (h[sl] @ w.t()).float().sub_(lse[sl, None]).exp_()
                     mine = (t >= a) & (t < b)
                     g[mine.nonzero()[:, 0], t[mine] - a] -= 1
                     grad_h[sl] += (g.to(dtype) @ w).float()

@@ -75,8 +75,8 @@ class BroadcastAllGather:
 class GatheredOnUse:
     """A frozen (V, D) embedding or lm_head under FSDP: its weight parameter holds this rank's rows
     (a DTensor sharded on dim 0 as fully_shard shards, which checkpoint.load_into fills the same
-    way). The lookup and the loss (chunked_loss.BlockedCrossEntropy) read one rank's rows at a
-    time, row_blocks(); reading module.weight gathers the whole matrix (lm_head in generation).
+    way). The lookup and the loss (chunked_loss.BlockedCrossEntropy) read it a block of rows at
+    a time, row_blocks(); reading module.weight gathers the whole matrix (lm_head in generation).
     As an FSDP2 group it would take twice its size at once (the gathered buffer, copied out to
     the parameter): 0.5 GB at vocabulary 32,000 and width 2,048 in fp32, against a block of
     rows here. Mixed into the module's class."""
@@ -95,7 +95,7 @@ class GatheredOnUse:
     def weight(self):
         rows = self._parameters["weight"]
         whole = torch.empty(rows.shape, dtype=rows.dtype, device=rows.to_local().device)
-        for a, b, _ in self.row_blocks(into=whole):
+        for _ in self.row_blocks(into=whole):  # each block broadcast in place
             pass
         return whole
 
@@ -111,11 +111,12 @@ class GatheredOnUse:
             mine = r == mesh.get_local_rank()
             for a in range(first, end, step):
                 b = min(a + step, end)
-                block = into[a:b] if into is not None else local[a - first : b - first]
-                if not mine and into is None:
+                own = local[a - first : b - first] if mine else None
+                block = into[a:b] if into is not None else own
+                if block is None:
                     block = local.new_empty((b - a, *local.shape[1:]))
-                elif mine and into is not None:
-                    block.copy_(local[a - first : b - first])
+                elif own is not None and into is not None:
+                    block.copy_(own)
                 dist.broadcast(block, src=dist.get_global_rank(group, r), group=group)
                 yield a, b, block
                 del block
