@@ -68,8 +68,15 @@ class BroadcastAllGather:
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         parts = output_tensor.view(group.size(), -1)
-        for r in range(group.size()):
-            dist.broadcast(parts[r], src=dist.get_global_rank(group, r), group=group)
+        works = [
+            dist.broadcast(parts[r], src=dist.get_global_rank(group, r), group=group, async_op=True)
+            for r in range(group.size())
+        ]
+        for work in works[:-1]:
+            work.wait()
+        # FSDP2 waits on the last: given a Work, it frees the buffer after this group's copy-out
+        # (it keeps a synchronous all-gather's buffer until the next group's, for GPU overlap)
+        return works[-1]
 
 
 class GatheredOnUse:
