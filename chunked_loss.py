@@ -77,7 +77,6 @@ def grad_logits_(z, lse, targets):
     return z
 
 
-@torch.compiler.disable  # eager under torch.compile: its loop over chunks would compile once per N
 def chunked_cross_entropy(hidden, head, targets, chunk_size=256):
     """Per-token cross-entropy (N,) fp32 of the logits hidden @ weight.T without materializing them:
     hidden (N, D), head lm_head (or its weight (V, D)), targets (N,) ids. Equal to

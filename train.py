@@ -277,7 +277,12 @@ def wrap(raw_model):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(raw_model, device_ids=[local_rank] if device_type == "cuda" else None)
-    return torch.compile(model, dynamic=True) if compile else model
+    if not compile:
+        return model
+    # the chunked loss stays eager (its loop over chunks would compile once per count); marked here
+    # since torch.compiler.disable imports torch._dynamo: 3 s and 70 MiB in every process
+    llama.chunked_cross_entropy = torch.compiler.disable(llama.chunked_cross_entropy)
+    return torch.compile(model, dynamic=True)
 
 
 # -----------------------------------------------------------------------------

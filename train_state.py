@@ -28,7 +28,6 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
 
 import checkpoint
 import multilora
@@ -305,8 +304,13 @@ def shard_name(step, rank, world_size):
     return f"ckpt.step{step}.rank{rank}-of-{world_size}.pt"
 
 
+# (the functions below import torch.distributed.tensor themselves: 1.3 s a process that needs none)
+
+
 def local(t):
     """A DTensor's local part (a view, no copy), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
     return (t.to_local() if isinstance(t, DTensor) else t).detach()
 
 
@@ -425,6 +429,8 @@ def as_shard_of(p, v, path, key):
     """v (this rank's saved local part) as a tensor optimizer.load_state_dict takes for parameter p:
     a DTensor of p's layout, copied out of the file's memory map; scalars (Adam's step) as they
     are."""
+    from torch.distributed.tensor import DTensor
+
     if not isinstance(v, torch.Tensor):
         raise UserError(f"{path}: {key}: expected a tensor, got {type(v).__name__}")
     if v.dim() == 0 or not isinstance(p, DTensor):
@@ -447,6 +453,8 @@ def gather_to_rank0(t):
     """A DTensor sharded on dim 0 (FSDP2's layout) as one whole CPU tensor on rank 0, None on the
     others: rank 0 receives each rank's rows straight into their place (point to point), so it holds
     one tensor more and the others nothing more (full_tensor() would build it on every rank)."""
+    from torch.distributed.tensor import DTensor, Shard
+
     if not isinstance(t, DTensor):
         return t.detach().cpu()
     rank, world_size = dist.get_rank(), dist.get_world_size()
