@@ -6,6 +6,7 @@ time and each tensor is drawn in slices, so memory stays at one shard whatever t
     python random_llama.py --preset=llama2-7b --dtype=bfloat16 --out_dir=out/llama2-7b
     python random_llama.py --preset=llama3-8b --n_layers=2 --out_dir=out/l3-2  # a flag overrides
     python random_llama.py --dim=2048 --n_layers=8 --vocab_size=32000 --out_dir=out/l2g
+    python random_llama.py --dim=2048 --n_layers=8 --tasks=True --out_dir=out/l2g  # + data for it
     python random_llama.py --preset=llama2-7b --layout=meta --meta_shards=2 --out_dir=out/l7-meta
 
 layout=hf: config.json + model.safetensors, or model-0000k-of-0000n.safetensors shards of about
@@ -14,7 +15,8 @@ per model-parallel rank, split as Meta splits them (docs/formats.md). The same s
 same model in both layouts. Weights are N(0, 0.02), residual outputs scaled by 1/sqrt(2L), norms at
 one (llama.Llama.init_weights' rule), drawn per tensor from its own seed: the values do not depend
 on the shard size. config.json and the index are written last: an interrupted run leaves no
-loadable folder.
+loadable folder. --tasks=True adds tasks/, the embedded suite with its meta.json's vocab_size set to
+the model's (its ids are below 768), so that `train.py --datasets=<out_dir>/tasks` trains on it.
 """
 
 import json
@@ -97,6 +99,7 @@ shard_gib = S(4.0, "(0, inf)", "layout=hf: start a new shard file past this many
 meta_shards = S(1, "[1, inf)", "layout=meta: model-parallel files (Meta's 7B 1, 13B 2, 70B 8)")
 tokenizer = S("", None, "a tokenizer.model to copy into out_dir (its size must be vocab_size)")
 seed = S(0, "[0, inf)", "seed of the weights")
+tasks = S(False, None, "also write tasks/: data/tasks, its meta.json saying this vocab_size")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
 
@@ -302,6 +305,15 @@ def main(argv):
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out_dir={out}: exists and is not an empty folder; give a new one")
     torch_dtype = getattr(torch, settings["dtype"])
+    if settings["tasks"]:  # the embedded suite for this shape (train.py checks the vocab_size)
+        suite = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tasks")
+        with open(os.path.join(suite, "meta.json")) as f:
+            meta = json.load(f)
+        if c.vocab_size < meta["vocab_size"]:
+            raise UserError(
+                f"--tasks=True: data/tasks needs vocab_size >= {meta['vocab_size']}, "
+                f"the model has {c.vocab_size}"
+            )
     if settings["tokenizer"]:
         from tokenizer import load_tokenizer
 
@@ -319,6 +331,10 @@ def main(argv):
     if settings["tokenizer"]:
         with util.atomic_write(os.path.join(out, "tokenizer.model")) as tmp:
             shutil.copyfile(settings["tokenizer"], tmp)
+    if settings["tasks"]:
+        shutil.copytree(suite, os.path.join(out, "tasks"))
+        meta["vocab_size"] = c.vocab_size
+        util.write_text(os.path.join(out, "tasks", "meta.json"), json.dumps(meta, indent=1))
     params = sum(math.prod(shape) for _, shape in tensor_shapes(c))
     print(
         f"wrote {out}: {params / 1e9:.3f}B parameters, {total / 2**30:.2f} GiB "

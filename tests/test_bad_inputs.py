@@ -469,6 +469,13 @@ CASES = (
         ]
     ]
     + [
+        # random_llama.py: the embedded suite's ids do not fit a vocabulary of 512
+        (
+            "random_llama-tasks-vocab-too-small",
+            "random_llama.py",
+            ["--dim=64", "--n_layers=1", "--vocab_size=512", "--tasks=True", "--out_dir={c}/m"],
+            None,
+        ),
         # generate.py: a prompt file that is not UTF-8 text (Latin-1 bytes on line 2)
         (
             "gen-prompt_file-not-utf8",

@@ -88,9 +88,9 @@ RUN_SMALL = {
         "--n_heads=2",
         "--n_kv_heads=2",
         "--hidden_dim=128",
-        "--vocab_size=768",
+        "--vocab_size=1000",
         "--max_seq_len=256",
-    ],  # data/tasks' vocabulary
+    ],  # not data/tasks' 768: a run on the model needs data of its vocabulary (--tasks=True)
     "plan.py": ["--nproc=2"],  # the paper configs' reduced accumulation is for 2 processes
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead

@@ -383,8 +383,9 @@ def _train(out_dir, nproc, finetune, base):
     """2 steps of 4 micro-batches of 2 (-> losses by step, the trained weights): full fine-tuning
     from a random init of SHAPE, LoRA over the base written at that shape."""
     model = dict(init_from="scratch", **SHAPE) if finetune == "full" else dict(ckpt_dir=base)
+    data = os.path.join(base, "tasks") if base.exists() else os.path.join(ROOT, "data", "tasks")
     args = dict(
-        finetune=finetune, datasets=os.path.join(ROOT, "data", "tasks"), batch_size=2,
+        finetune=finetune, datasets=data, batch_size=2,
         gradient_accumulation_steps=4, max_iters=2, eval_interval=2, eval_examples=4,
         exact_match_examples=0, log_interval=1, warmup_iters=0, learning_rate=1e-2, threads=0,
         out_dir=str(out_dir), fsdp=nproc > 1, **model,
@@ -404,7 +405,8 @@ def test_fsdp_untied_head_group_matches_one_process(finetune, tmp_path):
     # full: lm_head trains, so its gradient must come back whole through the group's reduce-scatter
     base = tmp_path / "base"
     if finetune != "full":
-        _run("random_llama.py", dict(vocab_size=768, out_dir=base, **SHAPE))
+        # an uneven vocabulary over 2 ranks; tasks/: the embedded suite with this vocab_size
+        _run("random_llama.py", dict(vocab_size=1001, tasks=True, out_dir=base, **SHAPE))
     ref_losses, ref = _train(tmp_path / "one", 1, finetune, base)
     got_losses, got = _train(tmp_path / "two", 2, finetune, base)
     assert [r[0] for r in ref_losses] == [r[0] for r in got_losses]
