@@ -1,3 +1,4 @@
+import atexit
 import os
 import sys
 
@@ -45,3 +46,24 @@ def train_sentencepiece(path, vocab_size=64, text=None):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_path(tmp_path_factory):
     return train_sentencepiece(tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=64)
+
+
+_zygote = None
+
+
+def python(argv, cwd=None, env=None, timeout=600):
+    """subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout) for
+    argv = [sys.executable, SCRIPT or -c CODE, ...], run in a fork of a process that imported torch
+    already (tests/zygote.py; 1.2 s less a command). Its server's environment has one thread
+    (OMP_NUM_THREADS=1: two commands run at a time) and unbuffered output (PYTHONUNBUFFERED=1: a
+    command that kills itself has written what it printed)."""
+    global _zygote
+    if _zygote is None:
+        from zygote import Zygote
+
+        base = {
+            k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        }
+        _zygote = Zygote(dict(base, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"), n=2)
+        atexit.register(_zygote.close)
+    return _zygote.run(argv, cwd=os.getcwd() if cwd is None else cwd, env=env, timeout=timeout)

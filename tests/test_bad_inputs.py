@@ -7,7 +7,8 @@ data/tiny_base in w/base, of data/tasks in w/data, adapters, a second tokenizer;
 {c}, the case's own folder, which setup(c, w) fills with whatever the case needs damaged (a copied
 checkpoint, a copied dataset, an out_dir holding a file). What is hashed: the case's folder, the
 shared folder and the repository's data/ (a default out_dir points there). To add cases, append to
-CASES. The subprocesses run two at a time (each one imports torch: ~2 s).
+CASES. The commands run two at a time, each in a fork of a process that imported torch already
+(tests/zygote.py: torch's import is most of a case's time).
 
 Also here: what export.py writes when the inputs are good (AutoTokenizer loads the merged export).
 """
@@ -16,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import llama
 import multilora
-from conftest import ROOT, train_sentencepiece
+from conftest import ROOT, python, train_sentencepiece
 
 # -----------------------------------------------------------------------------
 # setup helpers: each damages a copy inside the case folder c
@@ -562,7 +562,7 @@ def world(tmp_path_factory):
     (w / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     (w / "tok64").mkdir()
     train_sentencepiece(w / "tok64" / "tokenizer.model", vocab_size=64)
-    subprocess.run(
+    p = python(
         [
             sys.executable,
             "train.py",
@@ -577,9 +577,8 @@ def world(tmp_path_factory):
             "--batch_size=4",
         ],
         cwd=ROOT,
-        check=True,
-        capture_output=True,
     )  # a finished run, to resume
+    assert p.returncode == 0, p.stderr
     return w
 
 
@@ -589,13 +588,7 @@ def run_case(case, w, c):
     if setup:
         setup(c, w)
     before = hash_tree(c)
-    p = subprocess.run(
-        [sys.executable, script, *(a.format(w=w, c=c) for a in argv)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = python([sys.executable, script, *(a.format(w=w, c=c) for a in argv)], cwd=ROOT, timeout=300)
     return p, before, hash_tree(c)
 
 
@@ -700,11 +693,9 @@ def test_generate_prompt_and_prompt_file_agree_on_newlines(world, tmp_path):
     text = "### Instruction:\nSay hi.\n\n### Response:\n"
     (tmp_path / "p.txt").write_text(text.replace("\n", "\\n") + "\n")
     outs = [
-        subprocess.run(
+        python(
             [sys.executable, GEN, BASE.format(w=world), "--max_new_tokens=8", arg],
             cwd=ROOT,
-            capture_output=True,
-            text=True,
             timeout=120,
         )
         for arg in (

@@ -4,18 +4,17 @@ that every configuration starts from the same loss is: it shows they compute the
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, python
 
 pytest.importorskip("peft")
 
 
 def test_bench_json_lines():
-    r = subprocess.run(
+    r = python(
         [
             sys.executable,
             os.path.join(ROOT, "bench.py"),
@@ -33,8 +32,6 @@ def test_bench_json_lines():
             "--layouts=packed,padded",
             "--train_arms=multilora,lora,full",
         ],
-        capture_output=True,
-        text=True,
         cwd=ROOT,
         timeout=300,
     )

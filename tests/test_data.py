@@ -7,7 +7,6 @@ import csv
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tarfile
 
@@ -18,6 +17,7 @@ import dataset
 import sources
 from util import UserError
 from tokenizer import load_tokenizer
+from conftest import python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "data", "tiny_base", "tokenizer.model")
@@ -354,16 +354,14 @@ def test_cli_error_is_one_line(tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}])
     with open(path, "a") as f:
         f.write("{not json}\n")
-    result = subprocess.run(
+    result = python(
         [
             sys.executable,
             os.path.join(ROOT, "data", "gsm8k", "prepare.py"),
             f"--source={path}",
             f"--tokenizer={TOKENIZER}",
             f"--out_dir={tmp_path / 'out'}",
-        ],
-        capture_output=True,
-        text=True,
+        ]
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

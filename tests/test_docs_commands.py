@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, python
 
 # -----------------------------------------------------------------------------
 # the tables: per-script reduced sizes, placeholder swaps, what may not run here
@@ -400,7 +400,8 @@ def runnable(words, cwd, n):
 
 
 def run_group(name, commands, root):
-    """Run one doc's commands in order in its own copy of the repository.
+    """Run one doc's commands in order in its own copy of the repository; `python` ones in a fork
+    of a process that imported torch already (tests/zygote.py), torchrun ones as they are.
     -> [(where, argv, why, p)]."""
     cwd = os.path.join(root, re.sub(r"\W", "_", name))
     shutil.copytree(os.path.join(root, "_repo"), cwd, symlinks=True)
@@ -411,7 +412,10 @@ def run_group(name, commands, root):
         if argv is None:
             results.append((where, words, allowed, None))
             continue
-        p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+        if argv[1] == "-m":
+            p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+        else:
+            p = python(argv, cwd=cwd, env=env, timeout=600)
         results.append((where, argv, allowed, p))
     return results
 

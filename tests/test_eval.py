@@ -6,7 +6,6 @@ log-likelihoods on stories260K against transformers' LlamaForCausalLM."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +17,7 @@ import dataset
 import sources
 import eval as evaluate  # the project's eval.py (as a name, "eval" would hide the builtin)
 import llama
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, python
 from util import UserError
 import checkpoint
 from inference import load_for_inference
@@ -533,12 +532,7 @@ def test_cli_user_errors(args, message):
 
 
 def test_cli_user_error_is_one_line_and_exit_status_2():
-    p = subprocess.run(
-        [sys.executable, "eval.py", "--ckpt_dir=x", "--task=nope"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    p = python([sys.executable, "eval.py", "--ckpt_dir=x", "--task=nope"], cwd=ROOT)
     assert p.returncode == 2 and "task: expected one of" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
 

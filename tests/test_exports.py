@@ -17,7 +17,7 @@ import checkpoint
 import export
 import llama
 import multilora
-from conftest import ROOT
+from conftest import ROOT, python
 from tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -113,7 +113,7 @@ def test_peft_export_names_the_base_as_given_and_loads_after_a_move(exports, tmp
         ]
         == "base"
     )
-    r = subprocess.run(
+    r = python(
         [
             sys.executable,
             os.path.join(ROOT, "export.py"),
@@ -123,8 +123,6 @@ def test_peft_export_names_the_base_as_given_and_loads_after_a_move(exports, tmp
             "--format=peft",
             "--base_name=my-org/tiny-base",
         ],
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert r.returncode == 0, r.stderr

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 if __name__ != "__main__":
-    from conftest import ROOT
+    from conftest import ROOT, python
 else:  # the torchrun worker below: the project's modules from the repository root
     ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, ROOT)
@@ -313,11 +313,9 @@ def test_non_finite_base_weight_is_refused(tmp_path, bad, layout):
     else:
         write_meta(str(tmp_path / "ckpt"), weights, 2, "pth", 1, torch.float32)
         file = "consolidated.*"
-    p = subprocess.run(
+    p = python(
         [sys.executable, "generate.py", f"--ckpt_dir={tmp_path / 'ckpt'}", "--max_new_tokens=1"],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     lines = p.stderr.strip().splitlines()

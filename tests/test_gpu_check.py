@@ -2,21 +2,13 @@
 visible) it prints one line and exits 0, so that it can sit in any script or CI job."""
 
 import os
-import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, python
 
 
 def test_skips_cleanly_without_cuda():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no device visible, even on a GPU machine
-    r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "gpu_check.py")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    r = python([sys.executable, os.path.join(ROOT, "gpu_check.py")], cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "gpu_check: skipped, no CUDA device"

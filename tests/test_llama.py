@@ -3,14 +3,13 @@ the KV cache against full forward passes; bad checkpoints and settings against t
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import llama
-from conftest import ROOT, SHARED
+from conftest import ROOT, SHARED, python
 from util import UserError
 import checkpoint
 from tokenizer import load_tokenizer, check_tokenizer
@@ -413,10 +412,8 @@ def test_tiktoken_missing_names_the_package(tmp_path, monkeypatch):
 
 
 def run_generate(*args):
-    r = subprocess.run(
+    r = python(
         [sys.executable, os.path.join(ROOT, "generate.py"), *args, "--max_new_tokens=4"],
-        capture_output=True,
-        text=True,
         cwd=ROOT,
         timeout=120,
     )
@@ -522,7 +519,7 @@ def test_prompt_longer_than_context(good_ckpt):
 
 
 def test_generate_cli_runs_and_reports_speed(good_ckpt):
-    r = subprocess.run(
+    r = python(
         [
             sys.executable,
             os.path.join(ROOT, "generate.py"),
@@ -530,8 +527,6 @@ def test_generate_cli_runs_and_reports_speed(good_ckpt):
             "--prompt=hello|the quick brown fox",
             "--max_new_tokens=5",
         ],
-        capture_output=True,
-        text=True,
         cwd=ROOT,
         timeout=120,
     )

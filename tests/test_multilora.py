@@ -172,6 +172,7 @@ import llama  # noqa: E402
 import export  # noqa: E402
 from util import UserError
 import checkpoint
+from conftest import python
 
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 HF_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -538,14 +539,13 @@ def test_hf_export_equals_ours(base_dir, tmp_path):
 
 
 def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
-    import subprocess
 
     model = checkpoint.load_model(save_random_hf_llama(tmp_path / "other", hidden=32))
     multilora.adapt_model(model, n_loras=2, lora_rank=4)
     adapter = str(tmp_path / "adapter.safetensors")
     multilora.save_adapter(model, adapter)
     root = os.path.join(os.path.dirname(__file__), "..")
-    p = subprocess.run(
+    p = python(
         [
             sys.executable,
             os.path.join(root, "export.py"),
@@ -554,8 +554,6 @@ def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
             f"--out_dir={tmp_path / 'out'}",
             "--format=peft",
         ],
-        capture_output=True,
-        text=True,
         cwd=root,
     )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "base_fingerprint" in p.stderr, (

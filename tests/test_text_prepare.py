@@ -4,13 +4,12 @@ documents dropped and counted, every kept document exactly BOS + its tokens + EO
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 
 import dataset
-from conftest import ROOT
+from conftest import ROOT, python
 from tokenizer import load_tokenizer
 
 TOKENIZER = os.path.join(ROOT, "data", "tiny_base", "tokenizer.model")
@@ -25,7 +24,7 @@ def test_text_corpus_from_another_directory(tmp_path):
         "\n".join(documents[:40] + too_long + ["", *documents[40:]]) + "\n"
     )
     (tmp_path / "elsewhere").mkdir()
-    p = subprocess.run(
+    p = python(
         [
             sys.executable,
             os.path.join(ROOT, "data", "text", "prepare.py"),
@@ -36,8 +35,6 @@ def test_text_corpus_from_another_directory(tmp_path):
             "--val_fraction=0.25",
         ],
         cwd=tmp_path / "elsewhere",
-        capture_output=True,
-        text=True,
     )
     assert p.returncode == 0, p.stderr
     meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
@@ -68,7 +65,7 @@ def test_text_corpus_from_another_directory(tmp_path):
 
 
 def test_text_corpus_needs_a_source(tmp_path):
-    p = subprocess.run(
+    p = python(
         [
             sys.executable,
             "data/text/prepare.py",
@@ -76,8 +73,6 @@ def test_text_corpus_needs_a_source(tmp_path):
             f"--out_dir={tmp_path / 'x'}",
         ],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
     )
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "error: --source: expected your text file (one document per line) or a folder of .txt files"
@@ -86,12 +81,7 @@ def test_text_corpus_needs_a_source(tmp_path):
 
 def test_prepare_help_names_the_script_and_a_relative_out_dir():
     for name in ("alpaca", "mmlu", "text"):
-        p = subprocess.run(
-            [sys.executable, f"data/{name}/prepare.py", "--help"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
+        p = python([sys.executable, f"data/{name}/prepare.py", "--help"], cwd=ROOT)
         assert p.returncode == 0
         assert p.stdout.startswith(f"usage: python data/{name}/prepare.py ")
         assert f"--out_dir='data/{name}'" in p.stdout
@@ -106,7 +96,7 @@ def test_gsm8k_download_survives_its_own_prepared_files(tmp_path):
     for split in ("train", "test"):
         (tmp_path / f"gsm8k_{split}.jsonl").write_text(records)
     for _ in range(2):
-        p = subprocess.run(
+        p = python(
             [
                 sys.executable,
                 "data/gsm8k/prepare.py",
@@ -114,8 +104,6 @@ def test_gsm8k_download_survives_its_own_prepared_files(tmp_path):
                 f"--out_dir={tmp_path}",
             ],
             cwd=ROOT,
-            capture_output=True,
-            text=True,
         )
         assert p.returncode == 0, p.stderr
         assert (tmp_path / "gsm8k_train.jsonl").read_text() == records
