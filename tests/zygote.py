@@ -8,7 +8,8 @@ as in a new interpreter.
 
 What differs from a new interpreter: those four packages are imported already (none of ours is),
 and what they read from the environment at import (OMP_NUM_THREADS, say) is the server's, which
-is why `Zygote` takes the environment to start with.
+is why `Zygote` takes the environment to start with. The tests use one shared pair of servers
+through `conftest.python`, which takes subprocess.run's arguments:
 
     with Zygote(env, n=2) as z:  # two servers: two threads may each run a command
         p = z.run([sys.executable, "train.py", "--max_iters=1"], cwd=ROOT, timeout=300)
