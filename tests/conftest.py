@@ -1,5 +1,6 @@
 import atexit
 import os
+import subprocess
 import sys
 
 # the project is a flat set of top-level modules (nanoGPT style): make them importable from tests
@@ -56,7 +57,12 @@ def python(argv, cwd=None, env=None, timeout=600):
     argv = [sys.executable, SCRIPT or -c CODE, ...], run in a fork of a process that imported torch
     already (tests/zygote.py; 1.2 s less a command). Its server's environment has one thread
     (OMP_NUM_THREADS=1: two commands run at a time) and unbuffered output (PYTHONUNBUFFERED=1: a
-    command that kills itself has written what it printed)."""
+    command that kills itself has written what it printed). `python -m ...` (torchrun, which
+    starts its workers as new interpreters anyway) is a plain subprocess."""
+    if argv[1] == "-m":
+        return subprocess.run(
+            argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        )
     global _zygote
     if _zygote is None:
         from zygote import Zygote

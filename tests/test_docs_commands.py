@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -400,8 +399,7 @@ def runnable(words, cwd, n):
 
 
 def run_group(name, commands, root):
-    """Run one doc's commands in order in its own copy of the repository; `python` ones in a fork
-    of a process that imported torch already (tests/zygote.py), torchrun ones as they are.
+    """Run one doc's commands in order in its own copy of the repository (conftest.python).
     -> [(where, argv, why, p)]."""
     cwd = os.path.join(root, re.sub(r"\W", "_", name))
     shutil.copytree(os.path.join(root, "_repo"), cwd, symlinks=True)
@@ -412,10 +410,7 @@ def run_group(name, commands, root):
         if argv is None:
             results.append((where, words, allowed, None))
             continue
-        if argv[1] == "-m":
-            p = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-        else:
-            p = python(argv, cwd=cwd, env=env, timeout=600)
+        p = python(argv, cwd=cwd, env=env, timeout=600)
         results.append((where, argv, allowed, p))
     return results
 

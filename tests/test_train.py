@@ -136,17 +136,7 @@ def run(args, nproc=0, env=None, check=True, prelude=""):
         k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     }
     full_env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-    if nproc:
-        p = subprocess.run(
-            launcher + script + args,
-            cwd=ROOT,
-            env=full_env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    else:  # in a fork of a process that imported torch already (tests/zygote.py)
-        p = python(launcher + script + args, cwd=ROOT, env=full_env, timeout=300)
+    p = python(launcher + script + args, cwd=ROOT, env=full_env, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(
             f"train.py exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
