@@ -28,7 +28,7 @@ import checkpoint
 import multilora
 import util
 from configurator import S, configure, declared
-from inference import load_for_inference
+from generate import load_for_inference
 from util import UserError
 
 # -----------------------------------------------------------------------------

@@ -18,8 +18,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     The gradient with respect to the hidden states is computed in the forward pass, while each
     chunk's logits are at hand: token i's row depends on token i alone, so the backward pass only
     scales row i by d(total)/d loss_i. Recomputing the logits in the backward pass instead would
-    cost a third lm_head matmul next to the two the loss needs (bench.py, vocab 128,256, a busy
-    CPU: 1.16x transformers + PEFT's tokens/s with the recomputation, 1.56x without; see
+    cost a third lm_head matmul next to the two the loss needs (tools/bench.py, vocab 128,256, a
+    busy CPU: 1.16x transformers + PEFT's tokens/s with the recomputation, 1.56x without; see
     docs/bench_vocab.md). The weight's gradient sums over tokens with those factors, so when
     lm_head trains (full fine-tuning, or a trained tied embedding) the backward pass does recompute
     each chunk's logits for it."""

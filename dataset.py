@@ -28,7 +28,7 @@ Examples longer than max_len tokens (BOS and EOS included) are dropped, never tr
 example would teach a cut-off answer or hide it entirely), and counted in meta["counts"].
 
 sources.py writes it (data/<name>/prepare.py, data/tasks/generate.py); train.py, eval.py and
-bench.py read it here, and cut the training batches from it (the end of this file).
+tools/bench.py read it here, and cut the training batches from it (the end of this file).
 """
 
 import json
@@ -247,7 +247,7 @@ def read_jsonl(path, fields):
 
 # -----------------------------------------------------------------------------
 # training batches: prepared splits, a task mixture, packed micro-batches (train.py, eval.py,
-# bench.py)
+# tools/bench.py)
 
 IGNORE = -100  # target of positions without loss (prompt, padding): cross_entropy's ignore_index
 

@@ -57,7 +57,7 @@ import llama
 import util
 from chunked_loss import token_loss_sum
 from configurator import S, configure, declared
-from inference import load_for_inference
+from generate import load_for_inference
 from util import UserError
 
 # -----------------------------------------------------------------------------

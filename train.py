@@ -140,7 +140,8 @@ SETTINGS = declared(globals())
 
 def check_settings(s, machine=True):
     """The rules between settings (configure checked each one's type and range). machine: also what
-    this machine must allow, torchrun for FSDP and the process count (plan.py plans for others)."""
+    this machine must allow, torchrun for FSDP and the process count (tools/plan.py plans for
+    others)."""
     if s["init_from"] == "scratch" and s["finetune"] != "full":
         raise UserError(
             "init_from: expected pretrained, or scratch with finetune=full (an adapter needs a "
@@ -225,7 +226,7 @@ def build_model(model_config):
 
 def adapt(model, finetune, lora):
     """finetune='full': every weight trains; otherwise wrap the targets with (Multi)LoRA and freeze
-    the rest. Trainable weights in fp32 (bench.py builds its arms with this too). -> adapter
+    the rest. Trainable weights in fp32 (tools/bench.py builds its arms with this too). -> adapter
     settings (also model.adapter_settings), or None."""
     settings = None if finetune == "full" else multilora.adapt_model(model, finetune, **lora)
     for p in model.parameters():
@@ -286,7 +287,7 @@ def wrap(raw_model):
 
 
 # -----------------------------------------------------------------------------
-# the training step (bench.py times this same function) and the learning rate
+# the training step (tools/bench.py times this same function) and the learning rate
 
 
 def train_step(

@@ -7,7 +7,8 @@
 # 138.0 GB of bf16 weights do not fit one GPU: FSDP shards them (and the adapters, their gradients
 # and AdamW state) over the 8, activation checkpointing keeps one block input per layer.
 # Expected per GPU, rows of 1024 tokens (docs/scaling.md):
-#   python plan.py config/llama2_70b_mixture_lora.py --model=llama2-70b --nproc=8 --seq_len=1024
+#   python tools/plan.py config/llama2_70b_mixture_lora.py --model=llama2-70b --nproc=8 \
+#     --seq_len=1024
 #   -> 28.6 GiB of 80: base 16.1, adapters + gradients + AdamW 1.2,
 #      FSDP's gathered groups 4.2, activations 7.1 (121.54 GiB without activation checkpointing)
 _model, _data, finetune = "llama2_70b", "mixture", "lora"

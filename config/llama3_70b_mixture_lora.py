@@ -7,7 +7,8 @@
 # 141.1 GB of bf16 weights do not fit one GPU: FSDP shards them (and the adapters, their gradients
 # and AdamW state) over the 8, activation checkpointing keeps one block input per layer.
 # Expected per GPU, rows of 1024 tokens (docs/scaling.md):
-#   python plan.py config/llama3_70b_mixture_lora.py --model=llama3-70b --nproc=8 --seq_len=1024
+#   python tools/plan.py config/llama3_70b_mixture_lora.py --model=llama3-70b --nproc=8 \
+#     --seq_len=1024
 #   -> 31.9 GiB of 80: base 16.4, adapters + gradients + AdamW 1.2,
 #      FSDP's gathered groups 7.1, activations 7.1 (124.85 GiB without activation checkpointing)
 _model, _data, finetune = "llama3_70b", "mixture", "lora"

@@ -6,7 +6,8 @@
 # 130.6 GB of bf16 weights do not fit one GPU: FSDP shards them (and the adapters, their gradients
 # and AdamW state) over the 8, activation checkpointing keeps one block input per layer.
 # Expected per GPU, rows of 1024 tokens (docs/scaling.md):
-#   python plan.py config/llama65b_mixture_multilora.py --model=llama-65b --nproc=8 --seq_len=1024
+#   python tools/plan.py config/llama65b_mixture_multilora.py --model=llama-65b --nproc=8 \
+#     --seq_len=1024
 #   -> 27.6 GiB of 80: base 15.2, adapters + gradients + AdamW 1.6,
 #      FSDP's gathered groups 4.0, activations 6.8 (108.95 GiB without activation checkpointing)
 _model, _data, finetune = "llama65b", "mixture", "multilora"

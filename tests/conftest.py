@@ -3,9 +3,10 @@ import os
 import subprocess
 import sys
 
-# the project is a flat set of top-level modules (nanoGPT style): make them importable from tests
+# the project is a flat set of top-level modules (nanoGPT style) and the tools beside them: make
+# both importable from tests
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 SHARED = os.path.join(ROOT, "..", "shared")
 
 import pytest

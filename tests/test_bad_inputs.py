@@ -469,10 +469,10 @@ CASES = (
         ]
     ]
     + [
-        # random_llama.py: the embedded suite's ids do not fit a vocabulary of 512
+        # tools/random_llama.py: the embedded suite's ids do not fit a vocabulary of 512
         (
             "random_llama-tasks-vocab-too-small",
-            "random_llama.py",
+            "tools/random_llama.py",
             ["--dim=64", "--n_layers=1", "--vocab_size=512", "--tasks=True", "--out_dir={c}/m"],
             None,
         ),

@@ -1,6 +1,7 @@
-"""bench.py's default mode (train.py's training step per arm next to transformers + PEFT) runs end
-to end and prints one JSON object per configuration. Speed is not asserted (no timing in tests);
-that every configuration starts from the same loss is: it shows they compute the same thing."""
+"""tools/bench.py's default mode (train.py's training step per arm next to transformers + PEFT)
+runs end to end and prints one JSON object per configuration. Speed is not asserted (no timing in
+tests); that every configuration starts from the same loss is: it shows they compute the same
+thing."""
 
 import json
 import os
@@ -17,7 +18,7 @@ def test_bench_json_lines():
     r = python(
         [
             sys.executable,
-            os.path.join(ROOT, "bench.py"),
+            os.path.join(ROOT, "tools/bench.py"),
             "--json_lines",
             "--dim=32",
             "--n_layers=1",

@@ -157,7 +157,7 @@ def test_train_step_uses_it():
 
 
 def peak_allocated(fn):
-    """Peak of the bytes torch allocates on the CPU while fn() runs: bench.py's measure."""
+    """Peak of the bytes torch allocates on the CPU while fn() runs: tools/bench.py's measure."""
     import bench
 
     device, bench.device = bench.device, "cpu"

@@ -2,7 +2,8 @@
 
 Commands are discovered, not listed: the `python ...` / `torchrun ...` lines of the docs' code
 blocks (fenced, indented and inline), the usage lines of each script's docstring, and one command
-per choice of the settings that pick a mode (bench.py --mode, eval.py --task, export.py --format).
+per choice of the settings that pick a mode (tools/bench.py --mode, eval.py --task,
+export.py --format).
 Each doc runs in order in a copy of the repository (so a recipe's later steps find what its earlier
 steps wrote, and nothing in the repository changes), at a reduced size: RUN_SMALL appends
 overrides per script (later arguments win). A placeholder (DIR, FILE, /path/to/..., a path that
@@ -70,7 +71,7 @@ RUN_SMALL = {
     "train.py": TRAIN_SMALL,
     "generate.py": ["--max_new_tokens=4"],
     "eval.py": ["--limit=2", "--max_new_tokens=4"],
-    "bench.py": TINY_BENCH,
+    "tools/bench.py": TINY_BENCH,
     "analyze.py": ["--top_k=4", "--phi_dim=4"],
     "compare.py": [
         "--seeds=1",
@@ -81,7 +82,7 @@ RUN_SMALL = {
     ],
     "data/tasks/generate.py": [],
     # a preset's shape at a few KB: the flags override the preset's values
-    "random_llama.py": [
+    "tools/random_llama.py": [
         "--dim=256",  # n·r = 5·32 of the documented 7B runs fits its projections
         "--n_layers=1",
         "--n_heads=2",
@@ -90,7 +91,7 @@ RUN_SMALL = {
         "--vocab_size=1000",
         "--max_seq_len=256",
     ],  # not data/tasks' 768: a run on the model needs data of its vocabulary (--tasks=True)
-    "plan.py": ["--nproc=2"],  # the paper configs' reduced accumulation is for 2 processes
+    "tools/plan.py": ["--nproc=2"],  # the paper configs' reduced accumulation is for 2 processes
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead
 SOURCES = {f"data/{n}/prepare.py": f"_docs/src/{n}" for n in ("alpaca", "dolly", "gsm8k", "mmlu")}
@@ -149,16 +150,16 @@ ALLOWED = [
         "error",
     ),
 ]
-MODE_SETTINGS = {"bench.py": "mode", "eval.py": "task", "export.py": "format"}
+MODE_SETTINGS = {"tools/bench.py": "mode", "eval.py": "task", "export.py": "format"}
 SCRIPTS = [
     "train.py",
     "generate.py",
     "eval.py",
     "export.py",
     "analyze.py",
-    "bench.py",
+    "tools/bench.py",
     "compare.py",
-    "gpu_check.py",
+    "tools/gpu_check.py",
     "data/tasks/generate.py",
     *SOURCES,
 ]
@@ -242,10 +243,10 @@ def mode_commands():
     sys.path.insert(0, ROOT)
     out = []
     for script, key in MODE_SETTINGS.items():
-        for choice in importlib.import_module(script[:-3]).SETTINGS[key].allowed:
+        for choice in importlib.import_module(os.path.basename(script)[:-3]).SETTINGS[key].allowed:
             base = (
                 []
-                if script == "bench.py"
+                if script == "tools/bench.py"
                 else ["--ckpt_dir=data/tiny_base", f"--data={EVAL_DATA[choice]}"]
                 if script == "eval.py"
                 else ["--ckpt_dir=data/tiny_base", f"--adapter={ADAPTER}", "--out_dir=DIR"]
@@ -523,7 +524,7 @@ def test_commands_are_discovered():
     shown = {" ".join(w) for cmds in groups.values() for _, w in cmds}
     for expected in (
         "python train.py",
-        "python bench.py --mode=multilora",
+        "python tools/bench.py --mode=multilora",
         "python eval.py --task=mc",
         "python export.py --format=peft",
     ):

@@ -20,7 +20,7 @@ import llama
 from conftest import ROOT, SHARED, python
 from util import UserError
 import checkpoint
-from inference import load_for_inference
+from generate import load_for_inference
 from tokenizer import load_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -574,7 +574,7 @@ def test_stories260k_known_greedy_tokens(layout):
 
 
 def test_bench_generate_and_load_smoke(monkeypatch, tmp_path):
-    """bench.py's generate and load modes run end to end on tiny shapes; the greedy tokens of
+    """tools/bench.py's generate and load modes run end to end on tiny shapes; the greedy tokens of
     llama.generate equal transformers' generate (speed is not asserted: no timing in tests)."""
     import bench
 

@@ -562,7 +562,7 @@ def test_export_cli_wrong_base_is_one_line(base_dir, tmp_path):
 
 
 def test_bench_smoke(monkeypatch):
-    """bench.py's MultiLoRA part runs end to end on a tiny model (figures are not checked: no
+    """tools/bench.py's MultiLoRA part runs end to end on a tiny model (figures are not checked: no
     timing asserts)."""
     import bench
 

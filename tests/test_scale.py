@@ -149,7 +149,7 @@ def test_adapters_metadata_flops_at_real_shape(meta_model, tmp_path):
 
 def plan_settings(**over):
     argv = [f"--{k}={v}" for k, v in over.items()]
-    return configure(plan.plan_settings(), argv, "plan.py")
+    return configure(plan.plan_settings(), argv, "tools/plan.py")
 
 
 @pytest.mark.parametrize("name,nproc", [("llama2-7b", 1), ("llama3-70b", 8)])
@@ -276,7 +276,7 @@ def test_sample_past_2_24_logits():
 
 
 # -----------------------------------------------------------------------------
-# plan.py's activation count against what autograd keeps
+# tools/plan.py's activation count against what autograd keeps
 
 
 def saved_bytes(model, s, x, y, positions=None, segments=None):
@@ -406,7 +406,7 @@ def test_fsdp_untied_head_group_matches_one_process(finetune, tmp_path):
     base = tmp_path / "base"
     if finetune != "full":
         # an uneven vocabulary over 2 ranks; tasks/: the embedded suite with this vocab_size
-        _run("random_llama.py", dict(vocab_size=1001, tasks=True, out_dir=base, **SHAPE))
+        _run("tools/random_llama.py", dict(vocab_size=1001, tasks=True, out_dir=base, **SHAPE))
     ref_losses, ref = _train(tmp_path / "one", 1, finetune, base)
     got_losses, got = _train(tmp_path / "two", 2, finetune, base)
     assert [r[0] for r in ref_losses] == [r[0] for r in got_losses]

@@ -4,8 +4,9 @@ process and attributes every rise of the process's high-water mark (VmHWM) to th
 happened: the load, each top-level module's forward (train or eval), each block's backward, the
 optimizer step. The figures of docs/scaling.md come from it.
 
-    python memtrace.py out/trace.json train.py --ckpt_dir=out/l2g --finetune=lora ...
-    torchrun --standalone --nproc_per_node=2 memtrace.py out/trace.json train.py ... --fsdp=True
+    python tools/memtrace.py out/trace.json train.py --ckpt_dir=out/l2g --finetune=lora ...
+    torchrun --standalone --nproc_per_node=2 tools/memtrace.py out/trace.json train.py ... \\
+        --fsdp=True
 
 Each process writes trace.json (rank r > 0: trace.rank{r}.json): the RSS just after `import torch`
 (the baseline), the peak above it, and the phases in order, each with the high-water mark's rise
@@ -22,6 +23,9 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
+
+# the repository's modules, from wherever this script is run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from util import UserError
 
@@ -91,7 +95,7 @@ class Trace:
 
 def main(argv):
     if len(argv) < 2 or not argv[1].endswith(".py"):
-        raise UserError("usage: memtrace.py OUT.json SCRIPT.py [its arguments]")
+        raise UserError("usage: tools/memtrace.py OUT.json SCRIPT.py [its arguments]")
     out, script = argv[0], argv[1]
     rank = int(os.environ.get("RANK", 0))
     if rank:

@@ -4,15 +4,18 @@ memory do not depend on them. Every mode trains with train.py's own arm (train.a
 train_step. The arms take turns, round by round (take_turns), and a ratio is the median of
 same-round pairs, so a machine that slows down mid-run slows all arms alike.
 
-    python bench.py --threads=1 [--json_lines]  # --mode=train: ours vs transformers + PEFT
-    python bench.py --threads=1 --repeats=3  # 3 times over: the median and range of each ratio
-    python bench.py --vocab_size=32000 --layouts=packed,padded --train_arms=multilora,lora,full
-    python bench.py --lengths=fixed --train_batch=4 --train_max_len=128   # nothing to pack
-    python bench.py --mode=multilora --threads=1 --rounds=30  # MultiLoRA vs LoRA: speed, memory
-    python bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
-    python bench.py --mode=memory
-    python bench.py --mode=generate          # llama.generate (KV cache) vs transformers' generate
-    python bench.py --mode=load              # peak memory and time of loading a ~1 GB checkpoint
+    python tools/bench.py --threads=1 [--json_lines]  # --mode=train: ours vs transformers + PEFT
+    # 3 times over: the median and range of each ratio
+    python tools/bench.py --threads=1 --repeats=3
+    python tools/bench.py --vocab_size=32000 --layouts=packed,padded \\
+        --train_arms=multilora,lora,full
+    python tools/bench.py --lengths=fixed --train_batch=4 --train_max_len=128   # nothing to pack
+    # MultiLoRA vs LoRA: speed, memory
+    python tools/bench.py --mode=multilora --threads=1 --rounds=30
+    python tools/bench.py --mode=throughput --dim=1024 --n_layers=8 --device=cuda
+    python tools/bench.py --mode=memory
+    python tools/bench.py --mode=generate  # llama.generate (KV cache) vs transformers' generate
+    python tools/bench.py --mode=load  # peak memory and time of loading a ~1 GB checkpoint
 
 train: each arm next to transformers' LlamaForCausalLM + PEFT LoRA (r = n·r; full: transformers)
 with the same weights, examples, AdamW, clipping, autocast and token-normalized loss, at each
@@ -34,6 +37,9 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# the repository's modules, from wherever this script is run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import checkpoint
 import dataset
@@ -572,7 +578,7 @@ def bench_load(workdir):
     shape = dict(dim=d, n_layers=layers, n_heads=16, n_kv_heads=4, hidden_dim=hidden)
     save_random_checkpoint(workdir, llama.LlamaConfig(**shape, vocab_size=vocab, max_seq_len=256))
     size = os.path.getsize(os.path.join(workdir, "model.safetensors"))
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
     child = [sys.executable, "-c", LOAD_CHILD, workdir]
     out = subprocess.run(child, capture_output=True, text=True, check=True, cwd=here)
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -594,7 +600,7 @@ def bench_load(workdir):
 
 
 def main(argv=None):
-    globals().update(configure(SETTINGS, sys.argv[1:] if argv is None else argv, "bench.py"))
+    globals().update(configure(SETTINGS, sys.argv[1:] if argv is None else argv, "tools/bench.py"))
     for key in ("vocab_size", "train_arms", "layouts"):
         if not globals()[key]:
             raise UserError(f"--{key}: expected at least one value")

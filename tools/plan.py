@@ -3,10 +3,12 @@ The memory a training run needs on each process, before anything is loaded: the 
 train.py's (config files and --key=value, read the same way), the shape comes from the
 checkpoint's config and headers (or a named preset), the adapters are built on the meta device.
 
-    python plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 \\
+    python tools/plan.py config/llama2_70b_mixture_multilora.py --model=llama2-70b --nproc=8 \\
         --seq_len=1024
-    python plan.py --model=llama3-8b --finetune=lora --lora_rank=160 --dtype=bfloat16 --seq_len=1024
-    python plan.py --ckpt_dir=/tmp/llama2-7b --finetune=multilora --n_loras=5 --lora_rank=32 \\
+    python tools/plan.py --model=llama3-8b --finetune=lora --lora_rank=160 --dtype=bfloat16 \\
+        --seq_len=1024
+    python tools/plan.py --ckpt_dir=/tmp/llama2-7b --finetune=multilora --n_loras=5 \\
+        --lora_rank=32 \\
         --batch_size=1 --dtype=bfloat16
 
 Per process (docs/scaling.md explains each line):
@@ -34,8 +36,12 @@ pack=True and more than one row, the block-diagonal mask (B, 1, T, T) counts too
 
 import math
 import os
+import sys
 
 import torch
+
+# the repository's modules, from wherever this script is run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import checkpoint
 import llama
@@ -66,7 +72,7 @@ def parse_bytes(text):
     return int(value) if math.isfinite(value) and value > 0 else None
 
 
-OWN = {  # plan.py's own settings, next to train.py's
+OWN = {  # tools/plan.py's own settings, next to train.py's
     "nproc": S(1, "[1, inf)", "processes (GPUs) of the run: torchrun's --nproc_per_node x nodes"),
     "device_memory": S(
         "80GiB",
@@ -374,7 +380,7 @@ def report(s, c, source, seq_note):
 
 
 def main(argv):
-    s = configure(plan_settings(), argv, "plan.py")
+    s = configure(plan_settings(), argv, "tools/plan.py")
     train.check_settings(s, machine=False)
     if s["gradient_accumulation_steps"] % s["nproc"]:
         raise UserError(

@@ -4,8 +4,8 @@ The checks only a GPU can answer, in one run sized for well under 5 minutes on o
 random weights in Llama 3.2 1B's shape (dim 2048, 16 layers, 32 heads, 8 key/value heads, hidden
 8192, Llama 3's vocabulary of 128,256, tied embeddings):
 
-    python gpu_check.py
-    python gpu_check.py --steps=20 --peak_flops=312e12     # longer timing; an A100's bf16 peak
+    python tools/gpu_check.py
+    python tools/gpu_check.py --steps=20 --peak_flops=312e12  # longer timing; an A100's bf16 peak
 
 1. precision: our model's bf16 logits (autocast, fp32 and bf16 base weights) against fp32
 2. attention: which scaled_dot_product_attention kernel packed and unpacked batches get
@@ -20,6 +20,7 @@ still run (device time is scarce); the exit status is then 1.
 """
 
 import math
+import os
 import socket
 import sys
 import time
@@ -28,6 +29,9 @@ import traceback
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+# the repository's modules, from wherever this script is run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import llama
 import multilora
@@ -70,8 +74,8 @@ def build(config, dtype=torch.float32, finetune=None, **lora):
 
 
 def examples(n_tokens, seed):
-    """Alpaca-length examples (bench.py's log-normal fit: median 81 tokens) of about n_tokens in
-    all, the last two thirds of each the response."""
+    """Alpaca-length examples (tools/bench.py's log-normal fit: median 81 tokens) of about
+    n_tokens in all, the last two thirds of each the response."""
     rng = np.random.default_rng(seed)
     out, total = [], 0
     while total < n_tokens:
@@ -274,7 +278,9 @@ def check_ddp():
 
 
 def main(argv=None):
-    globals().update(configure(SETTINGS, sys.argv[1:] if argv is None else argv, "gpu_check.py"))
+    globals().update(
+        configure(SETTINGS, sys.argv[1:] if argv is None else argv, "tools/gpu_check.py")
+    )
     if not torch.cuda.is_available():
         print("gpu_check: skipped, no CUDA device")
         return 0

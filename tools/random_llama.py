@@ -3,11 +3,14 @@ Write a random-weight LLaMA checkpoint of a real shape, so that anyone can measu
 and speed at 7B-70B without downloading weights (docs/scaling.md). Files are written one shard at a
 time and each tensor is drawn in slices, so memory stays at one shard whatever the model's size.
 
-    python random_llama.py --preset=llama2-7b --dtype=bfloat16 --out_dir=out/llama2-7b
-    python random_llama.py --preset=llama3-8b --n_layers=2 --out_dir=out/l3-2  # a flag overrides
-    python random_llama.py --dim=2048 --n_layers=8 --vocab_size=32000 --out_dir=out/l2g
-    python random_llama.py --dim=2048 --n_layers=8 --tasks=True --out_dir=out/l2g  # + data for it
-    python random_llama.py --preset=llama2-7b --layout=meta --meta_shards=2 --out_dir=out/l7-meta
+    python tools/random_llama.py --preset=llama2-7b --dtype=bfloat16 --out_dir=out/llama2-7b
+    # a flag overrides
+    python tools/random_llama.py --preset=llama3-8b --n_layers=2 --out_dir=out/l3-2
+    python tools/random_llama.py --dim=2048 --n_layers=8 --vocab_size=32000 --out_dir=out/l2g
+    # + data for it
+    python tools/random_llama.py --dim=2048 --n_layers=8 --tasks=True --out_dir=out/l2g
+    python tools/random_llama.py --preset=llama2-7b --layout=meta --meta_shards=2 \\
+        --out_dir=out/l7-meta
 
 layout=hf: config.json + model.safetensors, or model-0000k-of-0000n.safetensors shards of about
 shard_gib each + model.safetensors.index.json. layout=meta: params.json + consolidated.NN.pth, one
@@ -23,8 +26,12 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import torch
+
+# the repository's modules, from wherever this script is run
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import checkpoint
 import util
@@ -105,7 +112,7 @@ SETTINGS = declared(globals())
 
 
 def preset_config(name):
-    """The LlamaConfig of a preset (plan.py reads shapes from here too)."""
+    """The LlamaConfig of a preset (tools/plan.py reads shapes from here too)."""
     fields = dict(DEFAULTS, **PRESETS[name])
     if fields["vocab_size"] >= 128000:
         fields.update(bos_id=128000, eos_id=[128001])
@@ -306,7 +313,7 @@ def main(argv):
         raise UserError(f"--out_dir={out}: exists and is not an empty folder; give a new one")
     torch_dtype = getattr(torch, settings["dtype"])
     if settings["tasks"]:  # the embedded suite for this shape (train.py checks the vocab_size)
-        suite = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tasks")
+        suite = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "data", "tasks")
         with open(os.path.join(suite, "meta.json")) as f:
             meta = json.load(f)
         if c.vocab_size < meta["vocab_size"]:
