@@ -458,9 +458,8 @@ def _hf_source(ckpt_dir):
     def tensors():
         for p in paths:
             for key, stored in _safetensors_tensors(p).items():
-                if not key.endswith(
-                    "rotary_emb.inv_freq"
-                ):  # old files carry RoPE buffers: recomputed
+                # old files carry RoPE buffers: recomputed
+                if not key.endswith("rotary_emb.inv_freq"):
                     yield key.removeprefix("model."), stored
 
     return config, tensors

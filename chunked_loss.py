@@ -28,9 +28,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk, dtype):
         # hidden (N, D): final-normed states; weight (V, D): lm_head's; targets (N,) -> losses (N,)
         # in fp32
-        w = weight.to(
-            dtype
-        )  # autocast's cast, done once: a no-op when the weight is already in dtype
+        # autocast's cast, done once: a no-op when the weight is already in dtype
+        w = weight.to(dtype)
         losses = torch.empty(len(hidden), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # d loss_i / d h_i
         for s in range(0, len(hidden), chunk):
@@ -53,9 +52,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         if grad_h is not None:
             grad_h = grad_h * grad_losses[:, None].to(grad_h.dtype)
         grad_w = None
-        if ctx.needs_input_grad[
-            1
-        ]:  # summed over the chunks in fp32, as autocast's matmul would give it
+        # summed over the chunks in fp32, as autocast's matmul would give it
+        if ctx.needs_input_grad[1]:
             w = weight.to(ctx.dtype)
             grad_w = torch.zeros_like(weight, dtype=torch.float32)
             for s in range(0, len(hidden), ctx.chunk):

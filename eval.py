@@ -267,9 +267,9 @@ def continuation_logprobs(model, pairs, batch_size=8, progress=None):
         # logits only where a continuation token is predicted: (N, V), rows in (batch row, position)
         # order
         logits = model(tokens.to(device), logits_at=at.to(device))
-        logp = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[at].to(device)[:, None])[
-            :, 0
-        ]  # (N,)
+        # (N,): each predicted continuation token's log-probability
+        logp = F.log_softmax(logits.float(), dim=-1)
+        logp = logp.gather(-1, targets[at].to(device)[:, None])[:, 0]
         for row, part in enumerate(logp.split([n_cont for _, n_cont in batch])):
             results[order[start + row]] = (part.sum().item(), len(part))
         if progress:
@@ -595,10 +595,11 @@ def mmlu_items(
         return items
     folder = os.path.join(data_dir, split)
     if not os.path.isdir(folder) and os.path.isdir(os.path.join(data_dir, "data", split)):
+        # the release's data/
         data_dir, folder = (
             os.path.join(data_dir, "data"),
             os.path.join(data_dir, "data", split),
-        )  # the release's data/
+        )
     if not os.path.isdir(folder):
         raise UserError(
             f"--data={data_dir}: expected a folder {split}/ of {{subject}}_{split}.csv files"
@@ -636,9 +637,8 @@ def mmlu_items(
 def mc_items(tokenizer, path, mc_format="cloze", limit=0):
     """A JSONL file of {"question", "choices": [text], "answer": index} as mc items."""
     items = []
-    for line, r in dataset.read_jsonl(
-        path, ()
-    ):  # () : the fields are not all strings, checked here
+    # () : the fields are not all strings, checked here
+    for line, r in dataset.read_jsonl(path, ()):
         missing = [k for k in ("question", "choices", "answer") if k not in r]
         if missing or not isinstance(r["question"], str):
             raise UserError(

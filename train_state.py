@@ -492,9 +492,8 @@ def read(path, mmap=False):
     checked (`check`). mmap: map the file instead of reading it (reading the settings costs
     nothing)."""
     try:
-        with (
-            warnings.catch_warnings()
-        ):  # torch warns about old pickle protocols: the error below says it all
+        # torch warns about old pickle protocols: the error below says it all
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except (

@@ -41,9 +41,8 @@ def atomic_write(path):
         yield tmp
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(
-            tmp, 0o666 & ~umask
-        )  # some writers create 0600 files; a serving account must read them
+        # some writers create 0600 files; a serving account must read them
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -516,9 +516,8 @@ def repo_data():
 
 def save_adapter(model, path, edit=None):
     multilora.save_adapter(model, str(path))
-    if (
-        edit
-    ):  # rewrite the file with edited tensors / metadata, as a damaged or hand-made file would be
+    # rewrite the file with edited tensors / metadata, as a damaged or hand-made file would be
+    if edit:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
@@ -562,6 +561,7 @@ def world(tmp_path_factory):
     (w / "junk.safetensors").write_bytes(b"not a safetensors file at all")
     (w / "tok64").mkdir()
     train_sentencepiece(w / "tok64" / "tokenizer.model", vocab_size=64)
+    # a finished run, to resume
     p = python(
         [
             sys.executable,
@@ -577,7 +577,7 @@ def world(tmp_path_factory):
             "--batch_size=4",
         ],
         cwd=ROOT,
-    )  # a finished run, to resume
+    )
     assert p.returncode == 0, p.stderr
     return w
 
@@ -667,13 +667,15 @@ def test_export_refuses_before_writing(world, tmp_path):
         with pytest.raises(UserError, match="inside --ckpt_dir"):
             export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(out))
     assert not (world / "base" / "sub").exists()
+    # a new folder: fine
     export.export_peft(
         str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "peft")
-    )  # a new folder: fine
+    )
     (tmp_path / "empty").mkdir()
+    # an empty one too
     export.export_peft(
         str(world / "base"), str(world / "adapter.safetensors"), str(tmp_path / "empty")
-    )  # an empty one too
+    )
     written = set(os.listdir(tmp_path / "empty"))  # the adapter, and the base's tokenizer files
     assert {
         "adapter_config.json",

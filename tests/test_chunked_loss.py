@@ -44,9 +44,8 @@ def make_model(tie, finetune):
             scaling="channel",
         ),
     )
-    for p in (
-        model.parameters()
-    ):  # LoRA's B starts at zero: move it, so that every gradient is non-trivial
+    # LoRA's B starts at zero: move it, so that every gradient is non-trivial
+    for p in model.parameters():
         if p.requires_grad:
             p.data.add_(0.02 * torch.randn_like(p))
     return model

@@ -108,9 +108,8 @@ def test_lora_init_with_n_modules_is_lora_of_rank_n_r():
 
 
 def test_same_seeds_same_numbers(tmp_path, monkeypatch):
-    monkeypatch.chdir(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    )  # paths are the repository's
+    # paths are the repository's
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     def run(name):
         compare.main(
@@ -135,9 +134,8 @@ def test_same_seeds_same_numbers(tmp_path, monkeypatch):
     assert [(r["arm"], r["seed"]) for r in first["runs"]] == [
         (a, s) for s in (1, 2) for a in ("full", "LoRA r=32", "MultiLoRA 4x8")
     ]
-    assert (
-        first["runs"][1]["phi"] is not None and first["runs"][0]["phi"] is None
-    )  # φ of LoRA to full, not of full
+    # φ of LoRA to full, not of full
+    assert first["runs"][1]["phi"] is not None and first["runs"][0]["phi"] is None
     table = open(tmp_path / "a" / "compare.md").read()
     assert table == compare.render_tables(json.load(open(tmp_path / "a" / "compare.json")))
     assert os.path.isdir(tmp_path / "a" / "lora-r-32" / "seed2")

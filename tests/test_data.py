@@ -51,9 +51,8 @@ def check_prepared(out_dir, tok, expected):
             ids, mask, task = data.example(i)
             n_prompt = int((mask == 0).sum())
             assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
-            assert (
-                not mask[:n_prompt].any() and mask[n_prompt:].all()
-            )  # prompt 0s, then response + EOS 1s
+            # prompt 0s, then response + EOS 1s
+            assert not mask[:n_prompt].any() and mask[n_prompt:].all()
             assert tok.decode(ids[1:n_prompt]) == dataset.format_prompt(instruction, input)
             assert tok.decode(ids[n_prompt:-1]) == response
             assert data.tasks[task] == meta["tasks"][task]
@@ -114,9 +113,8 @@ def test_alpaca(tmp_path, tok):
         {"instruction": "What is 2+2?", "input": "", "output": "4"},
     ]
     source = tmp_path / "alpaca_data.json"
-    source.write_text(
-        json.dumps(records, indent=4, ensure_ascii=False)
-    )  # the published file's layout
+    # the published file's layout
+    source.write_text(json.dumps(records, indent=4, ensure_ascii=False))
     out_dir = run_prepare(
         "alpaca", tmp_path, tmp_path, "--max_len=100", "--val_fraction=0.25", "--seed=1"
     )
@@ -258,9 +256,8 @@ def test_mmlu_release_tar(tmp_path, tok):
     write_csv(data / "test" / "astronomy_test.csv", [MMLU_ROWS[1] + ["D"]])
     with tarfile.open(tmp_path / "data.tar", "w") as tar:
         tar.add(data, arcname="data")
-    out_dir = run_prepare(
-        "mmlu", tmp_path, tmp_path / "data.tar"
-    )  # dev/ stays out of train by default
+    # dev/ stays out of train by default
+    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "data.tar")
     check_prepared(
         out_dir,
         tok,
@@ -508,9 +505,8 @@ def test_generator_is_deterministic_and_splits_do_not_overlap(tmp_path):
     seen = {}
     for split in ("train", "val", "test"):
         for r in dataset.read_examples(out, split):
-            assert (
-                seen.setdefault((r["task"], r["instruction"], r["input"]), split) == split
-            )  # no input in two splits
+            # no input in two splits
+            assert seen.setdefault((r["task"], r["instruction"], r["input"]), split) == split
     assert dataset.read_meta(out)["tasks"] == list(generate.SUITE)
     corpus = dataset.PreparedSplit(str(tmp_path / "tasks_corpus"), "train")
     text = load_tokenizer(str(tmp_path / "tiny_base" / "tokenizer.model")).decode(
@@ -536,9 +532,8 @@ def test_generator_answers_are_right():
         "lookup": lookup,
         "count": lambda s: str(s.split(" ; ")[0].split().count(s.split(" ; ")[1])),
     }
-    splits = generate.task_splits(
-        7, 20, 5, 5, tasks=list(generate.TASKS)
-    )  # the corpus-only tasks too
+    # the corpus-only tasks too
+    splits = generate.task_splits(7, 20, 5, 5, tasks=list(generate.TASKS))
     assert set(answer) == set(generate.TASKS)
     for r in splits["train"] + splits["val"] + splits["test"]:
         assert answer[r["task"]](r["input"]) == r["response"], r

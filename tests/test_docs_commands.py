@@ -88,9 +88,10 @@ RUN_SMALL = {
         "--n_heads=2",
         "--n_kv_heads=2",
         "--hidden_dim=128",
+        # not data/tasks' 768: a run on the model needs data of its vocabulary (--tasks=True)
         "--vocab_size=1000",
         "--max_seq_len=256",
-    ],  # not data/tasks' 768: a run on the model needs data of its vocabulary (--tasks=True)
+    ],
     "tools/plan.py": ["--nproc=2"],  # the paper configs' reduced accumulation is for 2 processes
 }
 # the prepare scripts download their source by default: a fixture in the source's format instead
@@ -380,9 +381,8 @@ def runnable(words, cwd, n):
         and task in ("mmlu", "mc", "gsm8k")
         and not any(a.startswith("--data=") for a in out)
     ):
-        out.append(
-            f"--data={EVAL_DATA[task]}"
-        )  # `--task=a|b|...` shown without the --data they need
+        # `--task=a|b|...` shown without the --data they need
+        out.append(f"--data={EVAL_DATA[task]}")
     if re.search(r"config/llama", shown):  # the paper's configs name a 7B/8B base and its datasets
         out += [
             "--ckpt_dir=data/tiny_base",

@@ -50,6 +50,7 @@ class Bigram(nn.Module):
         )
         self.embed_tokens = nn.Embedding(1, 1)  # where eval.py looks for the device
 
+    # packed rows change nothing for a model that sees one token
     def forward(
         self,
         tokens,
@@ -60,7 +61,7 @@ class Bigram(nn.Module):
         logits_at=None,
         segments=None,
         targets=None,
-    ):  # packed rows change nothing for a model that sees one token
+    ):
         logits = self.table[tokens]  # (B, T, V)
         if targets is not None:  # llama.Llama's loss path: token losses at the logits_at positions
             return F.cross_entropy(logits[logits_at], targets, reduction="none")
@@ -68,10 +69,9 @@ class Bigram(nn.Module):
             logits[:, -1:] if last_only else logits[logits_at] if logits_at is not None else logits
         )
 
-    def setup_cache(
-        self, batch_size, max_len, dtype=None, device=None
-    ):  # llama.generate's calls; a
-        pass  # bigram needs no cache
+    # llama.generate's calls; a bigram needs no cache
+    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
+        pass
 
     def clear_cache(self):
         pass
@@ -119,28 +119,25 @@ def test_raw_format_scores_the_text_going_on_with_the_choice(tiny_tokenizer_path
     for choice, ours in zip(choices, item["logprobs"]):
         ids = tok.encode(context + choice, bos=True)
         n_ctx = len(tok.encode(context, bos=True))
-        assert ids[:n_ctx] == tok.encode(
-            context, bos=True
-        )  # this text splits cleanly at the choice
+        # this text splits cleanly at the choice
+        assert ids[:n_ctx] == tok.encode(context, bos=True)
         with torch.no_grad():
             logp = model(torch.tensor([ids]))[0].double().log_softmax(-1)
         assert ours == pytest.approx(
             sum(logp[t - 1, ids[t]].item() for t in range(n_ctx, len(ids))), abs=1e-4
         )
-    assert (
-        tok.decode(sum(item["pairs"][1], [])) == context + choices[1]
-    )  # no wrapper around the text
+    # no wrapper around the text
+    assert tok.decode(sum(item["pairs"][1], [])) == context + choices[1]
 
 
 def test_mc_file_known_answers_and_accuracy(tmp_path, monkeypatch):
     path = tmp_path / "mc.jsonl"
     records = [
         dict(question="Q1", choices=["y", "x"], answer=1),  # " x" certain
-        dict(
-            question="Q2", choices=["xxxx", "x", "yyyy"], answer=0, subject="s"
-        ),  # sum: 1, norm: 0
+        # sum: 1, norm: 0 (wrong)
+        dict(question="Q2", choices=["xxxx", "x", "yyyy"], answer=0, subject="s"),
         dict(question="Q3", choices=["z", "x"], answer=0),
-    ]  # wrong
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     items = evaluate.mc_items(CharTokenizer(), str(path), "cloze")
     evaluate.score_multiple_choice(Bigram(known_table()), items, batch_size=4)

@@ -177,9 +177,8 @@ def worker(out, cases):
             dict(local=local, n_bytes=n_bytes, rchar=read, sample=model.base_sample),
             os.path.join(out, f"{name}.rank{rank}.pt"),
         )
-        adapter = {
-            k: v.full_tensor() for k, v in multilora.adapter_state_dict(model).items()
-        }  # collective
+        # collective
+        adapter = {k: v.full_tensor() for k, v in multilora.adapter_state_dict(model).items()}
         if rank == 0:
             multilora.save_adapter(
                 model,
@@ -213,9 +212,8 @@ def sharded(tmp_path_factory):
         config = HF if name.startswith("hf") else meta_config
         if name == "hf_tied":
             config = llama.LlamaConfig(**{**vars(HF), "tie_embeddings": True})
-        weights = random_weights(
-            config, seed
-        )  # another base each: the adapter check must tell them apart
+        # another base each: the adapter check must tell them apart
+        weights = random_weights(config, seed)
         write(str(root / name), config, weights)
         made[name] = (str(root / name), {k: v.to(dtype).float() for k, v in weights.items()}, dtype)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -254,9 +254,8 @@ def test_kv_cache_decoding_equals_full_forward():
         full = model(tokens)
         model.setup_cache(1, 32)
         chunk = model(tokens[:, :10], start_pos=0)  # prefill of 10 ...
-        steps = [
-            model(tokens[:, t : t + 1], start_pos=t) for t in range(10, 18)
-        ]  # ... one at a time ...
+        # ... one at a time ...
+        steps = [model(tokens[:, t : t + 1], start_pos=t) for t in range(10, 18)]
         tail = model(tokens[:, 18:24], start_pos=18)  # ... and a chunk at an offset
         model.clear_cache()
     torch.testing.assert_close(torch.cat([chunk, *steps, tail], dim=1), full, atol=1e-5, rtol=0)

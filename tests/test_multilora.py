@@ -156,9 +156,8 @@ def test_layer_refuses_bad_settings():
     base = nn.Linear(16, 8, bias=False)
     with pytest.raises(multilora.UserError, match="n_loras\\*lora_rank"):
         MultiLoRALinear(base, n_loras=3, lora_rank=4)  # 12 > min(16, 8)
-    horizontal = MultiLoRALinear(
-        base, n_loras=2, lora_rank=2, init="lora"
-    )  # the ablation's LoRA init, n > 1
+    # the ablation's LoRA init, n > 1
+    horizontal = MultiLoRALinear(base, n_loras=2, lora_rank=2, init="lora")
     assert horizontal.lora_s is None and not horizontal.lora_B.any()
     with pytest.raises(multilora.UserError, match="scaling"):
         MultiLoRALinear(base, n_loras=2, lora_rank=2, scaling="row")
@@ -205,9 +204,8 @@ def base_dir(tmp_path_factory):
 def hf_model(path):
     from transformers import LlamaForCausalLM
 
-    return (
-        LlamaForCausalLM.from_pretrained(path).float().eval()
-    )  # no dtype kwarg: its name changed in 4.56
+    # no dtype kwarg: its name changed in 4.56
+    return LlamaForCausalLM.from_pretrained(path).float().eval()
 
 
 def tokens(seed=1, B=2, T=12):
@@ -431,9 +429,8 @@ def test_refuses_same_shapes_other_weights_unless_asked(base_dir, tmp_path):
     ):
         multilora.apply_adapter(other, path)
     multilora.apply_adapter(other, path, any_base=True)  # the user means it
-    multilora.apply_adapter(
-        checkpoint.load_model(base_dir, dtype=torch.bfloat16), path
-    )  # same base, bf16
+    # same base, bf16
+    multilora.apply_adapter(checkpoint.load_model(base_dir, dtype=torch.bfloat16), path)
 
 
 def write_adapter(path, tensors, metadata):
@@ -485,9 +482,8 @@ def test_adapter_file_follows_the_umask(base_dir, tmp_path):
         multilora.save_adapter(model, str(tmp_path / "a.safetensors"))
     finally:
         os.umask(old)
-    assert (
-        os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o644
-    )  # readable by a serving account
+    # readable by a serving account
+    assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["a.safetensors"]  # no temporary file left
 
 

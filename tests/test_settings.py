@@ -61,9 +61,8 @@ def config_argvs():
             yield train, [os.path.join("config", f)]
     for cfg in [[]] + [[os.path.join("config", f)] for f in files if f.startswith("compare")]:
         c = configurator.configure(compare.SETTINGS, cfg)
-        for spec in c[
-            "arms"
-        ]:  # the command line compare.train builds (seed and out_dir change nothing here)
+        # the command line compare.train builds (seed and out_dir change nothing here)
+        for spec in c["arms"]:
             args = shlex.split(spec.partition(":")[2])
             yield (
                 train,

@@ -113,8 +113,9 @@ def base_args(tiny, out_dir, **overrides):
         learning_rate=1e-2,
         warmup_iters=1,
         eval_examples=0,
+        # 0: leave torch's thread count alone (in-process runs share pytest's)
         threads=0,
-    )  # 0: leave torch's thread count alone (in-process runs share pytest's)
+    )
     settings.update(overrides)
     return [f"--{k}={v}" for k, v in settings.items()]
 
@@ -198,9 +199,8 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
         "train.train_step = killing_step"
     )
     p = run(base_args(tiny, broken, **args), prelude=kill_after_5_steps, check=False)
-    assert p.returncode == -9, p.stderr[
-        -2000:
-    ]  # SIGKILL after step 4: the last checkpoint is step 3
+    # SIGKILL after step 4: the last checkpoint is step 3
+    assert p.returncode == -9, p.stderr[-2000:]
     # resume, and die half-way through writing the step-6 checkpoint
     torn_save_at_6 = (
         "import os, signal, torch\nsave = torch.save\n"
@@ -216,9 +216,8 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
     assert len(torn) == 1  # the torn write...
     with pytest.raises(Exception):
         torch.load(broken / torn[0], weights_only=True)
-    ckpt = torch.load(
-        broken / "ckpt.pt", weights_only=True
-    )  # ...left the previous checkpoint whole
+    # ...left the previous checkpoint whole
+    ckpt = torch.load(broken / "ckpt.pt", weights_only=True)
     assert ckpt["iter_num"] == 3
     multilora.load_adapter(str(broken / "adapter.safetensors"))
 
@@ -313,11 +312,12 @@ def test_fsdp_resume_is_exact_and_sharded(tiny, tmp_path, finetune):
     torchrun(["--out_dir=" + str(parts), "--resume=True", "--max_iters=6"], tmp_path)
     assert metrics(whole) == metrics(parts)
     assert exported(whole, finetune) == exported(parts, finetune)
+    # older shards gone
     assert sorted(f for f in os.listdir(parts) if f.startswith("ckpt.")) == [
         "ckpt.pt",
         "ckpt.step6.rank0-of-2.pt",
         "ckpt.step6.rank1-of-2.pt",
-    ]  # older shards gone
+    ]
     for f in ("ckpt.step6.rank0-of-2.pt", "ckpt.step6.rank1-of-2.pt"):
         a, b = torch.load(whole / f, weights_only=True), torch.load(parts / f, weights_only=True)
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -664,9 +664,8 @@ def test_configurator_types_files_and_lists(tmp_path):
     assert final == dict(
         n=4, x=1e-3, name="7", flag=True, items=["q", "k", "v", "o"], numbers=[3, 4]
     )
-    assert (
-        configurator.configure(dict(defaults), ["--flag"])["flag"] is True
-    )  # a bare --flag is true
+    # a bare --flag is true
+    assert configurator.configure(dict(defaults), ["--flag"])["flag"] is True
     assert isinstance(configurator.configure(dict(defaults), [str(cfg)])["x"], float)
     bad = tmp_path / "bad.py"
     bad.write_text("n_layer = 3\n")
@@ -690,9 +689,8 @@ def test_config_files_are_valid(monkeypatch):
         if f.endswith(".py") and not f.startswith("_")
     )
     assert len(files) >= 16
-    monkeypatch.chdir(
-        ROOT
-    )  # config files are given relative to the repository root, where train.py runs
+    # config files are given relative to the repository root, where train.py runs
+    monkeypatch.chdir(ROOT)
     monkeypatch.setenv("RANK", "0")  # as under torchrun: the paper's full fine-tuning arms use FSDP
     for f in files:
         if f.startswith("compare"):  # compare.py's configs (its arms are train.py arguments)

@@ -247,9 +247,8 @@ def check_ddp():
             tie_embeddings=True,
         )
         ex = examples(2048, seed + 1)
-        batches = [
-            dataset.collate(ex[i::2], 0, "cuda", pack=True) for i in range(2)
-        ]  # two micro-steps
+        # two micro-steps
+        batches = [dataset.collate(ex[i::2], 0, "cuda", pack=True) for i in range(2)]
         n_targets = sum(int(m[1:].sum()) for _, m in ex)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16)
         losses = {}

@@ -197,9 +197,8 @@ def activation_bytes(c, s, B, T, act, resid):
         "down": (I, D),
     }
 
-    def norm(
-        n,
-    ):  # RMSNorm: the fp32 input (pow, mul) and rsqrt; + the normalized x if weight trains
+    # RMSNorm: the fp32 input (pow, mul) and rsqrt; + the normalized x if weight trains
+    def norm(n):
         return n * D * 4 + n * 4 + (n * D * 4 if full else 0)
 
     def layer(first):
@@ -301,9 +300,8 @@ def plan(s, c, nproc=None, seq_len=None):
                 [p for m in block.modules() if m not in linears for p in m.parameters(False)]
             ]
         largest = max((gathered(u) for u in units), key=lambda g: 2 * g[0] + g[1])
-        if (
-            not full
-        ):  # frozen ends outside FSDP: one block of rows at a time (sharding.GatheredOnUse)
+        # frozen ends outside FSDP: one block of rows at a time (sharding.GatheredOnUse)
+        if not full:
             ends = [(min(1 << 22, math.ceil(c.vocab_size / nproc) * c.dim) * base_bytes, 0)]
             out["FSDP unsharded (2 x largest group)"] = max(
                 2 * sz + g for sz, g in ends + [largest]

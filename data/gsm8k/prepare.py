@@ -28,9 +28,8 @@ FIELDS = {"instruction": "question", "response": "answer"}  # ours: the source's
 def read_source(source, config):
     if not os.path.isdir(source):
         return {"train": sources.read_records(source, "gsm8k", FIELDS)}
-    prefix = (
-        "gsm8k_" if os.path.exists(os.path.join(source, "gsm8k_train.jsonl")) else ""
-    )  # the download
+    # the download
+    prefix = "gsm8k_" if os.path.exists(os.path.join(source, "gsm8k_train.jsonl")) else ""
     splits = {
         "train": sources.read_records(os.path.join(source, f"{prefix}train.jsonl"), "gsm8k", FIELDS)
     }
