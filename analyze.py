@@ -315,16 +315,41 @@ def plot(summary, out_dir):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
         print(
             "note: matplotlib is not installed: no plots (pip install matplotlib); summary.json "
             "has the numbers"
         )
         return []
-    written = []
     methods = summary["methods"]
     groups = [g for g in next(iter(methods.values()))["by_layer_type"] if g != "all"]
+    written = [save_png(plt, plot_spectra(plt, methods, groups), out_dir, "spectra.png")]
+    with_phi = [
+        (label, m)
+        for label, m in methods.items()
+        if any("phi" in g for g in m["by_layer_type"].values())
+    ]
+    if with_phi:
+        fig = plot_similarity(plt, with_phi, groups)
+        written.append(save_png(plt, fig, out_dir, "similarity.png"))
+    return written
+
+
+# the helpers of plot, given matplotlib.pyplot as plt once plot has found it
+def save_png(plt, fig, out_dir, name):
+    """Writes fig to out_dir/name, all or nothing, and closes it. -> the path."""
+    path = os.path.join(out_dir, name)
+    # all or nothing; the name ends in .tmp, so say png
+    with util.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_spectra(plt, methods, groups):
+    """A column per layer type: the normalized spectrum above, the cumulative energy below."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(
         2, len(groups), figsize=(3.2 * len(groups), 6), squeeze=False, layout="constrained"
     )
@@ -347,54 +372,46 @@ def plot(summary, out_dir):
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Spectrum of ΔW, mean over layers")
-    path = os.path.join(out_dir, "spectra.png")
-    with util.atomic_write(path) as tmp:  # all or nothing; the name ends in .tmp, so say png
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    written.append(path)
-    with_phi = [
-        (label, m)
-        for label, m in methods.items()
-        if any("phi" in g for g in m["by_layer_type"].values())
-    ]
-    if with_phi:
-        fig, axes = plt.subplots(
-            len(with_phi),
-            len(groups),
-            figsize=(3.2 * len(groups) + 1, 3 * len(with_phi)),
-            squeeze=False,
-            layout="constrained",
-        )
-        for row, (label, m) in enumerate(with_phi):
-            for col, group in enumerate(groups):
-                ax = axes[row, col]
-                g = m["by_layer_type"].get(group, {})
-                if "phi" not in g:
-                    ax.axis("off")
-                    continue
-                phi = g["phi"]
-                im = ax.imshow(
-                    phi,
-                    vmin=0,
-                    vmax=1,
-                    cmap="viridis",
-                    origin="lower",
-                    aspect="auto",
-                    extent=(0.5, len(phi[0]) + 0.5, 0.5, len(phi) + 0.5),
-                )
-                ax.set_title(f"{label}: {group}", fontsize=9)
-                ax.set_xlabel("j (full fine-tuning)")
-                ax.set_ylabel(f"i ({label})")
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
-        fig.suptitle("Subspace similarity to full fine-tuning, φ(i, j) = ||U_iᵀ V_j||² / min(i, j)")
-        path = os.path.join(out_dir, "similarity.png")
-        with util.atomic_write(path) as tmp:  # all or nothing; the name ends in .tmp, so say png
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        written.append(path)
-    return written
+    return fig
+
+
+def plot_similarity(plt, with_phi, groups):
+    """φ(i, j) to full fine-tuning as a heat map: a row per (label, method) of with_phi, a column
+    per layer type."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(
+        len(with_phi),
+        len(groups),
+        figsize=(3.2 * len(groups) + 1, 3 * len(with_phi)),
+        squeeze=False,
+        layout="constrained",
+    )
+    for row, (label, m) in enumerate(with_phi):
+        for col, group in enumerate(groups):
+            ax = axes[row, col]
+            g = m["by_layer_type"].get(group, {})
+            if "phi" not in g:
+                ax.axis("off")
+                continue
+            phi = g["phi"]
+            im = ax.imshow(
+                phi,
+                vmin=0,
+                vmax=1,
+                cmap="viridis",
+                origin="lower",
+                aspect="auto",
+                extent=(0.5, len(phi[0]) + 0.5, 0.5, len(phi) + 0.5),
+            )
+            ax.set_title(f"{label}: {group}", fontsize=9)
+            ax.set_xlabel("j (full fine-tuning)")
+            ax.set_ylabel(f"i ({label})")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
+    fig.suptitle("Subspace similarity to full fine-tuning, φ(i, j) = ||U_iᵀ V_j||² / min(i, j)")
+    return fig
 
 
 def main(argv):

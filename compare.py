@@ -481,34 +481,7 @@ def render_tables(result):
         "| " + " | ".join(head) + " |",
         "| --- |" + " ---: |" * (len(head) - 1),
     ]
-    rows = [(task, task, 100, 1) for task in s["tasks"]] + [
-        ("**mean**", "mean", 100, 1),
-        ("sd of the mean over seeds", "sd", 100, 1),
-    ]
-    rows += [
-        ("val loss", "val_loss", 1, 3),
-        ("train loss (last 10%)", "train_loss", 1, 3),
-        ("effective rank of ΔW", "effective_rank", 1, 1),
-        ("top-1 share σ₁/Σσ", "top1_share", 1, 3),
-        ("φ(k,k) to full (its seeds)", "phi", 1, 3),
-    ]
-    for name, key, scale, digits in rows:
-        if key == "sd":
-            cells = [
-                f"{arms[label]['mean']['sd'] * scale:.1f}"
-                if arms[label]["mean"]["sd"] is not None
-                else ""
-                for label in labels
-            ]
-            cells += [""] * len(pairs)
-        else:
-            cells = [fmt(arms[label].get(key), scale, digits) for label in labels]
-            cells += [
-                fmt(arms[label].get(key, {}).get("vs", {}).get(ref), scale, digits)
-                for label, ref in pairs
-            ]
-        if any(cells):
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += table_rows(s["tasks"], arms, labels, pairs)
     lines += [
         "",
         "Per task, the range of the arms' mean exact match (%): "
@@ -532,6 +505,41 @@ def render_tables(result):
     return "\n".join(lines) + "\n"
 
 
+def table_rows(tasks, arms, labels, pairs):
+    """The table's rows, a column per arm of labels, then per (label, ref) of pairs; a row whose
+    cells are all empty is left out."""
+    rows = [(task, task, 100, 1) for task in tasks] + [
+        ("**mean**", "mean", 100, 1),
+        ("sd of the mean over seeds", "sd", 100, 1),
+    ]
+    rows += [
+        ("val loss", "val_loss", 1, 3),
+        ("train loss (last 10%)", "train_loss", 1, 3),
+        ("effective rank of ΔW", "effective_rank", 1, 1),
+        ("top-1 share σ₁/Σσ", "top1_share", 1, 3),
+        ("φ(k,k) to full (its seeds)", "phi", 1, 3),
+    ]
+    lines = []
+    for name, key, scale, digits in rows:
+        if key == "sd":
+            cells = [
+                f"{arms[label]['mean']['sd'] * scale:.1f}"
+                if arms[label]["mean"]["sd"] is not None
+                else ""
+                for label in labels
+            ]
+            cells += [""] * len(pairs)
+        else:
+            cells = [fmt(arms[label].get(key), scale, digits) for label in labels]
+            cells += [
+                fmt(arms[label].get(key, {}).get("vs", {}).get(ref), scale, digits)
+                for label, ref in pairs
+            ]
+        if any(cells):
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def max_iters_of(result):
     return result["settings"]["max_iters"]
 
@@ -541,6 +549,8 @@ def max_iters_of(result):
 
 
 def plot(result, prefix):
+    """{prefix}_scores.png, _paired.png, _spectra.png (when the runs have spectra) and
+    _val_loss.png. -> the files written, [] without matplotlib."""
     try:
         import matplotlib
 
@@ -549,11 +559,19 @@ def plot(result, prefix):
     except ImportError:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return []
+    written = [save(plot_scores(plt, result), prefix + "_scores.png")]
+    written.append(save(plot_paired(plt, result), prefix + "_paired.png"))
+    if any(r.get("normalized") for r in result["runs"]):
+        written.append(save(plot_spectra(plt, result), prefix + "_spectra.png"))
+    written.append(save(plot_val_loss(plt, result), prefix + "_val_loss.png"))
+    return written
+
+
+# the figures of plot, given matplotlib.pyplot as plt once plot has found it
+def plot_scores(plt, result):
+    """Exact match per task and their mean, bars with 95% CI error bars, a point per seed."""
     arms, tasks, runs = result["summary"]["arms"], result["summary"]["tasks"], result["runs"]
     labels = list(arms)
-    written = []
-
-    # exact match per task, bars with 95% CI error bars
     fig, ax = plt.subplots(figsize=(10, 4))
     keys, width = tasks + ["mean"], 0.8 / len(labels)
     for i, label in enumerate(labels):
@@ -578,9 +596,13 @@ def plot(result, prefix):
     ax.set_xticks(range(len(keys)), keys)
     ax.set_ylabel("exact match (%): mean ± 95% CI, a point per seed")
     ax.legend(fontsize=8)
-    written.append(save(fig, prefix + "_scores.png"))
+    return fig
 
-    # the paired differences to the baseline (same seed), a point per seed, mean ± 95% CI
+
+def plot_paired(plt, result):
+    """The paired differences to the baseline (same seed), a point per seed, mean ± 95% CI."""
+    arms, tasks, runs = result["summary"]["arms"], result["summary"]["tasks"], result["runs"]
+    labels, keys = list(arms), tasks + ["mean"]
     ref = result["settings"]["baseline"]
     others = [label for label in labels if ref in arms[label]["mean"]["vs"]]
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -621,25 +643,30 @@ def plot(result, prefix):
             label=f"{label} − {ref}, a point per seed",
         )
     ax.legend(fontsize=7)
-    written.append(save(fig, prefix + "_paired.png"))
+    return fig
 
-    # normalized spectrum of ΔW, mean and min-max band over seeds
-    if any(r.get("normalized") for r in runs):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for label in labels:
-            curves = [r["normalized"] for r in runs if r["arm"] == label and r.get("normalized")]
-            n = min(len(c) for c in curves)
-            c = np.array([c[:n] for c in curves])
-            (line,) = ax.plot(range(1, n + 1), c.mean(0), label=label)
-            ax.fill_between(range(1, n + 1), c.min(0), c.max(0), color=line.get_color(), alpha=0.2)
-        ax.set(xlabel="k", ylabel="σ_k / Σσ (mean over matrices)", yscale="log", xlim=(1, 48))
-        ax.legend(fontsize=8)
-        written.append(save(fig, prefix + "_spectra.png"))
 
-    # validation loss per task against steps, mean and min-max band over seeds
+def plot_spectra(plt, result):
+    """The normalized spectrum of ΔW, mean and min-max band over seeds."""
+    runs = result["runs"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in result["summary"]["arms"]:
+        curves = [r["normalized"] for r in runs if r["arm"] == label and r.get("normalized")]
+        n = min(len(c) for c in curves)
+        c = np.array([c[:n] for c in curves])
+        (line,) = ax.plot(range(1, n + 1), c.mean(0), label=label)
+        ax.fill_between(range(1, n + 1), c.min(0), c.max(0), color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="k", ylabel="σ_k / Σσ (mean over matrices)", yscale="log", xlim=(1, 48))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_val_loss(plt, result):
+    """The validation loss per task against steps, mean and min-max band over seeds."""
+    tasks, runs = result["summary"]["tasks"], result["runs"]
     fig, axes = plt.subplots(2, (len(tasks) + 2) // 2, figsize=(12, 5), sharex=True)
     for ax, key in zip(axes.flat, tasks + ["mean"]):
-        for label in labels:
+        for label in result["summary"]["arms"]:
             rs = [r for r in runs if r["arm"] == label]
             c = np.array([r["val_curves"][key] for r in rs])
             (line,) = ax.plot(rs[0]["val_curves"]["iters"], c.mean(0), label=label)
@@ -650,8 +677,7 @@ def plot(result, prefix):
     axes.flat[0].legend(fontsize=7)
     fig.supxlabel("step")
     fig.supylabel("validation loss (mean, min-max band over seeds)")
-    written.append(save(fig, prefix + "_val_loss.png"))
-    return written
+    return fig
 
 
 def em_items(run, keys):

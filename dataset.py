@@ -72,6 +72,27 @@ def encode_document(tok, text, max_len):
 # reading the prepared format (sources.py writes it)
 
 
+def load_array(data_dir, split, name, kinds):
+    """data_dir/{split}_{name}.npy memory-mapped, a 1-d array of a dtype kind among kinds (numpy's
+    letters: "u" unsigned, "i" signed), or one UserError naming the file."""
+    path = os.path.join(data_dir, f"{split}_{name}.npy")
+    if not os.path.exists(path):
+        have = sorted(
+            f[: -len("_tokens.npy")] for f in os.listdir(data_dir) if f.endswith("_tokens.npy")
+        )
+        raise UserError(f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})")
+    # allow_pickle=False: a received dataset runs no pickled code
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{path}: not a readable .npy file ({e}); prepare it again") from None
+    if array.ndim != 1 or array.dtype.kind not in kinds:
+        raise UserError(
+            f"{path}: expected a 1-d integer array, got {array.dtype} of shape {array.shape}"
+        )
+    return array
+
+
 class PreparedSplit:
     """One split of a prepared dataset, memory-mapped: .tokens, .mask, .offsets, .task arrays,
     .tasks (names), .meta. len() = number of examples. Checked once on load (a few vectorized
@@ -82,28 +103,7 @@ class PreparedSplit:
         self.meta = read_meta(data_dir)
         self.tasks, self.split, self.dir = self.meta["tasks"], split, data_dir
         for name, kinds in (("tokens", "u"), ("mask", "u"), ("offsets", "iu"), ("task", "u")):
-            path = os.path.join(data_dir, f"{split}_{name}.npy")
-            if not os.path.exists(path):
-                have = sorted(
-                    f[: -len("_tokens.npy")]
-                    for f in os.listdir(data_dir)
-                    if f.endswith("_tokens.npy")
-                )
-                raise UserError(
-                    f"{path}: no such file (splits in {data_dir}: {', '.join(have) or 'none'})"
-                )
-            try:  # allow_pickle=False: a received dataset runs no pickled code
-                array = np.load(path, mmap_mode="r", allow_pickle=False)
-            except ValueError as e:
-                raise UserError(
-                    f"{path}: not a readable .npy file ({e}); prepare it again"
-                ) from None
-            if array.ndim != 1 or array.dtype.kind not in kinds:
-                raise UserError(
-                    f"{path}: expected a 1-d integer array, got {array.dtype} of shape "
-                    f"{array.shape}"
-                )
-            setattr(self, name, array)
+            setattr(self, name, load_array(data_dir, split, name, kinds))
         n, where = len(self.task), os.path.join(data_dir, split)
         if (
             len(self.offsets) != n + 1

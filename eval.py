@@ -567,6 +567,19 @@ def prepared_mmlu(data_dir, split):
     return rows
 
 
+def chosen_subjects(subjects, have, where):
+    """The subjects that --subjects names (comma-separated; empty: all of have), each one of have,
+    the subjects found in where."""
+    wanted = [s.strip() for s in subjects.split(",") if s.strip()] or have
+    unknown = [s for s in wanted if s not in have]
+    if unknown or not wanted:
+        raise UserError(
+            f"--subjects: {', '.join(unknown) or 'none'} not in {where} "
+            f"(has: {', '.join(have) or 'none'})"
+        )
+    return wanted
+
+
 def mmlu_items(
     tokenizer, data_dir, split="test", shots=0, mc_format="letter", subjects="", limit=0
 ):
@@ -579,13 +592,7 @@ def mmlu_items(
                 f"give MMLU's CSV folder (with dev/) for few-shot evaluation"
             )
         prepared = prepared_mmlu(data_dir, split)
-        wanted = [s.strip() for s in subjects.split(",") if s.strip()] or sorted(prepared)
-        unknown = [s for s in wanted if s not in prepared]
-        if unknown or not wanted:
-            raise UserError(
-                f"--subjects: {', '.join(unknown) or 'none'} not in {data_dir}/{split}.jsonl "
-                f"(has: {', '.join(sorted(prepared)) or 'none'})"
-            )
+        wanted = chosen_subjects(subjects, sorted(prepared), f"{data_dir}/{split}.jsonl")
         items = []
         for subject in wanted:
             for index, (question, choices, answer) in enumerate(prepared[subject][: limit or None]):
@@ -607,13 +614,7 @@ def mmlu_items(
     have = sorted(
         f[: -len(f"_{split}.csv")] for f in os.listdir(folder) if f.endswith(f"_{split}.csv")
     )
-    wanted = [s.strip() for s in subjects.split(",") if s.strip()] or have
-    unknown = [s for s in wanted if s not in have]
-    if unknown or not wanted:
-        raise UserError(
-            f"--subjects: {', '.join(unknown) or 'none'} not in {folder} "
-            f"(has: {', '.join(have) or 'none'})"
-        )
+    wanted = chosen_subjects(subjects, have, folder)
     if not 0 <= shots <= 5:
         raise UserError(f"--shots: MMLU's dev split has 5 examples per subject, got {shots}")
     items = []
@@ -744,108 +745,123 @@ def run():
     settings = {k: globals()[k] for k in SETTINGS}
     result = dict(task=task, ckpt_dir=ckpt_dir, adapter=adapter, data=path, settings=settings)
     if task in ("mmlu", "mc"):
-        fmt = mc_format or ("letter" if task == "mmlu" else "raw")
-        if task == "mmlu":
-            items = mmlu_items(tokenizer, path, split or "test", shots, fmt, subjects, limit)
-        else:
-            items = mc_items(tokenizer, path, fmt, limit)
-        truncated, shots_cut = truncation(items, model.config.max_seq_len, shots)
-        with evaluating(model):
-            score_multiple_choice(model, items, batch_size, task)
-        for item in items:
-            item["correct"], item["correct_norm"] = (
-                item["pred"] == item["answer"],
-                item["pred_norm"] == item["answer"],
-            )
-        acc, acc_norm = accuracy_by(items, "subject"), accuracy_by(items, "subject", "correct_norm")
-        per = {
-            s: dict(
-                n=sum(i["subject"] == s for i in items), accuracy=acc[s], accuracy_norm=acc_norm[s]
-            )
-            for s in acc
-        }
-        overall = dict(
-            n=len(items),
-            accuracy=sum(i["correct"] for i in items) / len(items),
-            accuracy_norm=sum(i["correct_norm"] for i in items) / len(items),
-        )
-        result.update(
-            overall,
-            mc_format=fmt,
-            shots=shots,
-            truncated=truncated,
-            shots_exceed_context=shots_cut,
-            per_subject=per,
-            details=[
-                {
-                    k: i[k]
-                    for k in (
-                        "subject",
-                        "index",
-                        "answer",
-                        "pred",
-                        "pred_norm",
-                        "logprobs",
-                        "n_tokens",
-                    )
-                }
-                for i in items
-            ],
-        )
-        rows = dict(per, **({"all (questions)": overall} if len(per) > 1 else {}))
-        if len(per) > 1:
-            result["accuracy_macro"] = sum(p["accuracy"] for p in per.values()) / len(per)
-        print_table(f"{task} {fmt} {shots}-shot", rows, ("n", "accuracy", "accuracy_norm"))
+        result.update(run_multiple_choice(model, tokenizer, path))
     elif task in ("exact_match", "gsm8k"):
-        if task == "exact_match":
-            examples, seen = [], {}
-            rows = [e for d in path.split(",") for e in dataset.read_examples(d, split or "test")]
-            for e in rows:  # the first `limit` of each task
-                seen[e["task"]] = seen.get(e["task"], 0) + 1
-                if not limit or seen[e["task"]] <= limit:
-                    examples.append(e)
-            details = exact_match_details(
-                model, tokenizer, examples, max_new_tokens or 64, batch_size
-            )
-        else:
-            records = gsm8k_records(path, limit, split or "test")
-            solved = []
-            if shots:
-                folder = os.path.dirname(path) if os.path.isfile(path) else path
-                solved = gsm8k_records(os.path.join(folder, "train.jsonl"))[:shots]
-            prefix = "".join(
-                dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in solved
-            )
-            check_room(
-                tokenizer,
-                [prefix + dataset.format_prompt(r["question"]) for r in records],
-                model.config.max_seq_len,
-                len(solved),
-            )
-            details = gsm8k_details(
-                model, tokenizer, records, solved, max_new_tokens or 256, batch_size
-            )
-        if not details:
-            raise UserError(f"--data={path}: no examples")
-        acc = accuracy_by(details, "task")
-        per = {t: dict(n=sum(d["task"] == t for d in details), accuracy=a) for t, a in acc.items()}
-        overall = dict(n=len(details), accuracy=sum(d["correct"] for d in details) / len(details))
-        result.update(overall, per_task=per, details=details)
-        print_table(
-            task,
-            dict(per, **({"all (examples)": overall} if len(per) > 1 else {})),
-            ("n", "accuracy"),
-        )
-    else:  # loss
-        which = split or "val"
-        per = loss_table(model, path.split(","), which, limit, batch_size, tokenizer.pad_id)
-        result.update(per.pop("all"), per_task=per)
-        print_table(
-            f"loss {which}",
-            dict(per, all={k: result[k] for k in ("tokens", "loss", "perplexity")}),
-            ("tokens", "loss", "perplexity"),
-        )
+        result.update(run_generation(model, tokenizer, path))
+    else:
+        result.update(run_loss(model, tokenizer, path))
     return result
+
+
+# the tasks of run, as the settings say: -> the result's entries of the task, its table printed
+def run_multiple_choice(model, tokenizer, path):
+    """mmlu or mc: accuracy (the choice of the largest summed log-probability), accuracy_norm
+    (per token), per subject."""
+    fmt = mc_format or ("letter" if task == "mmlu" else "raw")
+    if task == "mmlu":
+        items = mmlu_items(tokenizer, path, split or "test", shots, fmt, subjects, limit)
+    else:
+        items = mc_items(tokenizer, path, fmt, limit)
+    truncated, shots_cut = truncation(items, model.config.max_seq_len, shots)
+    with evaluating(model):
+        score_multiple_choice(model, items, batch_size, task)
+    for item in items:
+        item["correct"], item["correct_norm"] = (
+            item["pred"] == item["answer"],
+            item["pred_norm"] == item["answer"],
+        )
+    acc, acc_norm = accuracy_by(items, "subject"), accuracy_by(items, "subject", "correct_norm")
+    per = {
+        s: dict(n=sum(i["subject"] == s for i in items), accuracy=acc[s], accuracy_norm=acc_norm[s])
+        for s in acc
+    }
+    overall = dict(
+        n=len(items),
+        accuracy=sum(i["correct"] for i in items) / len(items),
+        accuracy_norm=sum(i["correct_norm"] for i in items) / len(items),
+    )
+    out = dict(
+        overall,
+        mc_format=fmt,
+        shots=shots,
+        truncated=truncated,
+        shots_exceed_context=shots_cut,
+        per_subject=per,
+        details=[
+            {
+                k: i[k]
+                for k in (
+                    "subject",
+                    "index",
+                    "answer",
+                    "pred",
+                    "pred_norm",
+                    "logprobs",
+                    "n_tokens",
+                )
+            }
+            for i in items
+        ],
+    )
+    rows = dict(per, **({"all (questions)": overall} if len(per) > 1 else {}))
+    if len(per) > 1:
+        out["accuracy_macro"] = sum(p["accuracy"] for p in per.values()) / len(per)
+    print_table(f"{task} {fmt} {shots}-shot", rows, ("n", "accuracy", "accuracy_norm"))
+    return out
+
+
+def run_generation(model, tokenizer, path):
+    """exact_match or gsm8k: the share of greedy answers that are right, per task."""
+    if task == "exact_match":
+        examples, seen = [], {}
+        rows = [e for d in path.split(",") for e in dataset.read_examples(d, split or "test")]
+        for e in rows:  # the first `limit` of each task
+            seen[e["task"]] = seen.get(e["task"], 0) + 1
+            if not limit or seen[e["task"]] <= limit:
+                examples.append(e)
+        details = exact_match_details(model, tokenizer, examples, max_new_tokens or 64, batch_size)
+    else:
+        records = gsm8k_records(path, limit, split or "test")
+        solved = []
+        if shots:
+            folder = os.path.dirname(path) if os.path.isfile(path) else path
+            solved = gsm8k_records(os.path.join(folder, "train.jsonl"))[:shots]
+        prefix = "".join(
+            dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in solved
+        )
+        check_room(
+            tokenizer,
+            [prefix + dataset.format_prompt(r["question"]) for r in records],
+            model.config.max_seq_len,
+            len(solved),
+        )
+        details = gsm8k_details(
+            model, tokenizer, records, solved, max_new_tokens or 256, batch_size
+        )
+    if not details:
+        raise UserError(f"--data={path}: no examples")
+    acc = accuracy_by(details, "task")
+    per = {t: dict(n=sum(d["task"] == t for d in details), accuracy=a) for t, a in acc.items()}
+    overall = dict(n=len(details), accuracy=sum(d["correct"] for d in details) / len(details))
+    print_table(
+        task,
+        dict(per, **({"all (examples)": overall} if len(per) > 1 else {})),
+        ("n", "accuracy"),
+    )
+    return dict(overall, per_task=per, details=details)
+
+
+def run_loss(model, tokenizer, path):
+    """loss: the mean loss on the response tokens and its perplexity, per task and over all."""
+    which = split or "val"
+    per = loss_table(model, path.split(","), which, limit, batch_size, tokenizer.pad_id)
+    out = dict(per.pop("all"), per_task=per)
+    print_table(
+        f"loss {which}",
+        dict(per, all={k: out[k] for k in ("tokens", "loss", "perplexity")}),
+        ("tokens", "loss", "perplexity"),
+    )
+    return out
 
 
 def write_json(path, obj):

@@ -154,6 +154,32 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def padding_mask(start_pos, T, key_valid, device):
+    """Explicit (B|1, 1, T, S) bool mask, S = start_pos + T: causal, minus padding (key_valid
+    False). Each token sees itself, so a row of padding never becomes all -inf (which would turn
+    into NaN and spread through v)."""
+    S = start_pos + T
+    q_idx = torch.arange(start_pos, S, device=device)[:, None]
+    k_idx = torch.arange(S, device=device)[None, :]
+    mask = (k_idx <= q_idx)[None, None]
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, None, :S]) | (k_idx == q_idx)
+    return mask
+
+
+def segment_mask(segments, dtype):
+    """Block-diagonal causal mask (B, 1, T, T) of packed segments (B, T), additive (0 / -inf) in
+    attention's dtype (autocast's, if on, else dtype), made once here: every layer's sdpa would
+    convert a bool mask, and save it for the backward pass."""
+    T, device = segments.shape[1], segments.device
+    same_segment = segments[:, None, :, None] == segments[:, None, None, :]
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() & same_segment
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill_(~allowed, float("-inf"))
+
+
 class Llama(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -204,25 +230,10 @@ class Llama(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         mask = None
         if key_valid is not None or (start_pos > 0 and T > 1):
-            # explicit (B|1, 1, T, S) mask: causal, minus padding; each token sees itself, so a row
-            # of padding never becomes all -inf (which would turn into NaN and spread through v)
-            S = start_pos + T
-            q_idx = torch.arange(start_pos, S, device=device)[:, None]
-            k_idx = torch.arange(S, device=device)[None, :]
-            mask = (k_idx <= q_idx)[None, None]
-            if key_valid is not None:
-                mask = (mask & key_valid[:, None, None, :S]) | (k_idx == q_idx)
+            mask = padding_mask(start_pos, T, key_valid, device)
         h = self.embed_tokens(tokens)  # (B, T, D)
         if segments is not None:
-            # block-diagonal causal mask (B, 1, T, T), additive (0 / -inf) in attention's dtype once
-            # here: every layer's sdpa would convert a bool mask, and save it for the backward pass
-            same_segment = segments[:, None, :, None] == segments[:, None, None, :]
-            allowed = torch.ones(T, T, dtype=torch.bool, device=device).tril() & same_segment
-            dtype = h.dtype
-            if torch.is_autocast_enabled(device.type):
-                dtype = torch.get_autocast_dtype(device.type)
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-            mask.masked_fill_(~allowed, float("-inf"))
+            mask = segment_mask(segments, h.dtype)
         for layer in self.layers:
             args = (h, cos, sin, start_pos, mask)
             if self.checkpoint_blocks and self.training:
