@@ -216,11 +216,8 @@ def perturb(model, seed=0):
     """Stand-in for training: every adapter tensor random (s ≠ 0, B ≠ 0)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if checkpoint.is_lora_key(name):
-                p.copy_(
-                    torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1)
-                )
+        for name, p in multilora.adapter_state_dict(model).items():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1))
 
 
 def train_steps(model, steps=3):
@@ -261,7 +258,7 @@ def test_adapt_model_init_equals_base_and_counts(base_dir):
     for name, p in model.named_parameters():
         if name.endswith("lora_s"):
             assert p.grad.abs().sum() > 0
-        elif checkpoint.is_lora_key(name):
+        elif name in multilora.adapter_state_dict(model):
             assert torch.all(p.grad == 0), name
         else:
             assert p.grad is None and not p.requires_grad, name

@@ -34,6 +34,7 @@ The micro-batch is batch_size rows of seq_len tokens, every token a target (the 
 pack=True and more than one row, the block-diagonal mask (B, 1, T, T) counts too.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -50,6 +51,7 @@ import random_llama
 import train
 import util
 from configurator import S, configure
+from multilora import MultiLoRALinear
 from util import UserError
 
 GiB = 2**30
@@ -146,9 +148,15 @@ def longest_example(datasets):
 
 
 def adapted_model(c, s):
-    """A weightless Llama of config c, adapted as train.py adapts it."""
+    """A weightless Llama of config c, adapted as train.py adapts it. The activations are counted
+    for MultiLoRALinear: an arm of another layer is refused."""
     with torch.device("meta"):
         model = llama.Llama(c)
+    if s["finetune"] != "full" and multilora.ARMS[s["finetune"]].layer is not MultiLoRALinear:
+        raise UserError(
+            f"finetune: expected an arm whose layer plan.py counts (MultiLoRALinear's), got "
+            f"{s['finetune']!r}"
+        )
     if s["finetune"] != "full":
         multilora.adapt_model(
             model,
@@ -180,7 +188,10 @@ def activation_bytes(c, s, B, T, act, resid):
     (2 under bf16 autocast, 4 without), resid: of the residual stream (the embedding's dtype)."""
     full = s["finetune"] == "full"
     adapted = set() if full else set(s["lora_targets"])
-    nr = 0 if full else (1 if s["finetune"] == "lora" else s["n_loras"]) * s["lora_rank"]
+    # each adapted layer's n·r and entries of s, as the arm builds them (on a one-layer model)
+    layers = multilora.adapter_modules(adapted_model(dataclasses.replace(c, n_layers=1), s))
+    lora = {name.rsplit(".", 1)[1].split("_")[0]: m for name, m in layers}
+    nr = layers[0][1].lora_A.shape[0] if layers else 0
     M, D, I, hd = B * T, c.dim, c.hidden_dim, c.head_dim
     q, kv = c.n_heads * hd, c.n_kv_heads * hd
     mask = s["pack"] and B > 1  # packed rows: a block-diagonal (B, 1, T, T) mask in the act dtype
@@ -236,8 +247,8 @@ def activation_bytes(c, s, B, T, act, resid):
         for t in adapted:
             d_in, d_out = widths[t]
             b += M * nr * act + nr * d_out * act  # x·Aᵀ; the folded B (cast under autocast)
-            if s["finetune"] == "multilora":
-                b += s["n_loras"] * (d_out if s["lora_scaling"] == "channel" else 1) * 4  # s·α/r
+            if lora[t].lora_s is not None:
+                b += lora[t].lora_s.numel() * 4  # s·α/r
             if act != 4 and needs_grad[t]:
                 b += nr * d_in * act  # A cast, kept where the input needs a gradient
         if casts and not (s["fsdp"] and s["nproc"] > 1):  # autocast's weight copies
