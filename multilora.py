@@ -211,9 +211,17 @@ _PARAMS = ("lora_A", "lora_B", "lora_s")
 _PEFT = MultiLoRALinear.peft_form
 ARMS = {
     "multilora": Arm(
-        MultiLoRALinear, _PARAMS, _COMMON, True, _PEFT, optional={"init": "multilora"}
+        MultiLoRALinear, _PARAMS, _COMMON, merge=True, peft=_PEFT, optional={"init": "multilora"}
     ),
-    "lora": Arm(MultiLoRALinear, _PARAMS, _COMMON, True, _PEFT, {"n_loras": 1}, {"init": "lora"}),
+    "lora": Arm(
+        MultiLoRALinear,
+        _PARAMS,
+        _COMMON,
+        merge=True,
+        peft=_PEFT,
+        fixed={"n_loras": 1},
+        optional={"init": "lora"},
+    ),
 }
 
 

@@ -152,26 +152,40 @@ def adapted_model(c, s):
     for MultiLoRALinear: an arm of another layer is refused."""
     with torch.device("meta"):
         model = llama.Llama(c)
-    if s["finetune"] != "full" and multilora.ARMS[s["finetune"]].layer is not MultiLoRALinear:
+    if s["finetune"] == "full":
+        return model
+    if multilora.ARMS[s["finetune"]].layer is not MultiLoRALinear:
         raise UserError(
             f"finetune: expected an arm whose layer plan.py counts (MultiLoRALinear's), got "
             f"{s['finetune']!r}"
         )
-    if s["finetune"] != "full":
-        multilora.adapt_model(
-            model,
-            s["finetune"],
-            **{
-                "targets": s["lora_targets"],
-                "n_loras": s["n_loras"],
-                "lora_rank": s["lora_rank"],
-                "lora_alpha": s["lora_alpha"],
-                "lora_dropout": s["lora_dropout"],
-                "scaling": s["lora_scaling"],
-                "init": s["lora_init"],
-            },
-        )
+    multilora.adapt_model(
+        model,
+        s["finetune"],
+        **{
+            "targets": s["lora_targets"],
+            "n_loras": s["n_loras"],
+            "lora_rank": s["lora_rank"],
+            "lora_alpha": s["lora_alpha"],
+            "lora_dropout": s["lora_dropout"],
+            "scaling": s["lora_scaling"],
+            "init": s["lora_init"],
+        },
+    )
     return model
+
+
+def adapter_widths(c, s):
+    """{target: (n·r, entries of s)} of the adapters that settings s build, as the arm builds them
+    (on a one-layer model); {} for finetune=full."""
+    model = adapted_model(dataclasses.replace(c, n_layers=1), s)
+    return {
+        name.rsplit(".", 1)[1].split("_")[0]: (
+            m.lora_A.shape[0],
+            0 if m.lora_s is None else m.lora_s.numel(),
+        )
+        for name, m in multilora.adapter_modules(model)
+    }
 
 
 def local_numel(p, nproc, fsdp):
@@ -188,10 +202,7 @@ def activation_bytes(c, s, B, T, act, resid):
     (2 under bf16 autocast, 4 without), resid: of the residual stream (the embedding's dtype)."""
     full = s["finetune"] == "full"
     adapted = set() if full else set(s["lora_targets"])
-    # each adapted layer's n·r and entries of s, as the arm builds them (on a one-layer model)
-    layers = multilora.adapter_modules(adapted_model(dataclasses.replace(c, n_layers=1), s))
-    lora = {name.rsplit(".", 1)[1].split("_")[0]: m for name, m in layers}
-    nr = layers[0][1].lora_A.shape[0] if layers else 0
+    lora = adapter_widths(c, s)
     M, D, I, hd = B * T, c.dim, c.hidden_dim, c.head_dim
     q, kv = c.n_heads * hd, c.n_kv_heads * hd
     mask = s["pack"] and B > 1  # packed rows: a block-diagonal (B, 1, T, T) mask in the act dtype
@@ -246,9 +257,9 @@ def activation_bytes(c, s, B, T, act, resid):
         b += M * I * act * (gate_g + up_g + gate_g) + (M * I * act if trains("down") else 0)
         for t in adapted:
             d_in, d_out = widths[t]
+            nr, s_entries = lora[t]
             b += M * nr * act + nr * d_out * act  # x·Aᵀ; the folded B (cast under autocast)
-            if lora[t].lora_s is not None:
-                b += lora[t].lora_s.numel() * 4  # s·α/r
+            b += s_entries * 4  # s·α/r
             if act != 4 and needs_grad[t]:
                 b += nr * d_in * act  # A cast, kept where the input needs a gradient
         if casts and not (s["fsdp"] and s["nproc"] > 1):  # autocast's weight copies
