@@ -245,7 +245,7 @@ TRAINING_ONLY = ("lora_dropout", "init")
 
 def arm(finetune, where="finetune"):
     """ARMS[finetune], or one line naming `where` and the registered arms."""
-    if finetune not in ARMS:
+    if not isinstance(finetune, str) or finetune not in ARMS:
         raise UserError(f"{where}: expected {' or '.join(map(repr, ARMS))}, got {finetune!r}")
     return ARMS[finetune]
 

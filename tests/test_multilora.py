@@ -266,6 +266,20 @@ def test_adapt_model_init_equals_base_and_counts(base_dir):
         multilora.adapt_model(model)
 
 
+def test_adapters_of_an_eval_model_apply_no_dropout():
+    """Adapting a model in eval mode (generate.py's --merge=False) gives adapters in eval mode:
+    lora_dropout acts in training only."""
+    model = llama.Llama(
+        llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50)
+    ).eval()
+    multilora.adapt_model(model, n_loras=2, lora_rank=2, lora_dropout=0.5)
+    perturb(model)
+    x = tokens(B=2, T=8) % 50
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    assert not any(m.training for _, m in multilora.adapter_modules(model))
+
+
 def test_adapt_model_refuses():
     model = llama.Llama(
         llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50)
@@ -462,6 +476,8 @@ def test_refuses_bad_adapter_files(base_dir, tmp_path):
         ("n_loras", 0, "an int >= 1"),
         ("targets", ["q", "x"], "a list of names"),
         ("scaling", None, "'channel' or 'scalar'"),
+        ("finetune", "qlora", "'multilora' or 'lora'"),
+        ("finetune", ["lora"], "'multilora' or 'lora'"),
     ):
         meta = dict(metadata, settings=json.dumps(dict(settings, **{k: bad})))
         with pytest.raises(
@@ -485,9 +501,16 @@ def test_adapter_file_follows_the_umask(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "finetune,scaling", [("multilora", "channel"), ("multilora", "scalar"), ("lora", "channel")]
+    "finetune,scaling,init",
+    [
+        ("multilora", "channel", ""),
+        ("multilora", "scalar", ""),
+        ("lora", "channel", ""),
+        # the ablation's LoRA init with n = 4: no s, but n modules (the rank-(n·r) form)
+        ("multilora", "channel", "lora"),
+    ],
 )
-def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
+def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling, init):
     from peft import PeftModel
 
     torch.manual_seed(0)
@@ -500,6 +523,7 @@ def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
         lora_rank=4,
         lora_alpha=8,
         scaling=scaling,
+        init=init,
     )
     train_steps(model)  # a trained adapter: A, B and s all moved away from their init
     adapter = str(tmp_path / "adapter.safetensors")
