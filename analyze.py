@@ -201,11 +201,17 @@ def adapter_spectra(ckpt_dir, path):
     halve the memory) only so that apply_adapter can check that the file belongs to this base."""
     model, _ = load_for_inference(ckpt_dir, None, "", "bfloat16", "cpu", merge=False)
     settings = multilora.apply_adapter(model, path)  # the file's own settings, as it stores them
+    if not multilora.ARMS[settings["finetune"]].merge:
+        raise UserError(
+            f"{path}: finetune={settings['finetune']}: this arm has no fixed ΔW to analyze "
+            "(multilora.ARMS: it cannot merge)"
+        )
     spectra = {}
     with torch.no_grad():
         for name, layer in multilora.adapter_modules(model):
-            S, U = svd_factored(layer.folded_B(), layer.lora_A)
-            spectra[name] = (S, U, (layer.out_features, layer.in_features))
+            factors = getattr(layer, "delta_factors", None)
+            S, U = svd_factored(*factors()) if factors else svd_dense(layer.delta_weight())
+            spectra[name] = (S, U, tuple(layer.weight.shape))
     return settings, spectra
 
 

@@ -9,8 +9,8 @@ LLaMA checkpoints as they ship, read into llama.py's model and written back (doc
     read_config(ckpt_dir)        -> LlamaConfig, reading headers only (no weights)
     load_model(ckpt_dir, dtype)  -> Llama, one tensor at a time straight into its dtype and device
     load_into(model, ckpt_dir)   -> fill a meta-device model, or under FSDP2 this rank's rows only
-    read_adapter(path, names)    -> an adapter file, checked (check_adapter_base and _fits check
-                                    it against a model; multilora.py writes and applies them)
+    read_adapter(path, check)    -> an adapter file, checked (check_adapter_base checks it against
+                                    a model; multilora.py checks its settings, writes, applies)
     save_hf_checkpoint(...)      -> config.json + model.safetensors (+ tokenizer files)
     write_tokenizer_files(...)   -> tokenizer.model + what transformers' AutoTokenizer reads
 
@@ -585,19 +585,14 @@ def read_config(ckpt_dir):
 # tensors; its metadata holds the adapter settings and what identifies the base it was made for
 
 ADAPTER_FORMAT = "multilora-adapter-v1"
-SETTINGS_THAT_MUST_MATCH = ("finetune", "targets", "n_loras", "lora_rank", "lora_alpha", "scaling")
-
-
-def is_lora_key(name):
-    """Whether a parameter is an adapter's (MultiLoRALinear's lora_A, lora_B, lora_s)."""
-    return name.rsplit(".", 1)[-1].startswith("lora_")
 
 
 def base_fingerprint(model):
-    """Hash of the base model's parameter names and shapes (the adapter's lora_ keys excluded)."""
-    lines = [
-        f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters() if not is_lora_key(name)
-    ]
+    """Hash of the base model's parameter names and shapes: of an adapted model, as
+    multilora.adapt_model recorded them before it added the adapters."""
+    if getattr(model, "base_fingerprint", None):
+        return model.base_fingerprint
+    lines = [f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters()]
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
@@ -664,10 +659,10 @@ def adapter_metadata(model, settings, step=None):
     return metadata
 
 
-def read_adapter(path, target_names):
+def read_adapter(path, check_settings):
     """An adapter file -> (state {key: tensor}, settings, metadata), checked: a safetensors file of
-    finite floating-point tensors, the format's name, settings of the right types and values
-    (target_names: the names settings.targets may hold)."""
+    finite floating-point tensors, the format's name, and settings that check_settings(path,
+    settings) accepts (multilora.check_settings: the arms' own)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: adapter file not found")
     _, metadata, _ = read_safetensors_header(path)
@@ -685,30 +680,8 @@ def read_adapter(path, target_names):
         raise UserError(
             f"{path}: metadata.settings: expected a JSON object of adapter settings"
         ) from None
-    check_adapter_settings(path, settings if isinstance(settings, dict) else {}, target_names)
+    check_settings(path, settings if isinstance(settings, dict) else {})
     return state, settings, metadata
-
-
-def check_adapter_settings(path, settings, target_names):
-    def refuse(key, expected):
-        got = settings.get(key)
-        return UserError(f"{path}: metadata.settings.{key}: expected {expected}, got {got!r}")
-
-    if settings.get("finetune") not in ("multilora", "lora"):
-        raise refuse("finetune", "'multilora' or 'lora'")
-    targets = settings.get("targets")
-    if not isinstance(targets, list) or not set(targets) <= set(target_names):
-        raise refuse("targets", f"a list of names from {','.join(target_names)}")
-    for key in ("n_loras", "lora_rank"):
-        if type(settings.get(key)) is not int or settings[key] < 1:
-            raise refuse(key, "an int >= 1")
-    alpha, dropout = settings.get("lora_alpha"), settings.get("lora_dropout")
-    if type(alpha) not in (int, float) or not math.isfinite(alpha):
-        raise refuse("lora_alpha", "a number")
-    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
-        raise refuse("lora_dropout", "a number in [0, 1)")
-    if settings.get("scaling") not in ("channel", "scalar"):
-        raise refuse("scaling", "'channel' or 'scalar'")
 
 
 def check_adapter_base(path, metadata, model, any_base=False):
@@ -732,22 +705,6 @@ def check_adapter_base(path, metadata, model, any_base=False):
             f"shapes but other weights; pass any_base=True (--adapter_any_base=True) "
             f"if you mean to apply it anyway"
         )
-
-
-def check_adapter_fits(path, state, settings, model):
-    """Refuse an adapter file whose settings or tensor shapes differ from the model's adapters."""
-    adapted = model.adapter_settings
-    for k in SETTINGS_THAT_MUST_MATCH:
-        if settings.get(k) != adapted.get(k):
-            raise UserError(
-                f"{path}: settings.{k}: model is adapted with {k}={adapted.get(k)!r}, "
-                f"adapter file has {k}={settings.get(k)!r}"
-            )
-    expected = {k: tuple(p.shape) for k, p in model.named_parameters() if is_lora_key(k)}
-    got = {k: tuple(v.shape) for k, v in state.items()}
-    for k in sorted(set(expected) | set(got)):
-        if expected.get(k) != got.get(k):
-            raise UserError(f"{path}: {k}: expected shape {expected.get(k)}, got {got.get(k)}")
 
 
 # -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import analyze
+import multilora
 import util
 from util import UserError
 from configurator import Rule, S, configure, declared
@@ -70,7 +71,10 @@ seeds = S(
     list(range(1, 21)), "[0, inf)", "20: a ±10-point MultiLoRA − LoRA interval (docs/evidence.md)"
 )
 arm_seeds = S(
-    ["full: 1-5"],
+    Rule(
+        "['<full_arm>: 1-5'] when full_arm is set, else []",
+        lambda s: [f"{s['full_arm']}: 1-5"] if s["full_arm"] else [],
+    ),
     None,
     "'label: seeds' for an arm run on fewer seeds than --seeds, e.g. 'full: 1-5'",
 )
@@ -323,10 +327,16 @@ def spectrum_figures(run_dirs):
     """{label: run directory} of one seed -> {label: effective rank, top-1 share, φ(k, k) to the
     full arm, normalized spectrum}: the means over all adapted matrices (analyze.py's 'all'
     group)."""
-    spectra = {
-        label: analyze.adapter_spectra(ckpt_dir, os.path.join(d, "adapter.safetensors"))[1]
+    adapters = {
+        label: os.path.join(d, "adapter.safetensors")
         for label, d in run_dirs.items()
         if label != full_arm
+    }
+    # an arm without a fixed ΔW (one that cannot merge: multilora.ARMS) has no spectrum figures
+    spectra = {
+        label: analyze.adapter_spectra(ckpt_dir, path)[1]
+        for label, path in adapters.items()
+        if multilora.ARMS[multilora.load_adapter(path)[1]["finetune"]].merge
     }
     full_vectors = None
     if full_arm in run_dirs:
@@ -739,7 +749,12 @@ def main(argv=None):
         figures = spectrum_figures({label: run_dirs[label, seed] for label in here})
         for label in here:
             runs.append(
-                dict(arm=label, seed=seed, **run_figures(run_dirs[label, seed]), **figures[label])
+                dict(
+                    arm=label,
+                    seed=seed,
+                    **run_figures(run_dirs[label, seed]),
+                    **figures.get(label, {}),
+                )
             )
     result = dict(
         settings=settings,

@@ -11,7 +11,7 @@ A script declares each setting next to its default, with what it allows and a co
     max_iters = S(1000, "[0, inf)", "optimizer steps")  # a bound may name a setting:
     warmup_iters = S(Rule("min(20, max_iters)", lambda s: min(20, s["max_iters"])),
                      "[0, max_iters]", "linear warmup steps")  # a default that follows: a Rule
-    finetune = S("multilora", ("multilora", "lora", "full"), "the arm")  # choices
+    scaling = S("channel", ("channel", "scalar"), "MultiLoRA's s_i")  # choices
     device = S("cpu", check_device, "where to run")  # a function: (value, settings) -> None if
                                                      # the value is allowed, else what is expected
 

@@ -97,7 +97,7 @@ def check_out(path, settings):
 
 
 ckpt_dir = S("", util.required, "base model (HF or Meta layout, with tokenizer.model)")
-adapter = S("", None, "adapter file from train.py (merged into the weights for evaluation)")
+adapter = S("", None, "adapter file from train.py (merged into the weights where its arm can)")
 task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
 data = S(
     "",

@@ -18,6 +18,8 @@ The PEFT export is exact for any n (docs/method.md): MultiLoRA is a rank-(n·r) 
     lora_B = (α/r)·[diag(s_1)B_1 … diag(s_n)B_n]     (d_out, n·r)
     r' = lora_alpha' = n·r                            so PEFT's scale α'/r' is 1.
 Plain LoRA adapters are written as they are (r, α, B unfolded), as PEFT would have trained them.
+Each arm declares its PEFT form, or that it has none (multilora.ARMS): export refuses an arm
+without one, and --format=hf an arm that cannot merge, in one line, before anything is written.
 Our module names are HF's without "model." and RoPE is HF's rotate_half layout, so q/k need no
 permutation: PEFT keys are base_model.model.model.{our key}.lora_A.weight.
 """
@@ -56,18 +58,16 @@ SETTINGS = declared(globals())
 
 
 def peft_adapter(model, base_model_name_or_path=""):
-    """An adapted model -> (tensors {PEFT key: fp32 tensor}, adapter_config dict)."""
+    """An adapted model -> (tensors {PEFT key: fp32 tensor}, adapter_config dict), in the PEFT
+    LoRA form its arm declares exact (multilora.ARMS[...].peft)."""
     settings = model.adapter_settings
+    form = multilora.ARMS[settings["finetune"]].peft
     tensors, rank = {}, None
     with torch.no_grad():
         for name, m in multilora.adapter_modules(model):
             prefix = f"base_model.model.model.{name}"
-            if m.lora_s is None:  # plain LoRA: PEFT's own form
-                lora_B, rank, alpha = m.lora_B, m.lora_rank, m.lora_alpha
-            else:  # MultiLoRA: the rank-(n·r) identity, scale folded into B
-                lora_B, rank = m.folded_B(), m.n_loras * m.lora_rank
-                alpha = rank
-            tensors[f"{prefix}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
+            lora_A, lora_B, rank, alpha = form(m)
+            tensors[f"{prefix}.lora_A.weight"] = lora_A.detach().float().contiguous().cpu()
             tensors[f"{prefix}.lora_B.weight"] = lora_B.detach().float().contiguous().cpu()
     config = {
         "peft_type": "LORA",
@@ -75,7 +75,7 @@ def peft_adapter(model, base_model_name_or_path=""):
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
         "lora_alpha": alpha,
-        "lora_dropout": settings["lora_dropout"],
+        "lora_dropout": settings.get("lora_dropout", 0.0),
         "target_modules": [multilora.TARGET_MODULES[t].split(".")[-1] for t in settings["targets"]],
         "bias": "none",
         "fan_in_fan_out": False,
@@ -106,13 +106,26 @@ def check_out_dir(ckpt_dir, out_dir):
         raise UserError(f"--out_dir={out_dir}: not empty; export to a new or empty folder")
 
 
+def check_arm(adapter, model, what, refusal):
+    """One line, before anything is written, when the adapter's arm lacks `what` (an Arm field)."""
+    finetune = model.adapter_settings["finetune"]
+    if not getattr(multilora.ARMS[finetune], what):
+        fmt = "hf" if what == "merge" else "peft"
+        raise UserError(
+            f"{adapter}: finetune={finetune}: this arm {refusal} (multilora.ARMS), so it has no "
+            f"--format={fmt} export"
+        )
+
+
 def export_hf(ckpt_dir, adapter, out_dir, dtype="auto"):
     """Merged checkpoint. The merge adds ΔW in fp32 and casts once to `dtype` (a name; auto = the
     base's), which is what merging a fp32 copy of the base would give, without holding one.
     apply_adapter checks the file against the base first, so a wrong pair stops before any write."""
     check_out_dir(ckpt_dir, out_dir)
     model, _ = load_for_inference(ckpt_dir, None, adapter, dtype, "cpu", merge=True)
-    state = {k: v for k, v in model.state_dict().items() if not checkpoint.is_lora_key(k)}
+    check_arm(adapter, model, "merge", "cannot be merged into the base's weights")
+    adapters = multilora.adapter_state_dict(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in adapters}
     # the tokenizer files: the base's own, or tokenizer_config.json written for its tokenizer.model
     checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=ckpt_dir, config=model.config)
     if os.path.isfile(os.path.join(ckpt_dir, "generation_config.json")):
@@ -127,6 +140,7 @@ def export_peft(ckpt_dir, adapter, out_dir, base_name=""):
     check_out_dir(ckpt_dir, out_dir)
     # the base itself is loaded (not just its config) so apply_adapter can check the file against it
     model, _ = load_for_inference(ckpt_dir, None, adapter, "auto", "cpu", merge=False)
+    check_arm(adapter, model, "peft", "has no exact PEFT LoRA form")
     tensors, config = peft_adapter(model, base_name or os.path.normpath(ckpt_dir))
     os.makedirs(out_dir, exist_ok=True)
     with util.atomic_write(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:

@@ -29,7 +29,7 @@ from tokenizer import check_tokenizer, load_tokenizer
 ckpt_dir = S("data/tiny_base", None, "base model: HF (config.json) or Meta (params.json) layout")
 tokenizer = S("", None, "tokenizer.model path; empty = the one in ckpt_dir")
 adapter = S("", None, "an adapter.safetensors written by train.py / multilora.py")
-merge = S(True, None, "merge the adapter into the weights (no inference overhead)")
+merge = S(True, None, "merge the adapter into the weights where its arm can (no overhead)")
 prompt = S(
     "### Instruction:\nSort the digits from small to large.\n\n### Input:\n5 9 3 0 3\n\n"
     "### Response:\n|### Instruction:\nWhich number is bigger?\n\n### Input:\n597 and 853\n\n"

@@ -7,18 +7,19 @@ One adapted linear layer with frozen W0 (d_out, d_in), n modules of rank r:
 The second line is how it is computed: the n modules are ONE rank-(n·r) LoRA whose B has s folded in
 (a (d_out, n·r) elementwise product), so MultiLoRA costs what a LoRA of rank n·r costs.
 Plain LoRA is the same layer with init="lora": n = 1, B = 0, no s. docs/method.md walks through it;
-export.py turns an adapter file into a PEFT one.
+export.py turns an adapter file into a PEFT one. ARMS, below the layer, is the one place that
+declares the kinds of adapter (train.py's finetune): a new kind is its layer class plus one entry.
 """
 
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
-from checkpoint import is_lora_key
 from util import UserError, atomic_write
 
 # short target names -> module paths inside one llama.py layer (HF names without "model.")
@@ -116,9 +117,22 @@ class MultiLoRALinear(nn.Module):
         s = (self.lora_s * self.scale).t().unsqueeze(2)  # (d_out or 1, n, 1)
         return (self.lora_B.view(d_out, n, r) * s).view(d_out, n * r)
 
+    def delta_factors(self):
+        """(B, A) with ΔW = B·A: (folded_B, lora_A) (analyze.py decomposes ΔW from them)."""
+        return self.folded_B(), self.lora_A
+
     def delta_weight(self):
         """ΔW = folded_B · lora_A, (d_out, d_in) in fp32."""
         return self.folded_B().float() @ self.lora_A.float()
+
+    def peft_form(self):
+        """(lora_A, lora_B, r, lora_alpha) of the PEFT LoRA that computes exactly this ΔW: plain
+        LoRA (n = 1, no s) as it is; otherwise the rank-(n·r) identity, the scale folded into B
+        and α' = r' = n·r, so that PEFT's α'/r' is 1 (docs/method.md)."""
+        if self.lora_s is None and self.n_loras == 1:
+            return self.lora_A, self.lora_B, self.lora_rank, self.lora_alpha
+        nr = self.n_loras * self.lora_rank
+        return self.lora_A, self.folded_B(), nr, nr
 
     def forward(self, x):
         out = F.linear(x, self.weight)  # (..., d_out) in the base dtype
@@ -161,12 +175,89 @@ class MultiLoRALinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# adapting a model
+# the arms: every kind of adapter, declared here once (finetune=full, every weight trained, is no
+# adapter); train.py, generate.py, eval.py, export.py, analyze.py, compare.py and tools/ read them
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A kind of adapter.
+    layer:    its module class, built as layer(base, **settings, device=device) around a frozen
+              bias-free nn.Linear `base`, whose weight it keeps as `weight` (so base checkpoints
+              load unchanged); it has delta_weight() -> ΔW (d_out, d_in) if it can merge, and may
+              have delta_factors() -> (B, A) with ΔW = B·A (analyze.py's exact SVD)
+    params:   its trainable tensors, by attribute name: what adapter files and ckpt.pt hold (one
+              that is None in a layer is left out: MultiLoRA's lora_s under LoRA's init)
+    settings: the settings its layer takes, from adapt_model's (train.py's lora_settings), each
+              stored in adapter files and checked on reading by CHECKS
+    merge:    whether ΔW is a fixed matrix that merge()/unmerge() add into W0 (export --format=hf,
+              merged inference, analyze.py's spectra)
+    peft:     layer -> (lora_A, lora_B, r, lora_alpha), the PEFT LoRA that computes exactly its
+              ΔW; None: export --format=peft refuses the arm
+    fixed:    settings the arm pins, whatever is asked (LoRA: n_loras = 1)
+    optional: settings stored only when they differ from these defaults (older files lack them)"""
+
+    layer: type
+    params: tuple
+    settings: tuple
+    merge: bool
+    peft: object = None
+    fixed: dict = field(default_factory=dict)
+    optional: dict = field(default_factory=dict)
+
+
+_COMMON = ("n_loras", "lora_rank", "lora_alpha", "lora_dropout", "scaling")
+_PARAMS = ("lora_A", "lora_B", "lora_s")
+_PEFT = MultiLoRALinear.peft_form
+ARMS = {
+    "multilora": Arm(
+        MultiLoRALinear, _PARAMS, _COMMON, merge=True, peft=_PEFT, optional={"init": "multilora"}
+    ),
+    "lora": Arm(
+        MultiLoRALinear,
+        _PARAMS,
+        _COMMON,
+        merge=True,
+        peft=_PEFT,
+        fixed={"n_loras": 1},
+        optional={"init": "lora"},
+    ),
+}
+
+
+def _is_count(v):
+    return type(v) is int and v >= 1
+
+
+# what an adapter file's value of each setting must be: (test, what is expected)
+CHECKS = {
+    "n_loras": (_is_count, "an int >= 1"),
+    "lora_rank": (_is_count, "an int >= 1"),
+    "lora_alpha": (lambda v: type(v) in (int, float) and math.isfinite(v), "a number"),
+    "lora_dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "a number in [0, 1)"),
+    "scaling": (lambda v: v in ("channel", "scalar"), "'channel' or 'scalar'"),
+    # MultiLoRALinear's two initializations (named after the arms that use them)
+    "init": (lambda v: v in ("multilora", "lora"), "'multilora' or 'lora'"),
+}
+# settings that shape only the training, not what a trained adapter computes: a file may differ
+TRAINING_ONLY = ("lora_dropout", "init")
+
+
+def arm(finetune, where="finetune"):
+    """ARMS[finetune], or one line naming `where` and the registered arms."""
+    if not isinstance(finetune, str) or finetune not in ARMS:
+        raise UserError(f"{where}: expected {' or '.join(map(repr, ARMS))}, got {finetune!r}")
+    return ARMS[finetune]
 
 
 def adapter_modules(model):
-    """[(module_name, MultiLoRALinear)] in model order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+    """[(module_name, adapter layer)] in model order: the modules of the arms' layer classes."""
+    layers = tuple({a.layer for a in ARMS.values()})
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, layers)]
+
+
+# -----------------------------------------------------------------------------
+# adapting a model
 
 
 def adapt_model(
@@ -181,15 +272,15 @@ def adapt_model(
     init="",
     device=None,
 ):
-    """Wrap the chosen projections of every layer in MultiLoRALinear, freeze everything else.
-    targets: names from q,k,v,o,gate,up,down (a list or a "q,k,v,o" string). finetune="lora" means
-    plain LoRA (n_loras is then 1). The adapters draw from torch's global RNG. Returns the settings
-    dict that goes into adapter files (also kept as model.adapter_settings). init: '' = the
-    finetune's own; 'lora' (B = 0, no s) or 'multilora' (random B, s = 0) with any n_loras.
-    device: where the adapters go (default: their base weight's; train.py under FSDP draws them in
-    full on a weightless meta-device base, so they get the values a single process gives them)."""
-    if finetune not in ("multilora", "lora"):
-        raise UserError(f"adapt_model: finetune: expected 'multilora' or 'lora', got {finetune!r}")
+    """Wrap the chosen projections of every layer in the arm's layer (ARMS[finetune]), freeze
+    everything else. targets: names from q,k,v,o,gate,up,down (a list or a "q,k,v,o" string); the
+    arm takes the settings its entry names (finetune="lora": plain LoRA, n_loras pinned to 1). The
+    adapters draw from torch's global RNG. Returns the settings dict that goes into adapter files
+    (also kept as model.adapter_settings). init: '' = the finetune's own; 'lora' (B = 0, no s) or
+    'multilora' (random B, s = 0) with any n_loras. device: where the adapters go (default: their
+    base weight's; train.py under FSDP draws them in full on a weightless meta-device base, so they
+    get the values a single process gives them)."""
+    kind = arm(finetune, "adapt_model: finetune")
     if getattr(model, "adapter_settings", None) is not None:
         raise UserError(f"adapt_model: model: already adapted with {model.adapter_settings}")
     if isinstance(targets, str):
@@ -198,48 +289,56 @@ def adapt_model(
         names = ",".join(TARGET_MODULES)
         raise UserError(f"adapt_model: targets: expected names from {names}, got {list(targets)}")
     targets = [t for t in TARGET_MODULES if t in targets]  # canonical order, no duplicates
-    n_loras = 1 if finetune == "lora" else n_loras
-    settings = dict(
-        finetune=finetune,
-        targets=targets,
+    asked = dict(
         n_loras=int(n_loras),
         lora_rank=int(lora_rank),
         lora_alpha=lora_alpha,
         lora_dropout=float(lora_dropout),
         scaling=scaling,
+        init=init,
     )
-    if init and init != finetune:
-        settings["init"] = init  # only when it is not the finetune's own: files stay as they were
+    asked |= kind.fixed
+    settings = dict(finetune=finetune, targets=targets, **{k: asked[k] for k in kind.settings})
+    # an optional setting only when it is not the arm's own: files stay as they were
+    settings |= {k: asked[k] for k, own in kind.optional.items() if asked[k] not in ("", own)}
+    layer_settings = {k: settings.get(k, own) for k, own in kind.optional.items()}
+    layer_settings |= {k: settings[k] for k in kind.settings}
     suffixes = tuple("." + TARGET_MODULES[t] for t in targets)
     to_wrap = [name for name, m in model.named_modules() if name.endswith(suffixes)]
     if not to_wrap:
         raise UserError(f"adapt_model: targets: no module of the model matches {targets}")
     model.requires_grad_(False)
-    layer_args = (n_loras, lora_rank, lora_alpha, lora_dropout, scaling, init or finetune, device)
+    # the base as it is now, for adapter files: its names and shapes before any adapter is added
+    model.base_fingerprint = checkpoint.base_fingerprint(model)
     for name in to_wrap:
-        parent_name, child_name = name.rsplit(".", 1)
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, MultiLoRALinear(getattr(parent, child_name), *layer_args))
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        child = name.rsplit(".", 1)[1]
+        layer = kind.layer(getattr(parent, child), **layer_settings, device=device)
+        setattr(parent, child, layer.train(model.training))  # an eval-mode model: no dropout
     model.adapter_settings = settings
-    model.base_sample = checkpoint.base_sample(model)  # the base as it is now, for adapter files
+    model.base_sample = checkpoint.base_sample(model)
     return settings
 
 
 def count_trainable(model):
     """(trainable parameter count, base model parameter count); tied weights counted once."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base_total = sum(p.numel() for name, p in model.named_parameters() if not is_lora_key(name))
+    adapters = adapter_state_dict(model)
+    base_total = sum(p.numel() for k, p in model.named_parameters() if k not in adapters)
     return trainable, base_total
 
 
 def merge_adapters(model):
-    for _, m in adapter_modules(model):
+    """Add ΔW into W0 where the model's arm can merge (ARMS[...].merge); else leave it unmerged."""
+    settings = getattr(model, "adapter_settings", None)
+    for _, m in adapter_modules(model) if settings and ARMS[settings["finetune"]].merge else []:
         m.merge()
 
 
 def unmerge_adapters(model):
     for _, m in adapter_modules(model):
-        m.unmerge()
+        if getattr(m, "merged", False):
+            m.unmerge()
 
 
 @torch.no_grad()
@@ -249,13 +348,59 @@ def delta_weights(model):
 
 
 # -----------------------------------------------------------------------------
-# adapter files: the lora_ tensors in safetensors, the settings and the base's identity in the
-# metadata (checkpoint.py's adapter section checks them)
+# adapter files: the arm's tensors in safetensors, the settings and the base's identity in the
+# metadata (checkpoint.py's adapter section writes and reads them; the checks of the settings are
+# here, with the arms)
 
 
 def adapter_state_dict(model):
-    """{model key: tensor} of the lora_ parameters only, e.g. layers.0.self_attn.q_proj.lora_A."""
-    return {name: p.detach() for name, p in model.named_parameters() if is_lora_key(name)}
+    """{model key: tensor} of the adapters' parameters only (their arm's params), in model order,
+    e.g. layers.0.self_attn.q_proj.lora_A. Of a model without adapters: {}."""
+    settings = getattr(model, "adapter_settings", None)
+    params = ARMS[settings["finetune"]].params if settings else ()
+    return {
+        f"{name}.{p}": getattr(m, p).detach()
+        for name, m in adapter_modules(model)
+        for p in params
+        if getattr(m, p, None) is not None
+    }
+
+
+def check_settings(path, settings):
+    """An adapter file's settings, checked: a registered arm, targets, and each of the arm's
+    settings (CHECKS); the first bad one is one line naming the file and the key."""
+
+    def refuse(key, expected):
+        got = settings.get(key)
+        return UserError(f"{path}: metadata.settings.{key}: expected {expected}, got {got!r}")
+
+    kind = arm(settings.get("finetune"), f"{path}: metadata.settings.finetune")
+    targets = settings.get("targets")
+    if not isinstance(targets, list) or not set(targets) <= set(TARGET_MODULES):
+        raise refuse("targets", f"a list of names from {','.join(TARGET_MODULES)}")
+    given = [k for k in kind.optional if k in settings]
+    for key in list(kind.settings) + given:
+        test, expected = CHECKS[key]
+        if not test(settings.get(key)):
+            raise refuse(key, expected)
+
+
+def check_fits(path, state, settings, model):
+    """Refuse an adapter file whose settings or tensor shapes differ from the model's adapters
+    (settings in TRAINING_ONLY may differ)."""
+    adapted = model.adapter_settings
+    keys = ("finetune", "targets", *ARMS[adapted["finetune"]].settings)
+    for k in (k for k in keys if k not in TRAINING_ONLY):
+        if settings.get(k) != adapted.get(k):
+            raise UserError(
+                f"{path}: settings.{k}: model is adapted with {k}={adapted.get(k)!r}, "
+                f"adapter file has {k}={settings.get(k)!r}"
+            )
+    expected = {k: tuple(p.shape) for k, p in adapter_state_dict(model).items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    for k in sorted(set(expected) | set(got)):
+        if expected.get(k) != got.get(k):
+            raise UserError(f"{path}: {k}: expected shape {expected.get(k)}, got {got.get(k)}")
 
 
 def save_adapter(model, path, settings=None, state=None, step=None):
@@ -274,22 +419,24 @@ def load_adapter(path, model=None, any_base=False):
     """Read an adapter file -> (state {key: tensor}, settings), checked (checkpoint.read_adapter).
     With a model, refuse a file made for another base (names and shapes; and weights, unless
     any_base) or for other settings than the model is adapted with."""
-    state, settings, metadata = checkpoint.read_adapter(path, TARGET_MODULES)
+    state, settings, metadata = checkpoint.read_adapter(path, check_settings)
     if model is not None:
         checkpoint.check_adapter_base(path, metadata, model, any_base)
         if getattr(model, "adapter_settings", None) is not None:
-            checkpoint.check_adapter_fits(path, state, settings, model)
+            check_fits(path, state, settings, model)
     return state, settings
 
 
 def apply_adapter(model, path, merge=False, any_base=False):
     """Adapt a base model with the file's settings (unless already adapted with the same ones), load
-    the adapter, and merge it into W0 if merge (zero inference overhead). Returns the settings."""
+    the adapter, and if merge, merge it into W0 where its arm can (zero inference overhead).
+    Returns the settings."""
     state, settings = load_adapter(path, model, any_base)  # checks before the model is touched
     if getattr(model, "adapter_settings", None) is None:
-        keys = checkpoint.SETTINGS_THAT_MUST_MATCH + ("lora_dropout",)
-        adapt_model(model, **{k: settings[k] for k in keys}, init=settings.get("init", ""))
-        checkpoint.check_adapter_fits(path, state, settings, model)
+        kind = ARMS[settings["finetune"]]
+        keys = ("targets", *kind.settings, *kind.optional)
+        adapt_model(model, settings["finetune"], **{k: settings[k] for k in keys if k in settings})
+        check_fits(path, state, settings, model)
     unmerge_adapters(model)
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -34,9 +34,10 @@ def shard(raw_model, device_type, dtype="float32", units="block"):
     for m in frozen:
         w = m._parameters["weight"]
         GatheredOnUse.mix_into(m, rows.setdefault(w, GatheredOnUse.rows(w, mesh)))
+    adapters = {m for _, m in multilora.adapter_modules(raw_model)}
     for block in raw_model.layers:
         for m in block.modules() if units == "linear" else []:
-            if isinstance(m, (torch.nn.Linear, multilora.MultiLoRALinear)):
+            if isinstance(m, torch.nn.Linear) or m in adapters:
                 fully_shard(m, mesh=mesh, mp_policy=mp)
         fully_shard(block, mesh=mesh, mp_policy=mp)
     # a trained untied embedding or lm_head: a group of its own (torchtitan's units). The loss reads

@@ -70,7 +70,7 @@ gradient_accumulation_steps = S(
 )
 pack = S(True, None, "pack each micro-batch's examples into fewer rows (same loss, less padding)")
 # fine-tuning
-finetune = S("multilora", ("multilora", "lora", "full"), "the paper's three arms")
+finetune = S("multilora", (*multilora.ARMS, "full"), "multilora.ARMS's adapters, or every weight")
 lora_targets = S(["q", "k", "v", "o"], tuple(multilora.TARGET_MODULES), "projections to adapt")
 n_loras = S(4, "[1, inf)", "parallel LoRA modules (MultiLoRA; LoRA is n_loras = 1)")
 lora_rank = S(8, "[1, inf)", "rank r of each module")
@@ -225,9 +225,9 @@ def build_model(model_config):
 
 
 def adapt(model, finetune, lora):
-    """finetune='full': every weight trains; otherwise wrap the targets with (Multi)LoRA and freeze
-    the rest. Trainable weights in fp32 (tools/bench.py builds its arms with this too). -> adapter
-    settings (also model.adapter_settings), or None."""
+    """finetune='full': every weight trains; otherwise wrap the targets with the arm's adapter
+    (multilora.ARMS) and freeze the rest. Trainable weights in fp32 (tools/bench.py builds its
+    arms with this too). -> adapter settings (also model.adapter_settings), or None."""
     settings = None if finetune == "full" else multilora.adapt_model(model, finetune, **lora)
     for p in model.parameters():
         if finetune == "full":

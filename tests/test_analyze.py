@@ -155,9 +155,8 @@ def make_run(tmp_path):
             adapted, finetune=finetune, targets=("q", "v"), n_loras=n_loras, lora_rank=3
         )
         with torch.no_grad():
-            for name, p in adapted.named_parameters():
-                if checkpoint.is_lora_key(name):
-                    p.copy_(torch.randn_like(p))
+            for p in multilora.adapter_state_dict(adapted).values():
+                p.copy_(torch.randn_like(p))
         files[finetune] = str(tmp_path / f"{finetune}.safetensors")
         multilora.save_adapter(adapted, files[finetune])
         if finetune == "multilora":

@@ -89,6 +89,40 @@ def test_seed_lists_and_provenance_line(monkeypatch):
     )
 
 
+def test_arm_seeds_default_follows_the_arms(monkeypatch):
+    """--arm_seeds' default gives the full arm 5 seeds where there is one, and is empty otherwise:
+    --arms without a 'full' arm runs every arm on --seeds instead of being refused."""
+
+    def seeds_of(argv):
+        monkeypatch.setattr(compare, "seeds", [1, 2, 3, 4, 5, 6])
+        settings = compare.configure(compare.SETTINGS, argv, "compare.py")
+        monkeypatch.setattr(compare, "arm_seeds", settings["arm_seeds"])
+        labels = [compare.parse_arm(a)[0] for a in settings["arms"]]
+        return settings["arm_seeds"], compare.seeds_by_arm(labels)
+
+    no_full = "--arms=LoRA r=32: config/tasks_lora.py,MultiLoRA 4x8: config/tasks_multilora.py"
+    assert seeds_of([no_full]) == (
+        [],
+        {"LoRA r=32": [1, 2, 3, 4, 5, 6], "MultiLoRA 4x8": [1, 2, 3, 4, 5, 6]},
+    )
+    assert seeds_of([]) == (
+        ["full: 1-5"],
+        {
+            "full": [1, 2, 3, 4, 5],
+            "LoRA r=32": [1, 2, 3, 4, 5, 6],
+            "MultiLoRA 4x8": [1, 2, 3, 4, 5, 6],
+        },
+    )
+    ft = "--arms=FT: config/tasks_full.py,LoRA r=32: config/tasks_lora.py"
+    assert seeds_of([ft, "--full_arm=FT"])[1] == {
+        "FT": [1, 2, 3, 4, 5],
+        "LoRA r=32": [1, 2, 3, 4, 5, 6],
+    }
+    # given, it is checked as before
+    with pytest.raises(compare.UserError, match="arm_seeds: expected 'label: seeds'"):
+        seeds_of([no_full, "--arm_seeds=full: 1-5"])
+
+
 def test_lora_init_with_n_modules_is_lora_of_rank_n_r():
     """The ablation's 'horizontal scaling alone' arm: LoRA's init with 4 modules of rank 8 and
     α/r = 2 starts from the same A (the same draws) and B = 0 as LoRA r=32 with α/r = 2, so the two

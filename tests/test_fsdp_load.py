@@ -253,7 +253,7 @@ def test_sharded_load_equals_single_process(sharded, name):
     root, made = sharded
     ckpt, weights, dtype = made[name]
     ref = single_process(ckpt)
-    params = dict(ref.named_parameters())
+    params, adapters = dict(ref.named_parameters()), multilora.adapter_state_dict(ref)
     for k, w in weights.items():  # the single-process load is the weights written, bit for bit
         assert torch.equal(params[k], w), k
     assert (ref.lm_head.weight is ref.embed_tokens.weight) == (name == "hf_tied")
@@ -265,7 +265,7 @@ def test_sharded_load_equals_single_process(sharded, name):
             chunks = p.detach().chunk(2)  # FSDP2 shards dim 0 as torch.chunk does
             want = chunks[rank] if rank < len(chunks) else p[:0]
             assert torch.equal(got["local"][k], want), (k, rank)  # adapters included: same draws
-            base_bytes += 0 if checkpoint.is_lora_key(k) else want.numel() * dtype.itemsize
+            base_bytes += 0 if k in adapters else want.numel() * dtype.itemsize
         assert got["n_bytes"] == base_bytes  # what it read is exactly its own rows
         if name != "meta_pth":  # memory-mapped .pth reads are page faults, not read(2)
             assert base_bytes <= got["rchar"] <= base_bytes + 128 * 1024  # + config and headers

@@ -216,11 +216,8 @@ def perturb(model, seed=0):
     """Stand-in for training: every adapter tensor random (s ≠ 0, B ≠ 0)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if checkpoint.is_lora_key(name):
-                p.copy_(
-                    torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1)
-                )
+        for name, p in multilora.adapter_state_dict(model).items():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 if name.endswith("lora_s") else 0.1))
 
 
 def train_steps(model, steps=3):
@@ -261,12 +258,26 @@ def test_adapt_model_init_equals_base_and_counts(base_dir):
     for name, p in model.named_parameters():
         if name.endswith("lora_s"):
             assert p.grad.abs().sum() > 0
-        elif checkpoint.is_lora_key(name):
+        elif name in multilora.adapter_state_dict(model):
             assert torch.all(p.grad == 0), name
         else:
             assert p.grad is None and not p.requires_grad, name
     with pytest.raises(UserError, match="already adapted"):
         multilora.adapt_model(model)
+
+
+def test_adapters_of_an_eval_model_apply_no_dropout():
+    """Adapting a model in eval mode (generate.py's --merge=False) gives adapters in eval mode:
+    lora_dropout acts in training only."""
+    model = llama.Llama(
+        llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50)
+    ).eval()
+    multilora.adapt_model(model, n_loras=2, lora_rank=2, lora_dropout=0.5)
+    perturb(model)
+    x = tokens(B=2, T=8) % 50
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    assert not any(m.training for _, m in multilora.adapter_modules(model))
 
 
 def test_adapt_model_refuses():
@@ -465,6 +476,8 @@ def test_refuses_bad_adapter_files(base_dir, tmp_path):
         ("n_loras", 0, "an int >= 1"),
         ("targets", ["q", "x"], "a list of names"),
         ("scaling", None, "'channel' or 'scalar'"),
+        ("finetune", "qlora", "'multilora' or 'lora'"),
+        ("finetune", ["lora"], "'multilora' or 'lora'"),
     ):
         meta = dict(metadata, settings=json.dumps(dict(settings, **{k: bad})))
         with pytest.raises(
@@ -488,9 +501,16 @@ def test_adapter_file_follows_the_umask(base_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "finetune,scaling", [("multilora", "channel"), ("multilora", "scalar"), ("lora", "channel")]
+    "finetune,scaling,init",
+    [
+        ("multilora", "channel", ""),
+        ("multilora", "scalar", ""),
+        ("lora", "channel", ""),
+        # the ablation's LoRA init with n = 4: no s, but n modules (the rank-(n·r) form)
+        ("multilora", "channel", "lora"),
+    ],
 )
-def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
+def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling, init):
     from peft import PeftModel
 
     torch.manual_seed(0)
@@ -503,6 +523,7 @@ def test_peft_export_equals_ours(base_dir, tmp_path, finetune, scaling):
         lora_rank=4,
         lora_alpha=8,
         scaling=scaling,
+        init=init,
     )
     train_steps(model)  # a trained adapter: A, B and s all moved away from their init
     adapter = str(tmp_path / "adapter.safetensors")

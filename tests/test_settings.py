@@ -27,7 +27,7 @@ OLD_DEFAULTS = {
         dtype="float32",
         peak_flops=1e12,
     ),
-    compare: dict(baseline="LoRA r=32", full_arm="full"),
+    compare: dict(baseline="LoRA r=32", full_arm="full", arm_seeds=["full: 1-5"]),
     # tools/bench.py's device and dtype were "auto" then: on this machine, cpu and float32
     bench: dict(n_kv_heads=4, device="cpu", dtype="float32", peak_flops=1e12),
 }

@@ -81,7 +81,7 @@ seq_len = S(128, "[1, inf)")
 memory_ns = S([1, 2, 4, 8], "[1, inf)")
 memory_rank = S(8, "[1, inf)")
 # mode=train: train.py's step for each arm, next to transformers + PEFT on the same model
-train_arms = S(["multilora", "lora"], ("multilora", "lora", "full"), "add full")
+train_arms = S(["multilora", "lora"], (*multilora.ARMS, "full"), "add full")
 n_loras = S(4, "[1, inf)", "MultiLoRA: n modules of rank lora_rank; LoRA: rank n_loras·lora_rank")
 lora_rank = S(8, "[1, inf)")
 compare_peft = S(True, None, "also transformers + PEFT LoRA (full: transformers), if installed")
@@ -302,8 +302,9 @@ def train_examples(vocab):
 
 
 def arm_shape(finetune):  # (n, r) as the tables show them; LoRA has MultiLoRA's rank n·r
-    shapes = {"multilora": (n_loras, lora_rank), "lora": (1, n_loras * lora_rank)}
-    return shapes.get(finetune, (0, 0))
+    if finetune == "full":
+        return 0, 0
+    return (1, n_loras * lora_rank) if finetune == "lora" else (n_loras, lora_rank)
 
 
 def build(impl, finetune, layout, base, examples):

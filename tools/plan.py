@@ -34,6 +34,7 @@ The micro-batch is batch_size rows of seq_len tokens, every token a target (the 
 pack=True and more than one row, the block-diagonal mask (B, 1, T, T) counts too.
 """
 
+import dataclasses
 import math
 import os
 import sys
@@ -50,6 +51,7 @@ import random_llama
 import train
 import util
 from configurator import S, configure
+from multilora import MultiLoRALinear
 from util import UserError
 
 GiB = 2**30
@@ -146,24 +148,44 @@ def longest_example(datasets):
 
 
 def adapted_model(c, s):
-    """A weightless Llama of config c, adapted as train.py adapts it."""
+    """A weightless Llama of config c, adapted as train.py adapts it. The activations are counted
+    for MultiLoRALinear: an arm of another layer is refused."""
     with torch.device("meta"):
         model = llama.Llama(c)
-    if s["finetune"] != "full":
-        multilora.adapt_model(
-            model,
-            s["finetune"],
-            **{
-                "targets": s["lora_targets"],
-                "n_loras": s["n_loras"],
-                "lora_rank": s["lora_rank"],
-                "lora_alpha": s["lora_alpha"],
-                "lora_dropout": s["lora_dropout"],
-                "scaling": s["lora_scaling"],
-                "init": s["lora_init"],
-            },
+    if s["finetune"] == "full":
+        return model
+    if multilora.ARMS[s["finetune"]].layer is not MultiLoRALinear:
+        raise UserError(
+            f"finetune: expected an arm whose layer plan.py counts (MultiLoRALinear's), got "
+            f"{s['finetune']!r}"
         )
+    multilora.adapt_model(
+        model,
+        s["finetune"],
+        **{
+            "targets": s["lora_targets"],
+            "n_loras": s["n_loras"],
+            "lora_rank": s["lora_rank"],
+            "lora_alpha": s["lora_alpha"],
+            "lora_dropout": s["lora_dropout"],
+            "scaling": s["lora_scaling"],
+            "init": s["lora_init"],
+        },
+    )
     return model
+
+
+def adapter_widths(c, s):
+    """{target: (n·r, entries of s)} of the adapters that settings s build, as the arm builds them
+    (on a one-layer model); {} for finetune=full."""
+    model = adapted_model(dataclasses.replace(c, n_layers=1), s)
+    return {
+        name.rsplit(".", 1)[1].split("_")[0]: (
+            m.lora_A.shape[0],
+            0 if m.lora_s is None else m.lora_s.numel(),
+        )
+        for name, m in multilora.adapter_modules(model)
+    }
 
 
 def local_numel(p, nproc, fsdp):
@@ -180,7 +202,7 @@ def activation_bytes(c, s, B, T, act, resid):
     (2 under bf16 autocast, 4 without), resid: of the residual stream (the embedding's dtype)."""
     full = s["finetune"] == "full"
     adapted = set() if full else set(s["lora_targets"])
-    nr = 0 if full else (1 if s["finetune"] == "lora" else s["n_loras"]) * s["lora_rank"]
+    lora = adapter_widths(c, s)
     M, D, I, hd = B * T, c.dim, c.hidden_dim, c.head_dim
     q, kv = c.n_heads * hd, c.n_kv_heads * hd
     mask = s["pack"] and B > 1  # packed rows: a block-diagonal (B, 1, T, T) mask in the act dtype
@@ -235,9 +257,9 @@ def activation_bytes(c, s, B, T, act, resid):
         b += M * I * act * (gate_g + up_g + gate_g) + (M * I * act if trains("down") else 0)
         for t in adapted:
             d_in, d_out = widths[t]
+            nr, s_entries = lora[t]
             b += M * nr * act + nr * d_out * act  # x·Aᵀ; the folded B (cast under autocast)
-            if s["finetune"] == "multilora":
-                b += s["n_loras"] * (d_out if s["lora_scaling"] == "channel" else 1) * 4  # s·α/r
+            b += s_entries * 4  # s·α/r
             if act != 4 and needs_grad[t]:
                 b += nr * d_in * act  # A cast, kept where the input needs a gradient
         if casts and not (s["fsdp"] and s["nproc"] > 1):  # autocast's weight copies
