@@ -190,6 +190,12 @@ def test_plan_weights_and_optimizer_by_hand(name, nproc):
     if nproc == 1:  # 7B: 12.6 GiB of bf16 base + 16 bytes per adapter parameter
         assert 2 * frozen == 2 * 6738415616
         assert lora == 32 * 4 * (N * R * 8192 + N * 4096)
+    else:  # untied: the largest FSDP group is the final norm with lm_head, gathered in bf16,
+        # frozen (no gradients), twice (the all-gather's buffer and the parameters)
+        block = sum(d_in * d_out for d_in, d_out in mods.values()) + 2 * D
+        block += sum(N * R * (mods[t][0] + mods[t][1]) + N * mods[t][1] for t in TARGETS)
+        assert V * D + D > block
+        assert terms["FSDP unsharded (2 x largest group)"] == 2 * 2 * (V * D + D)
 
 
 # -----------------------------------------------------------------------------
@@ -419,3 +425,28 @@ def test_fsdp_ends_match_one_process(finetune, tied, tmp_path):
     assert ref.keys() == got.keys() and (finetune != "full" or ("lm_head.weight" in ref) != tied)
     for k in ref:  # after 2 steps: every gradient, lm_head's included, was the same
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=0)
+
+
+def test_memtrace_makes_the_report_folder_or_refuses(tmp_path):
+    """tools/memtrace.py OUT.json: a folder that is not there yet is made (the report is written
+    after the run); a path that cannot hold the report is refused in one line before the script
+    runs."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text("open(__file__ + '.ran', 'w').close()\n")
+    out = tmp_path / "new" / "deeper" / "trace.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "memtrace.py")]
+    p = subprocess.run(cmd + [str(out), str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(out.read_text())
+    assert report["peak_above_base"] >= 0 and report["phases"]
+    os.remove(f"{script}.ran")
+    for bad in (tmp_path / "new", tmp_path / "job.py" / "trace.json"):
+        p = subprocess.run(
+            cmd + [str(bad), str(script)], capture_output=True, text=True, timeout=60
+        )
+        assert p.returncode != 0 and p.stderr.startswith(f"error: {bad}: ")
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+        assert not os.path.exists(f"{script}.ran")

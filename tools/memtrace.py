@@ -101,6 +101,14 @@ def main(argv):
     if rank:
         root, ext = os.path.splitext(out)
         out = f"{root}.rank{rank}{ext}"
+    # the report's folder is made, or refused, before the script runs (not after a long run)
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot make the report's folder {folder}: {e.strerror}")
+    if os.path.isdir(out) or not os.access(folder, os.W_OK):
+        raise UserError(f"{out}: expected a file path in a writable folder for the JSON report")
     trace = Trace()
     torch.nn.modules.module.register_module_forward_pre_hook(trace.pre_forward)
     torch.nn.modules.module.register_module_forward_hook(trace.post_forward)
