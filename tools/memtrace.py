@@ -8,7 +8,8 @@ optimizer step. The figures of docs/scaling.md come from it.
     torchrun --standalone --nproc_per_node=2 tools/memtrace.py out/trace.json train.py ... \\
         --fsdp=True
 
-Each process writes trace.json (rank r > 0: trace.rank{r}.json): the RSS just after `import torch`
+Each process writes trace.json (rank r > 0: trace.rank{r}.json; its folder is made before the
+script runs, or refused in one line): the RSS just after `import torch`
 (the baseline), the peak above it, and the phases in order, each with the high-water mark's rise
 while it ran and the RSS at its end; it prints the peak and the phases that raised it most.
 """
