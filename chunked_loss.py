@@ -40,7 +40,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[s : s + chunk] = grad_logits_(z, lse, t).to(dtype) @ w
         # hidden and weight only for the weight's gradient: a frozen lm_head is not kept (under FSDP
-        # it may be a gathered copy, sharding.GatheredOnUse)
+        # it is a gathered copy)
         kept = (hidden, weight) if ctx.needs_input_grad[1] else (None, None)
         ctx.save_for_backward(*kept, targets, grad_h)
         ctx.chunk, ctx.dtype = chunk, dtype
@@ -80,62 +80,11 @@ def chunked_cross_entropy(hidden, head, targets, chunk_size=256):
     hidden (N, D), head lm_head (or its weight (V, D)), targets (N,) ids. Equal to
     F.cross_entropy(hidden @ weight.T, targets, reduction="none") up to float rounding, gradients
     included. Under autocast the matmuls run in its dtype (bf16: the logits are rounded as
-    F.linear's would be), the softmax in fp32. A frozen lm_head that FSDP shards
-    (sharding.GatheredOnUse) is read a block of rows at a time: BlockedCrossEntropy."""
+    F.linear's would be), the softmax in fp32."""
     dev = hidden.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
-    chunk = max(1, int(chunk_size))
-    if hasattr(head, "row_blocks"):
-        return BlockedCrossEntropy.apply(hidden, head.row_blocks, targets, chunk, dtype)
     weight = head.weight if isinstance(head, torch.nn.Module) else head
-    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk, dtype)
-
-
-class BlockedCrossEntropy(torch.autograd.Function):
-    """ChunkedCrossEntropy for a frozen weight that arrives in blocks of rows, (a, b, weight[a:b])
-    from row_blocks() (sharding.GatheredOnUse: blocks of each rank's rows), so that no process
-    holds the whole (V, D) matrix. Two passes over the blocks: the first keeps each token's running
-    logsumexp (max m and sum s, merged as s·e^(m - m') + Σ e^(z - m')) and its target's logit; the
-    second, with the logsumexp known, adds each block's (softmax - onehot) @ weight[a:b] to the
-    hidden states' gradient. The logits are computed twice (three matmuls against two)."""
-
-    @staticmethod
-    def forward(ctx, hidden, row_blocks, targets, chunk, dtype):
-        n, h = len(hidden), hidden.to(dtype)  # cast once, not once a block
-        m = torch.full((n,), float("-inf"), device=hidden.device)
-        s, z_target = torch.zeros(n, device=hidden.device), torch.zeros(n, device=hidden.device)
-        for a, b, w in row_blocks():
-            w = w.to(dtype)
-            for i in range(0, n if b > a else 0, chunk):
-                sl, t = slice(i, i + chunk), targets[i : i + chunk]
-                z = (h[sl] @ w.t()).float()  # (C, b - a)
-                new_m = torch.maximum(m[sl], z.amax(-1))
-                s[sl] = s[sl] * (m[sl] - new_m).exp() + (z - new_m[:, None]).exp().sum(-1)
-                m[sl] = new_m
-                mine = (t >= a) & (t < b)
-                z_target[sl][mine] = z[mine.nonzero()[:, 0], t[mine] - a]
-            del w  # the block goes before the next one arrives
-        lse = m + s.log()
-        grad_h = None
-        if ctx.needs_input_grad[0]:
-            grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-            for a, b, w in row_blocks():
-                w = w.to(dtype)
-                for i in range(0, n if b > a else 0, chunk):
-                    sl, t = slice(i, i + chunk), targets[i : i + chunk]
-                    g = (h[sl] @ w.t()).float().sub_(lse[sl, None]).exp_()
-                    mine = (t >= a) & (t < b)
-                    g[mine.nonzero()[:, 0], t[mine] - a] -= 1
-                    grad_h[sl] += (g.to(dtype) @ w).float()
-                del w
-            grad_h = grad_h.to(hidden.dtype)
-        ctx.save_for_backward(grad_h)
-        return lse - z_target
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_losses[:, None].to(grad_h.dtype), None, None, None, None
+    return ChunkedCrossEntropy.apply(hidden, weight, targets, max(1, int(chunk_size)), dtype)
 
 
 # -----------------------------------------------------------------------------

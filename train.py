@@ -29,7 +29,6 @@ import checkpoint
 import dataset
 import llama
 import multilora
-import sharding
 import train_state
 import util
 from chunked_loss import token_loss_sum
@@ -216,12 +215,50 @@ def build_model(model_config):
     adapt(model, finetune, dict(lora_settings(), device=run_device))
     model.checkpoint_blocks, model.loss_chunk = activation_checkpointing, loss_chunk
     if fsdp:
-        sharding.shard(model, torch.device(run_device).type, dtype, fsdp_units)
+        shard(model, torch.device(run_device).type, dtype, fsdp_units)
     if fsdp and init_from == "pretrained":
         checkpoint.load_into(model, ckpt_dir, run_device)
         if finetune != "full":  # for the adapter file: each rank gives the entries in its rows
             model.base_sample = checkpoint.base_sample(model)
     return model
+
+
+def shard(model, device_type, dtype="float32", units="block"):
+    """FSDP2 shards every weight on dim 0 over the ranks, frozen or trained, in torchtitan's groups,
+    each gathered only for its own forward and backward: the input embedding, each block
+    (units='linear': each of its projections too), the final norm with lm_head, and the root. A
+    tied embedding is used at both ends of the model, so it stays in the root group with the norm.
+    The loss reads lm_head's weight without calling lm_head: norm's forward gathers the pair, and
+    the root's post-forward reshards a group whose modules did not all run (torch 2.13's provision
+    for a chunked loss; a release without it keeps the pair gathered until its backward)."""
+    import ctypes
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    # all-gather in the compute dtype (one dtype per group, base and adapters), gradients in fp32
+    mp = (
+        MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+        if dtype != "float32"
+        else MixedPrecisionPolicy()
+    )
+    tied = model.config.tie_embeddings
+    groups = [model.embed_tokens] if not tied else []
+    adapters = {m for _, m in multilora.adapter_modules(model)}
+    for block in model.layers:
+        for m in block.modules() if units == "linear" else []:
+            if isinstance(m, torch.nn.Linear) or m in adapters:
+                groups.append(m)
+        groups.append(block)
+    for group in groups + ([[model.norm, model.lm_head]] if not tied else []):
+        fully_shard(group, mesh=mesh, mp_policy=mp)
+    if device_type == "cpu" and hasattr(ctypes.CDLL(None), "mallopt"):
+        # glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so
+        # the weights each group gathers and frees land in its heap and stay resident; a fixed
+        # threshold (M_MMAP_THRESHOLD = -3) gives every buffer of 1 MiB or more back when freed
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
 
 
 def adapt(model, finetune, lora):

@@ -182,38 +182,3 @@ def test_no_whole_logits():
     assert plain > 2 * whole
     # the weight's gradient (V·D) and a few (64, V) blocks, far below one (N, V) tensor
     assert chunked < w.numel() * 4 + 4 * 64 * V_big * 4 < whole
-
-
-class RowBlocks:
-    """A frozen head that gives its weight in uneven blocks of rows, as sharding.GatheredOnUse does
-    under FSDP (each rank's rows): chunked_cross_entropy then takes BlockedCrossEntropy's path."""
-
-    def __init__(self, w, cuts):
-        self.w, self.cuts = w, cuts
-
-    def row_blocks(self):
-        for a, b in zip(self.cuts, self.cuts[1:]):
-            yield a, b, self.w[a:b]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_blocked_rows_equal_the_plain_loss(dtype):
-    """Losses and the hidden states' gradient of the running logsumexp over blocks of rows (an empty
-    block included, targets in every block) against F.cross_entropy of the whole logits."""
-    torch.manual_seed(0)
-    h = torch.randn(37, 16, requires_grad=True)
-    w = torch.randn(V, 16)
-    t = torch.cat([torch.tensor([0, V - 1, 299, 300]), torch.randint(0, V, (33,))])
-    weights = torch.rand(37)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        ref = F.cross_entropy((h @ w.t()).float(), t, reduction="none")
-        (ref * weights).sum().backward()
-        gh = h.grad.clone()
-        h.grad = None
-        for chunk in (1, 10, 37):
-            out = llama.chunked_cross_entropy(h, RowBlocks(w, [0, 300, 300, 701, V]), t, chunk)
-            tol = 1e-6 if dtype == torch.float32 else 1e-2
-            assert out.shape == (37,) and relative_error(out, ref) < tol
-            (out * weights).sum().backward()
-            assert relative_error(h.grad, gh) < tol
-            h.grad = None

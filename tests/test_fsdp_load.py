@@ -142,7 +142,6 @@ def worker(out, cases):
     """Under torchrun: train.build_model (fsdp=True) on each checkpoint; every rank saves its
     shards."""
     import configurator
-    import sharding
     import train
 
     rank = int(os.environ["RANK"])
@@ -169,7 +168,7 @@ def worker(out, cases):
         # the bytes a load reads: the loader's count, and the kernel's
         with torch.device("meta"):
             again = llama.Llama(config)
-        sharding.shard(again, "cpu")
+        train.shard(again, "cpu")
         before = rchar()
         n_bytes = checkpoint.load_into(again, ckpt)
         read = rchar() - before

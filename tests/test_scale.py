@@ -190,6 +190,12 @@ def test_plan_weights_and_optimizer_by_hand(name, nproc):
     if nproc == 1:  # 7B: 12.6 GiB of bf16 base + 16 bytes per adapter parameter
         assert 2 * frozen == 2 * 6738415616
         assert lora == 32 * 4 * (N * R * 8192 + N * 4096)
+    else:  # untied: the largest FSDP group is the final norm with lm_head, gathered in bf16,
+        # frozen (no gradients), twice (the all-gather's buffer and the parameters)
+        block = sum(d_in * d_out for d_in, d_out in mods.values()) + 2 * D
+        block += sum(N * R * (mods[t][0] + mods[t][1]) + N * mods[t][1] for t in TARGETS)
+        assert V * D + D > block
+        assert terms["FSDP unsharded (2 x largest group)"] == 2 * 2 * (V * D + D)
 
 
 # -----------------------------------------------------------------------------
@@ -353,14 +359,14 @@ def test_plan_activations_equal_autograd_saved(finetune, dtype, ckpt, pack, targ
 
 
 # -----------------------------------------------------------------------------
-# sharding.shard with an untied embedding, 2 gloo ranks against 1 process. Full fine-tuning: the
-# final norm and lm_head as one FSDP2 group, whose lm_head the chunked loss uses without calling it
-# (gathered by norm's forward, resharded by the root's post-forward, gathered again for the
-# backward). LoRA: the frozen embedding and lm_head outside FSDP, read one block of rows at a time
-# (sharding.GatheredOnUse, chunked_loss.BlockedCrossEntropy), each projection its own FSDP2 group.
+# train.shard, 2 gloo ranks against 1 process, with trained ends (full fine-tuning) and frozen ones
+# (LoRA), tied and untied. Untied: the embedding is an FSDP2 group, and so are the final norm with
+# lm_head, whose lm_head the chunked loss uses without calling it (gathered by norm's forward,
+# resharded by the root's post-forward, gathered again for the backward); for LoRA each projection
+# is a group of its own too (fsdp_units=linear). Tied: the embedding is in the root group.
 
 
-SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, tie_embeddings=False)
+SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128)
 
 
 def _run(script, args, nproc=1):
@@ -379,10 +385,11 @@ def _run(script, args, nproc=1):
     assert p.returncode == 0, p.stderr[-3000:]
 
 
-def _train(out_dir, nproc, finetune, base):
+def _train(out_dir, nproc, finetune, base, tied):
     """2 steps of 4 micro-batches of 2 (-> losses by step, the trained weights): full fine-tuning
     from a random init of SHAPE, LoRA over the base written at that shape."""
-    model = dict(init_from="scratch", **SHAPE) if finetune == "full" else dict(ckpt_dir=base)
+    scratch = dict(init_from="scratch", tie_embeddings=tied, **SHAPE)
+    model = scratch if finetune == "full" else dict(ckpt_dir=base)
     data = os.path.join(base, "tasks") if base.exists() else os.path.join(ROOT, "data", "tasks")
     args = dict(
         finetune=finetune, datasets=data, batch_size=2,
@@ -390,7 +397,7 @@ def _train(out_dir, nproc, finetune, base):
         exact_match_examples=0, log_interval=1, warmup_iters=0, learning_rate=1e-2, threads=0,
         out_dir=str(out_dir), fsdp=nproc > 1, **model,
     )  # fmt: skip
-    if nproc > 1 and finetune != "full":
+    if nproc > 1 and finetune != "full" and not tied:
         args["fsdp_units"] = "linear"
     _run("train.py", args, nproc)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -400,19 +407,46 @@ def _train(out_dir, nproc, finetune, base):
     return losses, dict(iter_safetensors(os.path.join(out_dir, path)))
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("finetune", ["full", "lora"])
-def test_fsdp_untied_head_group_matches_one_process(finetune, tmp_path):
+def test_fsdp_ends_match_one_process(finetune, tied, tmp_path):
     # full: lm_head trains, so its gradient must come back whole through the group's reduce-scatter
     base = tmp_path / "base"
     if finetune != "full":
         # an uneven vocabulary over 2 ranks; tasks/: the embedded suite with this vocab_size
-        _run("tools/random_llama.py", dict(vocab_size=1001, tasks=True, out_dir=base, **SHAPE))
-    ref_losses, ref = _train(tmp_path / "one", 1, finetune, base)
-    got_losses, got = _train(tmp_path / "two", 2, finetune, base)
+        shape = dict(vocab_size=1001, tie_embeddings=tied, tasks=True, out_dir=base, **SHAPE)
+        _run("tools/random_llama.py", shape)
+    ref_losses, ref = _train(tmp_path / "one", 1, finetune, base, tied)
+    got_losses, got = _train(tmp_path / "two", 2, finetune, base, tied)
     assert [r[0] for r in ref_losses] == [r[0] for r in got_losses]
     assert sum(r[1] is not None for r in ref_losses) == 2
     for a, b in zip(ref_losses, got_losses):
         assert a == pytest.approx(b, abs=1e-5)
-    assert ref.keys() == got.keys() and (finetune != "full" or "lm_head.weight" in ref)
+    assert ref.keys() == got.keys() and (finetune != "full" or ("lm_head.weight" in ref) != tied)
     for k in ref:  # after 2 steps: every gradient, lm_head's included, was the same
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=0)
+
+
+def test_memtrace_makes_the_report_folder_or_refuses(tmp_path):
+    """tools/memtrace.py OUT.json: a folder that is not there yet is made (the report is written
+    after the run); a path that cannot hold the report is refused in one line before the script
+    runs."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "job.py"
+    script.write_text("open(__file__ + '.ran', 'w').close()\n")
+    out = tmp_path / "new" / "deeper" / "trace.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "memtrace.py")]
+    p = subprocess.run(cmd + [str(out), str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(out.read_text())
+    assert report["peak_above_base"] >= 0 and report["phases"]
+    os.remove(f"{script}.ran")
+    for bad in (tmp_path / "new", tmp_path / "job.py" / "trace.json"):
+        p = subprocess.run(
+            cmd + [str(bad), str(script)], capture_output=True, text=True, timeout=60
+        )
+        assert p.returncode != 0 and p.stderr.startswith(f"error: {bad}: ")
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+        assert not os.path.exists(f"{script}.ran")

@@ -8,7 +8,8 @@ optimizer step. The figures of docs/scaling.md come from it.
     torchrun --standalone --nproc_per_node=2 tools/memtrace.py out/trace.json train.py ... \\
         --fsdp=True
 
-Each process writes trace.json (rank r > 0: trace.rank{r}.json): the RSS just after `import torch`
+Each process writes trace.json (rank r > 0: trace.rank{r}.json; its folder is made before the
+script runs, or refused in one line): the RSS just after `import torch`
 (the baseline), the peak above it, and the phases in order, each with the high-water mark's rise
 while it ran and the RSS at its end; it prints the peak and the phases that raised it most.
 """
@@ -101,6 +102,14 @@ def main(argv):
     if rank:
         root, ext = os.path.splitext(out)
         out = f"{root}.rank{rank}{ext}"
+    # the report's folder is made, or refused, before the script runs (not after a long run)
+    folder = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out}: cannot make the report's folder {folder}: {e.strerror}")
+    if os.path.isdir(out) or not os.access(folder, os.W_OK):
+        raise UserError(f"{out}: expected a file path in a writable folder for the JSON report")
     trace = Trace()
     torch.nn.modules.module.register_module_forward_pre_hook(trace.pre_forward)
     torch.nn.modules.module.register_module_forward_hook(trace.post_forward)

@@ -16,15 +16,14 @@ Per process (docs/scaling.md explains each line):
   trainable weights  fp32 (train.adapt casts them)
   gradients          fp32, one per trainable weight (DDP: twice, its buckets copy them)
   AdamW              two fp32 moments per trainable weight
-  FSDP unsharded     sharding.shard's groups, gathered in the all-gather dtype: each block (or with
-                     fsdp_units='linear' each projection), and the largest counts twice (FSDP2
-                     gathers a group into one buffer and copies it out to the parameters; or the
-                     group computing and the one prefetched); a frozen embedding and lm_head are
-                     read one block of rows at a time (sharding.GatheredOnUse); trained, an untied
-                     embedding and the final norm with lm_head are groups of their own, a tied
-                     embedding and the final norm the root group, gathered from the forward to
-                     the end of the backward, next to two groups; for full fine-tuning, the
-                     gradients of a group before its reduce-scatter
+  FSDP unsharded     train.shard's groups (torchtitan's), frozen or trained, gathered in the
+                     all-gather dtype: each block (or with fsdp_units='linear' each projection),
+                     and the largest counts twice (FSDP2 gathers a group into one buffer and
+                     copies it out to the parameters; or the group computing and the one
+                     prefetched); an untied embedding and the final norm with lm_head are groups
+                     of their own, a tied embedding and the final norm the root group, gathered
+                     from the forward to the end of the backward, next to two groups; a trained
+                     group's gradients before its reduce-scatter
   activations        what autograd keeps for the backward pass, counted from llama.py's forward
                      (tests/test_scale.py checks the count against autograd's saved tensors),
                      plus the peak on top: the recomputed block (activation checkpointing), the
@@ -201,14 +200,82 @@ def activation_bytes(c, s, B, T, act, resid):
     tokens, counted op by op from llama.py and multilora.py; act: bytes of the activation dtype
     (2 under bf16 autocast, 4 without), resid: of the residual stream (the embedding's dtype)."""
     full = s["finetune"] == "full"
+    M, D, hd = B * T, c.dim, c.head_dim
+    mask = s["pack"] and B > 1  # packed rows: a block-diagonal (B, 1, T, T) mask in the act dtype
+    rope_rows = B if s["pack"] else 1  # packed rows carry their own positions: (B, 1, T, hd)
+    N = M  # every token a target, the worst case
+    loss = M + N * 8 + norm_bytes(N, D, full) + N * D * (4 if full else resid)
+    if full:
+        loss += N * D * 4 + M * 8  # the normed hidden states (lm_head trains); the embedding's ids
+    rope = act == 4 or s["activation_checkpointing"]  # fp32 cos, sin: kept once (block inputs)
+    shared = (B * T * T * act if mask else 0) + (2 * rope_rows * T * hd * 4 if rope else 0)
+    if s["activation_checkpointing"]:
+        kept = c.n_layers * M * D * resid + shared + loss  # each block keeps only its input
+    else:
+        kept = layer_bytes(c, s, B, T, act, True)
+        kept += (c.n_layers - 1) * layer_bytes(c, s, B, T, act, False) + shared + loss
+    return kept, layer_bytes(c, s, B, T, act, False), loss
+
+
+def norm_bytes(n, D, full):
+    """RMSNorm of n tokens: the fp32 input (pow, mul) and rsqrt; + the normalized x if weight
+    trains."""
+    return n * D * 4 + n * 4 + (n * D * 4 if full else 0)
+
+
+def layer_bytes(c, s, B, T, act, first):
+    """What autograd keeps for one block (activation_bytes). What needs a gradient decides what is
+    kept: in layer 0 of an adapted model (first) the input (the frozen embedding's output) needs
+    none, nor what only frozen weights computed from it."""
+    full = s["finetune"] == "full"
     adapted = set() if full else set(s["lora_targets"])
-    lora = adapter_widths(c, s)
     M, D, I, hd = B * T, c.dim, c.hidden_dim, c.head_dim
     q, kv = c.n_heads * hd, c.n_kv_heads * hd
-    mask = s["pack"] and B > 1  # packed rows: a block-diagonal (B, 1, T, T) mask in the act dtype
+    mask = s["pack"] and B > 1
     kv_saved = q if mask and c.n_heads != c.n_kv_heads else kv  # GQA with a mask: full-width k, v
-    rope_rows = B if s["pack"] else 1  # packed rows carry their own positions: (B, 1, T, hd)
+    rope_rows = B if s["pack"] else 1
     trains = lambda *names: full or bool(adapted & set(names))  # noqa: E731
+    g_in = not first or full
+    qkv_g = g_in or trains("q", "k", "v")
+    y_g = qkv_g  # SDPA's output
+    mid_g = g_in or y_g or trains("o")  # the residual stream after attention
+    gate_g, up_g = mid_g or trains("gate"), mid_g or trains("up")
+    needs_grad = {
+        "q": g_in,
+        "k": g_in,
+        "v": g_in,
+        "o": y_g,
+        "gate": mid_g,
+        "up": mid_g,
+        "down": gate_g or up_g,
+    }
+    b = norm_bytes(M, D, full) if g_in else 0
+    # the normed x, input of q, k, v: one copy, or under autocast with fp32 weights (full) one
+    # cast per projection (autocast caches the casts of weights, not of activations)
+    casts = full and act != 4
+    b += M * D * act * (3 if casts else 1) if trains("q", "k", "v") else 0
+    if qkv_g:  # SDPA's q, k, v (after RoPE), output and logsumexp
+        b += M * (q + 2 * kv_saved) * act + M * q * act + B * c.n_heads * T * 4
+        if act != 4 and (g_in or trains("q", "k")):  # cos, sin cast to the act dtype
+            b += 2 * rope_rows * T * hd * act
+    elif trains("o"):
+        b += M * q * act  # o's input only
+    b += norm_bytes(M, D, full) if mid_g else 0
+    b += M * D * act * (2 if casts else 1) if trains("gate", "up") else 0
+    # SwiGLU: silu's input; silu(gate) and up for their product; the product for down
+    b += M * I * act * (gate_g + up_g + gate_g) + (M * I * act if trains("down") else 0)
+    b += adapter_bytes(c, s, M, act, needs_grad)
+    if casts and not (s["fsdp"] and s["nproc"] > 1):  # autocast's weight copies
+        b += (2 * q * D + 2 * kv * D + 3 * D * I) * act
+    return b
+
+
+def adapter_bytes(c, s, M, act, needs_grad):
+    """What the adapters of one block keep for M tokens (layer_bytes); needs_grad: projection ->
+    whether its input needs a gradient."""
+    if s["finetune"] == "full":
+        return 0
+    q, kv, D, I = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.dim, c.hidden_dim
     widths = {
         "q": (D, q),
         "k": (D, kv),
@@ -218,65 +285,14 @@ def activation_bytes(c, s, B, T, act, resid):
         "up": (D, I),
         "down": (I, D),
     }
-
-    # RMSNorm: the fp32 input (pow, mul) and rsqrt; + the normalized x if weight trains
-    def norm(n):
-        return n * D * 4 + n * 4 + (n * D * 4 if full else 0)
-
-    def layer(first):
-        # what needs a gradient decides what is kept: in layer 0 of an adapted model the input
-        # (the frozen embedding's output) needs none, nor what only frozen weights computed from it
-        g_in = not first or full
-        qkv_g = g_in or trains("q", "k", "v")
-        y_g = qkv_g  # SDPA's output
-        mid_g = g_in or y_g or trains("o")  # the residual stream after attention
-        gate_g, up_g = mid_g or trains("gate"), mid_g or trains("up")
-        needs_grad = {
-            "q": g_in,
-            "k": g_in,
-            "v": g_in,
-            "o": y_g,
-            "gate": mid_g,
-            "up": mid_g,
-            "down": gate_g or up_g,
-        }
-        b = norm(M) if g_in else 0
-        # the normed x, input of q, k, v: one copy, or under autocast with fp32 weights (full) one
-        # cast per projection (autocast caches the casts of weights, not of activations)
-        casts = full and act != 4
-        b += M * D * act * (3 if casts else 1) if trains("q", "k", "v") else 0
-        if qkv_g:  # SDPA's q, k, v (after RoPE), output and logsumexp
-            b += M * (q + 2 * kv_saved) * act + M * q * act + B * c.n_heads * T * 4
-            if act != 4 and (g_in or trains("q", "k")):  # cos, sin cast to the act dtype
-                b += 2 * rope_rows * T * hd * act
-        elif trains("o"):
-            b += M * q * act  # o's input only
-        b += norm(M) if mid_g else 0
-        b += M * D * act * (2 if casts else 1) if trains("gate", "up") else 0
-        # SwiGLU: silu's input; silu(gate) and up for their product; the product for down
-        b += M * I * act * (gate_g + up_g + gate_g) + (M * I * act if trains("down") else 0)
-        for t in adapted:
-            d_in, d_out = widths[t]
-            nr, s_entries = lora[t]
-            b += M * nr * act + nr * d_out * act  # x·Aᵀ; the folded B (cast under autocast)
-            b += s_entries * 4  # s·α/r
-            if act != 4 and needs_grad[t]:
-                b += nr * d_in * act  # A cast, kept where the input needs a gradient
-        if casts and not (s["fsdp"] and s["nproc"] > 1):  # autocast's weight copies
-            b += (2 * q * D + 2 * kv * D + 3 * D * I) * act
-        return b
-
-    N = M  # every token a target, the worst case
-    loss = M + N * 8 + norm(N) + N * D * (4 if full else resid)  # logits_at, targets, norm, grad_h
-    if full:
-        loss += N * D * 4 + M * 8  # the normed hidden states (lm_head trains); the embedding's ids
-    rope = act == 4 or s["activation_checkpointing"]  # fp32 cos, sin: kept once (block inputs)
-    shared = (B * T * T * act if mask else 0) + (2 * rope_rows * T * hd * 4 if rope else 0)
-    if s["activation_checkpointing"]:
-        kept = c.n_layers * M * D * resid + shared + loss  # each block keeps only its input
-    else:
-        kept = layer(True) + (c.n_layers - 1) * layer(False) + shared + loss
-    return kept, layer(False), loss
+    b = 0
+    for t, (nr, s_entries) in adapter_widths(c, s).items():
+        d_in, d_out = widths[t]
+        b += M * nr * act + nr * d_out * act  # x·Aᵀ; the folded B (cast under autocast)
+        b += s_entries * 4  # s·α/r
+        if act != 4 and needs_grad[t]:
+            b += nr * d_in * act  # A cast, kept where the input needs a gradient
+    return b
 
 
 def plan(s, c, nproc=None, seq_len=None):
@@ -303,53 +319,12 @@ def plan(s, c, nproc=None, seq_len=None):
         "AdamW moments (2 x fp32)": trainable * 8,
     }
     if fsdp:  # gathered parameters (in the all-gather dtype) on top of the shards
-
-        def gathered(params):
-            size = sum(
-                p.numel() * (param_bytes or (4 if full or p.requires_grad else base_bytes))
-                for p in params
-            )
-            grads = sum(
-                p.numel() * ((param_bytes or 4) + 4) for p in params if full or p.requires_grad
-            )
-            return size, grads
-
-        block = model.layers[0]
-        units = [block.parameters()]  # fsdp_units='linear': each projection, and the block's norms
-        if s["fsdp_units"] == "linear":
-            linears = [m for m in block.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
-            units = [m.parameters() for m in linears] + [
-                [p for m in block.modules() if m not in linears for p in m.parameters(False)]
-            ]
-        largest = max((gathered(u) for u in units), key=lambda g: 2 * g[0] + g[1])
-        # frozen ends outside FSDP: one block of rows at a time (sharding.GatheredOnUse)
-        if not full:
-            ends = [(min(1 << 22, math.ceil(c.vocab_size / nproc) * c.dim) * base_bytes, 0)]
-            out["FSDP unsharded (2 x largest group)"] = max(
-                2 * sz + g for sz, g in ends + [largest]
-            )
-        elif c.tie_embeddings:  # the root group: the shared embedding and the final norm
-            blocks = {id(p) for p in model.layers.parameters()}
-            root_size, root_grads = gathered(p for p in model.parameters() if id(p) not in blocks)
-            out["FSDP unsharded (root + 2 groups)"] = (
-                root_size + 2 * largest[0] + largest[1] + root_grads
-            )
-        else:  # groups of their own: the embedding, each block, the final norm with lm_head
-            ends = [
-                gathered(model.embed_tokens.parameters()),
-                gathered([*model.norm.parameters(), *model.lm_head.parameters()]),
-            ]
-            out["FSDP unsharded (2 x largest group)"] = max(
-                2 * size + grads for size, grads in ends + [largest]
-            )
+        out.update(fsdp_gathered(model, s, param_bytes, base_bytes))
     B = s["batch_size"]
     T = seq_len or s["seq_len"] or c.max_seq_len
     kept, one_layer, _ = activation_bytes(c, s, B, T, act, resid)
     chunk = min(s["loss_chunk"], B * T)
-    vocab = c.vocab_size  # the loss's logits: a block of rows of a frozen head under FSDP
-    if fsdp and not full:
-        vocab = min(max(1, (1 << 22) // c.dim), math.ceil(c.vocab_size / nproc))
-    loss_buffers = chunk * vocab * (8 + (2 if act == 2 else 0))  # fp32 logits, exp, casts
+    loss_buffers = chunk * c.vocab_size * (8 + (2 if act == 2 else 0))  # fp32 logits, exp, casts
     if full and act == 2 and not fsdp:
         loss_buffers += c.vocab_size * c.dim * 2  # lm_head's weight cast for the loss
     backward_temps = 3 * B * T * c.hidden_dim * act
@@ -357,6 +332,47 @@ def plan(s, c, nproc=None, seq_len=None):
     out["activations (kept)"] = kept
     out["activations (peak on top)"] = max(loss_buffers, recompute + backward_temps)
     return out, model
+
+
+def fsdp_gathered(model, s, param_bytes, base_bytes):
+    """{line: bytes} of the weights FSDP gathers on top of the shards, by train.shard's groups
+    (torchtitan's), frozen or trained alike: each block (fsdp_units='linear': each projection, and
+    the block's norms), and the largest group counts twice (FSDP2 gathers a group into one buffer
+    and copies it out to the parameters; or the group computing and the one prefetched). Untied,
+    the embedding and the final norm with lm_head are groups of their own; tied, the embedding
+    and the final norm are the root group, gathered from the forward to the end of the backward,
+    next to two groups. A trained group also holds its gradients before the reduce-scatter.
+    param_bytes: the all-gather dtype's (None: each parameter's own)."""
+    full = s["finetune"] == "full"
+
+    def gathered(params):
+        params = list(params)
+        size = sum(
+            p.numel() * (param_bytes or (4 if full or p.requires_grad else base_bytes))
+            for p in params
+        )
+        grads = sum(p.numel() * ((param_bytes or 4) + 4) for p in params if full or p.requires_grad)
+        return size, grads
+
+    block = model.layers[0]
+    units = [block.parameters()]
+    if s["fsdp_units"] == "linear":
+        linears = [m for m in block.modules() if hasattr(m, "weight") and m.weight.dim() == 2]
+        units = [m.parameters() for m in linears] + [
+            [p for m in block.modules() if m not in linears for p in m.parameters(False)]
+        ]
+    largest = max((gathered(u) for u in units), key=lambda g: 2 * g[0] + g[1])
+    if model.config.tie_embeddings:  # the root group: the shared embedding and the final norm
+        blocks = {id(p) for p in model.layers.parameters()}
+        root_size, root_grads = gathered(p for p in model.parameters() if id(p) not in blocks)
+        return {
+            "FSDP unsharded (root + 2 groups)": root_size + 2 * largest[0] + largest[1] + root_grads
+        }
+    ends = [
+        gathered(model.embed_tokens.parameters()),
+        gathered([*model.norm.parameters(), *model.lm_head.parameters()]),
+    ]
+    return {"FSDP unsharded (2 x largest group)": max(2 * sz + g for sz, g in ends + [largest])}
 
 
 def report(s, c, source, seq_note):
