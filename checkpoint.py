@@ -331,6 +331,11 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
     return header, metadata, 8 + n
 
 
+def _shown(name):
+    """A tensor name from a file, for a one-line message: as it is if printable and short."""
+    return name if name.isprintable() and len(name) <= 200 else repr(name)[:200]
+
+
 def check_safetensors_header(path, header, data_size, dtypes=WEIGHT_DTYPES):
     """The format in full (github.com/huggingface/safetensors): a JSON object of tensors, each
     {"dtype": one of dtypes, "shape": [ints >= 0], "data_offsets": [begin, end]} whose byte count
@@ -351,19 +356,19 @@ def check_safetensors_header(path, header, data_size, dtypes=WEIGHT_DTYPES):
         )
         if not ok:
             raise UserError(
-                f"{path}: tensor {name!r:.80}: corrupt header entry (expected dtype, shape: a "
+                f"{path}: tensor {_shown(name)}: corrupt header entry (expected dtype, shape: a "
                 f"list of ints >= 0, data_offsets: [begin, end])"
             )
         if not isinstance(t.get("dtype"), str) or t["dtype"] not in dtypes:
             raise UserError(
-                f"{path}: tensor {name!r:.80}: dtype {t.get('dtype')!r:.40}, "
+                f"{path}: tensor {_shown(name)}: dtype {t.get('dtype')!r:.40}, "
                 f"expected one of {', '.join(dtypes)}"
             )
         begin, end = t["data_offsets"]
         nbytes = math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize
         if end - begin != nbytes:
             raise UserError(
-                f"{path}: tensor {name!r:.80}: {t['dtype']} {t['shape']} needs {nbytes} bytes, "
+                f"{path}: tensor {_shown(name)}: {t['dtype']} {t['shape']} needs {nbytes} bytes, "
                 f"the header gives it {end - begin}"
             )
     done = 0
@@ -374,8 +379,8 @@ def check_safetensors_header(path, header, data_size, dtypes=WEIGHT_DTYPES):
                 "overlap the tensor before" if begin < done else "leave a gap after the one before"
             )
             raise UserError(
-                f"{path}: tensor {name!r:.80}: data_offsets [{begin}, {end}] {how} (which ends at "
-                f"{done}): invalid offsets"
+                f"{path}: tensor {_shown(name)}: data_offsets [{begin}, {end}] {how} (which "
+                f"ends at {done}): invalid offsets"
             )
         done = end
     if done != data_size:
@@ -585,8 +590,8 @@ def _hf_source(ckpt_dir):
         for name in files:
             if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
                 raise UserError(
-                    f"{index_path}: weight_map: {name!r:.80}: expected a file name in {ckpt_dir}, "
-                    f"not a path"
+                    f"{index_path}: weight_map: {_shown(name)}: expected a file name in "
+                    f"{ckpt_dir}, not a path"
                 )
     elif os.path.exists(os.path.join(ckpt_dir, "model.safetensors")):
         files = ["model.safetensors"]
@@ -875,17 +880,27 @@ def adapter_metadata(model, settings, step=None):
     return metadata
 
 
-def read_adapter(path, target_names):
+def read_adapter(path, target_names, model=None, any_base=False):
     """An adapter file -> (state {key: tensor}, settings, metadata), checked: a safetensors file of
     finite floating-point tensors, the format's name, settings of the right types and values
-    (target_names: the names settings.targets may hold)."""
+    (target_names: the names settings.targets may hold). All but finiteness is checked from the
+    header, before the body is read; with a model, also each tensor's shape (check_adapter_shapes),
+    so that no more is read than the model's adapters hold, after its base (check_adapter_base)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: adapter file not found")
-    _, metadata, _ = read_safetensors_header(path)
+    header, metadata, _ = read_safetensors_header(path)
+    settings = _adapter_settings(path, metadata, target_names)
+    if model is not None:
+        check_adapter_base(path, metadata, model, any_base)
+        check_adapter_shapes(path, header, settings, model, target_names)
     state = dict(iter_safetensors(path))
     for k, v in state.items():
         if not torch.isfinite(v).all():
             raise UserError(f"{path}: {k}: not finite (NaN or inf): the run that wrote it diverged")
+    return state, settings, metadata
+
+
+def _adapter_settings(path, metadata, target_names):
     if metadata.get("format") != ADAPTER_FORMAT:
         raise UserError(
             f"{path}: metadata.format: expected {ADAPTER_FORMAT!r}, got {metadata.get('format')!r}"
@@ -897,7 +912,29 @@ def read_adapter(path, target_names):
             f"{path}: metadata.settings: expected a JSON object of adapter settings"
         ) from None
     check_adapter_settings(path, settings if isinstance(settings, dict) else {}, target_names)
-    return state, settings, metadata
+    return settings
+
+
+def check_adapter_shapes(path, header, settings, model, target_names):
+    """Each tensor of an adapter file's header is a lora_A (n·r, d_in), lora_B (d_out, n·r) or
+    lora_s (n, d_out or 1) of a target projection of the model, by the file's settings
+    (target_names: {target: module name}, multilora.TARGET_MODULES)."""
+    nr, n = settings["n_loras"] * settings["lora_rank"], settings["n_loras"]
+    targets = tuple("." + target_names[t] for t in settings["targets"])
+    for key, t in header.items():
+        module, _, kind = key.rpartition(".")
+        try:
+            weight = model.get_submodule(module).weight
+        except AttributeError:
+            weight = None
+        ok = weight is not None and weight.dim() == 2 and module.endswith(targets)
+        d_out, d_in = weight.shape if ok else (0, 0)
+        want = {"lora_A": [nr, d_in], "lora_B": [d_out, nr], "lora_s": [n, d_out]}.get(kind)
+        if not ok or want is None or t["shape"] not in (want, [n, 1] * (kind == "lora_s")):
+            raise UserError(
+                f"{path}: tensor {_shown(key)}: shape {t['shape']!s:.40} is not an adapter's of "
+                f"this model with n_loras={n}, lora_rank={settings['lora_rank']} (expected {want})"
+            )
 
 
 def check_adapter_settings(path, settings, target_names):

@@ -274,11 +274,9 @@ def load_adapter(path, model=None, any_base=False):
     """Read an adapter file -> (state {key: tensor}, settings), checked (checkpoint.read_adapter).
     With a model, refuse a file made for another base (names and shapes; and weights, unless
     any_base) or for other settings than the model is adapted with."""
-    state, settings, metadata = checkpoint.read_adapter(path, TARGET_MODULES)
-    if model is not None:
-        checkpoint.check_adapter_base(path, metadata, model, any_base)
-        if getattr(model, "adapter_settings", None) is not None:
-            checkpoint.check_adapter_fits(path, state, settings, model)
+    state, settings, _ = checkpoint.read_adapter(path, TARGET_MODULES, model, any_base)
+    if model is not None and getattr(model, "adapter_settings", None) is not None:
+        checkpoint.check_adapter_fits(path, state, settings, model)
     return state, settings
 
 
