@@ -752,6 +752,13 @@ def expected_shapes(c):
     return shapes
 
 
+def config_numel(c):
+    """The parameter count of the base a LlamaConfig describes, by formula (expected_shapes')."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    layer = 2 * c.dim * (q + kv) + 3 * c.dim * c.hidden_dim + 2 * c.dim
+    return c.n_layers * layer + c.vocab_size * c.dim * (1 if c.tie_embeddings else 2) + c.dim
+
+
 def check_config_against_files(config, tensors, ckpt_dir, where, keys):
     """The model the config describes must be the one the files hold, checked from the headers
     before anything is built or allocated: as many layers, every tensor there with its shape, none
