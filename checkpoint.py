@@ -952,7 +952,9 @@ def check_adapter_settings(path, settings, target_names):
     if settings.get("finetune") not in ("multilora", "lora"):
         raise refuse("finetune", "'multilora' or 'lora'")
     targets = settings.get("targets")
-    if not isinstance(targets, list) or not set(targets) <= set(target_names):
+    if not isinstance(targets, list) or not all(
+        isinstance(t, str) and t in target_names for t in targets
+    ):
         raise refuse("targets", f"a list of names from {','.join(target_names)}")
     for key in ("n_loras", "lora_rank"):
         if type(settings.get(key)) is not int or settings[key] < 1:

@@ -149,19 +149,21 @@ def check_threads(value, settings=None):
 
 
 def available_memory():
-    """Bytes of memory this process may still take: MemAvailable (Linux), capped by an address
-    space limit (RLIMIT_AS) if one is set; None where neither is known."""
+    """Bytes of memory this process may still take: MemAvailable (Linux), capped by what an
+    address space limit (RLIMIT_AS) leaves; None where neither is known."""
     import resource
 
-    known = []
-    try:
-        with open("/proc/meminfo") as f:
-            known += [int(x.split()[1]) * 1024 for x in f if x.startswith("MemAvailable:")]
-    except OSError:
-        pass
+    def kib(path, key):
+        try:
+            with open(path) as f:
+                return [int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":")]
+        except OSError:
+            return []
+
+    known = kib("/proc/meminfo", "MemAvailable")
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     if limit != resource.RLIM_INFINITY:
-        known.append(limit)
+        known.append(limit - sum(kib("/proc/self/status", "VmSize")))
     return min(known) if known else None
 
 
