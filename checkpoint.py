@@ -658,6 +658,7 @@ def meta_to_hf(key, stored, config):
 def _meta_source(ckpt_dir):
     params_path = os.path.join(ckpt_dir, "params.json")
     params = _read_json(params_path)
+    _getter(params, params_path)  # an object, before its fields are read
     names = sorted(os.listdir(ckpt_dir))
     pths = [n for n in names if re.fullmatch(r"consolidated\.\d+\.pth", n)]
     sts = [n for n in names if re.fullmatch(r"consolidated(\.\d+)?\.safetensors", n)]

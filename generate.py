@@ -113,7 +113,9 @@ def check_generation_size(config, prompts, max_new_tokens, batch_size, dtype, de
     kv = 2 * c.n_layers * rows * total * c.n_kv_heads * c.head_dim * size
     need = checkpoint.config_numel(c) * size + kv + rows * c.vocab_size * 8 * 2
     util.check_memory(
-        need, f"batch_size {batch_size} x max_new_tokens {max_new_tokens} on {where}", device
+        need,
+        f"max_new_tokens {max_new_tokens} for {rows} prompts at a time (batch_size) on {where}",
+        device,
     )
 
 

@@ -389,6 +389,13 @@ CASES = [
     ("train-config-layers-10^6", TRAIN, [*TRAIN_ARGS[1:], CKPT], config(num_hidden_layers=10**6)),
     ("gen-max_new_tokens-10^9", GEN, [BASE, "--max_new_tokens=1000000000"], None),
     ("gen-seed-10^30", GEN, [BASE, f"--seed={10**30}"], None),
+    (
+        "gen-kv-cache-past-memory",
+        GEN,
+        [CKPT, "--max_new_tokens=1000000000"],
+        config(max_position_embeddings=2**31 - 1),
+    ),
+    ("gen-batch_size-0", GEN, [BASE, "--batch_size=0"], None),
     ("eval-max_new_tokens-10^9", EVAL, [BASE, "--max_new_tokens=1000000000"], None),
     ("bench-batch-10^6-x-10^5", BENCH, ["--batch_size=1000000", "--seq_len=100000"], None),
     ("bench-threads-1000", BENCH, ["--threads=1000"], None),
