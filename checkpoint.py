@@ -132,7 +132,7 @@ def check_config_values(path, keys, f):
         what = "head_dim" if f.get("head_dim", 0) else "dim"
         raise UserError(
             f"{path}: {keys[what]}: the head dimension must be even (RoPE rotates pairs), got "
-            f"{f['head_dim'] or f['dim'] // f['n_heads']}"
+            f"{f.get('head_dim', 0) or f['dim'] // f['n_heads']}"
         )
 
 

@@ -359,6 +359,11 @@ def load_data_and_config():
     if init_from == "scratch":
         tokenizer_path = tokenizer or meta.get("tokenizer", "")
         tok = load_tokenizer(tokenizer_path)
+        # the shape's settings checked as a config file's values are (an odd head dimension, ...)
+        shape = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim)
+        keys = dict({k: k for k in shape}, head_dim="dim", rope_theta="rope_theta")
+        values = dict(shape, rope_theta=rope_theta, norm_eps=1e-5, rope_scaling=None)
+        checkpoint.check_config_values("init_from=scratch", keys, values)
         model_config = llama.LlamaConfig(
             dim=dim,
             n_layers=n_layers,

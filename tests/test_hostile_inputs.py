@@ -146,6 +146,7 @@ def test_safetensors_header_past_100_mb_is_refused_unread(tmp_path):
         (dict(norm_eps=float("nan")), "norm_eps"),
         (dict(use_scaled_rope=True, rope_scaling_factor=0), "rope_scaling_factor"),
         (dict(dim=10**30), "dim"),
+        (dict(dim=60, n_heads=4), "dim"),
     ],
 )
 def test_meta_params_that_divide_by_zero_or_overflow(params, key):
@@ -384,6 +385,12 @@ CASES = [
         "train-scratch-past-memory",
         TRAIN,
         [*TRAIN_ARGS, "--init_from=scratch", "--finetune=full", "--dim=65536", "--n_layers=512"],
+        None,
+    ),
+    (
+        "train-scratch-odd-head-dim",
+        TRAIN,
+        [*TRAIN_ARGS, "--init_from=scratch", "--finetune=full", "--dim=12", "--n_kv_heads=2"],
         None,
     ),
     ("train-config-layers-10^6", TRAIN, [*TRAIN_ARGS[1:], CKPT], config(num_hidden_layers=10**6)),
