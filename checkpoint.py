@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 
 import torch
@@ -37,14 +38,21 @@ from util import UserError, atomic_write, write_text
 # config files
 
 
+MAX_JSON = 100_000_000  # a config or index file larger than this is not one
+
+
 def _read_json(path):
+    """A config or index file: a regular file of at most MAX_JSON bytes, parsed as JSON."""
+    with open_regular(path, "JSON file") as f:
+        raw = f.read(MAX_JSON + 1)
+    if len(raw) > MAX_JSON:
+        raise UserError(f"{path}: more than {MAX_JSON} bytes: not a config file")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
+        return json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _getter(cfg, path):
@@ -58,19 +66,78 @@ def _getter(cfg, path):
             if default is KeyError:
                 raise UserError(f"{path}: {key}: missing (expected {kind.__name__})")
             return default
-        if kind is float and type(value) is int:
+        if kind is float and type(value) is int and abs(value) < 2**63:
             return float(value)
-        # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0
+        # required ints are sizes: > 0; optional ones (ids, 0 = unset) >= 0; none past 2^31
         positive = default is KeyError
-        if type(value) is not kind or (kind is int and value < positive):
+        if type(value) is not kind or (kind is int and not positive <= value < 2**31):
             what = f"a{' positive' * positive * (kind is int)} {kind.__name__}"
-            raise UserError(f"{path}: {key}: expected {what}, got {value!r}")
+            below = " below 2^31" * (kind is int)
+            raise UserError(f"{path}: {key}: expected {what}{below}, got {value!r:.80}")
         return value
 
     return get
 
 
-def _config(path, **fields):
+# the key in config.json / params.json that sets each LlamaConfig field, for messages
+HF_KEYS = dict(
+    dim="hidden_size",
+    n_layers="num_hidden_layers",
+    n_heads="num_attention_heads",
+    n_kv_heads="num_key_value_heads",
+    head_dim="head_dim",
+    hidden_dim="intermediate_size",
+    norm_eps="rms_norm_eps",
+    rope_theta="rope_theta",
+    rope_scaling="rope_scaling",
+)
+META_KEYS = dict(HF_KEYS, hidden_dim="ffn_dim_multiplier", rope_scaling="rope_scaling_factor")
+META_KEYS.update((k, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "norm_eps"))
+META_KEYS.update(head_dim="dim", rope_theta="rope_theta")
+
+
+def _number(x, low=0.0, strict=True):
+    """Whether x is a finite real number above low (at least low if not strict)."""
+    ok = type(x) in (int, float) and math.isfinite(x)
+    return ok and (x > low if strict else x >= low)
+
+
+def check_config_values(path, keys, f):
+    """Refuse the values llama.py cannot compute with, in one line naming the file and key (keys:
+    field -> the file's key): sizes that do not divide as attention needs, an odd head dimension
+    (RoPE pairs dims), and what makes the model compute NaN or inf (rope_theta <= 0, rms_norm_eps
+    < 0, NaN, inf, a llama3 rope_scaling factor of 0 or equal low and high frequency factors)."""
+
+    def refuse(field, expected, got):
+        return UserError(f"{path}: {keys[field]}: expected {expected}, got {got!r:.80}")
+
+    if f["hidden_dim"] < 1:
+        raise refuse("hidden_dim", "a positive FFN width", f["hidden_dim"])
+    if not _number(f["rope_theta"]):
+        raise refuse("rope_theta", "a finite number > 0", f["rope_theta"])
+    if not _number(f["norm_eps"], strict=False):
+        raise refuse("norm_eps", "a finite number >= 0", f["norm_eps"])
+    rs = f["rope_scaling"] or {}
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if rs and not _number(rs.get(k)):
+            raise refuse("rope_scaling", f"{k}: a finite number > 0", rs.get(k))
+    if rs and rs["low_freq_factor"] == rs["high_freq_factor"]:
+        raise refuse("rope_scaling", "high_freq_factor != low_freq_factor", rs["low_freq_factor"])
+    n_kv = f["n_kv_heads"] or f["n_heads"]
+    if f["n_heads"] % n_kv:
+        raise refuse("n_kv_heads", f"a divisor of n_heads {f['n_heads']}", n_kv)
+    if not f.get("head_dim", 0) and f["dim"] % f["n_heads"]:
+        raise refuse("n_heads", f"a divisor of dim {f['dim']}", f["n_heads"])
+    if (f.get("head_dim", 0) or f["dim"] // f["n_heads"]) % 2:
+        what = "head_dim" if f.get("head_dim", 0) else "dim"
+        raise UserError(
+            f"{path}: {keys[what]}: the head dimension must be even (RoPE rotates pairs), got "
+            f"{f.get('head_dim', 0) or f['dim'] // f['n_heads']}"
+        )
+
+
+def _config(path, keys, **fields):
+    check_config_values(path, keys, fields)
     try:
         return LlamaConfig(**fields)
     except UserError as e:
@@ -104,8 +171,10 @@ def config_from_hf(cfg, path="config.json"):
             f"{path}: eos_token_id: expected an int or a list of ints, "
             f"got {cfg.get('eos_token_id')!r}"
         )
+    theta = get("rope_theta", float, None)
     return _config(
         path,
+        HF_KEYS,
         dim=get("hidden_size", int),
         n_layers=get("num_hidden_layers", int),
         n_heads=get("num_attention_heads", int),
@@ -114,7 +183,7 @@ def config_from_hf(cfg, path="config.json"):
         hidden_dim=get("intermediate_size", int),
         vocab_size=get("vocab_size", int),
         norm_eps=get("rms_norm_eps", float, 1e-6),
-        rope_theta=get("rope_theta", float, None) or rope.get("rope_theta") or 10000.0,
+        rope_theta=rope.get("rope_theta", 10000.0) if theta is None else theta,
         rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
         max_seq_len=get("max_position_embeddings", int, 4096),
         tie_embeddings=get("tie_word_embeddings", bool, False),
@@ -130,9 +199,14 @@ def config_from_meta(params, vocab_size, path="params.json"):
     dim = get("dim", int)
     # FFN width as in Meta's model.py: 2/3 of 4·dim, times an optional multiplier, rounded up.
     hidden = int(2 * 4 * dim / 3)
-    if get("ffn_dim_multiplier", float, None):
-        hidden = int(params["ffn_dim_multiplier"] * hidden)
+    multiplier = get("ffn_dim_multiplier", float, None)
+    if multiplier is not None and not 0 < multiplier < 2**31:
+        raise UserError(f"{path}: ffn_dim_multiplier: expected a number > 0, got {multiplier!r}")
+    if multiplier:
+        hidden = int(multiplier * hidden)
     multiple_of = get("multiple_of", int, 256)
+    if multiple_of < 1:
+        raise UserError(f"{path}: multiple_of: expected a positive int, got {multiple_of}")
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
     rope_scaling = None
     if get("use_scaled_rope", bool, False):  # Llama 3.1 / 3.2
@@ -146,6 +220,7 @@ def config_from_meta(params, vocab_size, path="params.json"):
     llama3 = vocab_size >= 128000
     return _config(
         path,
+        META_KEYS,
         dim=dim,
         n_layers=get("n_layers", int),
         n_heads=get("n_heads", int),
@@ -206,26 +281,71 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")  # model and adapter weights are floating point
+MAX_HEADER = 100_000_000  # the format's own limit on the JSON header, in bytes
+
+
+def open_regular(path, what="file"):
+    """path opened for binary reading if it is a regular file (or a symlink to one: the Hugging
+    Face cache is made of them). A FIFO, a device or a folder is refused before a byte is read;
+    O_NONBLOCK: opening a FIFO does not wait for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: not a regular file (a device, FIFO or folder); expected a {what}")
+    return os.fdopen(fd, "rb")
+
+
+def _strict_json(raw, path, what):
+    """JSON bytes -> value, as strict as the safetensors library: UTF-8, no NaN or Infinity, and
+    a nesting too deep for Python is refused, not a RecursionError."""
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:120]
+        raise UserError(f"{path}: corrupt {what} (header is not JSON: {why})") from None
 
 
 def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
-    """-> (tensors, metadata, data_start), checked: each tensor's dtype is one of dtypes, its shape
-    matches its byte count, its bytes lie inside the file."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-            if n is None or n > size - 8:
-                raise UserError(
-                    f"{path}: truncated or corrupt safetensors file (no complete header)"
-                )
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path}: corrupt safetensors file (header is not JSON)") from None
+    """-> (tensors, metadata, data_start), checked as the safetensors format requires (only the
+    8 + header bytes are read): check_safetensors_header."""
+    with open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if n is None or n > size - 8:
+            raise UserError(f"{path}: truncated or corrupt safetensors file (no complete header)")
+        if n > MAX_HEADER:
+            raise UserError(
+                f"{path}: safetensors header of {n} bytes, more than the format's {MAX_HEADER}"
+            )
+        raw = f.read(n)
+    header = _strict_json(raw, path, "safetensors file")
+    metadata = check_safetensors_header(path, header, size - 8 - n, dtypes)
+    return header, metadata, 8 + n
+
+
+def _shown(name):
+    """A tensor name from a file, for a one-line message: as it is if printable and short."""
+    return name if name.isprintable() and len(name) <= 200 else repr(name)[:200]
+
+
+def check_safetensors_header(path, header, data_size, dtypes=WEIGHT_DTYPES):
+    """The format in full (github.com/huggingface/safetensors): a JSON object of tensors, each
+    {"dtype": one of dtypes, "shape": [ints >= 0], "data_offsets": [begin, end]} whose byte count
+    is its shape's, the tensors' bytes one after the other from 0 to the end of the file, no gap
+    and no overlap; "__metadata__" an object of strings. Pops __metadata__ -> it (or {})."""
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{path}: __metadata__: expected an object of strings")
     for name, t in header.items():
         ok = (
             isinstance(t, dict)
@@ -235,34 +355,47 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
             and all(type(x) is int and x >= 0 for x in t["shape"] + t["data_offsets"])
         )
         if not ok:
-            raise UserError(f"{path}: tensor {name}: corrupt header entry {t!r}")
-        if t.get("dtype") not in dtypes:
             raise UserError(
-                f"{path}: tensor {name}: dtype {t.get('dtype')!r}, "
+                f"{path}: tensor {_shown(name)}: corrupt header entry (expected dtype, shape: a "
+                f"list of ints >= 0, data_offsets: [begin, end])"
+            )
+        if not isinstance(t.get("dtype"), str) or t["dtype"] not in dtypes:
+            raise UserError(
+                f"{path}: tensor {_shown(name)}: dtype {t.get('dtype')!r:.40}, "
                 f"expected one of {', '.join(dtypes)}"
             )
         begin, end = t["data_offsets"]
-        numel = 1
-        for d in t["shape"]:
-            numel *= d
-        if end - begin != numel * DTYPES[t["dtype"]].itemsize:
+        nbytes = math.prod(t["shape"]) * DTYPES[t["dtype"]].itemsize
+        if end - begin != nbytes:
             raise UserError(
-                f"{path}: tensor {name}: {t['dtype']} {t['shape']} needs "
-                f"{numel * DTYPES[t['dtype']].itemsize} bytes, the header gives it {end - begin}"
+                f"{path}: tensor {_shown(name)}: {t['dtype']} {t['shape']} needs {nbytes} bytes, "
+                f"the header gives it {end - begin}"
             )
-        if 8 + n + end > size:
+    done = 0
+    for name, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+        begin, end = t["data_offsets"]
+        if begin != done:
+            how = (
+                "overlap the tensor before" if begin < done else "leave a gap after the one before"
+            )
             raise UserError(
-                f"{path}: truncated safetensors file ({size} bytes, "
-                f"tensor {name} ends at {8 + n + end})"
+                f"{path}: tensor {_shown(name)}: data_offsets [{begin}, {end}] {how} (which "
+                f"ends at {done}): invalid offsets"
             )
-    return header, metadata, 8 + n
+        done = end
+    if done != data_size:
+        raise UserError(
+            f"{path}: tensor data ends at {done} but the file holds {data_size} bytes after the "
+            f"header: " + ("truncated safetensors file" if done > data_size else "trailing bytes")
+        )
+    return metadata
 
 
 def iter_safetensors(path, dtypes=WEIGHT_DTYPES):
     """Yield (name, tensor) one at a time, read straight from the file into a fresh CPU tensor.
     Plain reads rather than a memory map keep resident memory at the model plus one tensor."""
     header, _, start = read_safetensors_header(path, dtypes)
-    with open(path, "rb") as f:
+    with open_regular(path, "safetensors file") as f:
         for name, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             out = torch.empty(t["shape"], dtype=DTYPES[t["dtype"]])
             f.seek(start + t["data_offsets"][0])
@@ -371,6 +504,17 @@ def _safetensors_tensors(path):
     return {name: _safetensors_tensor(path, entry, start) for name, entry in order}
 
 
+def _torch_state(path):
+    """A Meta .pth shard: a regular file holding {name: tensor}."""
+    open_regular(path, ".pth file").close()
+    state = _torch_load(path)
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items()
+    ):
+        raise UserError(f"{path}: expected a dict of named tensors, got {type(state).__name__}")
+    return state
+
+
 def _torch_tensor(
     path, t
 ):  # a memory-mapped tensor of a .pth file: a row slice touches those rows only
@@ -443,6 +587,12 @@ def _hf_source(ckpt_dir):
         ):
             raise UserError(f"{index_path}: weight_map: expected an object of file names")
         files = sorted(set(weight_map.values()))
+        for name in files:
+            if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
+                raise UserError(
+                    f"{index_path}: weight_map: {_shown(name)}: expected a file name in "
+                    f"{ckpt_dir}, not a path"
+                )
     elif os.path.exists(os.path.join(ckpt_dir, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -508,6 +658,7 @@ def meta_to_hf(key, stored, config):
 def _meta_source(ckpt_dir):
     params_path = os.path.join(ckpt_dir, "params.json")
     params = _read_json(params_path)
+    _getter(params, params_path)  # an object, before its fields are read
     names = sorted(os.listdir(ckpt_dir))
     pths = [n for n in names if re.fullmatch(r"consolidated\.\d+\.pth", n)]
     sts = [n for n in names if re.fullmatch(r"consolidated(\.\d+)?\.safetensors", n)]
@@ -520,12 +671,12 @@ def _meta_source(ckpt_dir):
         if pths and f"consolidated.{i:02d}.pth" not in pths:
             raise UserError(f"{ckpt_dir}: missing shard consolidated.{i:02d}.pth")
     if pths:  # memory-mapped: nothing is read until used
-        shards = [{k: _torch_tensor(f, t) for k, t in _torch_load(f).items()} for f in files]
+        shards = [{k: _torch_tensor(f, t) for k, t in _torch_state(f).items()} for f in files]
     else:  # headers only
         shards = [_safetensors_tensors(f) for f in files]
     for f, s in zip(files, shards):
-        if "tok_embeddings.weight" not in s:
-            raise UserError(f"{f}: no tok_embeddings.weight")
+        if "tok_embeddings.weight" not in s or len(s["tok_embeddings.weight"].shape) != 2:
+            raise UserError(f"{f}: no tok_embeddings.weight of two dimensions")
     shapes = [s["tok_embeddings.weight"].shape for s in shards]
     # LLaMA 1/2 split the embedding on dim 1 (each shard holds every row), Llama 3 on dim 0
     split_rows = len(shapes) > 1 and shapes[0][1] == params.get("dim")
@@ -572,7 +723,80 @@ def checkpoint_layout(ckpt_dir):
 
 
 def _source(ckpt_dir):
-    return (_hf_source if checkpoint_layout(ckpt_dir) == "hf" else _meta_source)(ckpt_dir)
+    """(config, tensors) of a checkpoint, the config checked against the files' shapes first."""
+    hf = checkpoint_layout(ckpt_dir) == "hf"
+    config, tensors = (_hf_source if hf else _meta_source)(ckpt_dir)
+    where = os.path.join(ckpt_dir, "config.json" if hf else "params.json")
+    check_config_against_files(config, tensors, ckpt_dir, where, HF_KEYS if hf else META_KEYS)
+    return config, tensors
+
+
+def expected_shapes(c):
+    """{HF key without "model.": shape} of the base a LlamaConfig describes (llama.py's)."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {"embed_tokens.weight": (c.vocab_size, c.dim), "norm.weight": (c.dim,)}
+    if not c.tie_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.dim)
+    layer = {
+        "self_attn.q_proj": (q, c.dim),
+        "self_attn.k_proj": (kv, c.dim),
+        "self_attn.v_proj": (kv, c.dim),
+        "self_attn.o_proj": (c.dim, q),
+        "mlp.gate_proj": (c.hidden_dim, c.dim),
+        "mlp.up_proj": (c.hidden_dim, c.dim),
+        "mlp.down_proj": (c.dim, c.hidden_dim),
+        "input_layernorm": (c.dim,),
+        "post_attention_layernorm": (c.dim,),
+    }
+    for i in range(c.n_layers):
+        shapes.update((f"layers.{i}.{k}.weight", s) for k, s in layer.items())
+    return shapes
+
+
+def config_numel(c):
+    """The parameter count of the base a LlamaConfig describes, by formula (expected_shapes')."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    layer = 2 * c.dim * (q + kv) + 3 * c.dim * c.hidden_dim + 2 * c.dim
+    return c.n_layers * layer + c.vocab_size * c.dim * (1 if c.tie_embeddings else 2) + c.dim
+
+
+def check_config_against_files(config, tensors, ckpt_dir, where, keys):
+    """The model the config describes must be the one the files hold, checked from the headers
+    before anything is built or allocated: as many layers, every tensor there with its shape, none
+    other (a config claiming a 1 TiB embedding beside a 1 MB file, or 10^6 layers, stops here)."""
+    stored = dict(tensors())
+    n_layers = len({k.split(".")[1] for k in stored if k.startswith("layers.")})
+    if config.n_layers != n_layers:
+        raise UserError(
+            f"{where}: {keys['n_layers']}: {config.n_layers} layers, but the files in {ckpt_dir} "
+            f"hold {n_layers}"
+        )
+    expected = expected_shapes(config)
+    for key in sorted(set(expected) & set(stored)):
+        if tuple(stored[key].shape) != expected[key]:
+            raise UserError(
+                f"{stored[key].file}: tensor {key} has shape {list(stored[key].shape)}, expected "
+                f"{list(expected[key])} from the config in {ckpt_dir}"
+            )
+    tied = {"lm_head.weight"} if config.tie_embeddings else set()
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    unexpected = [k for k in unexpected if k not in tied]
+    if missing or unexpected:
+        raise UserError(f"{ckpt_dir}: {_key_problem(missing, unexpected)}")
+
+
+def _key_problem(missing, unexpected):
+    def some(keys):
+        return ", ".join(keys[:4]) + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    return "; ".join(
+        p
+        for p in (
+            missing and f"missing keys {some(missing)}",
+            unexpected and f"unexpected keys {some(unexpected)}",
+        )
+        if p
+    )
 
 
 def read_config(ckpt_dir):
@@ -659,17 +883,24 @@ def adapter_metadata(model, settings, step=None):
     return metadata
 
 
-def read_adapter(path, check_settings):
+def read_adapter(path, check):
     """An adapter file -> (state {key: tensor}, settings, metadata), checked: a safetensors file of
-    finite floating-point tensors, the format's name, and settings that check_settings(path,
-    settings) accepts (multilora.check_settings: the arms' own)."""
+    finite floating-point tensors, the format's name, and check(path, settings, header, metadata)
+    (multilora.header_check: the arm's settings, the base, each tensor's shape), all from the
+    header before the body is read, so that no more is read than the model's adapters hold."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: adapter file not found")
-    _, metadata, _ = read_safetensors_header(path)
+    header, metadata, _ = read_safetensors_header(path)
+    settings = _adapter_settings(path, metadata)
+    check(path, settings, header, metadata)
     state = dict(iter_safetensors(path))
     for k, v in state.items():
         if not torch.isfinite(v).all():
             raise UserError(f"{path}: {k}: not finite (NaN or inf): the run that wrote it diverged")
+    return state, settings, metadata
+
+
+def _adapter_settings(path, metadata):
     if metadata.get("format") != ADAPTER_FORMAT:
         raise UserError(
             f"{path}: metadata.format: expected {ADAPTER_FORMAT!r}, got {metadata.get('format')!r}"
@@ -680,8 +911,9 @@ def read_adapter(path, check_settings):
         raise UserError(
             f"{path}: metadata.settings: expected a JSON object of adapter settings"
         ) from None
-    check_settings(path, settings if isinstance(settings, dict) else {})
-    return state, settings, metadata
+    if not isinstance(settings, dict):
+        raise UserError(f"{path}: metadata.settings: expected a JSON object of adapter settings")
+    return settings
 
 
 def check_adapter_base(path, metadata, model, any_base=False):
@@ -777,19 +1009,7 @@ def _fill(model, config, tensors, ckpt_dir, device):
         seen.add(key)
     missing = sorted(set(expected) - seen)
     if unexpected or missing:
-
-        def some(keys):
-            return ", ".join(keys[:4]) + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
-
-        problem = "; ".join(
-            p
-            for p in (
-                missing and f"missing keys {some(missing)}",
-                unexpected and f"unexpected keys {some(unexpected)}",
-            )
-            if p
-        )
-        raise UserError(f"{ckpt_dir}: {problem}")
+        raise UserError(f"{ckpt_dir}: {_key_problem(missing, unexpected)}")
     return n_bytes
 
 

@@ -160,11 +160,15 @@ def read_meta(data_dir):
         raise UserError(
             f"{path}: no such file (a prepared dataset needs meta.json; run the prepare script)"
         )
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: not a regular file (a device, FIFO or folder)")
     with open(path) as f:
         try:
             meta = json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+        except (UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else meta
         raise UserError(f"{path}: format: expected {FORMAT!r}, got {got!r}")

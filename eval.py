@@ -51,13 +51,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import checkpoint
 import dataset
 import sources
 import llama
 import util
 from chunked_loss import token_loss_sum
 from configurator import S, configure, declared
-from generate import load_for_inference
+from generate import check_generation_size, load_for_inference
 from util import UserError
 
 # -----------------------------------------------------------------------------
@@ -871,6 +872,9 @@ def write_json(path, obj):
 
 def main(argv):
     globals().update(configure(SETTINGS, argv))
+    if max_new_tokens:  # past the context, or more than memory holds: refused before loading
+        config = checkpoint.read_config(ckpt_dir)
+        check_generation_size(config, [], max_new_tokens, batch_size, dtype, device, ckpt_dir)
     result = run()
     if out:
         write_json(out, result)

@@ -40,10 +40,11 @@ prompt = S(
 )
 prompt_file = S("", None, "UTF-8, a prompt per line (a newline in it written \\n); replaces prompt")
 max_new_tokens = S(60, "[1, inf)", "tokens to generate per prompt at most")
+batch_size = S(16, "[1, inf)", "prompts generated at a time (a long --prompt_file: in batches)")
 temperature = S(0.0, "[0, inf)", "0 = greedy")
 top_k = S(0, "[0, inf)", "sample from the k most likely tokens; 0 = off")
 top_p = S(1.0, "(0, 1]", "sample from the fewest tokens with this much probability; 1 = off")
-seed = S(1337, None, "sampling seed")
+seed = S(1337, util.check_seed, "sampling seed")
 dtype = S("float32", ("float32", "bfloat16", "float16"), "weights dtype")
 device = S(util.default_device(), util.check_device, "cpu, cuda, cuda:N or mps")
 SETTINGS = declared(globals())
@@ -95,19 +96,49 @@ def read_prompts():
     return prompts
 
 
+def check_generation_size(config, prompts, max_new_tokens, batch_size, dtype, device, where):
+    """Refuse, before the model is loaded, max_new_tokens past the model's context and a batch
+    whose KV cache and weights this machine cannot hold (a prompt's tokens are at most its UTF-8
+    bytes, + BOS). eval.py checks its settings with this too."""
+    c = config
+    if max_new_tokens >= c.max_seq_len:
+        raise util.UserError(
+            f"max_new_tokens: expected less than the model's context of {c.max_seq_len} tokens "
+            f"({where}), got {max_new_tokens}"
+        )
+    longest = max(len(p.encode()) + 1 for p in prompts) if prompts else 1
+    total = min(c.max_seq_len, longest + max_new_tokens)
+    size = getattr(torch, dtype).itemsize if isinstance(dtype, str) else 4
+    rows = min(batch_size, max(len(prompts), 1))
+    kv = 2 * c.n_layers * rows * total * c.n_kv_heads * c.head_dim * size
+    need = checkpoint.config_numel(c) * size + kv + rows * c.vocab_size * 8 * 2
+    util.check_memory(
+        need,
+        f"max_new_tokens {max_new_tokens} for {rows} prompts at a time (batch_size) on {where}",
+        device,
+    )
+
+
 def main(argv):
     globals().update(configure(SETTINGS, argv))
     prompts = read_prompts() if prompt_file else prompt.replace("\\n", "\n").split("|")
+    config = checkpoint.read_config(ckpt_dir)
+    check_generation_size(config, prompts, max_new_tokens, batch_size, dtype, device, ckpt_dir)
     t0 = time.perf_counter()
     model, tok = load_for_inference(ckpt_dir, tokenizer, adapter, dtype, device, merge)
     t1 = time.perf_counter()
     sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
-    outputs = llama.generate(model, tok, prompts, max_new_tokens, **sampling)
-    t2, n_new = time.perf_counter(), sum(len(o) for o in outputs)
-    for p, out in zip(prompts, outputs):
-        if len(prompts) > 1:
-            print("-" * 40)
-        print(tok.decode(tok.encode(p) + out))  # decoded together: word boundaries come out right
+    n_new = 0
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i : i + batch_size]
+        outputs = llama.generate(model, tok, batch, max_new_tokens, **sampling)
+        n_new += sum(len(o) for o in outputs)
+        for p, out in zip(batch, outputs):
+            if len(prompts) > 1:
+                print("-" * 40)
+            # decoded together: word boundaries come out right
+            print(tok.decode(tok.encode(p) + out))
+    t2 = time.perf_counter()
     rate = f"{n_new / max(t2 - t1, 1e-9):.1f} tokens/s"
     print(f"loaded in {t1 - t0:.2f}s; {n_new} tokens in {t2 - t1:.2f}s ({rate})", file=sys.stderr)
 

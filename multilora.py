@@ -301,8 +301,6 @@ def adapt_model(
     settings = dict(finetune=finetune, targets=targets, **{k: asked[k] for k in kind.settings})
     # an optional setting only when it is not the arm's own: files stay as they were
     settings |= {k: asked[k] for k, own in kind.optional.items() if asked[k] not in ("", own)}
-    layer_settings = {k: settings.get(k, own) for k, own in kind.optional.items()}
-    layer_settings |= {k: settings[k] for k in kind.settings}
     suffixes = tuple("." + TARGET_MODULES[t] for t in targets)
     to_wrap = [name for name, m in model.named_modules() if name.endswith(suffixes)]
     if not to_wrap:
@@ -313,11 +311,18 @@ def adapt_model(
     for name in to_wrap:
         parent = model.get_submodule(name.rsplit(".", 1)[0])
         child = name.rsplit(".", 1)[1]
-        layer = kind.layer(getattr(parent, child), **layer_settings, device=device)
+        layer = kind.layer(getattr(parent, child), **layer_settings(kind, settings), device=device)
         setattr(parent, child, layer.train(model.training))  # an eval-mode model: no dropout
     model.adapter_settings = settings
     model.base_sample = checkpoint.base_sample(model)
     return settings
+
+
+def layer_settings(kind, settings):
+    """The arguments of an arm's layer, from an adapter's settings."""
+    return {k: settings.get(k, own) for k, own in kind.optional.items()} | {
+        k: settings[k] for k in kind.settings
+    }
 
 
 def count_trainable(model):
@@ -376,7 +381,9 @@ def check_settings(path, settings):
 
     kind = arm(settings.get("finetune"), f"{path}: metadata.settings.finetune")
     targets = settings.get("targets")
-    if not isinstance(targets, list) or not set(targets) <= set(TARGET_MODULES):
+    if not isinstance(targets, list) or not all(
+        isinstance(t, str) and t in TARGET_MODULES for t in targets
+    ):
         raise refuse("targets", f"a list of names from {','.join(TARGET_MODULES)}")
     given = [k for k in kind.optional if k in settings]
     for key in list(kind.settings) + given:
@@ -396,11 +403,27 @@ def check_fits(path, state, settings, model):
                 f"{path}: settings.{k}: model is adapted with {k}={adapted.get(k)!r}, "
                 f"adapter file has {k}={settings.get(k)!r}"
             )
-    expected = {k: tuple(p.shape) for k, p in adapter_state_dict(model).items()}
-    got = {k: tuple(v.shape) for k, v in state.items()}
+    check_shapes(path, {k: tuple(v.shape) for k, v in state.items()}, model, settings)
+
+
+def check_shapes(path, got, model, settings):
+    """Refuse an adapter whose tensors ({key: shape}) are not those that settings give this model's
+    targets: each arm layer built on the meta device, so nothing is allocated or drawn."""
+    kind = ARMS[settings["finetune"]]
+    suffixes = tuple("." + TARGET_MODULES[t] for t in settings["targets"])
+    expected = {}
+    for name, m in model.named_modules():
+        if name.endswith(suffixes):
+            base = nn.Linear(*reversed(m.weight.shape), bias=False, device="meta")
+            layer = kind.layer(base, **layer_settings(kind, settings), device="meta")
+            for p in kind.params:
+                if getattr(layer, p, None) is not None:
+                    expected[f"{name}.{p}"] = tuple(getattr(layer, p).shape)
     for k in sorted(set(expected) | set(got)):
         if expected.get(k) != got.get(k):
-            raise UserError(f"{path}: {k}: expected shape {expected.get(k)}, got {got.get(k)}")
+            raise UserError(
+                f"{path}: tensor {k[:200]}: expected shape {expected.get(k)}, got {got.get(k)}"
+            )
 
 
 def save_adapter(model, path, settings=None, state=None, step=None):
@@ -419,11 +442,16 @@ def load_adapter(path, model=None, any_base=False):
     """Read an adapter file -> (state {key: tensor}, settings), checked (checkpoint.read_adapter).
     With a model, refuse a file made for another base (names and shapes; and weights, unless
     any_base) or for other settings than the model is adapted with."""
-    state, settings, metadata = checkpoint.read_adapter(path, check_settings)
-    if model is not None:
-        checkpoint.check_adapter_base(path, metadata, model, any_base)
-        if getattr(model, "adapter_settings", None) is not None:
-            check_fits(path, state, settings, model)
+
+    def check(path, settings, header, metadata):
+        check_settings(path, settings)
+        if model is not None:
+            checkpoint.check_adapter_base(path, metadata, model, any_base)
+            check_shapes(path, {k: tuple(t["shape"]) for k, t in header.items()}, model, settings)
+
+    state, settings, _ = checkpoint.read_adapter(path, check)
+    if model is not None and getattr(model, "adapter_settings", None) is not None:
+        check_fits(path, state, settings, model)
     return state, settings
 
 

@@ -126,8 +126,10 @@ fsdp_units = S("block", ("block", "linear"), "FSDP2 groups: each block, or each 
 activation_checkpointing = S(False, None, "recompute each block's activations in the backward pass")
 loss_chunk = S(256, "[1, inf)", "targets per lm_head + loss chunk (fp32 logits: loss_chunk·V·4 B)")
 compile = S(False, None, "torch.compile the model")
-seed = S(1337, "[0, inf)", "seed of the initialization and the data order")
-threads = S(1, "[0, inf)", "CPU threads for torch (0: torch's default; the default runs best on 1)")
+seed = S(1337, util.check_seed, "seed of the initialization and the data order")
+threads = S(
+    1, util.check_threads, "CPU threads for torch (0: torch's default; the default runs best on 1)"
+)
 peak_flops = S(
     Rule("989e12 on cuda, else 1e12", lambda s: 989e12 if on_cuda(s) else 1e12),
     "(0, inf)",
@@ -394,6 +396,11 @@ def load_data_and_config():
     if init_from == "scratch":
         tokenizer_path = tokenizer or meta.get("tokenizer", "")
         tok = load_tokenizer(tokenizer_path)
+        # the shape's settings checked as a config file's values are (an odd head dimension, ...)
+        shape = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim)
+        keys = dict({k: k for k in shape}, head_dim="dim", rope_theta="rope_theta")
+        values = dict(shape, rope_theta=rope_theta, norm_eps=1e-5, rope_scaling=None)
+        checkpoint.check_config_values("init_from=scratch", keys, values)
         model_config = llama.LlamaConfig(
             dim=dim,
             n_layers=n_layers,
@@ -430,6 +437,7 @@ def load_data_and_config():
             f"{where}: examples of up to {longest} tokens exceed the model's context of {ctx} "
             f"(max_seq_len): prepare the data with --max_len={ctx}, or {longer}"
         )
+    check_sizes(train_splits, model_config)
     if finetune != "full":  # n·r larger than a layer, an unknown target: on a weightless copy
         with torch.device("meta"):
             try:
@@ -438,6 +446,30 @@ def load_data_and_config():
                 base = ckpt_dir if init_from == "pretrained" else "init_from=scratch"
                 raise UserError(f"{base}: {e}") from None
     return train_splits, val_splits, model_config, tok, tokenizer_path if tok else None
+
+
+def check_sizes(train_splits, model_config):
+    """Settings that size an allocation, bounded by what they feed, before out_dir is touched: a
+    step of more examples than the data holds, exact-match answers past the context, a scratch
+    model (its weights, gradients and AdamW moments) larger than this machine's memory."""
+    n = sum(len(s.lengths) for s in train_splits)
+    rows = batch_size * gradient_accumulation_steps
+    if rows > n:
+        raise UserError(
+            f"batch_size x gradient_accumulation_steps: {batch_size} x "
+            f"{gradient_accumulation_steps} = {rows} examples a step, more than the {n} "
+            f"training examples of {','.join(datasets)}"
+        )
+    ctx = model_config.max_seq_len
+    if exact_match_examples and exact_match_max_new_tokens >= ctx:
+        raise UserError(
+            f"exact_match_max_new_tokens: expected less than the model's context of {ctx} "
+            f"tokens, got {exact_match_max_new_tokens}"
+        )
+    if init_from == "scratch":
+        shape = f"dim={dim} n_layers={n_layers} hidden_dim={hidden_dim}"
+        need = checkpoint.config_numel(model_config) * 16
+        util.check_memory(need, f"init_from=scratch: the model of {shape}", device)
 
 
 def log_model(model):

@@ -132,3 +132,50 @@ def peak_memory_bytes(device_type):
         return torch.cuda.max_memory_allocated()
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+# sizes a setting asks for, bounded by what this machine has
+
+
+def check_seed(value, settings=None):
+    """A setting check (configurator): a seed both torch and numpy accept."""
+    return None if value is None or 0 <= value < 2**32 else "a seed in [0, 2^32)"
+
+
+def check_threads(value, settings=None):
+    """A setting check (configurator): 0 (torch's default) up to the CPU cores here."""
+    cores = os.cpu_count() or 1
+    return None if 0 <= value <= cores else f"a thread count in [0, {cores}] (the CPU cores here)"
+
+
+def available_memory():
+    """Bytes of memory this process may still take: MemAvailable (Linux), capped by what an
+    address space limit (RLIMIT_AS) leaves; None where neither is known."""
+    import resource
+
+    def kib(path, key):
+        try:
+            with open(path) as f:
+                return [int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":")]
+        except OSError:
+            return []
+
+    known = kib("/proc/meminfo", "MemAvailable")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        known.append(limit - sum(kib("/proc/self/status", "VmSize")))
+    return min(known) if known else None
+
+
+def check_memory(need, what, device="cpu"):
+    """Refuse, in one line naming what (the settings or file that size it), an allocation of need
+    bytes that this machine's memory cannot hold (CPU: available_memory; CUDA: the device's)."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        have = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        have = available_memory()
+    if have is not None and need > have:
+        raise UserError(
+            f"{what}: needs {need / 2**30:.1f} GiB of memory, this machine has "
+            f"{have / 2**30:.1f} GiB available"
+        )

@@ -72,8 +72,8 @@ lora_alpha = S(16, None)
 steps = S(1, "[1, inf)", "timed steps per arm per turn (the arms take turns)")
 warmup = S(2, "[0, inf)", "untimed steps per arm before the first round")
 rounds = S(10, "[1, inf)")
-threads = S(0, "[0, inf)", "CPU threads for torch (0 = torch's default; 1 is steadier)")
-seed = S(0, None)
+threads = S(0, util.check_threads, "CPU threads for torch (0 = torch's default; 1 is steadier)")
+seed = S(0, util.check_seed)
 out_file = S("", None, "also write the results as JSON here")
 # mode=throughput and mode=memory
 batch_size = S(4, "[1, inf)")
@@ -600,11 +600,27 @@ def bench_load(workdir):
     return r
 
 
+def check_sizes():
+    """The batch each mode runs, refused in one line when this machine cannot hold it: a rough
+    lower bound of a training step's memory (the weights and AdamW's state in fp32, each layer's
+    kept activations, the fp32 logits of one row), checked before anything is built."""
+    V = max(vocab_size)
+    weights = 16 * (n_layers * (4 * dim * dim + 3 * dim * hidden_dim) + 2 * V * dim)
+    for what, B, T in (
+        ("batch_size x seq_len", batch_size, seq_len),
+        ("train_batch x train_max_len", train_batch, train_max_len),
+        ("gen_batch x (gen_prompt_len + gen_tokens)", gen_batch, gen_prompt_len + gen_tokens),
+    ):
+        need = weights + 4 * B * T * (n_layers * (8 * dim + 3 * hidden_dim)) + 8 * T * V
+        util.check_memory(need, f"{what} = {B} x {T}", device)
+
+
 def main(argv=None):
     globals().update(configure(SETTINGS, sys.argv[1:] if argv is None else argv, "tools/bench.py"))
     for key in ("vocab_size", "train_arms", "layouts"):
         if not globals()[key]:
             raise UserError(f"--{key}: expected at least one value")
+    check_sizes()
     if threads:
         torch.set_num_threads(threads)
     if mode in ("generate", "load"):

@@ -105,7 +105,7 @@ layout = S(
 shard_gib = S(4.0, "(0, inf)", "layout=hf: start a new shard file past this many GiB")
 meta_shards = S(1, "[1, inf)", "layout=meta: model-parallel files (Meta's 7B 1, 13B 2, 70B 8)")
 tokenizer = S("", None, "a tokenizer.model to copy into out_dir (its size must be vocab_size)")
-seed = S(0, "[0, inf)", "seed of the weights")
+seed = S(0, util.check_seed, "seed of the weights")
 tasks = S(False, None, "also write tasks/: data/tasks, its meta.json saying this vocab_size")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
