@@ -81,18 +81,24 @@ def check_shots(value, settings):
 
 
 def check_out(path, settings):
-    """The result file must be writable where it is named: checked before any model work."""
-    if not path:
-        return None
-    if os.path.isdir(path):
-        return f"a file path ({path} is a folder)"
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # folders that do not exist yet are created
-        folder = os.path.dirname(folder)
+    """The result file: new, or an earlier result of eval.py (never another file), where it can be
+    written (util.check_output): checked before any model work."""
+    if path:
+        util.check_output(path, "out", ours=is_result)
+
+
+def is_result(path):
+    """Whether path holds what eval.py writes: a JSON object of task, ckpt_dir and settings."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
     return (
-        None
-        if os.path.isdir(folder) and os.access(folder, os.W_OK)
-        else f"a file in a writable folder ({folder} is not one)"
+        isinstance(result, dict)
+        and {"task", "ckpt_dir", "settings"} <= set(result)
+        and isinstance(result["settings"], dict)
+        and result["settings"].get("task") == result["task"]
     )
 
 

@@ -27,6 +27,7 @@ from torch.optim.optimizer import (
 # the repository's modules, from wherever this script is run
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import util
 from util import UserError
 
 
@@ -83,14 +84,24 @@ class Trace:
         self.phases.append((self.label, hwm - self.start_hwm, rss - self.base))
         peak = hwm - self.base
         rows = [dict(phase=p, hwm_rise=r, rss_end=e) for p, r, e in self.phases]
-        with open(path, "w") as f:
-            json.dump(dict(base_rss=self.base, peak_above_base=peak, phases=rows), f, indent=0)
+        report = dict(base_rss=self.base, peak_above_base=peak, phases=rows)
+        util.write_text(path, json.dumps(report, indent=0))
         top = sorted(rows, key=lambda r: -r["hwm_rise"])[:8]
         print(
             f"memtrace: peak {peak / 2**30:.3f} GiB above import torch; most raised by "
             + ", ".join(f"{r['phase']} +{r['hwm_rise'] / 2**20:.0f} MiB" for r in top),
             file=sys.stderr,
         )
+
+
+def is_trace(path):
+    """Whether path holds what this tool writes: a JSON object with base_rss and phases."""
+    try:
+        with open(path) as f:
+            trace = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(trace, dict) and {"base_rss", "peak_above_base", "phases"} <= set(trace)
 
 
 def main(argv):
@@ -101,6 +112,8 @@ def main(argv):
     if rank:
         root, ext = os.path.splitext(out)
         out = f"{root}.rank{rank}{ext}"
+    # checked before the script runs: a new file, or an earlier trace (never another file)
+    util.check_output(out, None, ours=is_trace)
     trace = Trace()
     torch.nn.modules.module.register_module_forward_pre_hook(trace.pre_forward)
     torch.nn.modules.module.register_module_forward_hook(trace.post_forward)
