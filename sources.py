@@ -57,7 +57,8 @@ def check_prepared_dir(out_dir, overwrite):
     found = [f for f in PREPARED_FILES if os.path.lexists(os.path.join(out_dir, f))]
     if found and not overwrite:
         raise UserError(
-            f"--out_dir={out_dir}: holds a prepared dataset ({', '.join(found)}); "
+            f"--out_dir={out_dir}: holds a prepared dataset ({', '.join(found[:3])}"
+            f"{f' and {len(found) - 3} more files' if len(found) > 3 else ''}); "
             f"replace it with --overwrite=True, or prepare into another folder"
         )
     return found

@@ -267,7 +267,9 @@ def test_mmlu_release_tar(tmp_path, tok):
             "test": mmlu_expected(MMLU_ROWS[1:], "D", "astronomy"),
         },
     )
-    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "data.tar", "--train_on_dev=True")
+    out_dir = run_prepare(
+        "mmlu", tmp_path, tmp_path / "data.tar", "--train_on_dev=True", "--overwrite=True"
+    )
     check_prepared(
         out_dir,
         tok,
