@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 
 import torch
@@ -369,14 +370,16 @@ def _safetensors_tensors(path):
     rename, as train.py rewrites hf/ at each evaluation) never mixes two versions into one model.
     The file closes when the last Stored goes."""
     for _ in range(3):
-        f = open(path, "rb", buffering=0)
+        # O_NONBLOCK: a FIFO in a file's place does not hang the open
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0)
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.close()
+            raise UserError(f"{path}: not a regular file")
         header, _, start = read_safetensors_header(path)
         # the header read by name is f's when the name still points at f's file: a replaced file
         # never comes back under its name
-        if (os.stat(path).st_ino, os.stat(path).st_dev) == (
-            os.fstat(f.fileno()).st_ino,
-            os.fstat(f.fileno()).st_dev,
-        ):
+        now, held = os.stat(path), os.fstat(f.fileno())
+        if (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
             break
         f.close()
     else:
@@ -929,12 +932,27 @@ HF_EXPORT_FILES = (
 SIDE_FILE_LIMIT = 1 << 28  # 256 MiB: far above any tokenizer or generation config
 
 
+# a JSON side file holds at least one key of its kind (special_tokens_map.json: only such keys)
+SPECIAL_TOKENS = "bos_token eos_token unk_token pad_token sep_token cls_token mask_token"
+SIDE_FILE_KEYS = {
+    "tokenizer.json": {"model"},
+    "tokenizer_config.json": set(
+        f"tokenizer_class added_tokens_decoder model_max_length {SPECIAL_TOKENS}".split()
+    ),
+    "special_tokens_map.json": set(f"additional_special_tokens {SPECIAL_TOKENS}".split()),
+    "generation_config.json": set(
+        "bos_token_id eos_token_id pad_token_id do_sample temperature top_p top_k max_length "
+        "max_new_tokens _from_model_config transformers_version".split()
+    ),
+}
+
+
 def side_file(path):
     """The bytes of a file copied beside the weights (tokenizer.model, tokenizer.json, ...,
     generation_config.json), read once, or None unless it is a regular file (symlinks followed: the
     Hugging Face cache is made of them) that parses as what its name says: a symlink to a private
     file never lands in an export. tokenizer.model: SentencePiece's protobuf or tiktoken's
-    'base64 rank' lines; the others: a JSON object (tokenizer.json's with a "model")."""
+    'base64 rank' lines; the others: a JSON object with a key of its kind (SIDE_FILE_KEYS)."""
     if not os.path.isfile(path) or os.path.getsize(path) > SIDE_FILE_LIMIT:
         return None
     with open(path, "rb") as f:
@@ -942,25 +960,26 @@ def side_file(path):
     name = os.path.basename(path)
     try:
         if name == "tokenizer.model":
-            import sentencepiece
-
-            try:
-                return data if sentencepiece.SentencePieceProcessor(model_proto=data) else None
-            except RuntimeError:
-                lines = [line.split() for line in data.decode("utf-8").splitlines() if line]
-                ok = lines and all(len(w) == 2 and w[1].isdigit() for w in lines)
-                return (
-                    data
-                    if ok and all(base64.b64decode(w[0], validate=True) for w in lines)
-                    else None
-                )
+            return data if _is_tokenizer_model(data) else None
         value = json.loads(data)
     except (ValueError, RecursionError):
         return None
-    ok = isinstance(value, dict) and (
-        name != "tokenizer.json" or isinstance(value.get("model"), dict)
-    )
-    return data if ok else None
+    if not isinstance(value, dict) or not set(value) & SIDE_FILE_KEYS[name]:
+        return None
+    if name == "special_tokens_map.json" and not set(value) <= SIDE_FILE_KEYS[name]:
+        return None
+    return data if name != "tokenizer.json" or isinstance(value["model"], dict) else None
+
+
+def _is_tokenizer_model(data):
+    import sentencepiece
+
+    try:
+        return len(sentencepiece.SentencePieceProcessor(model_proto=data)) > 0
+    except Exception:  # not SentencePiece's protobuf: tiktoken's lines?
+        lines = [line.split() for line in data.decode("utf-8").splitlines() if line]
+        ok = lines and all(len(w) == 2 and w[1].isdigit() for w in lines)
+        return bool(ok) and all(base64.b64decode(w[0], validate=True) for w in lines)
 
 
 def copy_side_file(src, dst):

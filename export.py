@@ -24,7 +24,7 @@ permutation: PEFT keys are base_model.model.model.{our key}.lora_A.weight.
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -118,34 +118,40 @@ def writing(ckpt_dir, out_dir):
     done = False
     try:
         check_out_dir(ckpt_dir, out_dir)
-        util.remove_stale_tmp(partial, EXPORT_FILES)
-        others = sorted(set(os.listdir(partial)) - {".lock", *EXPORT_FILES})
+        others = clear(partial)
         if others:
             raise UserError(
                 f"{partial}: holds files an export does not write ({', '.join(others)}); "
                 f"move them, or export to another --out_dir"
             )
-        for name in set(os.listdir(partial)) & set(EXPORT_FILES):
-            os.remove(os.path.join(partial, name))
         yield partial
         try:
-            os.rename(partial, out_dir)  # replaces an empty folder, never a folder with files
-        except OSError:
+            # replaces an empty folder, never a folder with files
+            os.rename(partial, os.path.normpath(out_dir))
+        except OSError as e:
             raise UserError(
-                f"--out_dir={out_dir}: not empty (files appeared while exporting); "
+                f"--out_dir={out_dir}: cannot become the export ({e.strerror}); "
                 f"export to a new or empty folder"
             ) from None
         done = True
     finally:
-        folder = out_dir if done else partial
         if not done:
-            util.remove_stale_tmp(partial, EXPORT_FILES)
-            for name in set(os.listdir(partial)) & set(EXPORT_FILES):
-                os.remove(os.path.join(partial, name))
-        os.remove(os.path.join(folder, ".lock"))
+            clear(partial)  # under the lock still
+        os.remove(os.path.join(out_dir if done else partial, ".lock"))
         lock.close()
-        if not done and not os.listdir(partial):
-            os.rmdir(partial)
+        if not done:
+            # empty, unless files of the user's (or of an export started since) are there
+            with suppress(OSError):
+                os.rmdir(partial)
+
+
+def clear(folder):
+    """Remove from folder what an export writes (its files, their temporaries). -> what else is
+    there"""
+    util.remove_stale_tmp(folder, EXPORT_FILES)
+    for name in set(os.listdir(folder)) & set(EXPORT_FILES):
+        os.remove(os.path.join(folder, name))
+    return sorted(set(os.listdir(folder)) - {".lock"})
 
 
 def export_hf(ckpt_dir, adapter, out_dir, dtype="auto"):
