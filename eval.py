@@ -33,7 +33,8 @@ per-token normalization of the GPT-3 paper). --mc_format chooses the prompt:
   instruction  dataset.py's prompt template as data/mmlu/prepare.py writes the training examples,
                scoring the letter: use it for adapters fine-tuned on data/mmlu
 Everything is greedy or exact, so two runs print the same numbers. Prints a table; --out writes
-JSON with "accuracy" for scored tasks ("loss" and "perplexity" for loss) and per-item details.
+JSON with "accuracy" for scored tasks ("loss" and "perplexity" for loss) and per-item details, to a
+new file or over an earlier result of eval.py, never over another file.
 
 train.py imports score_exact_match from here: importing this file has no side effects.
 """
