@@ -224,9 +224,9 @@ def test_two_runs_on_one_empty_out_dir_one_wins(world, tmp_path):
 
 
 def test_out_dir_is_checked_again_under_the_lock(world, tmp_path, monkeypatch):
-    """The race made deterministic: B checks the empty out_dir, A runs to the end, then B takes the
-    lock: B is refused (with --overwrite too: another process wrote there meanwhile) and A's files
-    are byte-identical."""
+    """The race made deterministic: B checks the empty out_dir, A's run ends there (a finished run
+    copied in), then B takes the lock: B is refused (with --overwrite too: another process wrote
+    there meanwhile) and A's files are byte-identical."""
     import train
 
     out = tmp_path / "out"
@@ -236,11 +236,12 @@ def test_out_dir_is_checked_again_under_the_lock(world, tmp_path, monkeypatch):
         config = train_state.configure_run(train.SETTINGS, argv + [f"--overwrite={overwrite}"])
         found = train_state.check_out_dir(config)  # B, before the lock
         assert found == []
-        ok(run(out))  # A
+        shutil.copytree(world / "lora", out)  # A
         before = hash_tree(out)
         for k, v in config.items():
             monkeypatch.setattr(train, k, v, raising=False)
-        with pytest.raises(util.UserError, match="holds a run|another process wrote there"):
+        expected = "another process wrote there" if overwrite else "holds a run"
+        with pytest.raises(util.UserError, match=expected):
             train.take_out_dir(found, config)  # B, under the lock
         assert hash_tree(out) == before
 
