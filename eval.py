@@ -85,22 +85,7 @@ def check_out(path, settings):
     """The result file: new, or an earlier result of eval.py (never another file), where it can be
     written (util.check_output): checked before any model work."""
     if path:
-        util.check_output(path, "out", ours=is_result)
-
-
-def is_result(path):
-    """Whether path holds what eval.py writes: a JSON object of task, ckpt_dir and settings."""
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return False
-    return (
-        isinstance(result, dict)
-        and {"task", "ckpt_dir", "settings"} <= set(result)
-        and isinstance(result["settings"], dict)
-        and result["settings"].get("task") == result["task"]
-    )
+        util.check_output(path, "out", ours=util.json_with("task", "ckpt_dir", "settings"))
 
 
 ckpt_dir = S("", util.required, "base model (HF or Meta layout, with tokenizer.model)")

@@ -7,6 +7,7 @@ and the setting checks for a required path and a device.
 import fcntl
 import fnmatch
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -118,6 +119,21 @@ def check_output(path, setting, base=None, folder=False, ours=None):
         parent = os.path.dirname(parent)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
         raise UserError(f"{where}: cannot be written ({parent} is not a writable folder)")
+
+
+def json_with(*keys):
+    """An `ours` for check_output: whether a file is a JSON object holding keys, as the script's
+    own results do (a config.json or a user's notes do not)."""
+
+    def ours(path):
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(value, dict) and set(keys) <= set(value)
+
+    return ours
 
 
 def importable(name):

@@ -143,11 +143,34 @@ def test_memtrace_out_never_replaces_a_file_it_did_not_write(tmp_path):
     assert p.stderr.strip().startswith("error: ") and p.stderr.strip().count("\n") == 0
     assert "not an earlier result" in p.stderr
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
-    import memtrace
-
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps(dict(base_rss=1, peak_above_base=2, phases=[])))
-    util.check_output(str(trace), None, ours=memtrace.is_trace)  # an earlier trace: replaced
+    ours = util.json_with("base_rss", "peak_above_base", "phases")
+    util.check_output(str(trace), None, ours=ours)  # an earlier trace: replaced
+
+
+@pytest.mark.parametrize(
+    "script,arg,victim",
+    [
+        ("tools/bench.py", "--out_file={d}/notes.json", "notes.json"),
+        ("analyze.py", "--out_dir={d} --full={base} --ckpt_dir={base}", "summary.json"),
+        ("analyze.py", "--out_dir={d} --full={base} --ckpt_dir={base}", "spectra.png"),
+        ("compare.py", "--out_prefix={d}/paper --ckpt_dir={base}", "paper.md"),
+    ],
+)
+def test_other_outputs_never_replace_a_file_they_did_not_write(tmp_path, script, arg, victim):
+    """4''. The other scripts' outputs: refused before any work when they name a file the script
+    did not write (compare.py's .md and plots, analyze.py's plots: only beside their own JSON)."""
+    (tmp_path / victim).write_text('{"mine": 1}')
+    argv = [sys.executable, script, *arg.format(d=tmp_path, base=BASE).split()]
+    refused(python(argv, cwd=ROOT), "not an earlier result of this script")
+    assert os.listdir(tmp_path) == [victim] and (tmp_path / victim).read_text() == '{"mine": 1}'
+
+
+def test_earlier_results_are_recognized():
+    """The committed docs/compare.json is compare.py's own: a rerun may replace it."""
+    assert util.json_with("settings", "summary", "runs")(os.path.join(ROOT, "docs", "compare.json"))
+    assert not util.json_with("settings")(os.path.join(BASE, "config.json"))
 
 
 def test_stale_tmp_cleanup_removes_only_our_temporaries(world, tmp_path):

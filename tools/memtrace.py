@@ -94,16 +94,6 @@ class Trace:
         )
 
 
-def is_trace(path):
-    """Whether path holds what this tool writes: a JSON object with base_rss and phases."""
-    try:
-        with open(path) as f:
-            trace = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(trace, dict) and {"base_rss", "peak_above_base", "phases"} <= set(trace)
-
-
 def main(argv):
     if len(argv) < 2 or not argv[1].endswith(".py"):
         raise UserError("usage: tools/memtrace.py OUT.json SCRIPT.py [its arguments]")
@@ -113,7 +103,7 @@ def main(argv):
         root, ext = os.path.splitext(out)
         out = f"{root}.rank{rank}{ext}"
     # checked before the script runs: a new file, or an earlier trace (never another file)
-    util.check_output(out, None, ours=is_trace)
+    util.check_output(out, None, ours=util.json_with("base_rss", "peak_above_base", "phases"))
     trace = Trace()
     torch.nn.modules.module.register_module_forward_pre_hook(trace.pre_forward)
     torch.nn.modules.module.register_module_forward_hook(trace.post_forward)
