@@ -45,8 +45,8 @@ adapters = S(
 full = S("", None, "full fine-tuning checkpoint dir of the same base (optional)")
 out_dir = S(
     "analysis",
-    lambda v, s: f"a folder ({v} is a file)" if os.path.isfile(v) else None,
-    "summary.json and the plots go here",
+    lambda v, s: check_out_dir(v),
+    "summary.json and the plots go here (replacing only an earlier analysis's)",
 )
 top_k = S(64, "[1, inf)", "singular values per matrix kept in the JSON and drawn in the plots")
 phi_dim = S(32, "[1, inf)", "φ(i, j) is computed for i, j <= phi_dim")
@@ -418,6 +418,16 @@ def plot_similarity(plt, with_phi, groups):
     fig.colorbar(im, ax=axes, shrink=0.8, label="φ(i, j)")
     fig.suptitle("Subspace similarity to full fine-tuning, φ(i, j) = ||U_iᵀ V_j||² / min(i, j)")
     return fig
+
+
+def check_out_dir(folder):
+    """summary.json and the plots replace only an earlier analysis's: a summary.json of this
+    script's, and the plots beside it (util.check_output)."""
+    util.check_output(folder, "out_dir", folder=True)
+    summary = os.path.join(folder, "summary.json")
+    ours = util.json_with("base", "settings", "methods")
+    for name in ("summary.json", "spectra.png", "similarity.png"):
+        util.check_output(os.path.join(folder, name), "out_dir", ours=lambda p: ours(summary))
 
 
 def main(argv):

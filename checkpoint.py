@@ -19,12 +19,12 @@ the stored bytes, offsets inside the file), names and shapes against the config.
 UserError naming the file. .pth files load with weights_only=True: no pickled code runs.
 """
 
+import base64
 import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import stat
 import struct
 
@@ -473,35 +473,51 @@ class Stored:
         self.shape, self.dtype, self.file, self.read = tuple(shape), dtype, file, read
 
 
-def _safetensors_tensor(path, entry, data_start):
-    """A tensor of a safetensors file: rows are contiguous, so rows [a, b) are one read of exactly
-    (b - a) rows' bytes, unbuffered, into the tensor (plain reads, no memory map: resident memory
-    is what we keep)."""
+def _safetensors_tensor(path, entry, data_start, f):
+    """A tensor of a safetensors file, read from its open file f: rows are contiguous, so rows
+    [a, b) are one read of exactly (b - a) rows' bytes, unbuffered, into the tensor (plain reads, no
+    memory map: resident memory is what we keep)."""
     shape, dtype = entry["shape"], DTYPES[entry["dtype"]]
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
 
     def read(a, b):
         out = torch.empty([b - a, *shape[1:]], dtype=dtype)
         buf, done = memoryview(out.view(-1).view(torch.uint8).numpy()), 0
-        with open(path, "rb", buffering=0) as f:
-            f.seek(data_start + entry["data_offsets"][0] + a * row_bytes)
-            while done < len(buf):  # one read(2) returns at most 2 GiB
-                n = f.readinto(buf[done:])
-                if not n:
-                    raise UserError(
-                        f"{path}: file ends inside tensor data (it changed while being read)"
-                    )
-                done += n
+        f.seek(data_start + entry["data_offsets"][0] + a * row_bytes)
+        while done < len(buf):  # one read(2) returns at most 2 GiB
+            n = f.readinto(buf[done:])
+            if not n:
+                raise UserError(
+                    f"{path}: file ends inside tensor data (it changed while being read)"
+                )
+            done += n
         return out
 
     return Stored(shape, dtype, path, read)
 
 
 def _safetensors_tensors(path):
-    """{name: Stored} of one safetensors file, in the order of the bytes."""
-    header, _, start = read_safetensors_header(path)
+    """{name: Stored} of one safetensors file, in the order of the bytes. The file is opened once,
+    its header and every tensor read from that open file: a writer that replaces it meanwhile (one
+    rename, as train.py rewrites hf/ at each evaluation) never mixes two versions into one model.
+    The file closes when the last Stored goes."""
+    for _ in range(3):
+        # O_NONBLOCK: a FIFO in a file's place does not hang the open
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0)
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.close()
+            raise UserError(f"{path}: not a regular file")
+        header, _, start = read_safetensors_header(path)
+        # the header read by name is f's when the name still points at f's file: a replaced file
+        # never comes back under its name
+        now, held = os.stat(path), os.fstat(f.fileno())
+        if (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+            break
+        f.close()
+    else:
+        raise UserError(f"{path}: replaced while being opened, three times; load it again")
     order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    return {name: _safetensors_tensor(path, entry, start) for name, entry in order}
+    return {name: _safetensors_tensor(path, entry, start, f) for name, entry in order}
 
 
 def _torch_state(path):
@@ -1081,6 +1097,74 @@ def save_hf_checkpoint(
 
 # tokenizer files of a HF checkpoint, carried along wherever its tokenizer.model goes
 TOKENIZER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# every file an HF-layout folder we write holds (train.py's hf/, export.py --format=hf)
+HF_EXPORT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.model",
+    *TOKENIZER_SIDE_FILES,
+    "generation_config.json",
+)
+SIDE_FILE_LIMIT = 1 << 28  # 256 MiB: far above any tokenizer or generation config
+
+
+# a JSON side file holds at least one key of its kind (special_tokens_map.json: only such keys)
+SPECIAL_TOKENS = "bos_token eos_token unk_token pad_token sep_token cls_token mask_token"
+SIDE_FILE_KEYS = {
+    "tokenizer.json": {"model"},
+    "tokenizer_config.json": set(
+        f"tokenizer_class added_tokens_decoder model_max_length {SPECIAL_TOKENS}".split()
+    ),
+    "special_tokens_map.json": set(f"additional_special_tokens {SPECIAL_TOKENS}".split()),
+    "generation_config.json": set(
+        "bos_token_id eos_token_id pad_token_id do_sample temperature top_p top_k max_length "
+        "max_new_tokens _from_model_config transformers_version".split()
+    ),
+}
+
+
+def side_file(path):
+    """The bytes of a file copied beside the weights (tokenizer.model, tokenizer.json, ...,
+    generation_config.json), read once, or None unless it is a regular file (symlinks followed: the
+    Hugging Face cache is made of them) that parses as what its name says: a symlink to a private
+    file never lands in an export. tokenizer.model: SentencePiece's protobuf or tiktoken's
+    'base64 rank' lines; the others: a JSON object with a key of its kind (SIDE_FILE_KEYS)."""
+    if not os.path.isfile(path) or os.path.getsize(path) > SIDE_FILE_LIMIT:
+        return None
+    with open(path, "rb") as f:
+        data = f.read(SIDE_FILE_LIMIT + 1)
+    name = os.path.basename(path)
+    try:
+        if name == "tokenizer.model":
+            return data if _is_tokenizer_model(data) else None
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or not set(value) & SIDE_FILE_KEYS[name]:
+        return None
+    if name == "special_tokens_map.json" and not set(value) <= SIDE_FILE_KEYS[name]:
+        return None
+    return data if name != "tokenizer.json" or isinstance(value["model"], dict) else None
+
+
+def _is_tokenizer_model(data):
+    import sentencepiece
+
+    try:
+        return len(sentencepiece.SentencePieceProcessor(model_proto=data)) > 0
+    except Exception:  # not SentencePiece's protobuf: tiktoken's lines?
+        lines = [line.split() for line in data.decode("utf-8").splitlines() if line]
+        ok = lines and all(len(w) == 2 and w[1].isdigit() for w in lines)
+        return bool(ok) and all(base64.b64decode(w[0], validate=True) for w in lines)
+
+
+def copy_side_file(src, dst):
+    """src's bytes to dst (atomically) when side_file accepts src. -> whether it was copied"""
+    data = side_file(src)
+    if data is not None:
+        with atomic_write(dst) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+    return data is not None
 
 
 def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
@@ -1101,9 +1185,8 @@ def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
     copies += [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
     for src, name in copies:
         dst = os.path.join(out_dir, name)
-        if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):
-            with atomic_write(dst) as tmp:
-                shutil.copyfile(src, tmp)
+        if os.path.abspath(src) != os.path.abspath(dst):
+            copy_side_file(src, dst)
     written = {n for n in TOKENIZER_SIDE_FILES if os.path.isfile(os.path.join(out_dir, n))}
     if not os.path.isfile(model_file) or written & {"tokenizer.json", "tokenizer_config.json"}:
         return

@@ -728,6 +728,10 @@ def main(argv=None):
         )
     if numerics:
         return write_fingerprint(specs, numerics)
+    ours = util.json_with("settings", "summary", "runs")
+    for end in (".json", ".md", "_scores.png", "_paired.png", "_spectra.png", "_val_loss.png"):
+        # written at the end: replacing only an earlier comparison's (its JSON says so)
+        util.check_output(out_prefix + end, "out_prefix", ours=lambda p: ours(out_prefix + ".json"))
     by_arm = seeds_by_arm(labels)
     made_with = provenance()  # before any run: the commit the runs are made from
     workers = jobs or os.cpu_count() or 1

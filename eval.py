@@ -33,7 +33,8 @@ per-token normalization of the GPT-3 paper). --mc_format chooses the prompt:
   instruction  dataset.py's prompt template as data/mmlu/prepare.py writes the training examples,
                scoring the letter: use it for adapters fine-tuned on data/mmlu
 Everything is greedy or exact, so two runs print the same numbers. Prints a table; --out writes
-JSON with "accuracy" for scored tasks ("loss" and "perplexity" for loss) and per-item details.
+JSON with "accuracy" for scored tasks ("loss" and "perplexity" for loss) and per-item details, to a
+new file or over an earlier result of eval.py, never over another file.
 
 train.py imports score_exact_match from here: importing this file has no side effects.
 """
@@ -82,19 +83,10 @@ def check_shots(value, settings):
 
 
 def check_out(path, settings):
-    """The result file must be writable where it is named: checked before any model work."""
-    if not path:
-        return None
-    if os.path.isdir(path):
-        return f"a file path ({path} is a folder)"
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # folders that do not exist yet are created
-        folder = os.path.dirname(folder)
-    return (
-        None
-        if os.path.isdir(folder) and os.access(folder, os.W_OK)
-        else f"a file in a writable folder ({folder} is not one)"
-    )
+    """The result file: new, or an earlier result of eval.py (never another file), where it can be
+    written (util.check_output): checked before any model work."""
+    if path:
+        util.check_output(path, "out", ours=util.json_with("task", "ckpt_dir", "settings"))
 
 
 ckpt_dir = S("", util.required, "base model (HF or Meta layout, with tokenizer.model)")

@@ -26,7 +26,7 @@ permutation: PEFT keys are base_model.model.model.{our key}.lora_A.weight.
 
 import json
 import os
-import shutil
+from contextlib import contextmanager, suppress
 
 import torch
 
@@ -93,15 +93,9 @@ def peft_adapter(model, base_model_name_or_path=""):
 
 
 def check_out_dir(ckpt_dir, out_dir):
-    """Refuse an out_dir that is a file, holds files, or lies in (or is) ckpt_dir: an export next to
+    """Refuse an out_dir that is a file, holds files, or is (or lies in) ckpt_dir: an export next to
     the base's own files would overwrite them (config.json, model.safetensors)."""
-    real_out, real_ckpt = os.path.realpath(out_dir), os.path.realpath(ckpt_dir)
-    if os.path.commonpath([real_out, real_ckpt]) == real_ckpt:
-        raise UserError(
-            f"--out_dir={out_dir}: inside --ckpt_dir={ckpt_dir}; export to a folder of its own"
-        )
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out_dir={out_dir}: exists and is not a folder")
+    util.check_output(out_dir, "out_dir", ckpt_dir, folder=True)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UserError(f"--out_dir={out_dir}: not empty; export to a new or empty folder")
 
@@ -117,6 +111,60 @@ def check_arm(adapter, model, what, refusal):
         )
 
 
+# what an export writes: the only files it removes from the folder of an interrupted one
+EXPORT_FILES = (*checkpoint.HF_EXPORT_FILES, "adapter_model.safetensors", "adapter_config.json")
+
+
+@contextmanager
+def writing(ckpt_dir, out_dir):
+    """with writing(ckpt_dir, out_dir) as folder: write the export's files in folder
+    (OUT_DIR.partial, beside out_dir), locked: a second export to the same out_dir is refused, and
+    out_dir is checked again under the lock. When the block ends, the folder becomes out_dir in one
+    rename: an export is whole or absent. A killed export leaves OUT_DIR.partial, which the next
+    one clears (of the files an export writes, nothing else) and reuses: nothing blocks the
+    rerun."""
+    partial = os.path.normpath(out_dir) + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    lock = util.lock_folder(partial)
+    done = False
+    try:
+        check_out_dir(ckpt_dir, out_dir)
+        others = clear(partial)
+        if others:
+            raise UserError(
+                f"{partial}: holds files an export does not write ({', '.join(others)}); "
+                f"move them, or export to another --out_dir"
+            )
+        yield partial
+        try:
+            # replaces an empty folder, never a folder with files
+            os.rename(partial, os.path.normpath(out_dir))
+        except OSError as e:
+            raise UserError(
+                f"--out_dir={out_dir}: cannot become the export ({e.strerror}); "
+                f"export to a new or empty folder"
+            ) from None
+        done = True
+    finally:
+        if not done:
+            clear(partial)  # under the lock still
+        os.remove(os.path.join(out_dir if done else partial, ".lock"))
+        lock.close()
+        if not done:
+            # empty, unless files of the user's (or of an export started since) are there
+            with suppress(OSError):
+                os.rmdir(partial)
+
+
+def clear(folder):
+    """Remove from folder what an export writes (its files, their temporaries). -> what else is
+    there"""
+    util.remove_stale_tmp(folder, EXPORT_FILES)
+    for name in set(os.listdir(folder)) & set(EXPORT_FILES):
+        os.remove(os.path.join(folder, name))
+    return sorted(set(os.listdir(folder)) - {".lock"})
+
+
 def export_hf(ckpt_dir, adapter, out_dir, dtype="auto"):
     """Merged checkpoint. The merge adds ΔW in fp32 and casts once to `dtype` (a name; auto = the
     base's), which is what merging a fp32 copy of the base would give, without holding one.
@@ -126,11 +174,12 @@ def export_hf(ckpt_dir, adapter, out_dir, dtype="auto"):
     check_arm(adapter, model, "merge", "cannot be merged into the base's weights")
     adapters = multilora.adapter_state_dict(model)
     state = {k: v for k, v in model.state_dict().items() if k not in adapters}
-    # the tokenizer files: the base's own, or tokenizer_config.json written for its tokenizer.model
-    checkpoint.save_hf_checkpoint(state, out_dir, tokenizer_path=ckpt_dir, config=model.config)
-    if os.path.isfile(os.path.join(ckpt_dir, "generation_config.json")):
-        with util.atomic_write(os.path.join(out_dir, "generation_config.json")) as tmp:
-            shutil.copyfile(os.path.join(ckpt_dir, "generation_config.json"), tmp)
+    with writing(ckpt_dir, out_dir) as folder:
+        # the tokenizer files: the base's own, or tokenizer_config.json written for its
+        # tokenizer.model
+        checkpoint.save_hf_checkpoint(state, folder, tokenizer_path=ckpt_dir, config=model.config)
+        name = "generation_config.json"
+        checkpoint.copy_side_file(os.path.join(ckpt_dir, name), os.path.join(folder, name))
 
 
 def export_peft(ckpt_dir, adapter, out_dir, base_name=""):
@@ -142,12 +191,13 @@ def export_peft(ckpt_dir, adapter, out_dir, base_name=""):
     model, _ = load_for_inference(ckpt_dir, None, adapter, "auto", "cpu", merge=False)
     check_arm(adapter, model, "peft", "has no exact PEFT LoRA form")
     tensors, config = peft_adapter(model, base_name or os.path.normpath(ckpt_dir))
-    os.makedirs(out_dir, exist_ok=True)
-    with util.atomic_write(os.path.join(out_dir, "adapter_model.safetensors")) as tmp:
-        specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}  # tensor by tensor
-        checkpoint.write_safetensors(tmp, specs, tensors.get, metadata={"format": "pt"})
-    util.write_text(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2))
-    checkpoint.write_tokenizer_files(out_dir, ckpt_dir, model.config.max_seq_len)
+    with writing(ckpt_dir, out_dir) as folder:
+        with util.atomic_write(os.path.join(folder, "adapter_model.safetensors")) as tmp:
+            specs = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}  # tensor by tensor
+            checkpoint.write_safetensors(tmp, specs, tensors.get, metadata={"format": "pt"})
+        text = json.dumps(config, indent=2)
+        util.write_text(os.path.join(folder, "adapter_config.json"), text)
+        checkpoint.write_tokenizer_files(folder, ckpt_dir, model.config.max_seq_len)
 
 
 def main(argv):

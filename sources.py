@@ -37,15 +37,45 @@ def write_jsonl(path, records):
     write_file(path, lambda f: f.writelines(lines), "w")
 
 
-def write_dataset(out_dir, splits, meta, raw=None):
+# every file of a prepared dataset: what --overwrite removes, and all of it, before writing
+PREPARED_FILES = (
+    "meta.json",
+    *(f"{s}.jsonl" for s in ("train", "val", "test")),
+    *(
+        f"{s}_{a}.npy"
+        for s in ("train", "val", "test")
+        for a in ("tokens", "mask", "offsets", "task")
+    ),
+)
+
+
+def check_prepared_dir(out_dir, overwrite):
+    """Refuse an out_dir that holds a prepared dataset (or part of one) unless overwrite: a dataset
+    is replaced whole or not at all. Before anything is written, and again under the folder's lock.
+    -> the prepared files found"""
+    util.check_output(out_dir, "out_dir", folder=True)
+    found = [f for f in PREPARED_FILES if os.path.lexists(os.path.join(out_dir, f))]
+    if found and not overwrite:
+        raise UserError(
+            f"--out_dir={out_dir}: holds a prepared dataset ({', '.join(found[:3])}"
+            f"{f' and {len(found) - 3} more files' if len(found) > 3 else ''}); "
+            f"replace it with --overwrite=True, or prepare into another folder"
+        )
+    return found
+
+
+def write_dataset(out_dir, splits, meta, raw=None, overwrite=False):
     """splits: {split: [(task_name, ids, mask)]}; meta: vocab_size, bos_id, eos_id, tokenizer,
     max_len and optionally "tasks" (the order of task indices) and "counts" (e.g. dropped examples
     per split), to which the example and token counts are added; raw: {split: [record]} for
-    {split}.jsonl. An old meta.json goes first and the new one is written last: a directory with a
-    meta.json is complete."""
+    {split}.jsonl. Under out_dir's lock, a dataset there is refused, or with overwrite removed whole
+    (meta.json first); the new meta.json is written last: a directory with a meta.json is
+    complete."""
     os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "meta.json")):
-        os.remove(os.path.join(out_dir, "meta.json"))
+    lock = util.lock_folder(out_dir)  # noqa: F841 (released when the function returns)
+    for f in check_prepared_dir(out_dir, overwrite):
+        os.remove(os.path.join(out_dir, f))
+    util.remove_stale_tmp(out_dir, PREPARED_FILES)
     meta = dict(meta)
     tasks = list(
         meta.get("tasks")
@@ -179,6 +209,7 @@ PREPARE_SETTINGS = dict(
         "[2, inf)",
         "examples longer than this many tokens (BOS + prompt + response + EOS) are dropped",
     ),
+    overwrite=S(False, None, "replace a prepared dataset in out_dir (never replaced without it)"),
     val_fraction=S(
         0.05,
         "[0, 1)",
@@ -239,6 +270,7 @@ def prepare(name, splits, config, tok):
             counts=counts,
         ),
         {split: records for split, records in kept.items() if None not in records},
+        config["overwrite"],
     )
     for split, c in meta["counts"].items():
         print(
@@ -266,6 +298,7 @@ def prepare_main(name, read_source, urls, out_dir, argv, **settings):
         argv,
         os.path.join(out_dir, "prepare.py"),
     )
+    check_prepared_dir(config["out_dir"], config["overwrite"])
     tok = load_tokenizer(config["tokenizer"])
     source = config["source"]
     if not source:

@@ -484,15 +484,26 @@ def log_model(model):
 
 
 def take_out_dir(found, config):
-    """out_dir is this run's now: locked (until the process ends: keep the returned file),
-    leftovers of killed writes gone, what --overwrite replaces removed, the wandb run started."""
+    """out_dir is this run's now: locked (until the process ends: keep the returned file), checked
+    again under the lock (another process may have written there since), leftovers of killed writes
+    gone, what --overwrite replaces removed, the wandb run started."""
     lock = None
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         lock = util.lock_folder(out_dir)
-        util.remove_stale_tmp(out_dir)
-        for f in found if overwrite and not resume else []:
-            os.remove(f)
+        if train_state.check_out_dir(config) != found:
+            raise UserError(
+                f"{out_dir}: another process wrote there while this run was starting; "
+                f"run the command again"
+            )
+        util.remove_stale_tmp(out_dir, train_state.RUN_FILES)
+        hf = train_state.hf_path(config)
+        if finetune == "full" and os.path.isdir(hf) and not hf_dir:  # out_dir/hf: under the lock
+            util.remove_stale_tmp(hf, checkpoint.HF_EXPORT_FILES)
+        for f, *_ in found if overwrite else []:
+            # a resume keeps the run's files: only a checkpoint in hf_dir goes
+            if not resume or os.path.split(f) in [(hf, n) for n in train_state.HF_FILES]:
+                os.remove(f)
         if wandb_log:
             import wandb
 
@@ -604,8 +615,7 @@ def main(argv=None):
     init_distributed()
 
     # every check before out_dir is touched: settings (above), data, tokenizer, model, checkpoint
-    hf_path = hf_dir or os.path.join(out_dir, "hf")
-    found = train_state.check_out_dir(out_dir, hf_path, resume, overwrite)
+    found = train_state.check_out_dir(config)
     train_splits, val_splits, model_config, tok, tokenizer_path = load_data_and_config()
     log("settings: " + json.dumps(config))
     raw_model = build_model(model_config)

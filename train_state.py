@@ -32,6 +32,7 @@ import torch.distributed as dist
 import checkpoint
 import multilora
 from configurator import S, check_type, configure, resolve
+import util
 from util import UserError, atomic_write, write_text
 
 CHECKPOINT, ADAPTER, METRICS = "ckpt.pt", "adapter.safetensors", "metrics.jsonl"
@@ -69,7 +70,8 @@ def configure_run(settings, argv):
     if not given["resume"] or not os.path.isfile(path):
         return configure(settings, argv, "train.py")  # no checkpoint: check_out_dir says so
     saved = read(path, mmap=True)["settings"]
-    own = ("out_dir", "resume", "overwrite")  # this command's, never the checkpoint's
+    # this command's, never the checkpoint's: a path read from a received file is no place to write
+    own = ("out_dir", "hf_dir", "resume", "overwrite")
     typed = resolve(settings, {k: s.default for k, s in settings.items()})  # rules' types
     run = {
         k: S(
@@ -97,22 +99,57 @@ def configure_run(settings, argv):
     return config
 
 
-def check_out_dir(out_dir, hf_path, resume, overwrite):
-    """Refuse an out_dir that holds a run unless resume or overwrite; -> the run's files found."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"{out_dir}: out_dir is a file, expected a directory")
-    found = [os.path.join(out_dir, f) for f in (CHECKPOINT, ADAPTER, METRICS)]
-    found = [f for f in found + [os.path.join(hf_path, "model.safetensors")] if os.path.exists(f)]
-    found += sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt.step*.rank*-of-*.pt")))
+def hf_path(config):
+    """Where finetune=full writes its HF-layout weights: --hf_dir, or out_dir/hf."""
+    return config["hf_dir"] or os.path.join(config["out_dir"], "hf")
+
+
+# what train.py writes in out_dir (and hf/): the only files its --overwrite removes and the only
+# temporaries its cleanup removes
+RUN_FILES = (CHECKPOINT, ADAPTER, METRICS, "ckpt.step*.rank*-of-*.pt")
+HF_FILES = ("model.safetensors", "config.json", "model.safetensors.index.json")
+
+
+def check_out_dir(config):
+    """Refuse an out_dir that holds a run unless resume or overwrite, and an hf_dir that holds a
+    checkpoint other than this run's unless overwrite; neither may be the base (util.check_output).
+    Runs before anything is written and again under out_dir's lock (train.py's take_out_dir).
+    -> the run's files found, each (path, inode, mtime, size): a second call that differs means
+    another process wrote there meanwhile."""
+    out_dir, resume, overwrite = config["out_dir"], config["resume"], config["overwrite"]
+    base = config["ckpt_dir"] if config["init_from"] == "pretrained" else None
+    full, hf = config["finetune"] == "full", hf_path(config)
+    util.check_output(out_dir, "out_dir", folder=True)
+    if full:
+        util.check_output(hf, "hf_dir", base, folder=True)
+    found = sorted(glob.glob(os.path.join(glob.escape(out_dir), "ckpt.step*.rank*-of-*.pt")))
+    found += [os.path.join(out_dir, f) for f in RUN_FILES[:3]]
+    held = [os.path.join(hf, f) for f in HF_FILES] if full else []
+    found, held = [f for f in found if os.path.exists(f)], [f for f in held if os.path.exists(f)]
     path = os.path.join(out_dir, CHECKPOINT)
     if resume and path not in found:
         raise UserError(f"{path}: resume=True but there is no checkpoint to resume from")
-    if found and not resume and not overwrite:
+    if (found or held) and not resume and not overwrite:
         raise UserError(
-            f"{out_dir}: holds a run ({', '.join(found)}); continue it with --resume=True "
+            f"{out_dir}: holds a run ({', '.join(found + held)}); continue it with --resume=True "
             f"or replace it with --overwrite=True"
         )
-    return found
+    if held and resume and not overwrite:
+        # the run's own hf/: inside out_dir, or the hf_dir its checkpoint records, given again
+        recorded = read(path, mmap=True)["settings"].get("hf_dir") or os.path.join(out_dir, "hf")
+        own = (os.path.join(out_dir, "hf"), recorded)
+        if os.path.realpath(hf) not in [os.path.realpath(p) for p in own]:
+            raise UserError(
+                f"--hf_dir={hf}: holds a checkpoint that is not this run's ({', '.join(held)}; "
+                f"the run wrote to {recorded}); choose another hf_dir, or replace it with "
+                f"--overwrite=True"
+            )
+    return [(f, *stat(f)) for f in found + held]
+
+
+def stat(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def base_identity(model, finetune):
@@ -247,7 +284,7 @@ def save(state, model, optimizer, tokenizer_path):
     weights = model.state_dict() if full else multilora.adapter_state_dict(model)
     if rank == 0:
         with atomic_write(os.path.join(config["out_dir"], CHECKPOINT)) as tmp:
-            torch.save(
+            save_file(
                 {
                     **common,
                     "model": {k: v.detach().cpu() for k, v in weights.items()},
@@ -260,6 +297,13 @@ def save(state, model, optimizer, tokenizer_path):
         dist.barrier()
 
 
+def save_file(obj, path):
+    """torch.save through a Python file: a full disk is an OSError (ENOSPC) that atomic_write names,
+    not torch's "[enforce fail at inline_container.cc]"."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def write_weights(step, model, config, tokenizer_path, only_if_stale=False):
     """The adapter, or the HF-layout weights for finetune=full, tagged with their step. Under FSDP
     every rank calls (on a resharded model) and rank 0 writes, gathering one tensor at a time
@@ -267,9 +311,8 @@ def write_weights(step, model, config, tokenizer_path, only_if_stale=False):
     rank, fsdp, full = processes()[0], config["fsdp"], config["finetune"] == "full"
     if not fsdp and rank != 0:
         return
-    out_dir = config["out_dir"]
-    hf_path = config["hf_dir"] or os.path.join(out_dir, "hf")
-    path = os.path.join(hf_path, "model.safetensors") if full else os.path.join(out_dir, ADAPTER)
+    out_dir, hf = config["out_dir"], hf_path(config)
+    path = os.path.join(hf, "model.safetensors") if full else os.path.join(out_dir, ADAPTER)
     if only_if_stale:  # rank 0 decides, for every rank
         stale = [int(rank == 0 and checkpoint.saved_step(path) != step)]
         stale = torch.tensor(stale, device=next(model.parameters()).device)
@@ -281,7 +324,7 @@ def write_weights(step, model, config, tokenizer_path, only_if_stale=False):
     if full:
         checkpoint.save_hf_checkpoint(
             model.state_dict(),
-            hf_path,
+            hf,
             config=model.config,
             tokenizer_path=tokenizer_path,
             step=step,
@@ -345,10 +388,8 @@ def save_shards(out_dir, common, model, optimizer, write_exports):
     error = None
     try:
         with atomic_write(own) as tmp:
-            torch.save(
-                {"model": {k: local(v) for k, v in weights.items()}, "optimizer": optim}, tmp
-            )
-    except OSError as e:  # disk full on one rank: every rank stops, the previous checkpoint stays
+            save_file({"model": {k: local(v) for k, v in weights.items()}, "optimizer": optim}, tmp)
+    except UserError as e:  # disk full on one rank: every rank stops, the previous checkpoint stays
         error = e
     ok = torch.tensor([int(error is None)], device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -362,7 +403,7 @@ def save_shards(out_dir, common, model, optimizer, write_exports):
     write_exports()
     if rank == 0:
         with atomic_write(os.path.join(out_dir, CHECKPOINT)) as tmp:
-            torch.save(
+            save_file(
                 {**common, "shards": [shard_name(step, r, world_size) for r in range(world_size)]},
                 tmp,
             )

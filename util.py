@@ -5,8 +5,11 @@ and the setting checks for a required path and a device.
 """
 
 import fcntl
+import fnmatch
 import importlib.util
+import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 
@@ -35,7 +38,8 @@ def run_cli(main, argv=None):
 def atomic_write(path):
     """with atomic_write(path) as tmp: write the file at tmp. On success it replaces path in one
     rename, with the permissions an ordinary new file gets (the umask's); on any error the temporary
-    file is removed and path is untouched. A crash leaves the old file or the new one, not half."""
+    file is removed and path is untouched. A crash leaves the old file or the new one, not half. A
+    failed write (disk full, permission) is a UserError naming path and the cause."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         yield tmp
@@ -44,6 +48,13 @@ def atomic_write(path):
         # some writers create 0600 files; a serving account must read them
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        # the write itself failed (an error naming another file, a source being read, passes on)
+        if e.filename not in (None, tmp, path):
+            raise
+        raise UserError(
+            f"{path}: cannot write it ({e.strerror or e}); the file there before, if any, is kept"
+        ) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -54,25 +65,75 @@ def write_text(path, text):
         f.write(text)
 
 
-def remove_stale_tmp(folder):
-    """Remove temporary files (*.<pid>.tmp) left behind by a process that was killed mid-write."""
-    for name in os.listdir(folder):
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(folder, name))
+def remove_stale_tmp(folder, names):
+    """Remove the temporary files that atomic_write names (NAME.<pid>.tmp) for the names of files
+    we write in folder (glob patterns), left behind by a process killed mid-write. Any other file,
+    *.tmp or not, is the user's and stays."""
+    for entry in os.listdir(folder):
+        stem = re.fullmatch(r"(.+)\.\d+\.tmp", entry)
+        if stem and any(fnmatch.fnmatchcase(stem[1], n) for n in names):
+            os.remove(os.path.join(folder, entry))
 
 
 def lock_folder(folder):
     """An exclusive lock on folder/.lock, held until this process ends (the OS releases it when the
-    holder dies, so a crash never leaves a stale lock). A second live process gets a UserError."""
-    f = open(os.path.join(folder, ".lock"), "a")
+    holder dies, so a crash never leaves a stale lock). A second live process gets a UserError, as
+    does one that locked a .lock its holder removed meanwhile (export.py removes its own)."""
+    path = os.path.join(folder, ".lock")
+    f = open(path, "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if os.stat(path).st_ino != os.fstat(f.fileno()).st_ino:
+            raise BlockingIOError
+    except (BlockingIOError, FileNotFoundError):
         f.close()
         raise UserError(
             f"{folder}: another process is using this folder (it holds {folder}/.lock)"
         ) from None
     return f  # keep a reference: closing the file releases the lock
+
+
+def check_output(path, setting, base=None, folder=False, ours=None):
+    """The one check before a script writes `path`, given as --setting (as an argument: setting
+    None), a file or (folder=True) a folder, run the same way on a fresh run and a resume: it is
+    not, and is not inside, the base checkpoint `base` that the script reads; it is of its kind; it
+    can be created where it is named; an existing file is replaced only when ours(path) says an
+    earlier run of the same script wrote it. A folder's contents are its script's to judge (under
+    its lock)."""
+    real, where = os.path.realpath(path), f"--{setting}={path}" if setting else path
+    if base and os.path.commonpath([real, os.path.realpath(base)]) == os.path.realpath(base):
+        raise UserError(
+            f"{where}: is {'inside ' * (real != os.path.realpath(base))}the base "
+            f"checkpoint the script reads (--ckpt_dir={base}); write to a folder of its own"
+        )
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        kind = "a folder" if folder else "a file"
+        raise UserError(f"{where}: expected {kind}, it is {'not ' * folder}a folder")
+    if not folder and os.path.lexists(path) and not (ours and os.path.isfile(path) and ours(path)):
+        raise UserError(
+            f"{where}: exists and is not an earlier result of this script; "
+            f"choose a new path (a file the script did not write is never replaced)"
+        )
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # folders that do not exist yet are created
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+        raise UserError(f"{where}: cannot be written ({parent} is not a writable folder)")
+
+
+def json_with(*keys):
+    """An `ours` for check_output: whether a file is a JSON object holding keys, as the script's
+    own results do (a config.json or a user's notes do not)."""
+
+    def ours(path):
+        try:
+            with open(path) as f:
+                value = json.load(f)
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(value, dict) and set(keys) <= set(value)
+
+    return ours
 
 
 def importable(name):

@@ -1,6 +1,6 @@
 # Pretrain the embedded default's tiny base model from scratch on the generated corpus, which states
 # the tasks' content in prose but never uses the instruction format (data/tasks/generate.py).
-#   python data/tasks/generate.py                  # tokenizer, data/tasks, data/tasks_corpus
+#   python data/tasks/generate.py --overwrite=True # tokenizer, data/tasks, data/tasks_corpus
 #   python train.py config/tiny_base_pretrain.py --overwrite=True
 # (it replaces data/tiny_base/config.json and data/tiny_base/model.safetensors)
 init_from = "scratch"

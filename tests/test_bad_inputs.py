@@ -664,7 +664,7 @@ def test_export_refuses_before_writing(world, tmp_path):
     from util import UserError
 
     for out in (world / "base", world / "base" / "sub"):
-        with pytest.raises(UserError, match="inside --ckpt_dir"):
+        with pytest.raises(UserError, match="the base checkpoint the script reads"):
             export.export_peft(str(world / "base"), str(world / "adapter.safetensors"), str(out))
     assert not (world / "base" / "sub").exists()
     # a new folder: fine

@@ -267,7 +267,9 @@ def test_mmlu_release_tar(tmp_path, tok):
             "test": mmlu_expected(MMLU_ROWS[1:], "D", "astronomy"),
         },
     )
-    out_dir = run_prepare("mmlu", tmp_path, tmp_path / "data.tar", "--train_on_dev=True")
+    out_dir = run_prepare(
+        "mmlu", tmp_path, tmp_path / "data.tar", "--train_on_dev=True", "--overwrite=True"
+    )
     check_prepared(
         out_dir,
         tok,
@@ -485,8 +487,8 @@ SMALL = ["--n_train=30", "--n_val=5", "--n_test=10", "--n_documents=60", "--voca
 def test_generator_is_deterministic_and_splits_do_not_overlap(tmp_path):
     generate = load_script("tasks")
 
-    def run():
-        generate.main([f"--out_dir={tmp_path}", *SMALL])
+    def run(*extra):
+        generate.main([f"--out_dir={tmp_path}", *SMALL, *extra])
         return {
             os.path.relpath(os.path.join(d, f), tmp_path): open(os.path.join(d, f), "rb").read()
             for d, _, files in os.walk(tmp_path)
@@ -499,7 +501,9 @@ def test_generator_is_deterministic_and_splits_do_not_overlap(tmp_path):
         "tasks/test_tokens.npy",
         "tasks_corpus/train_tokens.npy",
     } <= set(first)
-    assert run() == first  # same seed, same bytes (the tokenizer included)
+    with pytest.raises(UserError, match="holds a prepared dataset .*--overwrite=True"):
+        run()  # an earlier run's files are replaced only when asked
+    assert run("--overwrite=True") == first  # same seed, same bytes (the tokenizer included)
 
     out = str(tmp_path / "tasks")
     seen = {}

@@ -89,19 +89,21 @@ def test_prepare_help_names_the_script_and_a_relative_out_dir():
 
 def test_gsm8k_download_survives_its_own_prepared_files(tmp_path):
     # the downloaded files (here put where the download goes) are not overwritten by the prepared
-    # train.jsonl and test.jsonl: a second run without --source reads them again
+    # train.jsonl and test.jsonl: a second run without --source (replacing the first's dataset,
+    # --overwrite=True) reads them again
     records = "".join(
         json.dumps(dict(question=f"{i} + 1?", answer=f"#### {i + 1}")) + "\n" for i in range(8)
     )
     for split in ("train", "test"):
         (tmp_path / f"gsm8k_{split}.jsonl").write_text(records)
-    for _ in range(2):
+    for again in (False, True):
         p = python(
             [
                 sys.executable,
                 "data/gsm8k/prepare.py",
                 f"--tokenizer={TOKENIZER}",
                 f"--out_dir={tmp_path}",
+                *["--overwrite=True"] * again,
             ],
             cwd=ROOT,
         )

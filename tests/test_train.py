@@ -64,7 +64,7 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
         a, b = rng.randint(0, 30), rng.randint(0, 30)
         return "Add the numbers.", f"{a} {b}", str(a + b)
 
-    splits = {}
+    splits, raw = {}, {}
     for split, n in (("train", 48), ("val", 9), ("test", 6)):
         records, encoded = [], []
         for i in range(n):
@@ -78,9 +78,7 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
             ids, mask = dataset.encode_example(tok, instruction, inp, response, 64)
             encoded.append((task, ids, mask))
             records.append(dict(task=task, instruction=instruction, input=inp, response=response))
-        splits[split] = encoded
-        os.makedirs(root / "data", exist_ok=True)
-        sources.write_jsonl(str(root / "data" / f"{split}.jsonl"), records)
+        splits[split], raw[split] = encoded, records
     meta = dict(
         vocab_size=tok.vocab_size,
         bos_id=tok.bos_id,
@@ -88,7 +86,7 @@ def tiny(tmp_path_factory, tiny_tokenizer_path):
         tokenizer=tiny_tokenizer_path,
         max_len=64,
     )
-    sources.write_dataset(str(root / "data"), splits, meta)
+    sources.write_dataset(str(root / "data"), splits, meta, raw)
     return {
         "root": root,
         "base": str(root / "base"),
@@ -206,7 +204,9 @@ def test_kill_and_resume_is_exact(tiny, tmp_path):
         "import os, signal, torch\nsave = torch.save\n"
         "def torn(obj, f, *a, **k):\n    save(obj, f, *a, **k)\n"
         "    if isinstance(obj, dict) and obj.get('iter_num') == 6:\n"
-        "        os.truncate(f, os.path.getsize(f) // 2)\n"
+        # f: a path, or the open file train_state.save_file writes through
+        "        path = getattr(f, 'name', f)\n        getattr(f, 'flush', lambda: None)()\n"
+        "        os.truncate(path, os.path.getsize(path) // 2)\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "torch.save = torn"
     )

@@ -74,7 +74,11 @@ warmup = S(2, "[0, inf)", "untimed steps per arm before the first round")
 rounds = S(10, "[1, inf)")
 threads = S(0, util.check_threads, "CPU threads for torch (0 = torch's default; 1 is steadier)")
 seed = S(0, util.check_seed)
-out_file = S("", None, "also write the results as JSON here")
+out_file = S(
+    "",
+    lambda v, s: v and util.check_output(v, "out_file", ours=util.json_with("settings")),
+    "also write the results as JSON here (a new file, or an earlier one of this script's)",
+)
 # mode=throughput and mode=memory
 batch_size = S(4, "[1, inf)")
 seq_len = S(128, "[1, inf)")

@@ -28,6 +28,7 @@ from torch.optim.optimizer import (
 # the repository's modules, from wherever this script is run
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import util
 from util import UserError
 
 
@@ -84,8 +85,8 @@ class Trace:
         self.phases.append((self.label, hwm - self.start_hwm, rss - self.base))
         peak = hwm - self.base
         rows = [dict(phase=p, hwm_rise=r, rss_end=e) for p, r, e in self.phases]
-        with open(path, "w") as f:
-            json.dump(dict(base_rss=self.base, peak_above_base=peak, phases=rows), f, indent=0)
+        report = dict(base_rss=self.base, peak_above_base=peak, phases=rows)
+        util.write_text(path, json.dumps(report, indent=0))
         top = sorted(rows, key=lambda r: -r["hwm_rise"])[:8]
         print(
             f"memtrace: peak {peak / 2**30:.3f} GiB above import torch; most raised by "
@@ -102,14 +103,10 @@ def main(argv):
     if rank:
         root, ext = os.path.splitext(out)
         out = f"{root}.rank{rank}{ext}"
-    # the report's folder is made, or refused, before the script runs (not after a long run)
-    folder = os.path.dirname(os.path.abspath(out))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out}: cannot make the report's folder {folder}: {e.strerror}")
-    if os.path.isdir(out) or not os.access(folder, os.W_OK):
-        raise UserError(f"{out}: expected a file path in a writable folder for the JSON report")
+    # checked before the script runs: a new file, or an earlier trace (never another file); its
+    # folder is made now, not after a long run
+    util.check_output(out, None, ours=util.json_with("base_rss", "peak_above_base", "phases"))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     trace = Trace()
     torch.nn.modules.module.register_module_forward_pre_hook(trace.pre_forward)
     torch.nn.modules.module.register_module_forward_hook(trace.post_forward)

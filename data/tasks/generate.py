@@ -2,7 +2,7 @@
 The embedded default data: a multi-task instruction suite, a pretraining corpus without the
 instruction format, and the SentencePiece tokenizer of the tiny base model. Deterministic by seed.
 
-    python data/tasks/generate.py              # writes the files below (about ten seconds)
+    python data/tasks/generate.py --overwrite=True   # rewrites the files below (ten seconds)
 
 writes, under out_dir (default: this repository's data/):
     tiny_base/tokenizer.model   SentencePiece BPE, LLaMA settings (byte fallback, split digits,
@@ -54,6 +54,7 @@ out_dir = S(
     None,
     "writes tiny_base/tokenizer.model, tasks/, tasks_corpus/ here",
 )
+overwrite = S(False, None, "replace the files of an earlier run (never replaced without it)")
 seed = S(1337, "[0, inf)", "everything below is drawn from this seed")
 n_train = S(800, "[1, inf)", "examples per task (fewer where a task has fewer distinct inputs)")
 n_val = S(30, "[1, inf)", "validation examples per task")
@@ -297,13 +298,21 @@ def main(argv=None):
     config = configurator.configure(
         SETTINGS, sys.argv[1:] if argv is None else argv, "data/tasks/generate.py"
     )
+    tokenizer_path = os.path.join(config["out_dir"], "tiny_base", "tokenizer.model")
+    # every target checked before anything is written (the prepared folders again under their lock)
+    for name in ("tasks", "tasks_corpus"):
+        sources.check_prepared_dir(os.path.join(config["out_dir"], name), config["overwrite"])
+    if os.path.lexists(tokenizer_path) and not config["overwrite"]:
+        raise util.UserError(
+            f"{tokenizer_path}: exists; replace it with --overwrite=True (the base's weights are "
+            f"trained for it: pretrain again after), or write into another --out_dir"
+        )
     splits = task_splits(config["seed"], config["n_train"], config["n_val"], config["n_test"])
     documents = corpus_documents(
         config["seed"], config["n_documents"], config["document_sentences"]
     )
     assert not any("###" in d for d in documents)  # the corpus never shows the instruction format
 
-    tokenizer_path = os.path.join(config["out_dir"], "tiny_base", "tokenizer.model")
     # each task's prompt template, a line at a time (SentencePiece trains on lines), so that
     # "### Instruction:" gets pieces of its own; not the suite's examples, so that the suite's sizes
     # and inputs can change without changing the tokenizer (and so the pretrained base)
@@ -321,6 +330,7 @@ def main(argv=None):
         sources.PREPARE_DEFAULTS,
         seed=config["seed"],
         tokenizer=os.path.relpath(tokenizer_path, ROOT),
+        overwrite=config["overwrite"],
     )
     sources.prepare(
         "tasks",
@@ -333,12 +343,11 @@ def main(argv=None):
         ),
         tok,
     )
-    write_corpus(
-        documents, os.path.join(config["out_dir"], "tasks_corpus"), tok, config["corpus_max_len"]
-    )
+    corpus = os.path.join(config["out_dir"], "tasks_corpus")
+    write_corpus(documents, corpus, tok, config["corpus_max_len"], config["overwrite"])
 
 
-def write_corpus(documents, out_dir, tok, max_len):
+def write_corpus(documents, out_dir, tok, max_len, overwrite=False):
     """The corpus as a prepared dataset (task "corpus", no raw jsonl): 1 in 20 documents for val."""
     n_val = len(documents) // 20
     splits = {"train": documents[n_val:], "val": documents[:n_val]}
@@ -361,6 +370,7 @@ def write_corpus(documents, out_dir, tok, max_len):
             max_len=max_len,
             counts=counts,
         ),
+        overwrite=overwrite,
     )
     for split, c in meta["counts"].items():
         print(
