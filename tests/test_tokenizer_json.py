@@ -1,0 +1,298 @@
+"""tokenizer.json checkpoints and the base's chat format, against transformers: a byte-level BPE
+tokenizer.json trained here with `tokenizers` gives AutoTokenizer's ids, text, BOS, EOS and pad; the
+chat prompt is apply_chat_template's token for token for ChatML, Llama 3's and Mistral's templates
+(written here from their published form); tokenizer folders are found where the layouts keep them;
+broken tokenizer files are one line naming the file."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+import chat
+from tokenizer import find_tokenizer, load_tokenizer
+from util import UserError
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("jinja2")
+
+SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "[INST]",
+    "[/INST]",
+    "<pad>",
+]
+CORPUS = [
+    "Once upon a time there was a little model that learned to add numbers.",
+    "The quick brown fox jumps over the lazy dog 0123456789 times.",
+    "Café, naïve, déjà vu, Ærøskøbing. 東京は日本の首都です。你好，世界！",
+    "Emoji: 🙂🚀👍🏽 and tabs\tand    spaces\n\n\nnew lines",
+    "Sort the digits from small to large. Which number is bigger? 597 and 853",
+] * 30
+TEXTS = [
+    "hello world",
+    "Sort the digits from small to large.\n\n5 9 3 0 3",
+    "déjà vu à Ærøskøbing, naïve café",
+    "東京は日本の首都です。你好，世界！",
+    "rocket 🚀, thumbs 👍🏽, a face 🙂",
+    "digits 1234567890 and 3.14159 and 1,000,000",
+    "runs   of    spaces\n\n\n\nand\t\ttabs  \n  ",
+    "special <|eot_id|> in <|im_start|>text[INST] too</s><|begin_of_text|>",
+    "",
+]
+
+# the published chat templates (ChatML; Meta-Llama-3-8B-Instruct's; Mistral-7B-Instruct-v0.3's)
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+MISTRAL = """{%- if messages[0]["role"] == "system" %}
+    {%- set system_message = messages[0]["content"] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must \
+alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message["role"] == "user" %}
+        {%- if loop.last and system_message is defined %}
+            {{- "[INST] " + system_message + "\\n\\n" + message["content"] + "[/INST]" }}
+        {%- else %}
+            {{- "[INST] " + message["content"] + "[/INST]" }}
+        {%- endif %}
+    {%- elif message["role"] == "assistant" %}
+        {{- " " + message["content"] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception \
+of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "mistral": MISTRAL}
+EOS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "<|end_of_text|>"}
+SYSTEM = {"role": "system", "content": "You are terse. Answer in digits."}
+TURNS = [
+    {"role": "user", "content": "Which number is bigger?\n\n597 and 853"},
+    {"role": "assistant", "content": "853"},
+    {"role": "user", "content": "Sort: 5 9 3 — déjà 東京 🙂"},
+    {"role": "assistant", "content": "3 5 9"},
+]
+CONVERSATIONS = {
+    "single": TURNS[:2],
+    "single+system": [SYSTEM] + TURNS[:2],
+    "multi": TURNS,
+    "multi+system": [SYSTEM] + TURNS,
+}
+
+
+def write_tokenizer_json(folder, bos=True, template=None, eos="<|end_of_text|>", stop=None):
+    """A byte-level BPE tokenizer.json trained on CORPUS, its tokenizer_config.json (and
+    generation_config.json when stop is given); the post-processor adds BOS when bos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    os.makedirs(folder, exist_ok=True)
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator(CORPUS, trainer)
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", 0)],
+        )
+    tk.save(os.path.join(folder, "tokenizer.json"))
+    config = dict(
+        tokenizer_class="PreTrainedTokenizerFast",
+        bos_token="<|begin_of_text|>",
+        eos_token=eos,
+        pad_token="<pad>",
+        add_bos_token=bos,
+    )
+    if template:
+        config["chat_template"] = template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f)
+    if stop:
+        with open(os.path.join(folder, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": [tk.token_to_id(t) for t in stop]}, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    w = tmp_path_factory.mktemp("tokjson")
+    return {
+        "bos": write_tokenizer_json(w / "bos", stop=["<|end_of_text|>", "<|eot_id|>"]),
+        "nobos": write_tokenizer_json(w / "nobos", bos=False),
+        **{k: write_tokenizer_json(w / k, template=t, eos=EOS[k]) for k, t in TEMPLATES.items()},
+    }
+
+
+@pytest.mark.parametrize("which", ["bos", "nobos"])
+def test_ids_text_and_special_tokens_are_auto_tokenizers(folders, which):
+    theirs = transformers.AutoTokenizer.from_pretrained(folders[which])
+    ours = load_tokenizer(folders[which])
+    assert ours.kind == "json" and ours.add_bos == (which == "bos")
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
+        theirs.bos_token_id,
+        theirs.eos_token_id,
+        theirs.pad_token_id,
+    )
+    assert ours.vocab_size == len(theirs)
+    for text in TEXTS:
+        ids = theirs(text).input_ids
+        assert ours.encode(text, bos=True) == ids, text
+        assert ours.encode(text) == theirs(text, add_special_tokens=False).input_ids, text
+        assert ours.decode(ids) == theirs.decode(ids), text
+        assert ours.decode(ours.encode(text)) == text
+
+
+def test_stop_tokens_come_from_generation_config(folders):
+    tok = load_tokenizer(folders["bos"])
+    theirs = transformers.GenerationConfig.from_pretrained(folders["bos"])
+    assert tok.stop_ids == set(theirs.eos_token_id)
+    assert tok.stop_ids == {tok.eos_id, tok.tk.token_to_id("<|eot_id|>")}
+
+
+@pytest.mark.parametrize("conversation", list(CONVERSATIONS))
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_chat_prompt_is_apply_chat_templates(folders, name, conversation):
+    """The generation prompt of every turn, and the whole conversation's text, are
+    apply_chat_template's; the targets are exactly the assistant turns with their end."""
+    messages = CONVERSATIONS[conversation]
+    theirs = transformers.AutoTokenizer.from_pretrained(folders[name])
+    tok = load_tokenizer(folders[name])
+    template, where = chat.base_template(folders[name])
+    assert template == TEMPLATES[name] and where.endswith("tokenizer_config.json")
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            expected = theirs.apply_chat_template(
+                messages[:i], add_generation_prompt=True, return_dict=False
+            )
+            assert chat.prompt_ids(template, where, tok, messages[:i]) == list(expected)
+    if name == "mistral" and "system" in conversation:
+        # its template writes the system prompt only into a conversation that ends with a user
+        # turn: no conversation text holds the prompt each turn was answered from
+        with pytest.raises(UserError, match="chat template: no place for the assistant's turn"):
+            chat.encode_conversation(template, where, tok, messages, 10_000)
+        return
+    whole = theirs.apply_chat_template(messages, tokenize=False)
+    assert chat.render(template, where, tok, messages, False) == whole
+    ids, mask = chat.encode_conversation(template, where, tok, messages, 10_000)
+    assert tok.decode(ids) == whole
+    targets = tok.decode([t for t, m in zip(ids, mask) if m])
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    ends = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "mistral": "<|end_of_text|>"}
+    lead = " " if name == "mistral" else ""
+    assert targets == "".join(lead + a + ends[name] for a in answers)
+
+
+def test_bad_templates_are_one_line(folders, tmp_path):
+    tok = load_tokenizer(folders["chatml"])
+    conv = CONVERSATIONS["single"]
+    broken = "{% for m in messages %}{{ m['content'] }"
+    with pytest.raises(UserError, match=r"^t.jinja: chat template: TemplateSyntaxError"):
+        chat.encode_conversation(broken, "t.jinja", tok, conv, 100)
+    with pytest.raises(UserError, match="roles must alternate"):
+        chat.encode_conversation(MISTRAL, "t.jinja", tok, conv + conv[1:], 100)
+    # a template that writes only the user turns has no place for the assistant's
+    no_assistant = (
+        "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(UserError, match=r"^t.jinja: chat template: no place for the assistant"):
+        chat.encode_conversation(no_assistant, "t.jinja", tok, conv, 100)
+    with pytest.raises(UserError, match="no chat template"):
+        chat.base_template(folders["bos"])
+
+
+def test_tokenizer_is_found_where_each_layout_keeps_it(folders, tmp_path, capsys):
+    """tokenizer.model, then tokenizer.json, then original/tokenizer.model (Llama 3's HF layout);
+    one line says which when there are several; none names --tokenizer."""
+    from conftest import train_sentencepiece
+
+    root = tmp_path / "llama3"
+    write_tokenizer_json(root / "original")
+    os.remove(root / "original" / "tokenizer.json")
+    # a tiktoken file, as Meta's original/tokenizer.model: every byte, then a few merges
+    import base64
+
+    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]
+    lines = [f"{base64.b64encode(t).decode()} {r}" for r, t in enumerate(tokens)]
+    (root / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    tok = load_tokenizer(str(root))
+    assert tok.kind == "tiktoken" and tok.path == str(root / "original" / "tokenizer.model")
+    assert tok.encode("hello") == [259]
+    assert capsys.readouterr().err == ""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(folders["bos"], name), root)
+    assert load_tokenizer(str(root)).kind == "json"
+    assert "using tokenizer.json (also there: original/tokenizer.model)" in capsys.readouterr().err
+    train_sentencepiece(root / "tokenizer.model")
+    assert load_tokenizer(str(root)).kind == "sentencepiece"
+    with pytest.raises(UserError, match=r"no tokenizer found .*; pass --tokenizer=FILE"):
+        find_tokenizer(str(tmp_path / "llama3" / "original" / ".." / ".."))
+
+
+def test_broken_tokenizer_files_are_one_line_naming_the_file(folders, tmp_path):
+    good = open(os.path.join(folders["bos"], "tokenizer.json"), "rb").read()
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "not-json": b"\x00\x01 garbage",
+        # merges naming tokens the vocabulary lacks: the library refuses (or panics on) it
+        "bad-merges": good.replace(b'"merges": [', b'"merges": [["zzq", "qzz"], ', 1),
+        # a normalizer the library panics on (PanicException, not an Exception)
+        "panic": good.replace(
+            b'"normalizer": null',
+            b'"normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA"}',
+        ),
+    }
+    for name, data in cases.items():
+        path = tmp_path / name / "tokenizer.json"
+        path.parent.mkdir()
+        path.write_bytes(data)
+        with pytest.raises(UserError, match=f"^{path}: not a tokenizer.json the tokenizers"):
+            load_tokenizer(str(path.parent))
+    # a tiktoken file with a line that is not `base64 rank`
+    bad = tmp_path / "tiktoken" / "tokenizer.model"
+    bad.parent.mkdir()
+    bad.write_text("YQ== 0\nYg== 1\nnot a rank line\n")
+    with pytest.raises(UserError, match=rf"^{bad}:3: expected 'base64 rank'"):
+        load_tokenizer(str(bad))
+    bad.write_text("YQ== 0\nYg== 5\n")
+    with pytest.raises(UserError, match=rf"^{bad}: ranks: expected 0..1"):
+        load_tokenizer(str(bad))
+    # not a regular file: a device is never read
+    dev = tmp_path / "dev" / "tokenizer.model"
+    dev.parent.mkdir()
+    os.symlink("/dev/zero", dev)
+    with pytest.raises(UserError, match=rf"^{dev}: not a regular file"):
+        load_tokenizer(str(dev.parent))
