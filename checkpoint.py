@@ -902,26 +902,34 @@ def save_hf_checkpoint(
         write_tokenizer_files(out_dir, tokenizer_path, config.max_seq_len)
 
 
-# tokenizer files of a HF checkpoint, carried along wherever its tokenizer.model goes
-TOKENIZER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# tokenizer files of a HF checkpoint, carried along wherever its tokenizer goes (the chat template
+# too: in tokenizer_config.json, or in a file of its own)
+TOKENIZER_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
-    """tokenizer.model (a file, or the one in a folder) into out_dir, with what transformers'
-    AutoTokenizer needs to tokenize as tokenizer.py does, BOS first: the folder's own
-    tokenizer.json / tokenizer_config.json / special_tokens_map.json where it has them; else, for a
-    SentencePiece model, a tokenizer_config.json (LlamaTokenizer, add_bos_token) and a
-    special_tokens_map.json written here. A Llama 3 tiktoken file without them gets none: write its
-    tokenizer.json with transformers. Files already in out_dir are left as they are."""
+    """The tokenizer (a tokenizer.model or tokenizer.json file, or the folder holding them) into
+    out_dir, with what transformers' AutoTokenizer needs to tokenize as tokenizer.py does: the
+    folder's own TOKENIZER_SIDE_FILES where it has them; else, for a SentencePiece model, a
+    tokenizer_config.json (LlamaTokenizer, add_bos_token) and a special_tokens_map.json written
+    here. A Llama 3 tiktoken file without them gets none: write its tokenizer.json with
+    transformers. Files already in out_dir are left as they are."""
     from tokenizer import load_tokenizer
 
     folder = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
-    model_file = tokenizer_path
-    if os.path.isdir(tokenizer_path):
-        model_file = os.path.join(tokenizer_path, "tokenizer.model")
+    model_file = os.path.join(folder, "tokenizer.model")
+    copies = [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
+    if os.path.isfile(tokenizer_path) and tokenizer_path.endswith(".json"):
+        copies.append((tokenizer_path, "tokenizer.json"))
+    elif os.path.isfile(tokenizer_path):
+        model_file = tokenizer_path
+    copies.append((model_file, "tokenizer.model"))
     os.makedirs(out_dir, exist_ok=True)
-    copies = [(model_file, "tokenizer.model")]
-    copies += [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
     for src, name in copies:
         dst = os.path.join(out_dir, name)
         if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(dst):

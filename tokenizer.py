@@ -164,12 +164,10 @@ class Tokenizer:
         self.pad_id = self.eos_id if pad is None else pad
         # add_bos_token as tokenizer_config.json says, else as the file's post-processor does
         added = self.tk.encode("", add_special_tokens=True).ids
-        self.add_bos = config.get(
-            "add_bos_token", self.bos_id is not None and added[:1] == [self.bos_id]
-        )
-        self.add_bos = bool(self.add_bos) and self.bos_id is not None
-        if self.eos_id is None:
-            raise UserError(f"{path}: no eos_token (tokenizer_config.json names none)")
+        self.add_bos = bool(config.get("add_bos_token", added[:1] == [self.bos_id]))
+        for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
+            if i is None:
+                raise UserError(f"{path}: no {key} (tokenizer_config.json names none)")
         self.stop_ids = {self.eos_id} | generation_eos(folder)
 
     def _special_id(self, config, key, vocab):
@@ -251,9 +249,12 @@ def generation_eos(folder):
     return set(ids)
 
 
-def find_tokenizer(folder):
-    """The tokenizer file of a checkpoint folder, the first of TOKENIZER_FILES it has."""
+def find_tokenizer(folder, required=True):
+    """The tokenizer file of a checkpoint folder, the first of TOKENIZER_FILES it has (None when
+    it has none and one is not required)."""
     found = [n for n in TOKENIZER_FILES if os.path.lexists(os.path.join(folder, n))]
+    if not found and not required:
+        return None
     if not found:
         raise UserError(
             f"{folder}: no tokenizer found (looked for {', '.join(TOKENIZER_FILES)}); pass "
