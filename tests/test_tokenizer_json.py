@@ -296,3 +296,172 @@ def test_broken_tokenizer_files_are_one_line_naming_the_file(folders, tmp_path):
     os.symlink("/dev/zero", dev)
     with pytest.raises(UserError, match=rf"^{dev}: not a regular file"):
         load_tokenizer(str(dev.parent))
+
+
+# -----------------------------------------------------------------------------
+# a random-weight LLaMA in the HF layout whose only tokenizer is a tokenizer.json, through every
+# script, and transformers + PEFT on the export
+
+
+def random_hf_llama(folder, vocab_size):
+    import torch
+
+    import checkpoint
+    import llama
+
+    torch.manual_seed(0)
+    config = llama.LlamaConfig(
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        hidden_dim=128,
+        vocab_size=vocab_size,
+        max_seq_len=128,
+        tie_embeddings=True,
+    )
+    model = llama.Llama(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)  # large enough that the greedy text varies with the prompt
+    checkpoint.save_hf_checkpoint(model, str(folder), config=config)
+    return str(folder)
+
+
+def cli(script, *args):
+    import sys
+
+    from conftest import ROOT, python
+
+    return python([sys.executable, os.path.join(ROOT, script), *args], timeout=300)
+
+
+def test_tokenizer_json_base_through_prepare_train_generate_export_and_peft(tmp_path):
+    import torch
+
+    peft = pytest.importorskip("peft")
+    base = tmp_path / "base"
+    tok_dir = write_tokenizer_json(
+        tmp_path / "tok", template=CHATML, eos="<|im_end|>", stop=["<|im_end|>", "<|end_of_text|>"]
+    )
+    n = load_tokenizer(tok_dir).vocab_size
+    random_hf_llama(base, vocab_size=n + 48)  # an embedding padded past the tokenizer's ids
+    for name in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, name), base)
+    assert not (base / "tokenizer.model").exists()
+    records = [
+        {"instruction": "Sort the digits.", "input": f"{i} 3 1", "output": f"1 3 {i}"}
+        for i in range(6)
+    ] + [{"messages": [SYSTEM] + TURNS}] * 4
+    (tmp_path / "src.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    data = tmp_path / "data"
+    p = cli(
+        "data/alpaca/prepare.py",
+        f"--tokenizer={base}",
+        "--template=chat",
+        f"--source={tmp_path / 'src.jsonl'}",
+        f"--out_dir={data}",
+        "--max_len=128",
+        "--val_fraction=0.2",
+    )
+    assert p.returncode == 0, p.stderr
+    meta = json.loads((data / "meta.json").read_text())
+    assert meta["template"] == "chat" and meta["chat_template"] == CHATML
+    out = tmp_path / "out"
+    p = cli(
+        "train.py",
+        f"--ckpt_dir={base}",
+        f"--datasets={data}",
+        f"--out_dir={out}",
+        "--finetune=lora",
+        "--lora_rank=4",
+        "--batch_size=2",
+        "--max_iters=4",
+        "--learning_rate=3e-2",
+        "--warmup_iters=1",
+        "--eval_examples=0",
+        "--exact_match_examples=0",
+        "--threads=1",
+    )
+    assert p.returncode == 0, p.stderr
+    adapter = str(out / "adapter.safetensors")
+    prompt = "Sort the digits.\n\n5 3 1"
+    p = cli(
+        "generate.py",
+        f"--ckpt_dir={base}",
+        f"--adapter={adapter}",
+        f"--template={data}",
+        f"--prompt={prompt}",
+        "--max_new_tokens=12",
+    )
+    assert p.returncode == 0, p.stderr
+    printed = p.stdout.rstrip("\n")
+    peft_dir = tmp_path / "peft"
+    p = cli(
+        "export.py",
+        f"--ckpt_dir={base}",
+        f"--adapter={adapter}",
+        f"--out_dir={peft_dir}",
+        "--format=peft",
+    )
+    assert p.returncode == 0, p.stderr
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(peft_dir))
+    # transformers + PEFT on the export, prompted with apply_chat_template of its own tokenizer
+    theirs = transformers.AutoTokenizer.from_pretrained(str(peft_dir))
+    ids = theirs.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, str(peft_dir)).eval()
+    stops = transformers.GenerationConfig.from_pretrained(str(base)).eos_token_id
+    with torch.no_grad():
+        gen = hf.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=theirs.pad_token_id,
+        )[0].tolist()
+    new = gen[len(ids) :]
+    new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+    assert printed == theirs.decode(list(ids) + new)
+    assert printed.startswith("<|im_start|>user\nSort the digits.")
+
+
+def test_llama3_layout_and_broken_tokenizers_through_generate(tmp_path, folders):
+    """A Llama 3-shaped HF root (original/tokenizer.model, no tokenizer.model at the root)
+    generates; a tokenizer with ids past the model's vocabulary, a device as tokenizer.model and a
+    tokenizer.json the library panics on are one line naming the file."""
+    import base64
+
+    root = tmp_path / "llama3"
+    (root / "original").mkdir(parents=True)
+    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]
+    lines = [f"{base64.b64encode(t).decode()} {r}" for r, t in enumerate(tokens)]
+    (root / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    random_hf_llama(root, vocab_size=len(tokens) + 256)  # + Llama 3's 256 special tokens
+    p = cli("generate.py", f"--ckpt_dir={root}", "--prompt=hello", "--max_new_tokens=3")
+    assert p.returncode == 0 and p.stdout.startswith("hello"), p.stderr
+    small = tmp_path / "small"
+    random_hf_llama(small, vocab_size=64)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(folders["bos"], name), small)
+    p = cli("generate.py", f"--ckpt_dir={small}", "--prompt=hello", "--max_new_tokens=3")
+    expected = f"error: {small}/tokenizer.json: tokenizer has 400 tokens but the model"
+    assert p.returncode == 2 and p.stderr.startswith(expected), p.stderr
+    assert p.stderr.count("\n") == 1
+    good = open(os.path.join(small, "tokenizer.json"), "rb").read()
+    (small / "tokenizer.json").write_bytes(
+        good.replace(
+            b'"normalizer": null',
+            b'"normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA"}',
+        )
+    )
+    p = cli("generate.py", f"--ckpt_dir={small}", "--prompt=hello")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"error: {small}/tokenizer.json: not a tokenizer.json")
+    os.symlink("/dev/zero", small / "tokenizer.model")
+    p = cli("generate.py", f"--ckpt_dir={small}", "--prompt=hello")
+    assert p.returncode == 2 and p.stderr.count("\n") == 2, p.stderr
+    assert f"error: {small}/tokenizer.model: not a regular file" in p.stderr
