@@ -97,6 +97,10 @@ def encode_record(tok, record, max_len, chat_fmt=None):
     """An instruction or `messages` record in the dataset's format -> encode_example's result."""
     if chat_fmt:
         return chat.encode_conversation(*chat_fmt, tok, chat.as_messages(record), max_len)
+    if "messages" in record:
+        raise UserError(
+            "--template=alpaca: conversations (`messages` records) need --template=chat"
+        )
     return encode_example(tok, record["instruction"], record["input"], record["response"], max_len)
 
 
@@ -320,14 +324,14 @@ def load_splits(dataset_dirs, split):
         s = PreparedSplit(d, split)
         if len(s) == 0:
             raise UserError(f"{d}: {split} split is empty")
-        for key in ("vocab_size", "bos_id", "eos_id", "template", "chat_template"):
+        for key in ("vocab_size", "bos_id", "eos_id"):
             if s.meta.get(key) != splits[0].meta.get(key) if splits else False:
                 raise UserError(
-                    f"{d}: meta.json: {key} is {str(s.meta.get(key))[:40]!r} but "
-                    f"{dataset_dirs[0]} has {str(splits[0].meta.get(key))[:40]!r}; all datasets "
-                    f"must be made with one tokenizer and one prompt format (--template)"
+                    f"{d}: meta.json: {key} is {s.meta.get(key)!r} but {dataset_dirs[0]} has "
+                    f"{splits[0].meta.get(key)!r}; all datasets must be made with one tokenizer"
                 )
         splits.append(s)
+    data_format(dataset_dirs)  # and in one prompt format
     return splits
 
 

@@ -223,10 +223,6 @@ def prepare(name, splits, config, tok):
     ):
         encoded[split], kept[split] = [], []
         for r in records:
-            if "messages" in r and not chat_fmt:
-                raise UserError(
-                    "--template=alpaca: conversations (`messages` records) need --template=chat"
-                )
             example = (
                 encode_document(tok, r["text"], config["max_len"])
                 if "text" in r

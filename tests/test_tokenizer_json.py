@@ -258,8 +258,9 @@ def test_tokenizer_is_found_where_each_layout_keeps_it(folders, tmp_path, capsys
     assert "using tokenizer.json (also there: original/tokenizer.model)" in capsys.readouterr().err
     train_sentencepiece(root / "tokenizer.model")
     assert load_tokenizer(str(root)).kind == "sentencepiece"
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"no tokenizer found .*; pass --tokenizer=FILE"):
-        find_tokenizer(str(tmp_path / "llama3" / "original" / ".." / ".."))
+        find_tokenizer(str(tmp_path / "empty"))
 
 
 def test_broken_tokenizer_files_are_one_line_naming_the_file(folders, tmp_path):
@@ -336,10 +337,11 @@ def cli(script, *args):
     return python([sys.executable, os.path.join(ROOT, script), *args], timeout=300)
 
 
-def test_tokenizer_json_base_through_prepare_train_generate_export_and_peft(tmp_path):
-    import torch
-
-    peft = pytest.importorskip("peft")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A random-weight base whose only tokenizer is a tokenizer.json with a ChatML template, data
+    prepared with --template=chat (Alpaca-style and `messages` records), a LoRA trained on it."""
+    tmp_path = tmp_path_factory.mktemp("trained")
     base = tmp_path / "base"
     tok_dir = write_tokenizer_json(
         tmp_path / "tok", template=CHATML, eos="<|im_end|>", stop=["<|im_end|>", "<|end_of_text|>"]
@@ -354,7 +356,7 @@ def test_tokenizer_json_base_through_prepare_train_generate_export_and_peft(tmp_
         for i in range(6)
     ] + [{"messages": [SYSTEM] + TURNS}] * 4
     (tmp_path / "src.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    data = tmp_path / "data"
+    data, out = tmp_path / "data", tmp_path / "out"
     p = cli(
         "data/alpaca/prepare.py",
         f"--tokenizer={base}",
@@ -365,26 +367,51 @@ def test_tokenizer_json_base_through_prepare_train_generate_export_and_peft(tmp_
         "--val_fraction=0.2",
     )
     assert p.returncode == 0, p.stderr
-    meta = json.loads((data / "meta.json").read_text())
-    assert meta["template"] == "chat" and meta["chat_template"] == CHATML
-    out = tmp_path / "out"
-    p = cli(
-        "train.py",
-        f"--ckpt_dir={base}",
-        f"--datasets={data}",
-        f"--out_dir={out}",
-        "--finetune=lora",
-        "--lora_rank=4",
-        "--batch_size=2",
-        "--max_iters=4",
-        "--learning_rate=3e-2",
-        "--warmup_iters=1",
-        "--eval_examples=0",
-        "--exact_match_examples=0",
-        "--threads=1",
-    )
+    train = [f"--ckpt_dir={base}", f"--datasets={data}", f"--out_dir={out}", "--finetune=lora"]
+    train += ["--lora_rank=4", "--batch_size=2", "--max_iters=4", "--learning_rate=3e-2"]
+    train += ["--warmup_iters=1", "--eval_examples=0", "--exact_match_examples=0", "--threads=1"]
+    p = cli("train.py", *train)
     assert p.returncode == 0, p.stderr
-    adapter = str(out / "adapter.safetensors")
+    return dict(base=base, data=data, adapter=str(out / "adapter.safetensors"), tmp=tmp_path)
+
+
+def test_chat_data_records_the_template_and_targets_the_answers(trained):
+    import dataset
+
+    meta = json.loads((trained["data"] / "meta.json").read_text())
+    assert meta["template"] == "chat" and meta["chat_template"] == CHATML
+    tok = load_tokenizer(str(trained["base"]))
+    split = dataset.PreparedSplit(str(trained["data"]), "train")
+    raw = dataset.read_examples(str(trained["data"]), "train")
+    for i, record in enumerate(raw):
+        ids, mask, _ = split.example(i)
+        answers = [m["content"] for m in chat.as_messages(record) if m["role"] == "assistant"]
+        targets = tok.decode([t for t, m in zip(ids, mask) if m])
+        assert targets == "".join(a + "<|im_end|>\n" for a in answers)
+    # data of another format in the same run, or evaluated in another format: one line
+    other = trained["tmp"] / "other"
+    shutil.copytree(trained["data"], other)
+    (other / "meta.json").write_text(json.dumps(dict(meta, template="alpaca")))
+    with pytest.raises(UserError, match="prepared in another format than"):
+        dataset.data_format([str(trained["data"]), str(other)])
+    import eval as evaluate
+
+    with pytest.raises(UserError, match="was prepared with --template=chat"):
+        evaluate.main(
+            [f"--ckpt_dir={trained['base']}", f"--data={trained['data']}", "--template=alpaca"]
+        )
+
+
+def test_tokenizer_json_base_through_generate_export_and_peft(trained):
+    import torch
+
+    peft = pytest.importorskip("peft")
+    base, data, adapter, tmp_path = (
+        trained["base"],
+        trained["data"],
+        trained["adapter"],
+        trained["tmp"],
+    )
     prompt = "Sort the digits.\n\n5 3 1"
     p = cli(
         "generate.py",
