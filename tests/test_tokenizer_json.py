@@ -147,6 +147,18 @@ def write_tokenizer_json(folder, bos=True, template=None, eos="<|end_of_text|>",
     return str(folder)
 
 
+def write_tiktoken(path, merges=(b"he", b"ll", b"hell", b"hello")):
+    """A tiktoken file as Meta's Llama 3 tokenizer.model: every byte, then merges; -> the ranks."""
+    import base64
+
+    ranks = {t: r for r, t in enumerate([bytes([b]) for b in range(256)] + list(merges))}
+    lines = [f"{base64.b64encode(t).decode()} {r}" for t, r in ranks.items()]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return ranks
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     w = tmp_path_factory.mktemp("tokjson")
@@ -240,14 +252,7 @@ def test_tokenizer_is_found_where_each_layout_keeps_it(folders, tmp_path, capsys
     from conftest import train_sentencepiece
 
     root = tmp_path / "llama3"
-    write_tokenizer_json(root / "original")
-    os.remove(root / "original" / "tokenizer.json")
-    # a tiktoken file, as Meta's original/tokenizer.model: every byte, then a few merges
-    import base64
-
-    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]
-    lines = [f"{base64.b64encode(t).decode()} {r}" for r, t in enumerate(tokens)]
-    (root / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    write_tiktoken(root / "original" / "tokenizer.model")
     tok = load_tokenizer(str(root))
     assert tok.kind == "tiktoken" and tok.path == str(root / "original" / "tokenizer.model")
     assert tok.encode("hello") == [259]
@@ -261,6 +266,29 @@ def test_tokenizer_is_found_where_each_layout_keeps_it(folders, tmp_path, capsys
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"no tokenizer found .*; pass --tokenizer=FILE"):
         find_tokenizer(str(tmp_path / "empty"))
+
+
+def test_tiktoken_file_is_read_by_us_and_its_ranks_handed_to_tiktoken(tmp_path):
+    """Our ranks give tiktoken's ids (the reference: an Encoding of the ranks written); a file
+    replaced at the same path is read again: no cache keyed by the path stands in between."""
+    tiktoken = pytest.importorskip("tiktoken")
+    import tokenizer
+
+    path = str(tmp_path / "tokenizer.model")
+    ranks = write_tiktoken(path)
+    tok = load_tokenizer(path)
+    ref = tiktoken.Encoding(
+        name="ref",
+        pat_str=tokenizer._LLAMA3_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens=tok.specials,
+    )
+    for text in TEXTS:
+        assert tok.encode(text) == ref.encode(text, disallowed_special=()), text
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("hello") == [ranks[b"hello"]]
+    write_tiktoken(path, merges=(b"he",))
+    assert load_tokenizer(path).encode("hello") == [256, ranks[b"l"], ranks[b"l"], ranks[b"o"]]
 
 
 def test_broken_tokenizer_files_are_one_line_naming_the_file(folders, tmp_path):
@@ -433,6 +461,13 @@ def test_tokenizer_json_base_through_generate_export_and_peft(trained):
     )
     assert p.returncode == 0, p.stderr
     assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(peft_dir))
+    hf_dir = tmp_path / "hf"
+    p = cli("export.py", f"--ckpt_dir={base}", f"--adapter={adapter}", f"--out_dir={hf_dir}")
+    assert p.returncode == 0, p.stderr
+    for folder in (peft_dir, hf_dir):  # the tokenizer and the chat template came along
+        assert chat.base_template(str(folder))[0] == CHATML
+    # and the merged export, a base of its own, stops where the base stops
+    assert load_tokenizer(str(hf_dir)).stop_ids == load_tokenizer(str(base)).stop_ids
     # transformers + PEFT on the export, prompted with apply_chat_template of its own tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(str(peft_dir))
     ids = theirs.apply_chat_template(
@@ -460,14 +495,9 @@ def test_llama3_layout_and_broken_tokenizers_through_generate(tmp_path, folders)
     """A Llama 3-shaped HF root (original/tokenizer.model, no tokenizer.model at the root)
     generates; a tokenizer with ids past the model's vocabulary, a device as tokenizer.model and a
     tokenizer.json the library panics on are one line naming the file."""
-    import base64
-
     root = tmp_path / "llama3"
-    (root / "original").mkdir(parents=True)
-    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]
-    lines = [f"{base64.b64encode(t).decode()} {r}" for r, t in enumerate(tokens)]
-    (root / "original" / "tokenizer.model").write_text("\n".join(lines) + "\n")
-    random_hf_llama(root, vocab_size=len(tokens) + 256)  # + Llama 3's 256 special tokens
+    ranks = write_tiktoken(root / "original" / "tokenizer.model")
+    random_hf_llama(root, vocab_size=len(ranks) + 256)  # + Llama 3's 256 special tokens
     p = cli("generate.py", f"--ckpt_dir={root}", "--prompt=hello", "--max_new_tokens=3")
     assert p.returncode == 0 and p.stdout.startswith("hello"), p.stderr
     small = tmp_path / "small"
