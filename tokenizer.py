@@ -191,13 +191,21 @@ class Tokenizer:
                 text, allowed_special="all" if specials else set(), disallowed_special=()
             )
         elif specials and self.specials:
-            pieces = re.split(f"({'|'.join(map(re.escape, self.specials))})", text)
             ids = []
-            for p in pieces:
-                ids += [self.specials[p]] if p in self.specials else self.sp.encode(p)
+            pieces = re.split(f"({'|'.join(map(re.escape, self.specials))})", text)
+            for i, p in enumerate(pieces):
+                ids += [self.specials[p]] if p in self.specials else self._sp_encode(p, i > 0)
         else:
             ids = self.sp.encode(text)
         return (self.bos if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def _sp_encode(self, text, after_special):
+        """SentencePiece puts "▁" before a text; transformers' LlamaTokenizer (legacy=False) does
+        not after a special token: the text is encoded after <unk>, whose pieces are dropped."""
+        if not after_special or not text:
+            return self.sp.encode(text)
+        unk = self.sp.id_to_piece(self.sp.unk_id())
+        return self.sp.encode(unk + text)[len(self.sp.encode(unk)) :]
 
     def decode(self, ids):
         ids = [int(i) for i in ids]

@@ -228,6 +228,46 @@ def test_chat_prompt_is_apply_chat_templates(folders, name, conversation):
     assert targets == "".join(lead + a + ends[name] for a in answers)
 
 
+@pytest.mark.parametrize("name", list(TEMPLATES))
+def test_chat_prompt_on_a_sentencepiece_tokenizer_is_apply_chat_templates(tmp_path, name):
+    """A tokenizer.model (LLaMA 2's and Mistral's settings) in the chat format: the template's <s>
+    and </s> are the control tokens, and the text after them has no "▁" put before it, as in
+    transformers' LlamaTokenizer."""
+    pytest.importorskip("google.protobuf", reason="transformers converts tokenizer.model with it")
+    import sentencepiece as spm
+
+    import checkpoint
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        # LLaMA's: the text as it is, newlines and runs of spaces included
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        minloglevel=2,
+    )
+    checkpoint.write_tokenizer_files(str(tmp_path), str(tmp_path / "tokenizer.model"))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = TEMPLATES[name]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    template, where = chat.base_template(str(tmp_path))
+    for messages in CONVERSATIONS.values():
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                expected = theirs.apply_chat_template(
+                    messages[:i], add_generation_prompt=True, return_dict=False
+                )
+                assert chat.prompt_ids(template, where, tok, messages[:i]) == list(expected)
+
+
 def test_bad_templates_are_one_line(folders, tmp_path):
     tok = load_tokenizer(folders["chatml"])
     conv = CONVERSATIONS["single"]
