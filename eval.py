@@ -98,6 +98,7 @@ def check_out(path, settings):
 
 
 ckpt_dir = S("", util.required, "base model (HF or Meta layout, with its tokenizer)")
+tokenizer = S("", None, "tokenizer file; empty = ckpt_dir's (tokenizer.py's TOKENIZER_FILES)")
 adapter = S("", None, "adapter file from train.py (merged into the weights for evaluation)")
 task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
 data = S(
@@ -786,10 +787,11 @@ def prompt_format(path, tokenizer):
 
 def run():
     """Evaluate as the settings say (checked by configure); -> the result dict that --out writes."""
-    path = data or "data/tasks"
-    model, tokenizer = load_for_inference(ckpt_dir, "", adapter, dtype, device, merge=True)
+    path, settings = data or "data/tasks", {k: globals()[k] for k in SETTINGS}
+    model, tokenizer = load_for_inference(
+        ckpt_dir, settings["tokenizer"], adapter, dtype, device, merge=True
+    )
     chat_fmt = prompt_format(path, tokenizer)
-    settings = {k: globals()[k] for k in SETTINGS}
     result = dict(task=task, ckpt_dir=ckpt_dir, adapter=adapter, data=path, settings=settings)
     if task in ("mmlu", "mc"):
         fmt = mc_format or ("letter" if task == "mmlu" else "raw")
