@@ -173,8 +173,8 @@ class Tokenizer:
     def _special_id(self, config, key, vocab):
         token = config.get(key)
         token = token.get("content") if isinstance(token, dict) else token
-        if token is not None and token not in vocab:
-            raise UserError(f"{self.path}: {key} {token!r} is not in the vocabulary")
+        if token is not None and (not isinstance(token, str) or token not in vocab):
+            raise UserError(f"{self.path}: {key} {token!r} is not a token of its vocabulary")
         return vocab.get(token)
 
     @property
