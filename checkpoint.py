@@ -1095,8 +1095,14 @@ def save_hf_checkpoint(
         write_tokenizer_files(out_dir, tokenizer_path, config.max_seq_len)
 
 
-# tokenizer files of a HF checkpoint, carried along wherever its tokenizer.model goes
-TOKENIZER_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# tokenizer files of a HF checkpoint, carried along wherever its tokenizer goes (the chat template
+# too: in tokenizer_config.json, or in a file of its own)
+TOKENIZER_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 # every file an HF-layout folder we write holds (train.py's hf/, export.py --format=hf)
 HF_EXPORT_FILES = (
     "model.safetensors",
@@ -1128,7 +1134,8 @@ def side_file(path):
     generation_config.json), read once, or None unless it is a regular file (symlinks followed: the
     Hugging Face cache is made of them) that parses as what its name says: a symlink to a private
     file never lands in an export. tokenizer.model: SentencePiece's protobuf or tiktoken's
-    'base64 rank' lines; the others: a JSON object with a key of its kind (SIDE_FILE_KEYS)."""
+    'base64 rank' lines; chat_template.jinja: UTF-8 text with a Jinja tag; the others: a JSON
+    object with a key of its kind (SIDE_FILE_KEYS)."""
     if not os.path.isfile(path) or os.path.getsize(path) > SIDE_FILE_LIMIT:
         return None
     with open(path, "rb") as f:
@@ -1137,6 +1144,9 @@ def side_file(path):
     try:
         if name == "tokenizer.model":
             return data if _is_tokenizer_model(data) else None
+        if name == "chat_template.jinja":
+            text = data.decode("utf-8")
+            return data if "{{" in text or "{%" in text else None
         value = json.loads(data)
     except (ValueError, RecursionError):
         return None
@@ -1168,21 +1178,23 @@ def copy_side_file(src, dst):
 
 
 def write_tokenizer_files(out_dir, tokenizer_path, max_seq_len=None):
-    """tokenizer.model (a file, or the one in a folder) into out_dir, with what transformers'
-    AutoTokenizer needs to tokenize as tokenizer.py does, BOS first: the folder's own
-    tokenizer.json / tokenizer_config.json / special_tokens_map.json where it has them; else, for a
-    SentencePiece model, a tokenizer_config.json (LlamaTokenizer, add_bos_token) and a
-    special_tokens_map.json written here. A Llama 3 tiktoken file without them gets none: write its
-    tokenizer.json with transformers. Files already in out_dir are left as they are."""
+    """The tokenizer (a tokenizer.model or tokenizer.json file, or the folder holding them) into
+    out_dir, with what transformers' AutoTokenizer needs to tokenize as tokenizer.py does: the
+    folder's own TOKENIZER_SIDE_FILES where it has them; else, for a SentencePiece model, a
+    tokenizer_config.json (LlamaTokenizer, add_bos_token) and a special_tokens_map.json written
+    here. A Llama 3 tiktoken file without them gets none: write its tokenizer.json with
+    transformers. Files already in out_dir are left as they are."""
     from tokenizer import load_tokenizer
 
     folder = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
-    model_file = tokenizer_path
-    if os.path.isdir(tokenizer_path):
-        model_file = os.path.join(tokenizer_path, "tokenizer.model")
+    model_file = os.path.join(folder, "tokenizer.model")
+    copies = [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
+    if os.path.isfile(tokenizer_path) and tokenizer_path.endswith(".json"):
+        copies.append((tokenizer_path, "tokenizer.json"))
+    elif os.path.isfile(tokenizer_path):
+        model_file = tokenizer_path
+    copies.append((model_file, "tokenizer.model"))
     os.makedirs(out_dir, exist_ok=True)
-    copies = [(model_file, "tokenizer.model")]
-    copies += [(os.path.join(folder, n), n) for n in TOKENIZER_SIDE_FILES]
     for src, name in copies:
         dst = os.path.join(out_dir, name)
         if os.path.abspath(src) != os.path.abspath(dst):

@@ -13,17 +13,21 @@ Template (Alpaca-style, without Alpaca's "Below is an instruction..." preamble):
 The "### Input:" block is left out when the input is empty. Tokens are
     BOS + encode(prompt) + encode(response) + EOS
 with prompt and response encoded separately, so that generation from BOS + encode(prompt) sees
-exactly what training saw. The loss mask is 1 on the response tokens and the EOS, 0 on BOS and the
-prompt.
+exactly what training saw (BOS where the tokenizer adds one: tokenizer.py's add_bos). The loss mask
+is 1 on the response tokens and the EOS, 0 on BOS and the prompt.
+The other format is the base's own chat template (chat.py), chosen when the data is prepared
+(--template=chat) and kept in meta.json ("template": "chat", "chat_template": its text): train.py,
+eval.py and generate.py take it from there. Records with a `messages` list (a conversation) need it.
 
 A prepared dataset is a directory (format "multilora-v1"):
     meta.json            {"format", "tasks", "vocab_size", "bos_id", "eos_id", "tokenizer",
-                          "template", "max_len", "counts"}
+                          "template", ["chat_template",] "max_len", "counts"}
     {split}_tokens.npy   uint16 (uint32 when vocab_size > 65535), all examples concatenated
     {split}_mask.npy     uint8, same length, 1 = loss target
     {split}_offsets.npy  int64 (n + 1,), example i = tokens[offsets[i]:offsets[i + 1]]
     {split}_task.npy     uint16 (n,), index into meta["tasks"]
-    {split}.jsonl        the raw examples {"task", "instruction", "input", "response"}, a line each
+    {split}.jsonl        the raw examples {"task", "instruction", "input", "response"} or
+                         {"task", "messages"}, a line each
 Examples longer than max_len tokens (BOS and EOS included) are dropped, never truncated (a truncated
 example would teach a cut-off answer or hide it entirely), and counted in meta["counts"].
 
@@ -38,6 +42,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+import chat
 from util import UserError
 
 FORMAT = "multilora-v1"
@@ -54,7 +59,7 @@ def format_prompt(instruction, input=""):
 
 def encode_example(tok, instruction, input, response, max_len):
     """-> (ids, mask), lists of ints, or None when longer than max_len tokens (the caller counts)"""
-    prompt = [tok.bos_id] + tok.encode(format_prompt(instruction, input))
+    prompt = tok.encode(format_prompt(instruction, input), bos=True)
     answer = tok.encode(response) + [tok.eos_id]
     if len(prompt) + len(answer) > max_len:
         return None
@@ -64,8 +69,51 @@ def encode_example(tok, instruction, input, response, max_len):
 def encode_document(tok, text, max_len):
     """Plain text for pretraining: BOS + encode(text) + EOS, every token after BOS a target.
     -> (ids, mask), or None when longer than max_len tokens."""
-    ids = [tok.bos_id] + tok.encode(text) + [tok.eos_id]
+    ids = tok.encode(text, bos=True, eos=True)
     return None if len(ids) > max_len else (ids, [0] + [1] * (len(ids) - 1))
+
+
+def chat_format(meta, where):
+    """A prepared dataset's prompt format: None for ours, else (chat template, where it is from)."""
+    return (meta["chat_template"], where) if meta.get("template") == "chat" else None
+
+
+def data_format(data_dirs):
+    """chat_format of prepared datasets, which must all have one."""
+    metas = [read_meta(d) for d in data_dirs]
+    for d, meta in zip(data_dirs, metas):
+        if (meta.get("template"), meta.get("chat_template")) != (
+            metas[0].get("template"),
+            metas[0].get("chat_template"),
+        ):
+            raise UserError(
+                f"{os.path.join(d, 'meta.json')}: template: prepared in another format than "
+                f"{data_dirs[0]}; prepare them with one --template"
+            )
+    return chat_format(metas[0], os.path.join(data_dirs[0], "meta.json"))
+
+
+def encode_record(tok, record, max_len, chat_fmt=None):
+    """An instruction or `messages` record in the dataset's format -> encode_example's result."""
+    if chat_fmt:
+        return chat.encode_conversation(*chat_fmt, tok, chat.as_messages(record), max_len)
+    if "messages" in record:
+        raise UserError(
+            "--template=alpaca: conversations (`messages` records) need --template=chat"
+        )
+    return encode_example(tok, record["instruction"], record["input"], record["response"], max_len)
+
+
+def prompt_ids(tok, record, chat_fmt=None):
+    """What the model is given to answer a record: its prompt in the dataset's format."""
+    if chat_fmt:
+        return chat.prompt_ids(*chat_fmt, tok, chat.as_messages(record)[:-1])
+    return tok.encode(format_prompt(record["instruction"], record["input"]), bos=True)
+
+
+def reference(record):
+    """The answer a record expects: the response, or a conversation's last (assistant) turn."""
+    return record["messages"][-1]["content"] if "messages" in record else record["response"]
 
 
 # -----------------------------------------------------------------------------
@@ -182,6 +230,12 @@ def read_meta(data_dir):
         ),
         ("bos_id", type(meta.get("bos_id")) is int and 0 <= meta["bos_id"], "a token id"),
         ("eos_id", type(meta.get("eos_id")) is int and 0 <= meta["eos_id"], "a token id"),
+        ("template", meta.get("template", "alpaca") in ("alpaca", "chat"), "alpaca or chat"),
+        (
+            "chat_template",
+            meta.get("template") != "chat" or isinstance(meta.get("chat_template"), str),
+            "the chat template's text (template is chat)",
+        ),
     ):
         if not ok:
             raise UserError(f"{path}: {key}: expected {expected}, got {meta.get(key)!r}")
@@ -191,7 +245,14 @@ def read_meta(data_dir):
 def read_examples(data_dir, split):
     """The raw examples of a prepared split ({split}.jsonl): list of dicts, item i is
     PreparedSplit(data_dir, split).example(i)."""
-    return [r for _, r in read_jsonl(os.path.join(data_dir, f"{split}.jsonl"), FIELDS)]
+    path, records = os.path.join(data_dir, f"{split}.jsonl"), []
+    for number, r in read_jsonl(path, ("task",)):
+        if "messages" in r:
+            chat.check_messages(f"{path}:{number}", r["messages"])
+        else:
+            check_fields(f"{path}:{number}", r, FIELDS)
+        records.append(r)
+    return records
 
 
 # -----------------------------------------------------------------------------
@@ -274,6 +335,7 @@ def load_splits(dataset_dirs, split):
                     f"{splits[0].meta.get(key)!r}; all datasets must be made with one tokenizer"
                 )
         splits.append(s)
+    data_format(dataset_dirs)  # and in one prompt format
     return splits
 
 

@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import chat
 import checkpoint
 import dataset
 import sources
@@ -89,7 +90,8 @@ def check_out(path, settings):
         util.check_output(path, "out", ours=util.json_with("task", "ckpt_dir", "settings"))
 
 
-ckpt_dir = S("", util.required, "base model (HF or Meta layout, with tokenizer.model)")
+ckpt_dir = S("", util.required, "base model (HF or Meta layout, with its tokenizer)")
+tokenizer = S("", None, "tokenizer file; empty = ckpt_dir's (tokenizer.py's TOKENIZER_FILES)")
 adapter = S("", None, "adapter file from train.py (merged into the weights where its arm can)")
 task = S("exact_match", TASKS, "what to evaluate (eval.py's docstring describes each task)")
 data = S(
@@ -121,6 +123,12 @@ max_new_tokens = S(0, "[0, inf)", "generation budget; 0 = 64 for exact_match, 25
 batch_size = S(8, "[1, inf)", "sequences per forward")
 device = S(util.default_device(), util.check_device, "cpu, cuda, cuda:N or mps")
 dtype = S("float32", ("float32", "bfloat16", "float16"), "weights dtype")
+template = S(
+    "",
+    lambda v, s: v == "chat" and s["task"] in ("mmlu", "mc") and "alpaca or empty for mmlu, mc",
+    "prompt format: empty = the prepared data's (meta.json; alpaca for gsm8k), alpaca, or chat "
+    "(the base's chat template)",
+)
 out = S("", check_out, "JSON result file")
 SETTINGS = declared(globals())
 # -----------------------------------------------------------------------------
@@ -347,9 +355,10 @@ def mc_item(tokenizer, question, choices, answer, mc_format, subject="", shots=(
 
 
 def generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=8, label="generate"):
-    """Greedy continuations (decoded text, EOS excluded) of BOS + encode(prompt) for each prompt, in
-    batches of similar lengths through llama.generate (left-padded, one KV cache per batch)."""
-    ids = [tokenizer.encode(p, bos=True) for p in prompts]
+    """Greedy continuations (decoded text, EOS excluded) of BOS + encode(prompt) for each prompt (or
+    of the prompt's ids, when it is a list), in batches of similar lengths through llama.generate
+    (left-padded, one KV cache per batch)."""
+    ids = [p if isinstance(p, list) else tokenizer.encode(p, bos=True) for p in prompts]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out, progress = [None] * len(ids), Progress(label, len(ids))
     for start in range(0, len(order), batch_size):
@@ -377,26 +386,26 @@ def exact_match(prediction, response):
     return prediction.strip() == response.strip()
 
 
-def exact_match_details(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
-    """[{"task", "instruction", "input", "response"}] -> [{"task", "prediction", "correct"}]."""
-    prompts = [dataset.format_prompt(e["instruction"], e["input"]) for e in examples]
+def exact_match_details(model, tokenizer, examples, max_new_tokens=64, batch_size=8, chat_fmt=None):
+    """[{"task", "instruction", "input", "response"} or {"task", "messages"}] -> [{"task",
+    "prediction", "correct"}]; chat_fmt: the data's format (dataset.chat_format)."""
+    prompts = [dataset.prompt_ids(tokenizer, e, chat_fmt) for e in examples]
     with evaluating(model):
         predictions = generate_texts(
             model, tokenizer, prompts, max_new_tokens, batch_size, "exact_match"
         )
     return [
-        dict(task=e["task"], prediction=p, correct=exact_match(p, e["response"]))
+        dict(task=e["task"], prediction=p, correct=exact_match(p, dataset.reference(e)))
         for e, p in zip(examples, predictions)
     ]
 
 
-def score_exact_match(model, tokenizer, examples, max_new_tokens=64, batch_size=8):
+def score_exact_match(model, tokenizer, examples, max_new_tokens=64, batch_size=8, chat_fmt=None):
     """{task: accuracy in [0, 1]} of greedy generation from the training prompt
-    (dataset.format_prompt) against the reference response, whitespace at the ends ignored
+    (dataset.prompt_ids) against the reference response, whitespace at the ends ignored
     (exact_match)."""
-    return accuracy_by(
-        exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size), "task"
-    )
+    details = exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size, chat_fmt)
+    return accuracy_by(details, "task")
 
 
 def exact_match_report(base, tuned, per_task):
@@ -452,12 +461,32 @@ def extract_gsm8k_answer(text):
     return normalize_number(found[-1]) if found else None
 
 
-def gsm8k_details(model, tokenizer, records, shots=(), max_new_tokens=256, batch_size=8):
-    """records: [{"question", "answer"}]; shots: solved records put before each question, in the
-    training template (dataset.format_prompt + answer + blank line). A prediction is cut at the next
-    "### Instruction:" (a model that does not stop goes on with a made-up next example)."""
+def gsm8k_prompts(tokenizer, records, shots=(), chat_fmt=None):
+    """Each question after the solved shots, in the training format: ours (dataset.format_prompt
+    + answer + blank line), or the chat template's (a user and an assistant turn a shot; ids)."""
+    if chat_fmt:
+        turns = [
+            m
+            for s in shots
+            for m in chat.as_messages(dict(instruction=s["question"], response=s["answer"]))
+        ]
+        return [
+            chat.prompt_ids(
+                *chat_fmt, tokenizer, turns + [dict(role="user", content=r["question"])]
+            )
+            for r in records
+        ]
     prefix = "".join(dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in shots)
-    prompts = [prefix + dataset.format_prompt(r["question"]) for r in records]
+    return [prefix + dataset.format_prompt(r["question"]) for r in records]
+
+
+def gsm8k_details(
+    model, tokenizer, records, shots=(), max_new_tokens=256, batch_size=8, chat_fmt=None
+):
+    """records: [{"question", "answer"}]; shots: solved records put before each question
+    (gsm8k_prompts). A prediction is cut at the next "### Instruction:" (a model that does not
+    stop goes on with a made-up next example)."""
+    prompts = gsm8k_prompts(tokenizer, records, shots, chat_fmt)
     with evaluating(model):
         texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size, "gsm8k")
     details = []
@@ -480,13 +509,14 @@ def gsm8k_details(model, tokenizer, records, shots=(), max_new_tokens=256, batch
 # validation loss on prepared datasets
 
 
-def loss_table(model, data_dirs, split, limit=0, batch_size=8, pad_id=0):
+def loss_table(model, data_dirs, split, limit=0, batch_size=8, pad_id=0, vocab_size=None):
     """Mean cross-entropy on the response tokens (mask = 1: response + EOS) per task of the prepared
     datasets (a task in two of them is one task), over the first `limit` examples of each task, by
-    evaluate: the numbers training logs. -> {task: {tokens, loss, perplexity}}, then "all"."""
+    evaluate: the numbers training logs. -> {task: {tokens, loss, perplexity}}, then "all".
+    vocab_size: the tokenizer's, where a tokenizer.json has fewer tokens than the embedding."""
     splits = dataset.load_splits(data_dirs, split)
     for d, s in zip(data_dirs, splits):
-        if s.meta["vocab_size"] != model.config.vocab_size:
+        if s.meta["vocab_size"] != (vocab_size or model.config.vocab_size):
             raise UserError(
                 f"{os.path.join(d, 'meta.json')}: vocab_size: prepared with {s.meta['tokenizer']} "
                 f"({s.meta['vocab_size']} tokens), the model has {model.config.vocab_size}: "
@@ -702,7 +732,10 @@ def truncation(items, context, shots):
 def check_room(tokenizer, prompts, context, shots):
     """A generation prompt must leave room for an answer: refused in one line (naming --shots when
     few-shot examples are what takes the room) before any generating."""
-    longest = max((len(tokenizer.encode(p, bos=True)) for p in prompts), default=0)
+    lengths = [
+        len(p) if isinstance(p, list) else len(tokenizer.encode(p, bos=True)) for p in prompts
+    ]
+    longest = max(lengths, default=0)
     if longest >= context:
         fix = f"the {shots} shots take most of it: use fewer --shots, " if shots else ""
         raise UserError(
@@ -731,16 +764,33 @@ def print_table(title, rows, columns):
         print(f"{name:<{width}}  " + "  ".join(cells))
 
 
+def prompt_format(path, tokenizer):
+    """The chat format (dataset.chat_format) to evaluate in, or None for ours: the prepared data's,
+    which --template, when given, must name."""
+    if task not in ("exact_match", "loss"):
+        return chat.base_template(tokenizer.path) if template == "chat" else None
+    chat_fmt = dataset.data_format(path.split(","))
+    prepared = "chat" if chat_fmt else "alpaca"
+    if template and template != prepared:
+        raise UserError(
+            f"--template={template}: {path} was prepared with --template={prepared}; a model is "
+            f"evaluated in the format it was trained in"
+        )
+    return chat_fmt
+
+
 def run():
     """Evaluate as the settings say (checked by configure); -> the result dict that --out writes."""
-    path = data or "data/tasks"
-    model, tokenizer = load_for_inference(ckpt_dir, "", adapter, dtype, device, merge=True)
-    settings = {k: globals()[k] for k in SETTINGS}
+    path, settings = data or "data/tasks", {k: globals()[k] for k in SETTINGS}
+    model, tokenizer = load_for_inference(
+        ckpt_dir, settings["tokenizer"], adapter, dtype, device, merge=True
+    )
+    chat_fmt = prompt_format(path, tokenizer)
     result = dict(task=task, ckpt_dir=ckpt_dir, adapter=adapter, data=path, settings=settings)
     if task in ("mmlu", "mc"):
         result.update(run_multiple_choice(model, tokenizer, path))
     elif task in ("exact_match", "gsm8k"):
-        result.update(run_generation(model, tokenizer, path))
+        result.update(run_generation(model, tokenizer, path, chat_fmt))
     else:
         result.update(run_loss(model, tokenizer, path))
     return result
@@ -803,8 +853,9 @@ def run_multiple_choice(model, tokenizer, path):
     return out
 
 
-def run_generation(model, tokenizer, path):
-    """exact_match or gsm8k: the share of greedy answers that are right, per task."""
+def run_generation(model, tokenizer, path, chat_fmt):
+    """exact_match or gsm8k: the share of greedy answers that are right, per task; chat_fmt: the
+    prompt format (prompt_format)."""
     if task == "exact_match":
         examples, seen = [], {}
         rows = [e for d in path.split(",") for e in dataset.read_examples(d, split or "test")]
@@ -812,24 +863,19 @@ def run_generation(model, tokenizer, path):
             seen[e["task"]] = seen.get(e["task"], 0) + 1
             if not limit or seen[e["task"]] <= limit:
                 examples.append(e)
-        details = exact_match_details(model, tokenizer, examples, max_new_tokens or 64, batch_size)
+        details = exact_match_details(
+            model, tokenizer, examples, max_new_tokens or 64, batch_size, chat_fmt
+        )
     else:
         records = gsm8k_records(path, limit, split or "test")
         solved = []
         if shots:
             folder = os.path.dirname(path) if os.path.isfile(path) else path
             solved = gsm8k_records(os.path.join(folder, "train.jsonl"))[:shots]
-        prefix = "".join(
-            dataset.format_prompt(s["question"]) + s["answer"] + "\n\n" for s in solved
-        )
-        check_room(
-            tokenizer,
-            [prefix + dataset.format_prompt(r["question"]) for r in records],
-            model.config.max_seq_len,
-            len(solved),
-        )
+        prompts = gsm8k_prompts(tokenizer, records, solved, chat_fmt)
+        check_room(tokenizer, prompts, model.config.max_seq_len, len(solved))
         details = gsm8k_details(
-            model, tokenizer, records, solved, max_new_tokens or 256, batch_size
+            model, tokenizer, records, solved, max_new_tokens or 256, batch_size, chat_fmt
         )
     if not details:
         raise UserError(f"--data={path}: no examples")
@@ -847,7 +893,8 @@ def run_generation(model, tokenizer, path):
 def run_loss(model, tokenizer, path):
     """loss: the mean loss on the response tokens and its perplexity, per task and over all."""
     which = split or "val"
-    per = loss_table(model, path.split(","), which, limit, batch_size, tokenizer.pad_id)
+    vocab = tokenizer.vocab_size if tokenizer.kind == "json" else None
+    per = loss_table(model, path.split(","), which, limit, batch_size, tokenizer.pad_id, vocab)
     out = dict(per.pop("all"), per_task=per)
     print_table(
         f"loss {which}",

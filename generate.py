@@ -18,7 +18,9 @@ import time
 
 import torch
 
+import chat
 import checkpoint
+import dataset
 import llama
 import multilora
 import util
@@ -27,7 +29,7 @@ from tokenizer import check_tokenizer, load_tokenizer
 
 # -----------------------------------------------------------------------------
 ckpt_dir = S("data/tiny_base", None, "base model: HF (config.json) or Meta (params.json) layout")
-tokenizer = S("", None, "tokenizer.model path; empty = the one in ckpt_dir")
+tokenizer = S("", None, "tokenizer file; empty = ckpt_dir's (tokenizer.py's TOKENIZER_FILES)")
 adapter = S("", None, "an adapter.safetensors written by train.py / multilora.py")
 merge = S(True, None, "merge the adapter into the weights where its arm can (no overhead)")
 prompt = S(
@@ -37,6 +39,12 @@ prompt = S(
     "8 7 6 1 4\n\n### Response:\n",
     None,
     "prompts separated by |; \\n in them is a newline, as in --prompt_file",
+)
+template = S(
+    "",
+    lambda v, s: v not in ("", "alpaca", "chat") and not os.path.isdir(v) and "a prepared data dir",
+    "wrap each prompt: empty = as given; alpaca = our template (the prompt is the instruction); "
+    "chat = the base's chat template (a user turn); a prepared data dir = its meta.json's",
 )
 prompt_file = S("", None, "UTF-8, a prompt per line (a newline in it written \\n); replaces prompt")
 max_new_tokens = S(60, "[1, inf)", "tokens to generate per prompt at most")
@@ -65,7 +73,7 @@ def stored_dtype(ckpt_dir):
 
 def load_for_inference(ckpt_dir, tokenizer, adapter, dtype, device, merge):
     """The one way generate.py, eval.py, export.py and analyze.py load a base -> (model in eval
-    mode, tokenizer). tokenizer: a tokenizer.model path, "" for the one in ckpt_dir, None for none
+    mode, tokenizer). tokenizer: a tokenizer file, "" for the one in ckpt_dir, None for none
     (None is returned). adapter: a file, or "" for the base alone. dtype: a torch dtype's name, or
     "auto" for the one the checkpoint is stored in."""
     dtype = stored_dtype(ckpt_dir) if dtype == "auto" else getattr(torch, dtype)
@@ -77,6 +85,17 @@ def load_for_inference(ckpt_dir, tokenizer, adapter, dtype, device, merge):
     if adapter:
         multilora.apply_adapter(model, adapter, merge=merge)
     return model, tok
+
+
+def wrap(prompts, tok):
+    """The prompts' ids in --template's format (a prompt as an instruction, or a user turn)."""
+    chat_fmt = chat.base_template(tok.path) if template == "chat" else None
+    if template not in ("", "alpaca", "chat"):
+        chat_fmt = dataset.data_format([template])
+    if not template:
+        return [tok.encode(p, bos=True) for p in prompts]
+    records = [dict(instruction=p, input="", response="") for p in prompts]
+    return [dataset.prompt_ids(tok, r, chat_fmt) for r in records]
 
 
 def read_prompts():
@@ -128,16 +147,16 @@ def main(argv):
     model, tok = load_for_inference(ckpt_dir, tokenizer, adapter, dtype, device, merge)
     t1 = time.perf_counter()
     sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, seed=seed)
-    n_new = 0
-    for i in range(0, len(prompts), batch_size):
-        batch = prompts[i : i + batch_size]
+    ids, n_new = wrap(prompts, tok), 0
+    for i in range(0, len(ids), batch_size):
+        batch = ids[i : i + batch_size]
         outputs = llama.generate(model, tok, batch, max_new_tokens, **sampling)
         n_new += sum(len(o) for o in outputs)
         for p, out in zip(batch, outputs):
             if len(prompts) > 1:
                 print("-" * 40)
-            # decoded together: word boundaries come out right
-            print(tok.decode(tok.encode(p) + out))
+            # decoded together, so that word boundaries come out right; BOS left out
+            print(tok.decode((p[1:] if p[:1] == [tok.bos_id] else p) + out))
     t2 = time.perf_counter()
     rate = f"{n_new / max(t2 - t1, 1e-9):.1f} tokens/s"
     print(f"loaded in {t1 - t0:.2f}s; {n_new} tokens in {t2 - t1:.2f}s ({rate})", file=sys.stderr)

@@ -14,10 +14,11 @@ import urllib.request
 
 import numpy as np
 
+import chat
 import configurator
 import util
 from configurator import S
-from dataset import FIELDS, FORMAT, check_fields, decode_json, encode_document, encode_example
+from dataset import FIELDS, FORMAT, check_fields, decode_json, encode_document, encode_record
 from dataset import read_jsonl, read_text
 from tokenizer import load_tokenizer
 from util import UserError
@@ -104,7 +105,7 @@ def write_dataset(out_dir, splits, meta, raw=None, overwrite=False):
         )
     for split, records in (raw or {}).items():
         write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), records)
-    meta.update(format=FORMAT, tasks=tasks, template="alpaca", counts=counts)
+    meta.update(format=FORMAT, tasks=tasks, template=meta.get("template", "alpaca"), counts=counts)
     write_file(os.path.join(out_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), "w")
     return meta
 
@@ -116,26 +117,33 @@ def write_dataset(out_dir, splits, meta, raw=None, overwrite=False):
 def read_records(path, task, fields):
     """Instruction records from a JSON array of objects (alpaca_data.json) or, when the file does
     not start with "[", JSON lines. fields: {our field: the source's field} for "instruction" and
-    "response", and "input" unless the source has none (then ""). An error in an array names the
-    line where the JSON breaks, or the record (its index in the array, from 0) and the field."""
+    "response", and "input" unless the source has none (then ""). A record with a "messages" list
+    is a conversation (chat.py), kept as one. An error in an array names the line where the JSON
+    breaks, or the record (its index in the array, from 0) and the field."""
     text, names = read_text(path), tuple(fields.values())
     if text.lstrip().startswith("["):
         records = decode_json(text, path)
-        for i, record in enumerate(records):
-            check_fields(f"{path}: record [{i}]", record, names)
         if not records:
             raise UserError(f"{path}: empty file (no examples)")
+        numbered = [(f"{path}: record [{i}]", r) for i, r in enumerate(records)]
     else:
-        records = [r for _, r in read_jsonl(path, names)]
-    return [
-        dict(
-            task=task,
-            instruction=r[fields["instruction"]],
-            input=r[fields["input"]] if "input" in fields else "",
-            response=r[fields["response"]],
+        numbered = [(f"{path}:{n}", r) for n, r in read_jsonl(path, ())]
+    out = []
+    for where, r in numbered:
+        if isinstance(r, dict) and "messages" in r:
+            chat.check_messages(where, r["messages"])
+            out.append(dict(task=task, messages=r["messages"]))
+            continue
+        check_fields(where, r, names)
+        out.append(
+            dict(
+                task=task,
+                instruction=r[fields["instruction"]],
+                input=r[fields["input"]] if "input" in fields else "",
+                response=r[fields["response"]],
+            )
         )
-        for r in records
-    ]
+    return out
 
 
 def read_csv(path, header, n_columns):
@@ -198,7 +206,12 @@ PREPARE_SETTINGS = dict(
         lambda v, s: v and not os.path.exists(v) and "an existing file or directory",
         "local file or directory in the source's own format; empty = download it",
     ),
-    tokenizer=S("", util.required, "the base model's tokenizer.model, or its checkpoint directory"),
+    tokenizer=S("", util.required, "the base model's tokenizer file, or its checkpoint directory"),
+    template=S(
+        "alpaca",
+        ("alpaca", "chat"),
+        "prompt format: ours (dataset.py), or the base's chat template (chat.py); in meta.json",
+    ),
     out_dir=S(
         "",
         lambda v, s: os.path.isfile(v) and f"a folder ({v} is a file)",
@@ -234,6 +247,7 @@ def prepare(name, splits, config, tok):
         val_index = set(random.Random(config["seed"]).sample(range(len(train)), n_val))
         splits["train"] = [r for i, r in enumerate(train) if i not in val_index]
         splits["val"] = [r for i, r in enumerate(train) if i in val_index]
+    chat_fmt = chat.base_template(config["tokenizer"]) if config["template"] == "chat" else None
     encoded, kept, counts = {}, {}, {}
     for split, records in sorted(
         splits.items(), key=lambda kv: ["train", "val", "test"].index(kv[0])
@@ -243,13 +257,12 @@ def prepare(name, splits, config, tok):
             example = (
                 encode_document(tok, r["text"], config["max_len"])
                 if "text" in r
-                else encode_example(
-                    tok, r["instruction"], r["input"], r["response"], config["max_len"]
-                )
+                else encode_record(tok, r, config["max_len"], chat_fmt)
             )
             if example is not None:
                 encoded[split].append((r["task"], *example))
-                kept[split].append({k: r[k] for k in FIELDS} if "text" not in r else None)
+                raw = {k: r[k] for k in FIELDS + ("messages",) if k in r}
+                kept[split].append(None if "text" in r else raw)
         counts[split] = {"dropped_over_long": len(records) - len(kept[split])}
         if records and not kept[split]:
             raise UserError(
@@ -265,6 +278,7 @@ def prepare(name, splits, config, tok):
             bos_id=tok.bos_id,
             eos_id=tok.eos_id,
             tokenizer=config["tokenizer"],
+            **({"template": "chat", "chat_template": chat_fmt[0]} if chat_fmt else {}),
             max_len=config["max_len"],
             tasks=config.get("tasks"),
             counts=counts,

@@ -34,7 +34,7 @@ import util
 from chunked_loss import token_loss_sum
 from configurator import Rule, S, declared
 from eval import evaluate, exact_match_report, score_exact_match
-from tokenizer import check_tokenizer, load_tokenizer
+from tokenizer import check_tokenizer, find_tokenizer, load_tokenizer
 from util import UserError
 
 # -----------------------------------------------------------------------------
@@ -78,7 +78,7 @@ lora_dropout = S(0.0, "[0, 1)", "dropout on the adapters' input")
 lora_scaling = S("channel", ("channel", "scalar"), "MultiLoRA's s_i: per output channel, or one")
 lora_init = S("", ("", "lora", "multilora"), "'' = the arm's; lora: B = 0, no s; multilora: s = 0")
 # model shape for init_from='scratch' (vocabulary and special ids come from the tokenizer)
-tokenizer = S("", None, "tokenizer.model (default: ckpt_dir's, or for scratch the dataset's)")
+tokenizer = S("", None, "tokenizer file (default: ckpt_dir's, or for scratch the dataset's)")
 dim = S(128, "[1, inf)", "model width")
 n_layers = S(4, "[1, inf)", "blocks")
 n_heads = S(4, "[1, inf)", "query heads")
@@ -416,12 +416,14 @@ def load_data_and_config():
         )
     else:
         model_config = checkpoint.read_config(ckpt_dir)
-        tokenizer_path = tokenizer or os.path.join(ckpt_dir, "tokenizer.model")
+        tokenizer_path = tokenizer or find_tokenizer(ckpt_dir, required=False)
         tok = None
-        if tokenizer or os.path.exists(tokenizer_path):
+        if tokenizer_path:
             tok = load_tokenizer(tokenizer_path)
             check_tokenizer(tok, model_config, ckpt_dir)
-    if meta.get("vocab_size") != model_config.vocab_size:
+    # a tokenizer.json may have fewer tokens than the embedding has rows (checkpoints pad it)
+    json_fits = tok and tok.kind == "json" and meta.get("vocab_size") == tok.vocab_size
+    if meta.get("vocab_size") != model_config.vocab_size and not json_fits:
         raise UserError(
             f"{datasets[0]}: meta.json: vocab_size {meta.get('vocab_size')} does not match the "
             f"model's {model_config.vocab_size}; prepare the data with the model's tokenizer"
@@ -537,8 +539,11 @@ def log_exact_match(model, tok, examples, base, ctx, it):
 
 
 def exact_match(model, tok, examples, ctx):  # eval.py's exact match of the test examples
+    chat_fmt = dataset.data_format(datasets)  # the prompts in the format the data was prepared in
     with ctx:
-        return score_exact_match(model, tok, examples, exact_match_max_new_tokens, batch_size)
+        return score_exact_match(
+            model, tok, examples, exact_match_max_new_tokens, batch_size, chat_fmt
+        )
 
 
 def log(*args):  # rank 0 prints

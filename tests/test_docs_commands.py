@@ -366,7 +366,10 @@ def runnable(words, cwd, n):
         missing = key in PATH_KEYS and not all(
             os.path.exists(os.path.join(cwd, v)) for v in value.split(",")
         )
-        if key == "data" and (is_placeholder(value) or missing):
+        chat_base = "--template=chat" in shown and key in ("ckpt_dir", "tokenizer")
+        if chat_base and (is_placeholder(value) or missing):
+            value = "_docs/instruct"  # a base with a chat template
+        elif key == "data" and (is_placeholder(value) or missing):
             value = EVAL_DATA.get(task, "data/tasks")
         elif key in SWAPS and (is_placeholder(value) or missing):
             value = SWAPS[key].format(n=n)
@@ -461,6 +464,15 @@ def write_world(repo):
 
     def jsonl(records):
         return "".join(json.dumps(r) + "\n" for r in records)
+
+    # an Instruct base for --template=chat: the embedded one with a chat template (ChatML's)
+    shutil.copytree(os.path.join(ROOT, "data", "tiny_base"), os.path.join(d, "instruct"))
+    write(
+        "instruct/chat_template.jinja",
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    )
 
     write(
         "src/text/corpus.txt",
