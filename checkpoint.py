@@ -531,9 +531,8 @@ def _torch_state(path):
     return state
 
 
-def _torch_tensor(
-    path, t
-):  # a memory-mapped tensor of a .pth file: a row slice touches those rows only
+# a memory-mapped tensor of a .pth file: a row slice touches those rows only
+def _torch_tensor(path, t):
     return Stored(t.shape, t.dtype, path, lambda a, b: t[a:b])
 
 
@@ -643,10 +642,11 @@ META_NAMES = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
+# split on dim 1; the others on dim 0
 ROW_PARALLEL = (
     "attention.wo.weight",
     "feed_forward.w2.weight",
-)  # split on dim 1; the others on dim 0
+)
 
 
 def meta_to_hf(key, stored, config):

@@ -22,20 +22,22 @@
 
 # model: LLaMA-7B (LLaMA 1/2 7B, 32k SentencePiece vocabulary) or Llama-3-8B (128k tiktoken
 # vocabulary, GQA)
+# 65B/70B: config/llama*_70b_*.py, llama65b_*
 _ckpt_dirs = {
     "llama7b": "checkpoints/llama-7b",
     "llama3_8b": "checkpoints/Meta-Llama-3-8B",
     "llama65b": "checkpoints/llama-65b",
     "llama2_70b": "checkpoints/Llama-2-70b-hf",
     "llama3_70b": "checkpoints/Meta-Llama-3-70B",
-}  # 65B/70B: config/llama*_70b_*.py, llama65b_*
+}
+# LLaMA 1 and 2 share one
 _data_tags = {
     "llama7b": "llama",
     "llama3_8b": "llama3",  # data/<dataset>/<tag>: prepared with that tokenizer
     "llama65b": "llama",
     "llama2_70b": "llama",
     "llama3_70b": "llama3",
-}  # LLaMA 1 and 2 share one
+}
 ckpt_dir = _ckpt_dirs[_model]
 
 # data (ours): Alpaca alone (instruction following), or our mixture: Alpaca + MMLU (auxiliary

@@ -17,11 +17,12 @@ import util  # noqa: E402
 URLS = {
     "alpaca_data.json": "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 }
+# ours: the source's
 FIELDS = {
     "instruction": "instruction",
     "input": "input",
     "response": "output",
-}  # ours: the source's
+}
 
 
 def read_source(source, config):

@@ -20,11 +20,12 @@ import util  # noqa: E402
 URLS = {
     "databricks-dolly-15k.jsonl": "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl"
 }
+# ours: the source's
 FIELDS = {
     "instruction": "instruction",
     "input": "context",
     "response": "response",
-}  # ours: the source's
+}
 
 
 def read_source(source, config):
