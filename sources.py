@@ -233,13 +233,9 @@ PREPARE_SETTINGS = dict(
 PREPARE_DEFAULTS = {k: s.default for k, s in PREPARE_SETTINGS.items()}  # for callers of prepare()
 
 
-def prepare(name, splits, config, tok):
-    """Tokenize, drop over-long, write. splits: {split: [record dict with FIELDS, or {"task",
-    "text"} for plain text (encode_document; no raw .jsonl is kept)]}; when there is no "val" split,
-    config["val_fraction"] of "train" (chosen with config["seed"]) becomes "val". config: the
-    PREPARE_SETTINGS keys (and optionally "tasks", the order of task indices)."""
-    if not splits.get("train"):
-        raise UserError(f"--source: no {name} training examples found there")
+def with_val(splits, config):
+    """splits, with config["val_fraction"] of "train" (chosen with config["seed"]) as "val" when
+    there is no "val" split."""
     splits = dict(splits)
     if "val" not in splits and config["val_fraction"] > 0:
         train = splits["train"]
@@ -247,6 +243,17 @@ def prepare(name, splits, config, tok):
         val_index = set(random.Random(config["seed"]).sample(range(len(train)), n_val))
         splits["train"] = [r for i, r in enumerate(train) if i not in val_index]
         splits["val"] = [r for i, r in enumerate(train) if i in val_index]
+    return splits
+
+
+def prepare(name, splits, config, tok):
+    """Tokenize, drop over-long, write. splits: {split: [record dict with FIELDS, or {"task",
+    "text"} for plain text (encode_document; no raw .jsonl is kept)]}, "val" made by with_val when
+    there is none. config: the PREPARE_SETTINGS keys (and optionally "tasks", the order of task
+    indices)."""
+    if not splits.get("train"):
+        raise UserError(f"--source: no {name} training examples found there")
+    splits = with_val(splits, config)
     chat_fmt = chat.base_template(config["tokenizer"]) if config["template"] == "chat" else None
     encoded, kept, counts = {}, {}, {}
     for split, records in sorted(

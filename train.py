@@ -387,6 +387,28 @@ def get_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):
 # the run: its inputs, what it logs, the loop
 
 
+def scratch_config(tok):
+    """init_from=scratch: the model config of the shape settings, checked as a config file's values
+    are (an odd head dimension, ...), with the tokenizer's vocabulary."""
+    shape = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim)
+    keys = dict({k: k for k in shape}, head_dim="dim", rope_theta="rope_theta")
+    values = dict(shape, rope_theta=rope_theta, norm_eps=1e-5, rope_scaling=None)
+    checkpoint.check_config_values("init_from=scratch", keys, values)
+    return llama.LlamaConfig(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        hidden_dim=hidden_dim,
+        vocab_size=tok.vocab_size,
+        rope_theta=rope_theta,
+        max_seq_len=max_seq_len,
+        tie_embeddings=tie_embeddings,
+        bos_id=tok.bos_id,
+        eos_id=[tok.eos_id],
+    )
+
+
 def load_data_and_config():
     """Every input read and checked, nothing written.
     -> (train splits, val splits, model config, tokenizer or None, its path or None)"""
@@ -396,24 +418,7 @@ def load_data_and_config():
     if init_from == "scratch":
         tokenizer_path = tokenizer or meta.get("tokenizer", "")
         tok = load_tokenizer(tokenizer_path)
-        # the shape's settings checked as a config file's values are (an odd head dimension, ...)
-        shape = dict(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim)
-        keys = dict({k: k for k in shape}, head_dim="dim", rope_theta="rope_theta")
-        values = dict(shape, rope_theta=rope_theta, norm_eps=1e-5, rope_scaling=None)
-        checkpoint.check_config_values("init_from=scratch", keys, values)
-        model_config = llama.LlamaConfig(
-            dim=dim,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            hidden_dim=hidden_dim,
-            vocab_size=tok.vocab_size,
-            rope_theta=rope_theta,
-            max_seq_len=max_seq_len,
-            tie_embeddings=tie_embeddings,
-            bos_id=tok.bos_id,
-            eos_id=[tok.eos_id],
-        )
+        model_config = scratch_config(tok)
     else:
         model_config = checkpoint.read_config(ckpt_dir)
         tokenizer_path = tokenizer or find_tokenizer(ckpt_dir, required=False)
