@@ -26,6 +26,8 @@ from safetensors import safe_open
 
 import checkpoint
 from conftest import ROOT, python
+from test_bad_inputs import copy_base
+from test_bad_inputs import edit_config as config
 from util import UserError
 
 PEAK_MB = 300  # resident memory a refusal may add to an imported torch
@@ -159,19 +161,6 @@ def test_meta_params_that_divide_by_zero_or_overflow(params, key):
 # -----------------------------------------------------------------------------
 # the command-line cases: (id, script, argv, setup(c, w) or None); {w}: the shared world
 # (w/base: data/tiny_base, w/data: data/tasks), {c}: the case's folder
-
-
-def copy_base(c, w):
-    shutil.copytree(w / "base", c / "ckpt")
-    return c / "ckpt"
-
-
-def config(**changes):
-    def setup(c, w):
-        path = copy_base(c, w) / "config.json"
-        path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
-
-    return setup
 
 
 def index(weight_map, fifo=None):
