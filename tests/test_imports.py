@@ -50,3 +50,16 @@ def test_functions_fit_in_60_lines():
                 if lines > 60:
                     long.append(f"{name}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "functions over 60 lines: " + ", ".join(long)
+
+
+def test_tools_answer_help_from_the_root():
+    """Each tool in tools/ runs from the repository root as the docs show it, and --help works."""
+    import sys
+
+    from conftest import python
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "tools", "*.py"))):
+        script = os.path.relpath(path, ROOT)
+        r = python([sys.executable, script, "--help"], cwd=ROOT, timeout=120)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (script, r.stderr[-2000:])
+        assert script in r.stdout or "tools/" in r.stdout, (script, r.stdout[:300])

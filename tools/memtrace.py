@@ -96,6 +96,9 @@ class Trace:
 
 
 def main(argv):
+    if argv[:1] in (["--help"], ["-h"]):
+        print(__doc__.strip())
+        return
     if len(argv) < 2 or not argv[1].endswith(".py"):
         raise UserError("usage: tools/memtrace.py OUT.json SCRIPT.py [its arguments]")
     out, script = argv[0], argv[1]

@@ -306,7 +306,7 @@ def write_meta(c, out, torch_dtype, n_files, seed):
 
 
 def main(argv):
-    settings = configure(SETTINGS, argv)
+    settings = configure(SETTINGS, argv, "tools/random_llama.py")
     c = model_config(settings)
     out = settings["out_dir"]
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
