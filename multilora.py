@@ -392,9 +392,9 @@ def check_settings(path, settings):
             raise refuse(key, expected)
 
 
-def check_fits(path, state, settings, model):
-    """Refuse an adapter file whose settings or tensor shapes differ from the model's adapters
-    (settings in TRAINING_ONLY may differ)."""
+def check_fits(path, settings, model):
+    """Refuse an adapter file whose settings differ from those the model is adapted with (settings
+    in TRAINING_ONLY may differ); its tensors' shapes are check_shapes'."""
     adapted = model.adapter_settings
     keys = ("finetune", "targets", *ARMS[adapted["finetune"]].settings)
     for k in (k for k in keys if k not in TRAINING_ONLY):
@@ -403,7 +403,6 @@ def check_fits(path, state, settings, model):
                 f"{path}: settings.{k}: model is adapted with {k}={adapted.get(k)!r}, "
                 f"adapter file has {k}={settings.get(k)!r}"
             )
-    check_shapes(path, {k: tuple(v.shape) for k, v in state.items()}, model, settings)
 
 
 def check_shapes(path, got, model, settings):
@@ -447,11 +446,11 @@ def load_adapter(path, model=None, any_base=False):
         check_settings(path, settings)
         if model is not None:
             checkpoint.check_adapter_base(path, metadata, model, any_base)
+            if getattr(model, "adapter_settings", None) is not None:
+                check_fits(path, settings, model)
             check_shapes(path, {k: tuple(t["shape"]) for k, t in header.items()}, model, settings)
 
     state, settings, _ = checkpoint.read_adapter(path, check)
-    if model is not None and getattr(model, "adapter_settings", None) is not None:
-        check_fits(path, state, settings, model)
     return state, settings
 
 
@@ -464,7 +463,6 @@ def apply_adapter(model, path, merge=False, any_base=False):
         kind = ARMS[settings["finetune"]]
         keys = ("targets", *kind.settings, *kind.optional)
         adapt_model(model, settings["finetune"], **{k: settings[k] for k in keys if k in settings})
-        check_fits(path, state, settings, model)
     unmerge_adapters(model)
     params = dict(model.named_parameters())
     with torch.no_grad():

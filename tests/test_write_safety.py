@@ -155,7 +155,7 @@ def test_memtrace_out_never_replaces_a_file_it_did_not_write(tmp_path):
         ("tools/bench.py", "--out_file={d}/notes.json", "notes.json"),
         ("analyze.py", "--out_dir={d} --full={base} --ckpt_dir={base}", "summary.json"),
         ("analyze.py", "--out_dir={d} --full={base} --ckpt_dir={base}", "spectra.png"),
-        ("compare.py", "--out_prefix={d}/paper --ckpt_dir={base}", "paper.md"),
+        ("compare.py", "--out_prefix={d}/draft --ckpt_dir={base}", "draft.md"),
     ],
 )
 def test_other_outputs_never_replace_a_file_they_did_not_write(tmp_path, script, arg, victim):
