@@ -284,7 +284,7 @@ WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")  # model and adapter weights are f
 MAX_HEADER = 100_000_000  # the format's own limit on the JSON header, in bytes
 
 
-def open_regular(path, what="file"):
+def open_regular(path, what="file", buffering=-1):
     """path opened for binary reading if it is a regular file (or a symlink to one: the Hugging
     Face cache is made of them). A FIFO, a device or a folder is refused before a byte is read;
     O_NONBLOCK: opening a FIFO does not wait for a writer."""
@@ -295,7 +295,7 @@ def open_regular(path, what="file"):
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UserError(f"{path}: not a regular file (a device, FIFO or folder); expected a {what}")
-    return os.fdopen(fd, "rb")
+    return os.fdopen(fd, "rb", buffering=buffering)
 
 
 def _strict_json(raw, path, what):
@@ -312,21 +312,24 @@ def _strict_json(raw, path, what):
         raise UserError(f"{path}: corrupt {what} (header is not JSON: {why})") from None
 
 
-def read_safetensors_header(path, dtypes=WEIGHT_DTYPES):
+def read_safetensors_header(path, dtypes=WEIGHT_DTYPES, f=None):
     """-> (tensors, metadata, data_start), checked as the safetensors format requires (only the
-    8 + header bytes are read): check_safetensors_header."""
-    with open_regular(path, "safetensors file") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
-        if n is None or n > size - 8:
-            raise UserError(f"{path}: truncated or corrupt safetensors file (no complete header)")
-        if n > MAX_HEADER:
-            raise UserError(
-                f"{path}: safetensors header of {n} bytes, more than the format's {MAX_HEADER}"
-            )
-        raw = f.read(n)
-    header = _strict_json(raw, path, "safetensors file")
+    8 + header bytes are read): check_safetensors_header. f: the file already open (open_regular),
+    read from its start; else path is opened for this."""
+    if f is None:
+        with open_regular(path, "safetensors file") as f:
+            return read_safetensors_header(path, dtypes, f)
+    size = os.fstat(f.fileno()).st_size
+    f.seek(0)
+    head = f.read(8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+    if n is None or n > size - 8:
+        raise UserError(f"{path}: truncated or corrupt safetensors file (no complete header)")
+    if n > MAX_HEADER:
+        raise UserError(
+            f"{path}: safetensors header of {n} bytes, more than the format's {MAX_HEADER}"
+        )
+    header = _strict_json(f.read(n), path, "safetensors file")
     metadata = check_safetensors_header(path, header, size - 8 - n, dtypes)
     return header, metadata, 8 + n
 
@@ -501,21 +504,8 @@ def _safetensors_tensors(path):
     its header and every tensor read from that open file: a writer that replaces it meanwhile (one
     rename, as train.py rewrites hf/ at each evaluation) never mixes two versions into one model.
     The file closes when the last Stored goes."""
-    for _ in range(3):
-        # O_NONBLOCK: a FIFO in a file's place does not hang the open
-        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0)
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            f.close()
-            raise UserError(f"{path}: not a regular file")
-        header, _, start = read_safetensors_header(path)
-        # the header read by name is f's when the name still points at f's file: a replaced file
-        # never comes back under its name
-        now, held = os.stat(path), os.fstat(f.fileno())
-        if (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
-            break
-        f.close()
-    else:
-        raise UserError(f"{path}: replaced while being opened, three times; load it again")
+    f = open_regular(path, "safetensors file", buffering=0)
+    header, _, start = read_safetensors_header(path, f=f)
     order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     return {name: _safetensors_tensor(path, entry, start, f) for name, entry in order}
 
