@@ -25,13 +25,13 @@ import json
 import math
 import os
 import re
-import stat
 import struct
 
 import torch
 import torch.nn as nn
 
 from llama import Llama, LlamaConfig
+import util
 from util import UserError, atomic_write, write_text
 
 # -----------------------------------------------------------------------------
@@ -43,10 +43,7 @@ MAX_JSON = 100_000_000  # a config or index file larger than this is not one
 
 def _read_json(path):
     """A config or index file: a regular file of at most MAX_JSON bytes, parsed as JSON."""
-    with open_regular(path, "JSON file") as f:
-        raw = f.read(MAX_JSON + 1)
-    if len(raw) > MAX_JSON:
-        raise UserError(f"{path}: more than {MAX_JSON} bytes: not a config file")
+    raw = util.read_regular(path, MAX_JSON, "JSON config or index file")
     try:
         return json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -284,20 +281,6 @@ WEIGHT_DTYPES = ("F64", "F32", "F16", "BF16")  # model and adapter weights are f
 MAX_HEADER = 100_000_000  # the format's own limit on the JSON header, in bytes
 
 
-def open_regular(path, what="file", buffering=-1):
-    """path opened for binary reading if it is a regular file (or a symlink to one: the Hugging
-    Face cache is made of them). A FIFO, a device or a folder is refused before a byte is read;
-    O_NONBLOCK: opening a FIFO does not wait for a writer."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UserError(f"{path}: not a regular file (a device, FIFO or folder); expected a {what}")
-    return os.fdopen(fd, "rb", buffering=buffering)
-
-
 def _strict_json(raw, path, what):
     """JSON bytes -> value, as strict as the safetensors library: UTF-8, no NaN or Infinity, and
     a nesting too deep for Python is refused, not a RecursionError."""
@@ -317,7 +300,7 @@ def read_safetensors_header(path, dtypes=WEIGHT_DTYPES, f=None):
     8 + header bytes are read): check_safetensors_header. f: the file already open (open_regular),
     read from its start; else path is opened for this."""
     if f is None:
-        with open_regular(path, "safetensors file") as f:
+        with util.open_regular(path, "safetensors file") as f:
             return read_safetensors_header(path, dtypes, f)
     size = os.fstat(f.fileno()).st_size
     f.seek(0)
@@ -398,7 +381,7 @@ def iter_safetensors(path, dtypes=WEIGHT_DTYPES):
     """Yield (name, tensor) one at a time, read straight from the file into a fresh CPU tensor.
     Plain reads rather than a memory map keep resident memory at the model plus one tensor."""
     header, _, start = read_safetensors_header(path, dtypes)
-    with open_regular(path, "safetensors file") as f:
+    with util.open_regular(path, "safetensors file") as f:
         for name, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             out = torch.empty(t["shape"], dtype=DTYPES[t["dtype"]])
             f.seek(start + t["data_offsets"][0])
@@ -504,7 +487,7 @@ def _safetensors_tensors(path):
     its header and every tensor read from that open file: a writer that replaces it meanwhile (one
     rename, as train.py rewrites hf/ at each evaluation) never mixes two versions into one model.
     The file closes when the last Stored goes."""
-    f = open_regular(path, "safetensors file", buffering=0)
+    f = util.open_regular(path, "safetensors file", buffering=0)
     header, _, start = read_safetensors_header(path, f=f)
     order = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     return {name: _safetensors_tensor(path, entry, start, f) for name, entry in order}
@@ -512,7 +495,7 @@ def _safetensors_tensors(path):
 
 def _torch_state(path):
     """A Meta .pth shard: a regular file holding {name: tensor}."""
-    open_regular(path, ".pth file").close()
+    util.open_regular(path, ".pth file").close()
     state = _torch_load(path)
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in state.items()
@@ -1126,10 +1109,10 @@ def side_file(path):
     file never lands in an export. tokenizer.model: SentencePiece's protobuf or tiktoken's
     'base64 rank' lines; chat_template.jinja: UTF-8 text with a Jinja tag; the others: a JSON
     object with a key of its kind (SIDE_FILE_KEYS)."""
-    if not os.path.isfile(path) or os.path.getsize(path) > SIDE_FILE_LIMIT:
+    try:
+        data = util.read_regular(path, SIDE_FILE_LIMIT)
+    except (UserError, OSError):
         return None
-    with open(path, "rb") as f:
-        data = f.read(SIDE_FILE_LIMIT + 1)
     name = os.path.basename(path)
     try:
         if name == "tokenizer.model":

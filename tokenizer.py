@@ -15,10 +15,10 @@ import binascii
 import json
 import os
 import re
-import stat
 import sys
 from contextlib import contextmanager
 
+import util
 from util import UserError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", os.path.join("original", "tokenizer.model"))
@@ -45,18 +45,9 @@ _LLAMA3_SPECIAL = [
 
 
 def read_file(path, limit=MAX_BYTES):
-    """The bytes of a regular file (a symlink is followed) of at most limit bytes: never a device,
-    a FIFO or a folder, which could be read without end or block."""
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise UserError(f"{path}: not a regular file")
-        if st.st_size > limit:
-            raise UserError(f"{path}: {st.st_size} bytes, more than a tokenizer file's {limit}")
-        with open(path, "rb") as f:
-            return f.read(limit + 1)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+    """The bytes of a tokenizer file: a regular file (a symlink is followed) of at most limit
+    bytes, never a device, a FIFO or a folder, which could be read without end or block."""
+    return util.read_regular(path, limit, "tokenizer file")
 
 
 def read_json(path):

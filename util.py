@@ -9,6 +9,7 @@ import fnmatch
 import importlib.util
 import json
 import os
+import stat
 import re
 import sys
 from contextlib import contextmanager
@@ -240,3 +241,26 @@ def check_memory(need, what, device="cpu"):
             f"{what}: needs {need / 2**30:.1f} GiB of memory, this machine has "
             f"{have / 2**30:.1f} GiB available"
         )
+
+
+def open_regular(path, what="file", buffering=-1):
+    """path opened for binary reading if it is a regular file (or a symlink to one: the Hugging
+    Face cache is made of them). A FIFO, a device or a folder is refused before a byte is read;
+    O_NONBLOCK: opening a FIFO does not wait for a writer."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: not a regular file (a device, FIFO or folder); expected a {what}")
+    return os.fdopen(fd, "rb", buffering=buffering)
+
+
+def read_regular(path, limit, what="file"):
+    """The bytes of a regular file (open_regular) of at most limit bytes, never more read."""
+    with open_regular(path, what) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{path}: more than {limit} bytes, more than a {what} holds")
+    return data
